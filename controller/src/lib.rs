@@ -1,0 +1,1 @@
+//! The Fediversity controller: declarative hosting of Fediverse applications.

@@ -1,0 +1,3 @@
+//! The `fediversity` command: daemon and CLI.
+
+fn main() {}

@@ -1,0 +1,3 @@
+//! `pve-sim`: a Proxmox VE API simulator for tests and demos.
+
+fn main() {}
