@@ -1,1 +1,3 @@
 //! The Fediversity controller: declarative hosting of Fediverse applications.
+
+pub mod yaml;
