@@ -1,3 +1,8 @@
 //! The Fediversity controller: declarative hosting of Fediverse applications.
 
+pub mod api;
+pub mod cli;
+pub mod load;
+pub mod source;
+pub mod store;
 pub mod yaml;

@@ -1,3 +1,14 @@
 //! The `fediversity` command: daemon and CLI.
 
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = fediversity::cli::Cli::parse();
+    match fediversity::cli::run(cli) {
+        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

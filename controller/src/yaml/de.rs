@@ -74,7 +74,7 @@ fn unexpected_phrase(unexpected: de::Unexpected<'_>) -> String {
 }
 
 /// The closest of `candidates` to `word`, if it is a plausible typo.
-fn suggestion<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+pub(crate) fn suggestion<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
     fn distance(a: &str, b: &str) -> usize {
         let a: Vec<char> = a.to_lowercase().chars().collect();
         let b: Vec<char> = b.to_lowercase().chars().collect();

@@ -9,6 +9,7 @@ mod de;
 mod node;
 mod path;
 
+pub(crate) use de::suggestion;
 pub use de::{DeError, from_node};
 pub use node::{Limits, Mark, Node, NodeValue, ParseError, ScalarStyle, parse_documents};
 pub use path::{FieldPath, Segment};

@@ -1,0 +1,145 @@
+//! `Deployment`: one operator's desired state — a domain, the applications it wants and their settings.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::meta::{Condition, Name};
+use super::time::Timestamp;
+use super::validate::{self, Problems, Validate};
+use crate::yaml::FieldPath;
+
+/// The single file an operator edits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DeploymentSpec {
+    /// The operator's domain; each application is served under a name in it.
+    pub domain: String,
+    /// The RuntimeEnvironment to run on.
+    pub runtime_environment: Name,
+    /// The applications, by catalog name, and the operator's choices for each.
+    pub applications: BTreeMap<Name, ApplicationChoice>,
+    /// The first account to create in each application.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_user: Option<InitialUser>,
+    /// What happens to VMs and data when the Deployment is removed.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Stops new reconciles of this Deployment (the one in flight finishes).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspend: bool,
+}
+
+/// An operator's choices for one application.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ApplicationChoice {
+    /// Whether the application runs.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// One of the Application's sizes (default: its `defaultSize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<Name>,
+    /// Settings, checked against the Application's settings schema.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// The first account of each application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InitialUser {
+    /// The account's display name.
+    pub display_name: String,
+    /// Where the account's invitation goes.
+    pub email: String,
+}
+
+/// What removal of a Deployment does to what it created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum DeletionPolicy {
+    /// Keep VMs and data; only stop managing them (the default: nothing is lost by mistake).
+    #[default]
+    Retain,
+    /// Stop and destroy the VMs this Deployment created.
+    Delete,
+}
+
+/// What the controller observed of a Deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeploymentStatus {
+    /// The generation last acted upon.
+    #[serde(default)]
+    pub observed_generation: u64,
+    /// Current conditions.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// The hosts planned for this Deployment and what is known of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostStatus>,
+    /// The public URL of each application.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub endpoints: BTreeMap<String, String>,
+    /// The source revision (git commit or content hash) that is live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_revision: Option<String>,
+    /// The source revision last tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempted_revision: Option<String>,
+}
+
+/// What is known of one host of a Deployment.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HostStatus {
+    /// `<deployment>-<application>`.
+    pub name: String,
+    /// Where it is in its lifecycle, e.g. `Cloning`, `Starting`, `Ready`.
+    #[serde(default)]
+    pub phase: String,
+    /// Its Proxmox VMID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmid: Option<u32>,
+    /// The Proxmox node it runs on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Its IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The NixOS system store path it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    /// When that system was activated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<Timestamp>,
+}
+
+impl Validate for DeploymentSpec {
+    fn validate(&self, path: &FieldPath, problems: &mut Problems) {
+        problems.check(&path.key("domain"), validate::domain(&self.domain));
+        self.runtime_environment.validate(&path.key("runtimeEnvironment"), problems);
+        if self.applications.is_empty() {
+            problems.push(&path.key("applications"), "choose at least one application, e.g. `mastodon: { enabled: true }`");
+        }
+        for (name, choice) in &self.applications {
+            let at = path.key("applications").key(name.as_str());
+            name.validate(&at, problems);
+            if let Some(size) = &choice.size {
+                size.validate(&at.key("size"), problems);
+            }
+        }
+        if let Some(user) = &self.initial_user {
+            let at = path.key("initialUser");
+            if user.display_name.trim().is_empty() {
+                problems.push(&at.key("displayName"), "give the display name of the first account");
+            }
+            problems.check(&at.key("email"), validate::email(&user.email));
+        }
+    }
+}
