@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod fixtures;
 pub mod load;
 pub mod source;
 pub mod store;

@@ -117,8 +117,13 @@ impl DirSource {
                 return;
             }
         }
-        let bytes = std::fs::read(file).ok();
-        let hash: [u8; 32] = Sha256::digest(bytes.as_deref().unwrap_or_default()).into();
+        // An oversized file is never read whole: it is refused by `load_file`, which reads only up to the
+        // limit. Its size and time stand in for its content hash.
+        let bytes = if stamp.0 > self.limits.max_bytes as u64 { None } else { std::fs::read(file).ok() };
+        let hash: [u8; 32] = match &bytes {
+            Some(bytes) => Sha256::digest(bytes).into(),
+            None => Sha256::digest(format!("{stamp:?}")).into(),
+        };
         if let Some(cached) = self.cache.get_mut(file) {
             if cached.hash == hash && bytes.is_some() {
                 cached.stamp = stamp;

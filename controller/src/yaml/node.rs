@@ -199,6 +199,9 @@ impl<'a> Builder<'a, '_> {
             Some(Err(e)) => {
                 let m = e.marker();
                 let mark = Mark { line: m.line(), column: m.col() + 1 };
+                if e.info().contains("recursion limit") {
+                    return Err(self.error(mark, "nesting too deep for the YAML parser; no object is that deep"));
+                }
                 Err(self.error(mark, format!("invalid YAML: {}", e.info())))
             }
             None => Err(self.error(self.last_mark, "invalid YAML: unexpected end of input")),
@@ -261,7 +264,7 @@ impl<'a> Builder<'a, '_> {
         if depth > self.limits.max_depth {
             return Err(self.error(
                 mark,
-                format!("nesting deeper than {} levels; no object is that deep", self.limits.max_depth),
+                format!("nesting too deep: more than {} levels; no object is that deep", self.limits.max_depth),
             ));
         }
         let (node, anchor) = match event {
@@ -398,7 +401,7 @@ mod tests {
     fn deep_nesting_is_refused() {
         let text = format!("{}{}", "[".repeat(200), "]".repeat(200));
         let err = parse(&text).unwrap_err();
-        assert!(err.message.contains("nesting deeper than 64"), "{}", err.message);
+        assert!(err.message.contains("nesting too deep"), "{}", err.message);
     }
 
     #[test]
