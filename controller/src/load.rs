@@ -68,7 +68,14 @@ pub struct FileLoad {
 impl FileLoad {
     fn whole_file(file: &Path, line: usize, column: usize, document: Option<usize>, message: String) -> Self {
         Self {
-            problems: vec![Diagnostic { file: file.into(), document, line, column, path: None, message }],
+            problems: vec![Diagnostic {
+                file: file.into(),
+                document,
+                line,
+                column,
+                path: None,
+                message,
+            }],
             unreadable: true,
             ..Self::default()
         }
@@ -88,7 +95,12 @@ pub fn load_text(file: &Path, text: &str, limits: &Limits) -> FileLoad {
             Ok(object) => {
                 let key = object.key();
                 if seen.insert(key.clone()) {
-                    load.objects.push(LoadedObject { object, file: file.into(), document: index, line: root.mark.line });
+                    load.objects.push(LoadedObject {
+                        object,
+                        file: file.into(),
+                        document: index,
+                        line: root.mark.line,
+                    });
                 } else {
                     let at = root.get("metadata").and_then(|m| m.get("name")).unwrap_or(&root);
                     load.problems.push(Diagnostic {
@@ -97,7 +109,9 @@ pub fn load_text(file: &Path, text: &str, limits: &Limits) -> FileLoad {
                         line: at.mark.line,
                         column: at.mark.column,
                         path: Some(FieldPath::parse("metadata.name")),
-                        message: format!("{key} is defined twice in this file; the first definition is used, remove one"),
+                        message: format!(
+                            "{key} is defined twice in this file; the first definition is used, remove one"
+                        ),
                     });
                 }
             }
@@ -119,7 +133,8 @@ pub fn load_text(file: &Path, text: &str, limits: &Limits) -> FileLoad {
 
 /// Reads and loads a file, refusing one larger than the limit before reading it.
 pub fn load_file(file: &Path, limits: &Limits) -> FileLoad {
-    let unreadable = |e: std::io::Error| FileLoad::whole_file(file, 1, 1, None, format!("cannot read the file: {e}"));
+    let unreadable =
+        |e: std::io::Error| FileLoad::whole_file(file, 1, 1, None, format!("cannot read the file: {e}"));
     let handle = match std::fs::File::open(file) {
         Ok(handle) => handle,
         Err(e) => return unreadable(e),
@@ -131,13 +146,18 @@ pub fn load_file(file: &Path, limits: &Limits) -> FileLoad {
         return unreadable(e);
     }
     if bytes.len() > limits.max_bytes {
-        let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(bytes.len() as u64);
+        let size = std::fs::metadata(file)
+            .map(|m| m.len())
+            .unwrap_or(bytes.len() as u64);
         return FileLoad::whole_file(
             file,
             1,
             1,
             None,
-            format!("file is {size} bytes, more than the limit of {} bytes; split it into smaller files", limits.max_bytes),
+            format!(
+                "file is {size} bytes, more than the limit of {} bytes; split it into smaller files",
+                limits.max_bytes
+            ),
         );
     }
     match String::from_utf8(bytes) {
@@ -147,7 +167,13 @@ pub fn load_file(file: &Path, limits: &Limits) -> FileLoad {
             let before = &e.as_bytes()[..offset];
             let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
             let column = offset - before.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1) + 1;
-            FileLoad::whole_file(file, line, column, None, "file is not valid UTF-8 text; save it as UTF-8".into())
+            FileLoad::whole_file(
+                file,
+                line,
+                column,
+                None,
+                "file is not valid UTF-8 text; save it as UTF-8".into(),
+            )
         }
     }
 }

@@ -13,13 +13,18 @@ fn source(dir: &std::path::Path) -> DirSource {
     DirSource::new(vec![dir.to_path_buf()], Limits::default())
 }
 
-fn generations(store: &Store, snapshot: &fediversity::source::Snapshot) -> std::collections::BTreeMap<ObjectKey, u64> {
+fn generations(
+    store: &Store,
+    snapshot: &fediversity::source::Snapshot,
+) -> std::collections::BTreeMap<ObjectKey, u64> {
     let specs: Vec<(ObjectKey, String)> = snapshot
         .objects
         .iter()
         .map(|(k, o)| (k.clone(), canonical_hash(&o.loaded.object.spec_json())))
         .collect();
-    store.observe_specs(specs.iter().map(|(k, h)| (k, h.clone()))).unwrap()
+    store
+        .observe_specs(specs.iter().map(|(k, h)| (k, h.clone())))
+        .unwrap()
 }
 
 #[test]
@@ -30,7 +35,11 @@ fn ten_thousand_objects_in_single_and_multi_document_files_load_into_one_snapsho
     let snapshot = source(dir.path()).scan(true);
     assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors.first());
     assert_eq!(snapshot.objects.len(), 10_000);
-    let deployments = snapshot.objects.keys().filter(|k| k.kind == Kind::Deployment).count();
+    let deployments = snapshot
+        .objects
+        .keys()
+        .filter(|k| k.kind == Kind::Deployment)
+        .count();
     assert_eq!(deployments, 9_500);
 }
 
@@ -68,7 +77,10 @@ fn editing_one_file_among_ten_thousand_changes_only_its_objects_and_generations(
     assert!(changed.iter().all(|k| after.objects[*k].loaded.file == batch));
     let gen_after = generations(&store, &after);
     let bumped: Vec<(&ObjectKey, &u64)> = gen_after.iter().filter(|(_, g)| **g != 1).collect();
-    assert_eq!(bumped, vec![(&ObjectKey::new(Kind::Deployment, "deploy-5005"), &2)]);
+    assert_eq!(
+        bumped,
+        vec![(&ObjectKey::new(Kind::Deployment, "deploy-5005"), &2)]
+    );
 
     // The same state again moves nothing, also after reopening the store.
     drop(store);
@@ -80,20 +92,40 @@ fn editing_one_file_among_ten_thousand_changes_only_its_objects_and_generations(
 fn a_file_that_stops_parsing_keeps_its_last_good_objects_as_stale() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("d.yaml");
-    let two = format!("{}---\n{}", fixtures::deployment_yaml("a", "env", 1), fixtures::deployment_yaml("b", "env", 1));
+    let two = format!(
+        "{}---\n{}",
+        fixtures::deployment_yaml("a", "env", 1),
+        fixtures::deployment_yaml("b", "env", 1)
+    );
     std::fs::write(&file, &two).unwrap();
     let mut src = source(dir.path());
     assert_eq!(src.scan(false).objects.len(), 2);
 
     std::fs::write(&file, format!("{two}  bad: [indent\n")).unwrap();
     let snapshot = src.scan(false);
-    assert_eq!(snapshot.objects.len(), 2, "a broken file must not read as a deletion");
+    assert_eq!(
+        snapshot.objects.len(),
+        2,
+        "a broken file must not read as a deletion"
+    );
     assert!(snapshot.objects.values().all(|o| o.stale));
-    assert!(snapshot.errors.iter().any(|e| e.message.starts_with("invalid YAML")));
-    assert!(snapshot.errors.iter().any(|e| e.message.contains("keeping the last good version of Deployment/a, Deployment/b")));
+    assert!(
+        snapshot
+            .errors
+            .iter()
+            .any(|e| e.message.starts_with("invalid YAML"))
+    );
+    assert!(snapshot.errors.iter().any(|e| {
+        e.message
+            .contains("keeping the last good version of Deployment/a, Deployment/b")
+    }));
 
     // One document invalid, the other fine: only the invalid one is kept stale.
-    let one_bad = format!("{}---\n{}", fixtures::deployment_yaml("a", "env", 2), fixtures::deployment_yaml("b", "env", 1).replace("b.example.org", "b..org"));
+    let one_bad = format!(
+        "{}---\n{}",
+        fixtures::deployment_yaml("a", "env", 2),
+        fixtures::deployment_yaml("b", "env", 1).replace("b.example.org", "b..org")
+    );
     std::fs::write(&file, one_bad).unwrap();
     let snapshot = src.scan(false);
     let a = &snapshot.objects[&ObjectKey::new(Kind::Deployment, "a")];
@@ -103,7 +135,14 @@ fn a_file_that_stops_parsing_keeps_its_last_good_objects_as_stale() {
     // The file parses again without `b`: now `b` is gone.
     std::fs::write(&file, fixtures::deployment_yaml("a", "env", 2)).unwrap();
     let snapshot = src.scan(false);
-    assert_eq!(snapshot.objects.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["Deployment/a"]);
+    assert_eq!(
+        snapshot
+            .objects
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["Deployment/a"]
+    );
     assert!(snapshot.errors.is_empty());
 
     // Deleting the file removes its objects.
@@ -115,19 +154,43 @@ fn a_file_that_stops_parsing_keeps_its_last_good_objects_as_stale() {
 fn hidden_files_and_folders_are_ignored_and_yml_is_read() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join(".git")).unwrap();
-    std::fs::write(dir.path().join(".git/x.yaml"), fixtures::deployment_yaml("git", "e", 1)).unwrap();
-    std::fs::write(dir.path().join(".hidden.yaml"), fixtures::deployment_yaml("hidden", "e", 1)).unwrap();
+    std::fs::write(
+        dir.path().join(".git/x.yaml"),
+        fixtures::deployment_yaml("git", "e", 1),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(".hidden.yaml"),
+        fixtures::deployment_yaml("hidden", "e", 1),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
-    std::fs::write(dir.path().join("short.yml"), fixtures::deployment_yaml("short", "e", 1)).unwrap();
+    std::fs::write(
+        dir.path().join("short.yml"),
+        fixtures::deployment_yaml("short", "e", 1),
+    )
+    .unwrap();
     let snapshot = source(dir.path()).scan(true);
-    assert_eq!(snapshot.objects.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["Deployment/short"]);
+    assert_eq!(
+        snapshot
+            .objects
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["Deployment/short"]
+    );
 }
 
 #[test]
 fn a_missing_folder_fails_the_snapshot_instead_of_emptying_it() {
     let snapshot = source(std::path::Path::new("/nonexistent/fediversity-objects")).scan(true);
     assert!(!snapshot.is_complete());
-    assert!(snapshot.failure.unwrap().contains("/nonexistent/fediversity-objects"));
+    assert!(
+        snapshot
+            .failure
+            .unwrap()
+            .contains("/nonexistent/fediversity-objects")
+    );
 }
 
 /// Writes `content` as the only file of a fresh folder and returns the one problem found and how long
@@ -148,7 +211,10 @@ fn a_50_megabyte_file_is_refused_at_once() {
     let mut content = fixtures::deployment_yaml("big", "env", 1).into_bytes();
     content.resize(50 * 1024 * 1024, b'#');
     let (error, took) = hostile(&content);
-    assert!(error.contains("hostile.yaml:1:1: file is 52428800 bytes, more than the limit"), "{error}");
+    assert!(
+        error.contains("hostile.yaml:1:1: file is 52428800 bytes, more than the limit"),
+        "{error}"
+    );
     assert!(took < Duration::from_secs(1), "took {took:?}");
 }
 
@@ -191,15 +257,36 @@ fn binary_garbage_is_refused_with_a_clear_error() {
 #[tokio::test]
 async fn the_watcher_publishes_a_new_snapshot_when_a_file_changes() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("a.yaml"), fixtures::deployment_yaml("a", "env", 1)).unwrap();
+    std::fs::write(
+        dir.path().join("a.yaml"),
+        fixtures::deployment_yaml("a", "env", 1),
+    )
+    .unwrap();
     let (mut rx, task) = source(dir.path()).watch(Duration::from_millis(50), Duration::from_secs(3600));
     assert_eq!(rx.borrow_and_update().objects.len(), 1);
-    std::fs::write(dir.path().join("b.yaml"), fixtures::deployment_yaml("b", "env", 1)).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("a snapshot within 10 s").unwrap();
+    std::fs::write(
+        dir.path().join("b.yaml"),
+        fixtures::deployment_yaml("b", "env", 1),
+    )
+    .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("a snapshot within 10 s")
+        .unwrap();
     assert_eq!(rx.borrow().objects.len(), 2);
     std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), rx.changed()).await.expect("a snapshot within 10 s").unwrap();
-    assert_eq!(rx.borrow().objects.keys().map(ToString::to_string).collect::<Vec<_>>(), vec!["Deployment/b"]);
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("a snapshot within 10 s")
+        .unwrap();
+    assert_eq!(
+        rx.borrow()
+            .objects
+            .keys()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["Deployment/b"]
+    );
     drop(rx);
     task.abort();
 }

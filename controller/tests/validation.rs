@@ -73,7 +73,10 @@ fn assert_one(found: &[Diagnostic], file: &str, line: usize, path: &str, words: 
     assert_eq!(shown_path, path, "{problem}");
     assert!(problem.message.contains(words), "`{words}` not in: {problem}");
     let text = problem.to_string();
-    assert!(text.starts_with(&format!("{}:{line}:", problem.file.display())), "{text}");
+    assert!(
+        text.starts_with(&format!("{}:{line}:", problem.file.display())),
+        "{text}"
+    );
     if !path.is_empty() && path != "(document)" {
         assert!(text.contains(&format!("{path}: ")), "{text}");
     }
@@ -81,12 +84,18 @@ fn assert_one(found: &[Diagnostic], file: &str, line: usize, path: &str, words: 
 
 #[test]
 fn the_complete_examples_are_valid() {
-    assert_eq!(problems(&[("env.yaml", ENV), ("app.yaml", APP), ("d.yaml", DEPLOY)]), vec![]);
+    assert_eq!(
+        problems(&[("env.yaml", ENV), ("app.yaml", APP), ("d.yaml", DEPLOY)]),
+        vec![]
+    );
 }
 
 #[test]
 fn a_yaml_syntax_error_names_file_line_and_document() {
-    let broken = format!("{APP}---\n{}", DEPLOY.replace("applications:\n", "applications: [\n"));
+    let broken = format!(
+        "{APP}---\n{}",
+        DEPLOY.replace("applications:\n", "applications: [\n")
+    );
     let found = problems(&[("catalog.yaml", &broken)]);
     assert_eq!(found.len(), 1, "{found:#?}");
     assert_eq!(found[0].document, Some(1));
@@ -98,19 +107,37 @@ fn a_yaml_syntax_error_names_file_line_and_document() {
 #[test]
 fn an_unknown_kind_is_named_with_a_suggestion() {
     let found = problems(&[("d.yaml", &DEPLOY.replace("kind: Deployment", "kind: Deploymnet"))]);
-    assert_one(&found, "d.yaml", 2, "kind", "unknown kind `Deploymnet` (did you mean `Deployment`?)");
+    assert_one(
+        &found,
+        "d.yaml",
+        2,
+        "kind",
+        "unknown kind `Deploymnet` (did you mean `Deployment`?)",
+    );
 }
 
 #[test]
 fn an_unknown_api_version_is_named() {
     let found = problems(&[("d.yaml", &DEPLOY.replace("v1alpha1", "v2"))]);
-    assert_one(&found, "d.yaml", 1, "apiVersion", "unknown apiVersion `fediversity.eu/v2`");
+    assert_one(
+        &found,
+        "d.yaml",
+        1,
+        "apiVersion",
+        "unknown apiVersion `fediversity.eu/v2`",
+    );
 }
 
 #[test]
 fn an_unknown_field_is_an_error_not_silently_dropped() {
     let found = problems(&[("d.yaml", &DEPLOY.replace("  domain:", "  domian: x\n  domain:"))]);
-    assert_one(&found, "d.yaml", 6, "spec.domian", "unknown field `domian` (did you mean `domain`?)");
+    assert_one(
+        &found,
+        "d.yaml",
+        6,
+        "spec.domian",
+        "unknown field `domian` (did you mean `domain`?)",
+    );
 }
 
 #[test]
@@ -127,8 +154,17 @@ fn a_wrong_type_names_what_was_expected_and_found() {
 
 #[test]
 fn a_name_that_is_not_a_dns_label_is_refused() {
-    let found = problems(&[("d.yaml", &DEPLOY.replace("name: uni-utrecht", "name: Uni_Utrecht"))]);
-    assert_one(&found, "d.yaml", 4, "metadata.name", "`Uni_Utrecht` is not a valid name");
+    let found = problems(&[(
+        "d.yaml",
+        &DEPLOY.replace("name: uni-utrecht", "name: Uni_Utrecht"),
+    )]);
+    assert_one(
+        &found,
+        "d.yaml",
+        4,
+        "metadata.name",
+        "`Uni_Utrecht` is not a valid name",
+    );
 }
 
 #[test]
@@ -139,69 +175,146 @@ fn an_invalid_domain_is_refused() {
 
 #[test]
 fn an_inverted_vmid_range_is_refused() {
-    let found = problems(&[("env.yaml", &ENV.replace("start: 20000, end: 29999", "start: 29999, end: 20000"))]);
-    assert_one(&found, "env.yaml", 15, "spec.proxmox.vmidRange", "the range is inverted");
+    let found = problems(&[(
+        "env.yaml",
+        &ENV.replace("start: 20000, end: 29999", "start: 29999, end: 20000"),
+    )]);
+    assert_one(
+        &found,
+        "env.yaml",
+        15,
+        "spec.proxmox.vmidRange",
+        "the range is inverted",
+    );
 }
 
 #[test]
 fn a_vmid_outside_what_proxmox_allows_is_refused() {
     let found = problems(&[("env.yaml", &ENV.replace("end: 29999", "end: 1000000000"))]);
-    assert_one(&found, "env.yaml", 15, "spec.proxmox.vmidRange.end", "VMID 1000000000 is outside what Proxmox VE allows");
+    assert_one(
+        &found,
+        "env.yaml",
+        15,
+        "spec.proxmox.vmidRange.end",
+        "VMID 1000000000 is outside what Proxmox VE allows",
+    );
 }
 
 #[test]
 fn a_template_inside_the_vmid_range_is_refused() {
     let found = problems(&[("env.yaml", &ENV.replace("vmid: 9000", "vmid: 20005"))]);
-    assert_one(&found, "env.yaml", 12, "spec.proxmox.template.vmid", "lies inside vmidRange");
+    assert_one(
+        &found,
+        "env.yaml",
+        12,
+        "spec.proxmox.template.vmid",
+        "lies inside vmidRange",
+    );
 }
 
 #[test]
 fn zero_cores_are_impossible() {
     let found = problems(&[("app.yaml", &APP.replace("cores: 2", "cores: 0"))]);
-    assert_one(&found, "app.yaml", 9, "spec.sizes.small.cores", "0 cores is impossible");
+    assert_one(
+        &found,
+        "app.yaml",
+        9,
+        "spec.sizes.small.cores",
+        "0 cores is impossible",
+    );
 }
 
 #[test]
 fn zero_memory_is_impossible() {
     let found = problems(&[("app.yaml", &APP.replace("memoryMiB: 4096", "memoryMiB: 0"))]);
-    assert_one(&found, "app.yaml", 9, "spec.sizes.small.memoryMiB", "0 MiB is too little memory");
+    assert_one(
+        &found,
+        "app.yaml",
+        9,
+        "spec.sizes.small.memoryMiB",
+        "0 MiB is too little memory",
+    );
 }
 
 #[test]
 fn an_inline_secret_is_refused_and_points_to_the_file_reference() {
-    let inline = ENV.replace("secretFile: /run/secrets/pve-token", "secret: 0f1e2d3c-aaaa-bbbb-cccc-1234567890ab");
+    let inline = ENV.replace(
+        "secretFile: /run/secrets/pve-token",
+        "secret: 0f1e2d3c-aaaa-bbbb-cccc-1234567890ab",
+    );
     let found = problems(&[("env.yaml", &inline)]);
-    assert_one(&found, "env.yaml", 10, "spec.proxmox.credentials.secret", "secrets are never written inline");
-    assert!(!found[0].to_string().contains("0f1e2d3c"), "the secret leaked into the message: {}", found[0]);
+    assert_one(
+        &found,
+        "env.yaml",
+        10,
+        "spec.proxmox.credentials.secret",
+        "secrets are never written inline",
+    );
+    assert!(
+        !found[0].to_string().contains("0f1e2d3c"),
+        "the secret leaked into the message: {}",
+        found[0]
+    );
 }
 
 #[test]
 fn a_secret_pasted_where_its_file_belongs_is_refused_without_echoing_it() {
-    let pasted = ENV.replace("secretFile: /run/secrets/pve-token", "secretFile: 0f1e2d3c-aaaa-bbbb");
+    let pasted = ENV.replace(
+        "secretFile: /run/secrets/pve-token",
+        "secretFile: 0f1e2d3c-aaaa-bbbb",
+    );
     let found = problems(&[("env.yaml", &pasted)]);
-    assert_one(&found, "env.yaml", 10, "spec.proxmox.credentials.secretFile", "absolute path to a file");
-    assert!(!found[0].to_string().contains("0f1e2d3c"), "the secret leaked into the message: {}", found[0]);
+    assert_one(
+        &found,
+        "env.yaml",
+        10,
+        "spec.proxmox.credentials.secretFile",
+        "absolute path to a file",
+    );
+    assert!(
+        !found[0].to_string().contains("0f1e2d3c"),
+        "the secret leaked into the message: {}",
+        found[0]
+    );
 }
 
 #[test]
 fn the_same_object_twice_in_one_file_is_refused() {
     let twice = format!("{DEPLOY}---\n{DEPLOY}");
     let found = problems(&[("d.yaml", &twice)]);
-    assert_one(&found, "d.yaml", 15, "metadata.name", "Deployment/uni-utrecht is defined twice in this file");
+    assert_one(
+        &found,
+        "d.yaml",
+        15,
+        "metadata.name",
+        "Deployment/uni-utrecht is defined twice in this file",
+    );
     assert_eq!(found[0].document, Some(1));
 }
 
 #[test]
 fn the_same_object_in_two_files_is_refused_naming_both() {
     let found = problems(&[("a.yaml", DEPLOY), ("b/copy.yaml", DEPLOY)]);
-    assert_one(&found, "copy.yaml", 1, "metadata.name", "Deployment/uni-utrecht is already defined in");
+    assert_one(
+        &found,
+        "copy.yaml",
+        1,
+        "metadata.name",
+        "Deployment/uni-utrecht is already defined in",
+    );
     assert!(found[0].message.contains("a.yaml:1"), "{}", found[0]);
 }
 
 #[test]
 fn a_status_written_in_a_file_is_refused() {
     let found = problems(&[("d.yaml", &format!("{DEPLOY}status: {{}}\n"))]);
-    assert_one(&found, "d.yaml", 11, "status", "status is written by the controller");
+    assert_one(
+        &found,
+        "d.yaml",
+        11,
+        "status",
+        "status is written by the controller",
+    );
 }
 
 #[test]

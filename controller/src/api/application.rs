@@ -122,54 +122,94 @@ impl ApplicationSpec {
 impl Validate for ApplicationSpec {
     fn validate(&self, path: &FieldPath, problems: &mut Problems) {
         if self.display_name.trim().is_empty() {
-            problems.push(&path.key("displayName"), "give the name operators see, e.g. `Mastodon`");
+            problems.push(
+                &path.key("displayName"),
+                "give the name operators see, e.g. `Mastodon`",
+            );
         }
-        problems.check(&path.key("nixosModule"), validate::relative_nix_path(&self.nixos_module));
+        problems.check(
+            &path.key("nixosModule"),
+            validate::relative_nix_path(&self.nixos_module),
+        );
         if self.sizes.is_empty() {
-            problems.push(&path.key("sizes"), "offer at least one size, e.g. `small: { cores: 2, memoryMiB: 4096, diskGiB: 40 }`");
+            problems.push(
+                &path.key("sizes"),
+                "offer at least one size, e.g. `small: { cores: 2, memoryMiB: 4096, diskGiB: 40 }`",
+            );
         }
         for (name, size) in &self.sizes {
             let at = path.key("sizes").key(name.as_str());
             name.validate(&at, problems);
             if size.cores == 0 || size.cores > MAX_CORES {
-                problems.push(&at.key("cores"), format!("{} cores is impossible: give 1 to {MAX_CORES}", size.cores));
+                problems.push(
+                    &at.key("cores"),
+                    format!("{} cores is impossible: give 1 to {MAX_CORES}", size.cores),
+                );
             }
             if size.memory_mib < MIN_MEMORY_MIB {
-                problems.push(&at.key("memoryMiB"), format!("{} MiB is too little memory: NixOS needs at least {MIN_MEMORY_MIB} MiB", size.memory_mib));
+                problems.push(
+                    &at.key("memoryMiB"),
+                    format!(
+                        "{} MiB is too little memory: NixOS needs at least {MIN_MEMORY_MIB} MiB",
+                        size.memory_mib
+                    ),
+                );
             }
             if size.disk_gib == 0 {
                 problems.push(&at.key("diskGiB"), "a 0 GiB disk is impossible: give at least 1");
             }
         }
-        if let Some(default) = &self.default_size {
-            if !self.sizes.contains_key(default) {
-                problems.push(&path.key("defaultSize"), format!("`{default}` is not one of the sizes offered"));
-            }
+        if let Some(default) = &self.default_size
+            && !self.sizes.contains_key(default)
+        {
+            problems.push(
+                &path.key("defaultSize"),
+                format!("`{default}` is not one of the sizes offered"),
+            );
         }
         if let Some(schema) = &self.settings {
-            let is_object_schema = schema.as_object().is_some_and(|o| {
-                o.get("type").and_then(|t| t.as_str()) == Some("object")
-            });
+            let is_object_schema = schema
+                .as_object()
+                .is_some_and(|o| o.get("type").and_then(|t| t.as_str()) == Some("object"));
             if !is_object_schema {
-                problems.push(&path.key("settings"), "must be a JSON Schema with `type: object` describing the settings an operator may give");
+                problems.push(
+                    &path.key("settings"),
+                    "must be a JSON Schema with `type: object` describing the settings an operator may give",
+                );
             }
         }
         if let Some(check) = &self.health_check {
             let at = path.key("healthCheck");
             if !check.path.starts_with('/') || check.path.contains(char::is_whitespace) {
-                problems.push(&at.key("path"), format!("`{}` must be a URL path starting with `/`", check.path));
+                problems.push(
+                    &at.key("path"),
+                    format!("`{}` must be a URL path starting with `/`", check.path),
+                );
             }
             if !(100..=599).contains(&check.expect_status) {
-                problems.push(&at.key("expectStatus"), format!("{} is not an HTTP status code (100 to 599)", check.expect_status));
+                problems.push(
+                    &at.key("expectStatus"),
+                    format!("{} is not an HTTP status code (100 to 599)", check.expect_status),
+                );
             }
         }
         if let Some(data) = &self.data {
             for (i, p) in data.paths.iter().enumerate() {
-                problems.check(&path.key("data").key("paths").index(i), validate::absolute_path(p));
+                problems.check(
+                    &path.key("data").key("paths").index(i),
+                    validate::absolute_path(p),
+                );
             }
             for (i, db) in data.databases.iter().enumerate() {
-                if db.is_empty() || !db.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-                    problems.push(&path.key("data").key("databases").index(i), format!("`{db}` is not a database name"));
+                if db.is_empty()
+                    || !db
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+                {
+                    problems.push(
+                        &path.key("data").key("databases").index(i),
+                        format!("`{db}` is not a database name"),
+                    );
                 }
             }
         }

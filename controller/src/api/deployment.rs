@@ -123,9 +123,13 @@ pub struct HostStatus {
 impl Validate for DeploymentSpec {
     fn validate(&self, path: &FieldPath, problems: &mut Problems) {
         problems.check(&path.key("domain"), validate::domain(&self.domain));
-        self.runtime_environment.validate(&path.key("runtimeEnvironment"), problems);
+        self.runtime_environment
+            .validate(&path.key("runtimeEnvironment"), problems);
         if self.applications.is_empty() {
-            problems.push(&path.key("applications"), "choose at least one application, e.g. `mastodon: { enabled: true }`");
+            problems.push(
+                &path.key("applications"),
+                "choose at least one application, e.g. `mastodon: { enabled: true }`",
+            );
         }
         for (name, choice) in &self.applications {
             let at = path.key("applications").key(name.as_str());
@@ -137,7 +141,10 @@ impl Validate for DeploymentSpec {
         if let Some(user) = &self.initial_user {
             let at = path.key("initialUser");
             if user.display_name.trim().is_empty() {
-                problems.push(&at.key("displayName"), "give the display name of the first account");
+                problems.push(
+                    &at.key("displayName"),
+                    "give the display name of the first account",
+                );
             }
             problems.check(&at.key("email"), validate::email(&user.email));
         }

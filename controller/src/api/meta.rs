@@ -81,7 +81,11 @@ pub struct ObjectMeta {
 impl ObjectMeta {
     /// Metadata with just a name.
     pub fn named(name: &str) -> Self {
-        Self { name: Name::new(name), labels: BTreeMap::new(), annotations: BTreeMap::new() }
+        Self {
+            name: Name::new(name),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
     }
 }
 
@@ -94,7 +98,10 @@ impl Validate for ObjectMeta {
             problems.check(&at, validate::label_value(value));
         }
         for key in self.annotations.keys() {
-            problems.check(&path.key("annotations").key(key.as_str()), validate::metadata_key(key));
+            problems.check(
+                &path.key("annotations").key(key.as_str()),
+                validate::metadata_key(key),
+            );
         }
     }
 }
@@ -243,16 +250,25 @@ mod tests {
     #[test]
     fn setting_an_identical_condition_changes_nothing() {
         let mut conditions = vec![ready(ConditionStatus::True, "ok", 10)];
-        assert!(!set_condition(&mut conditions, ready(ConditionStatus::True, "ok", 20)));
+        assert!(!set_condition(
+            &mut conditions,
+            ready(ConditionStatus::True, "ok", 20)
+        ));
         assert_eq!(conditions[0].last_transition_time, Timestamp::from_unix(10));
     }
 
     #[test]
     fn a_new_message_keeps_the_transition_time_but_a_new_status_moves_it() {
         let mut conditions = vec![ready(ConditionStatus::True, "ok", 10)];
-        assert!(set_condition(&mut conditions, ready(ConditionStatus::True, "still ok", 20)));
+        assert!(set_condition(
+            &mut conditions,
+            ready(ConditionStatus::True, "still ok", 20)
+        ));
         assert_eq!(conditions[0].last_transition_time, Timestamp::from_unix(10));
-        assert!(set_condition(&mut conditions, ready(ConditionStatus::False, "down", 30)));
+        assert!(set_condition(
+            &mut conditions,
+            ready(ConditionStatus::False, "down", 30)
+        ));
         assert_eq!(conditions[0].last_transition_time, Timestamp::from_unix(30));
         assert_eq!(conditions.len(), 1);
     }

@@ -124,7 +124,10 @@ pub struct ObjectKey {
 impl ObjectKey {
     /// The key of `kind`/`name`.
     pub fn new(kind: Kind, name: &str) -> Self {
-        Self { kind, name: Name::new(name) }
+        Self {
+            kind,
+            name: Name::new(name),
+        }
     }
 }
 
@@ -139,13 +142,17 @@ impl FromStr for ObjectKey {
 
     /// Parses `Kind/name`.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (kind, name) = s.split_once('/').ok_or_else(|| format!("`{s}` is not of the form KIND/NAME"))?;
+        let (kind, name) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not of the form KIND/NAME"))?;
         Ok(Self::new(kind.parse()?, name))
     }
 }
 
 /// Any desired-state object.
 #[derive(Debug, Clone, PartialEq)]
+// reason: objects live behind an Arc in snapshots, so boxing would only add an allocation per object.
+#[allow(clippy::large_enum_variant)]
 pub enum Object {
     /// A RuntimeEnvironment.
     RuntimeEnvironment(RuntimeEnvironment),
@@ -176,7 +183,10 @@ impl Object {
 
     /// The object's kind and name.
     pub fn key(&self) -> ObjectKey {
-        ObjectKey { kind: self.kind(), name: self.metadata().name.clone() }
+        ObjectKey {
+            kind: self.kind(),
+            name: self.metadata().name.clone(),
+        }
     }
 
     /// The spec as JSON, in a canonical form (object keys sorted) fit for hashing.
@@ -219,7 +229,11 @@ impl fmt::Display for FieldProblem {
 }
 
 fn problem(node: &Node, path: FieldPath, message: impl Into<String>) -> FieldProblem {
-    FieldProblem { mark: node.mark, path, message: message.into() }
+    FieldProblem {
+        mark: node.mark,
+        path,
+        message: message.into(),
+    }
 }
 
 fn read<S>(root: &Node) -> Result<Resource<S>, Vec<FieldProblem>>
@@ -234,15 +248,23 @@ where
         }]
     })?;
     let mut problems = Problems::default();
-    resource.metadata.validate(&FieldPath::root().key("metadata"), &mut problems);
-    resource.spec.validate(&FieldPath::root().key("spec"), &mut problems);
+    resource
+        .metadata
+        .validate(&FieldPath::root().key("metadata"), &mut problems);
+    resource
+        .spec
+        .validate(&FieldPath::root().key("spec"), &mut problems);
     if problems.is_empty() {
         return Ok(resource);
     }
     Err(problems
         .into_vec()
         .into_iter()
-        .map(|(path, message)| FieldProblem { mark: root.locate(&path).mark, path, message })
+        .map(|(path, message)| FieldProblem {
+            mark: root.locate(&path).mark,
+            path,
+            message,
+        })
         .collect())
 }
 
@@ -258,29 +280,49 @@ pub fn identify(root: &Node) -> Option<ObjectKey> {
 pub fn parse_object(root: &Node) -> Result<Object, Vec<FieldProblem>> {
     let root_path = FieldPath::root();
     if !matches!(root.value, NodeValue::Mapping(_)) {
-        return Err(vec![problem(root, root_path, "expected a mapping with `apiVersion`, `kind`, `metadata` and `spec`")]);
+        return Err(vec![problem(
+            root,
+            root_path,
+            "expected a mapping with `apiVersion`, `kind`, `metadata` and `spec`",
+        )]);
     }
     let mut header = Vec::new();
     match root.entry("apiVersion") {
-        None => header.push(problem(root, root_path.clone(), format!("missing required field `apiVersion` (use `{API_VERSION}`)"))),
+        None => header.push(problem(
+            root,
+            root_path.clone(),
+            format!("missing required field `apiVersion` (use `{API_VERSION}`)"),
+        )),
         Some((_, v)) if v.as_str() == Some(API_VERSION) => {}
         Some((_, v)) => header.push(problem(
             v,
             root_path.key("apiVersion"),
-            format!("unknown apiVersion `{}`; this controller serves `{API_VERSION}`", v.as_str().unwrap_or("(not a string)")),
+            format!(
+                "unknown apiVersion `{}`; this controller serves `{API_VERSION}`",
+                v.as_str().unwrap_or("(not a string)")
+            ),
         )),
     }
     let kind = match root.entry("kind") {
         None => {
-            header.push(problem(root, root_path.clone(), "missing required field `kind` (RuntimeEnvironment, Application or Deployment)"));
+            header.push(problem(
+                root,
+                root_path.clone(),
+                "missing required field `kind` (RuntimeEnvironment, Application or Deployment)",
+            ));
             None
         }
-        Some((_, v)) => match v.as_str().filter(|k| Kind::ALL.iter().any(|kind| kind.as_str() == *k)) {
+        Some((_, v)) => match v
+            .as_str()
+            .filter(|k| Kind::ALL.iter().any(|kind| kind.as_str() == *k))
+        {
             Some(k) => k.parse::<Kind>().ok(),
             None => {
                 let written = v.as_str().unwrap_or("(not a string)");
                 let names = Kind::ALL.map(Kind::as_str);
-                let hint = yaml::suggestion(written, &names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+                let hint = yaml::suggestion(written, &names)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
                 header.push(problem(
                     v,
                     root_path.key("kind"),
@@ -310,8 +352,14 @@ pub fn json_schema(kind: Kind) -> serde_json::Value {
     };
     schema.insert("title".into(), kind.as_str().into());
     if let Some(props) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
-        props.insert("apiVersion".into(), serde_json::json!({ "type": "string", "enum": [API_VERSION] }));
-        props.insert("kind".into(), serde_json::json!({ "type": "string", "enum": [kind.as_str()] }));
+        props.insert(
+            "apiVersion".into(),
+            serde_json::json!({ "type": "string", "enum": [API_VERSION] }),
+        );
+        props.insert(
+            "kind".into(),
+            serde_json::json!({ "type": "string", "enum": [kind.as_str()] }),
+        );
     }
     schema.to_value()
 }

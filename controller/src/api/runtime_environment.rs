@@ -189,7 +189,11 @@ fn default_nixpkgs() -> String {
 
 impl Default for NixSpec {
     fn default() -> Self {
-        Self { nixpkgs: default_nixpkgs(), builders: Vec::new(), substituters: Vec::new() }
+        Self {
+            nixpkgs: default_nixpkgs(),
+            builders: Vec::new(),
+            substituters: Vec::new(),
+        }
     }
 }
 
@@ -208,7 +212,9 @@ fn default_max_ops() -> u32 {
 
 impl Default for EnvironmentLimits {
     fn default() -> Self {
-        Self { max_concurrent_operations: default_max_ops() }
+        Self {
+            max_concurrent_operations: default_max_ops(),
+        }
     }
 }
 
@@ -241,14 +247,19 @@ fn check_token_id(value: &str) -> Result<(), String> {
     if ok == Some(true) {
         Ok(())
     } else {
-        Err(format!("`{value}` is not an API token ID: expected `USER@REALM!TOKENID`, e.g. `fediversity@pve!controller`"))
+        Err(format!(
+            "`{value}` is not an API token ID: expected `USER@REALM!TOKENID`, e.g. `fediversity@pve!controller`"
+        ))
     }
 }
 
 impl Validate for RuntimeEnvironmentSpec {
     fn validate(&self, path: &FieldPath, problems: &mut Problems) {
         if self.proxmox.is_none() && self.static_hosts.is_empty() {
-            problems.push(path, "give `proxmox` (a Proxmox VE cluster), `staticHosts` (existing NixOS machines) or both");
+            problems.push(
+                path,
+                "give `proxmox` (a Proxmox VE cluster), `staticHosts` (existing NixOS machines) or both",
+            );
         }
         if let Some(proxmox) = &self.proxmox {
             proxmox.validate(&path.key("proxmox"), problems);
@@ -258,33 +269,60 @@ impl Validate for RuntimeEnvironmentSpec {
             let at = path.key("staticHosts").index(i);
             host.name.validate(&at.key("name"), problems);
             if !seen.insert(&host.name) {
-                problems.push(&at.key("name"), format!("static host `{}` is listed twice", host.name));
+                problems.push(
+                    &at.key("name"),
+                    format!("static host `{}` is listed twice", host.name),
+                );
             }
             if host.address.trim().is_empty() || host.address.contains(char::is_whitespace) {
-                problems.push(&at.key("address"), "give an IP address or DNS name without spaces");
+                problems.push(
+                    &at.key("address"),
+                    "give an IP address or DNS name without spaces",
+                );
             }
             let key_ok = host.host_key.split_whitespace().count() >= 2
                 && (host.host_key.starts_with("ssh-") || host.host_key.starts_with("ecdsa-"));
             if !key_ok {
-                problems.push(&at.key("hostKey"), "expected an SSH public key such as `ssh-ed25519 AAAA...` (see `ssh-keyscan HOST`)");
+                problems.push(
+                    &at.key("hostKey"),
+                    "expected an SSH public key such as `ssh-ed25519 AAAA...` (see `ssh-keyscan HOST`)",
+                );
             }
             if host.port == 0 {
                 problems.push(&at.key("port"), "the port must be from 1 to 65535");
             }
         }
         let ssh = path.key("ssh");
-        problems.check(&ssh.key("privateKeyFile"), validate::secret_file(&self.ssh.private_key_file));
+        problems.check(
+            &ssh.key("privateKeyFile"),
+            validate::secret_file(&self.ssh.private_key_file),
+        );
         if let Some(public) = &self.ssh.public_key_file {
             problems.check(&ssh.key("publicKeyFile"), validate::absolute_path(public));
         }
-        if self.ssh.user.is_empty() || !self.ssh.user.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
-            problems.push(&ssh.key("user"), format!("`{}` is not a valid user name", self.ssh.user));
+        if self.ssh.user.is_empty()
+            || !self
+                .ssh
+                .user
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            problems.push(
+                &ssh.key("user"),
+                format!("`{}` is not a valid user name", self.ssh.user),
+            );
         }
         if self.nix.nixpkgs.trim().is_empty() {
-            problems.push(&path.key("nix").key("nixpkgs"), "give the nixpkgs to build with, e.g. `github:NixOS/nixpkgs/nixos-25.05`");
+            problems.push(
+                &path.key("nix").key("nixpkgs"),
+                "give the nixpkgs to build with, e.g. `github:NixOS/nixpkgs/nixos-25.05`",
+            );
         }
         if self.limits.max_concurrent_operations == 0 {
-            problems.push(&path.key("limits").key("maxConcurrentOperations"), "must be at least 1");
+            problems.push(
+                &path.key("limits").key("maxConcurrentOperations"),
+                "must be at least 1",
+            );
         }
     }
 }
@@ -294,24 +332,40 @@ impl Validate for ProxmoxSpec {
         problems.check(&path.key("endpoint"), validate::endpoint(&self.endpoint));
         let creds = &self.credentials;
         let at = path.key("credentials");
-        match (&creds.token_id, &creds.secret_file, &creds.user, &creds.password_file) {
+        match (
+            &creds.token_id,
+            &creds.secret_file,
+            &creds.user,
+            &creds.password_file,
+        ) {
             (Some(token), Some(secret), None, None) => {
                 problems.check(&at.key("tokenId"), check_token_id(token));
                 problems.check(&at.key("secretFile"), validate::secret_file(secret));
             }
             (None, None, Some(user), Some(password)) => {
                 if !user.contains('@') {
-                    problems.push(&at.key("user"), format!("`{user}` needs a realm: `USER@REALM`, e.g. `root@pam`"));
+                    problems.push(
+                        &at.key("user"),
+                        format!("`{user}` needs a realm: `USER@REALM`, e.g. `root@pam`"),
+                    );
                 }
                 problems.check(&at.key("passwordFile"), validate::secret_file(password));
             }
-            _ => problems.push(&at, "give either `tokenId` with `secretFile` (recommended) or `user` with `passwordFile`"),
+            _ => problems.push(
+                &at,
+                "give either `tokenId` with `secretFile` (recommended) or `user` with `passwordFile`",
+            ),
         }
         if let Some(tls) = &self.tls {
             let at = path.key("tls");
-            let ways = usize::from(tls.ca_file.is_some()) + usize::from(tls.fingerprint.is_some()) + usize::from(tls.insecure_skip_verify);
+            let ways = usize::from(tls.ca_file.is_some())
+                + usize::from(tls.fingerprint.is_some())
+                + usize::from(tls.insecure_skip_verify);
             if ways > 1 {
-                problems.push(&at, "give only one of `caFile`, `fingerprint` and `insecureSkipVerify`");
+                problems.push(
+                    &at,
+                    "give only one of `caFile`, `fingerprint` and `insecureSkipVerify`",
+                );
             }
             if let Some(ca) = &tls.ca_file {
                 problems.check(&at.key("caFile"), validate::absolute_path(ca));
@@ -321,13 +375,19 @@ impl Validate for ProxmoxSpec {
             }
         }
         if self.nodes.is_empty() {
-            problems.push(&path.key("nodes"), "list at least one node on which VMs may be placed");
+            problems.push(
+                &path.key("nodes"),
+                "list at least one node on which VMs may be placed",
+            );
         }
         let mut seen = BTreeSet::new();
         for (i, node) in self.nodes.iter().enumerate() {
             node.validate(&path.key("nodes").index(i), problems);
             if !seen.insert(node) {
-                problems.push(&path.key("nodes").index(i), format!("node `{node}` is listed twice"));
+                problems.push(
+                    &path.key("nodes").index(i),
+                    format!("node `{node}` is listed twice"),
+                );
             }
         }
         let vmid_in_bounds = |v: u32| (MIN_VMID..=MAX_VMID).contains(&v);
@@ -335,15 +395,27 @@ impl Validate for ProxmoxSpec {
         let at = path.key("vmidRange");
         for (field, value) in [("start", range.start), ("end", range.end)] {
             if !vmid_in_bounds(value) {
-                problems.push(&at.key(field), format!("VMID {value} is outside what Proxmox VE allows ({MIN_VMID} to {MAX_VMID})"));
+                problems.push(
+                    &at.key(field),
+                    format!("VMID {value} is outside what Proxmox VE allows ({MIN_VMID} to {MAX_VMID})"),
+                );
             }
         }
         if range.start > range.end {
-            problems.push(&at, format!("the range is inverted: start {} is after end {}; swap them", range.start, range.end));
+            problems.push(
+                &at,
+                format!(
+                    "the range is inverted: start {} is after end {}; swap them",
+                    range.start, range.end
+                ),
+            );
         }
         let template = self.template.vmid;
         if !vmid_in_bounds(template) {
-            problems.push(&path.key("template").key("vmid"), format!("VMID {template} is outside what Proxmox VE allows ({MIN_VMID} to {MAX_VMID})"));
+            problems.push(
+                &path.key("template").key("vmid"),
+                format!("VMID {template} is outside what Proxmox VE allows ({MIN_VMID} to {MAX_VMID})"),
+            );
         } else if range.contains(template) {
             problems.push(&path.key("template").key("vmid"), format!("template VMID {template} lies inside vmidRange {}-{}: the controller could treat the template as its own VM; move one of them", range.start, range.end));
         }
@@ -352,10 +424,13 @@ impl Validate for ProxmoxSpec {
                 problems.push(&path.key(field), format!("`{value}` is not a valid Proxmox {field} ID (letters, digits, '-', '_' and '.', starting with a letter)"));
             }
         }
-        if let Some(pool) = &self.pool {
-            if !is_proxmox_id(pool) {
-                problems.push(&path.key("pool"), format!("`{pool}` is not a valid Proxmox pool ID"));
-            }
+        if let Some(pool) = &self.pool
+            && !is_proxmox_id(pool)
+        {
+            problems.push(
+                &path.key("pool"),
+                format!("`{pool}` is not a valid Proxmox pool ID"),
+            );
         }
     }
 }
@@ -364,5 +439,7 @@ impl Validate for ProxmoxSpec {
 fn is_proxmox_id(value: &str) -> bool {
     value.starts_with(|c: char| c.is_ascii_alphabetic())
         && value.len() <= 64
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }

@@ -35,7 +35,9 @@ impl Timestamp {
         let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
         let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
         let rest = &text[19..];
-        let rest = rest.strip_prefix('.').map_or(rest, |f| f.trim_start_matches(|c: char| c.is_ascii_digit()));
+        let rest = rest
+            .strip_prefix('.')
+            .map_or(rest, |f| f.trim_start_matches(|c: char| c.is_ascii_digit()));
         if rest != "Z" || !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
             return None;
         }
@@ -46,7 +48,11 @@ impl Timestamp {
 
 impl From<SystemTime> for Timestamp {
     fn from(time: SystemTime) -> Self {
-        Self(time.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs())
+        Self(
+            time.duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs(),
+        )
     }
 }
 
@@ -79,7 +85,13 @@ impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (year, month, day) = civil_from_days(self.0 / 86_400);
         let secs = self.0 % 86_400;
-        write!(f, "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+        write!(
+            f,
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60
+        )
     }
 }
 
@@ -118,13 +130,24 @@ mod tests {
             let t = Timestamp::from_unix(seconds);
             assert_eq!(Timestamp::parse(&t.to_string()), Some(t), "{t}");
         }
-        assert_eq!(Timestamp::from_unix(951_782_400).to_string(), "2000-02-29T00:00:00Z");
-        assert_eq!(Timestamp::parse("2026-11-26T07:46:33.123Z").unwrap().to_string(), "2026-11-26T07:46:33Z");
+        assert_eq!(
+            Timestamp::from_unix(951_782_400).to_string(),
+            "2000-02-29T00:00:00Z"
+        );
+        assert_eq!(
+            Timestamp::parse("2026-11-26T07:46:33.123Z").unwrap().to_string(),
+            "2026-11-26T07:46:33Z"
+        );
     }
 
     #[test]
     fn malformed_timestamps_are_refused() {
-        for text in ["", "2026-13-01T00:00:00Z", "2026-11-26 07:46:33Z", "2026-11-26T07:46:33+01:00"] {
+        for text in [
+            "",
+            "2026-13-01T00:00:00Z",
+            "2026-11-26 07:46:33Z",
+            "2026-11-26T07:46:33+01:00",
+        ] {
             assert_eq!(Timestamp::parse(text), None, "{text}");
         }
     }

@@ -46,7 +46,10 @@ fn label_problem(label: &str) -> Option<&'static str> {
         Some("is empty")
     } else if label.len() > MAX_LABEL_LEN {
         Some("is longer than 63 characters")
-    } else if !label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    } else if !label
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         Some("may only contain lowercase letters, digits and '-'")
     } else if label.starts_with('-') || label.ends_with('-') {
         Some("must start and end with a letter or digit")
@@ -68,7 +71,11 @@ pub fn dns_label(value: &str) -> Result<(), String> {
 
 /// A fully qualified domain name such as `social.uu.nl`.
 pub fn domain(value: &str) -> Result<(), String> {
-    let bad = |why: String| Err(format!("`{value}` is not a valid domain name: {why} (e.g. `social.example.org`)"));
+    let bad = |why: String| {
+        Err(format!(
+            "`{value}` is not a valid domain name: {why} (e.g. `social.example.org`)"
+        ))
+    };
     if value.len() > MAX_DOMAIN_LEN {
         return bad(format!("it is longer than {MAX_DOMAIN_LEN} characters"));
     }
@@ -84,7 +91,10 @@ pub fn domain(value: &str) -> Result<(), String> {
             return bad(format!("its label `{label}` {why}"));
         }
     }
-    if labels.last().is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit())) {
+    if labels
+        .last()
+        .is_some_and(|tld| tld.bytes().all(|b| b.is_ascii_digit()))
+    {
         return bad("its last label is all digits, which makes it look like an IP address".into());
     }
     Ok(())
@@ -96,7 +106,9 @@ pub fn email(value: &str) -> Result<(), String> {
         return Err(format!("`{value}` is not an e-mail address: it has no `@`"));
     };
     if local.is_empty() || local.len() > 64 || local.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("`{value}` is not an e-mail address: the part before `@` is not valid"));
+        return Err(format!(
+            "`{value}` is not an e-mail address: the part before `@` is not valid"
+        ));
     }
     domain(&host.to_ascii_lowercase()).map_err(|e| format!("`{value}` is not an e-mail address: {e}"))
 }
@@ -104,9 +116,11 @@ pub fn email(value: &str) -> Result<(), String> {
 /// An absolute path to a file holding a secret. The value itself is never echoed: it may be the secret.
 pub fn secret_file(value: &str) -> Result<(), String> {
     if !value.starts_with('/') {
-        return Err("must be an absolute path to a file holding the secret (if the secret itself was \
+        return Err(
+            "must be an absolute path to a file holding the secret (if the secret itself was \
                     pasted here, remove it from the file and rotate it: secrets are never written inline)"
-            .into());
+                .into(),
+        );
     }
     absolute_path(value)
 }
@@ -135,7 +149,10 @@ pub fn relative_nix_path(value: &str) -> Result<(), String> {
     if !value.ends_with(".nix") {
         return Err(format!("`{value}` must name a Nix file ending in `.nix`"));
     }
-    if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b)) {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+".contains(&b))
+    {
         return Err(format!("`{value}` may only contain letters, digits and `/._-+`"));
     }
     Ok(())
@@ -143,8 +160,14 @@ pub fn relative_nix_path(value: &str) -> Result<(), String> {
 
 /// An `https://host[:port]` (or explicitly insecure `http://`) API endpoint without a path.
 pub fn endpoint(value: &str) -> Result<(), String> {
-    let bad = |why: &str| Err(format!("`{value}` is not a valid endpoint: {why} (e.g. `https://pve1.example.net:8006`)"));
-    let Some((scheme, rest)) = value.split_once("://") else { return bad("it has no `https://`") };
+    let bad = |why: &str| {
+        Err(format!(
+            "`{value}` is not a valid endpoint: {why} (e.g. `https://pve1.example.net:8006`)"
+        ))
+    };
+    let Some((scheme, rest)) = value.split_once("://") else {
+        return bad("it has no `https://`");
+    };
     if scheme != "https" && scheme != "http" {
         return bad("the scheme must be `https` (or `http` for a test cluster)");
     }
@@ -159,10 +182,10 @@ pub fn endpoint(value: &str) -> Result<(), String> {
     if host.is_empty() {
         return bad("the host is missing");
     }
-    if let Some(port) = port {
-        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
-            return bad("the port must be a number from 1 to 65535");
-        }
+    if let Some(port) = port
+        && !port.parse::<u16>().is_ok_and(|p| p > 0)
+    {
+        return bad("the port must be a number from 1 to 65535");
     }
     Ok(())
 }
@@ -170,7 +193,11 @@ pub fn endpoint(value: &str) -> Result<(), String> {
 /// A SHA-256 certificate fingerprint as Proxmox shows it: 32 hex bytes separated by colons.
 pub fn fingerprint(value: &str) -> Result<(), String> {
     let parts: Vec<&str> = value.split(':').collect();
-    if parts.len() == 32 && parts.iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if parts.len() == 32
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
         Ok(())
     } else {
         Err(format!(
@@ -191,13 +218,17 @@ pub fn metadata_key(value: &str) -> Result<(), String> {
     };
     let ok = !name.is_empty()
         && name.len() <= MAX_LABEL_LEN
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name.ends_with(|c: char| c.is_ascii_alphanumeric());
     if ok {
         Ok(())
     } else {
-        Err(format!("`{value}` is not a valid key: use up to 63 letters, digits, '-', '_' and '.', optionally after a `domain/` prefix"))
+        Err(format!(
+            "`{value}` is not a valid key: use up to 63 letters, digits, '-', '_' and '.', optionally after a `domain/` prefix"
+        ))
     }
 }
 
@@ -205,10 +236,18 @@ pub fn metadata_key(value: &str) -> Result<(), String> {
 pub fn label_value(value: &str) -> Result<(), String> {
     let ok = value.is_empty()
         || (value.len() <= MAX_LABEL_LEN
-            && value.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            && value
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             && value.starts_with(|c: char| c.is_ascii_alphanumeric())
             && value.ends_with(|c: char| c.is_ascii_alphanumeric()));
-    if ok { Ok(()) } else { Err(format!("`{value}` is not a valid label value: use up to 63 letters, digits, '-', '_' and '.'")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{value}` is not a valid label value: use up to 63 letters, digits, '-', '_' and '.'"
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -231,7 +270,15 @@ mod tests {
         for good in ["social.uu.nl", "a.example", "xn--bcher-kva.example"] {
             assert_eq!(domain(good), Ok(()), "{good}");
         }
-        for bad in ["localhost", "social.uu.nl.", "so cial.nl", "a..b", "10.0.0.1", "-a.nl", "UPPER.nl"] {
+        for bad in [
+            "localhost",
+            "social.uu.nl.",
+            "so cial.nl",
+            "a..b",
+            "10.0.0.1",
+            "-a.nl",
+            "UPPER.nl",
+        ] {
             assert!(domain(bad).is_err(), "{bad}");
         }
     }
@@ -245,10 +292,20 @@ mod tests {
 
     #[test]
     fn endpoints_are_scheme_host_and_port_only() {
-        for good in ["https://pve1.ams.example.net:8006", "http://127.0.0.1:8006/", "https://[::1]:8006"] {
+        for good in [
+            "https://pve1.ams.example.net:8006",
+            "http://127.0.0.1:8006/",
+            "https://[::1]:8006",
+        ] {
             assert_eq!(endpoint(good), Ok(()), "{good}");
         }
-        for bad in ["pve1:8006", "ftp://x", "https://x:99999", "https://x:8006/api2/json", "https://"] {
+        for bad in [
+            "pve1:8006",
+            "ftp://x",
+            "https://x:99999",
+            "https://x:8006/api2/json",
+            "https://",
+        ] {
             assert!(endpoint(bad).is_err(), "{bad}");
         }
     }
@@ -263,7 +320,13 @@ mod tests {
     #[test]
     fn nix_module_paths_stay_inside_the_catalog() {
         assert_eq!(relative_nix_path("nix/applications/mastodon.nix"), Ok(()));
-        for bad in ["/etc/x.nix", "../x.nix", "nix/app.txt", "nix/a b.nix", "nix//a.nix"] {
+        for bad in [
+            "/etc/x.nix",
+            "../x.nix",
+            "nix/app.txt",
+            "nix/a b.nix",
+            "nix//a.nix",
+        ] {
             assert!(relative_nix_path(bad).is_err(), "{bad}");
         }
     }

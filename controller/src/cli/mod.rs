@@ -46,7 +46,10 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Validate { paths, quiet } => Ok(validate::run(&paths, quiet, &mut std::io::stdout())?),
         Command::Schema { kind } => {
-            println!("{}", serde_json::to_string_pretty(&crate::api::json_schema(kind))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&crate::api::json_schema(kind))?
+            );
             Ok(0)
         }
     }

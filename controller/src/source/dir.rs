@@ -46,7 +46,9 @@ pub fn collect_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
             }
             let path = entry.path();
             // Follows links to files and folders, as `kubectl apply -R` does; loops end at the depth limit.
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if meta.is_dir() {
                 if path.components().count() < 64 {
                     stack.push(path);
@@ -82,7 +84,11 @@ pub struct DirSource {
 impl DirSource {
     /// A source over `roots` (folders or single files).
     pub fn new(roots: Vec<PathBuf>, limits: Limits) -> Self {
-        Self { roots, limits, cache: HashMap::new() }
+        Self {
+            roots,
+            limits,
+            cache: HashMap::new(),
+        }
     }
 
     /// Loads the current state. With `full`, every file is re-read; otherwise only files whose size or
@@ -111,24 +117,33 @@ impl DirSource {
     }
 
     fn refresh(&mut self, file: &Path, full: bool) {
-        let stamp = std::fs::metadata(file).map(|m| (m.len(), m.modified().ok())).unwrap_or((0, None));
-        if let Some(cached) = self.cache.get(file) {
-            if !full && cached.stamp == stamp && stamp.1.is_some() {
-                return;
-            }
+        let stamp = std::fs::metadata(file)
+            .map(|m| (m.len(), m.modified().ok()))
+            .unwrap_or((0, None));
+        if let Some(cached) = self.cache.get(file)
+            && !full
+            && cached.stamp == stamp
+            && stamp.1.is_some()
+        {
+            return;
         }
         // An oversized file is never read whole: it is refused by `load_file`, which reads only up to the
         // limit. Its size and time stand in for its content hash.
-        let bytes = if stamp.0 > self.limits.max_bytes as u64 { None } else { std::fs::read(file).ok() };
+        let bytes = if stamp.0 > self.limits.max_bytes as u64 {
+            None
+        } else {
+            std::fs::read(file).ok()
+        };
         let hash: [u8; 32] = match &bytes {
             Some(bytes) => Sha256::digest(bytes).into(),
             None => Sha256::digest(format!("{stamp:?}")).into(),
         };
-        if let Some(cached) = self.cache.get_mut(file) {
-            if cached.hash == hash && bytes.is_some() {
-                cached.stamp = stamp;
-                return;
-            }
+        if let Some(cached) = self.cache.get_mut(file)
+            && cached.hash == hash
+            && bytes.is_some()
+        {
+            cached.stamp = stamp;
+            return;
         }
         let load = match bytes {
             Some(bytes) if bytes.len() <= self.limits.max_bytes => match String::from_utf8(bytes) {
@@ -147,7 +162,9 @@ impl DirSource {
         let mut errors = Vec::new();
         let mut revision = Sha256::new();
         for file in files {
-            let Some(cached) = self.cache.get(file) else { continue };
+            let Some(cached) = self.cache.get(file) else {
+                continue;
+            };
             revision.update(file.as_os_str().as_encoded_bytes());
             revision.update(cached.hash);
             errors.extend(cached.problems.iter().cloned());
@@ -174,12 +191,21 @@ impl DirSource {
         }
         let digest = revision.finalize();
         let revision = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
-        Snapshot { revision, objects, errors, failure: None }
+        Snapshot {
+            revision,
+            objects,
+            errors,
+            failure: None,
+        }
     }
 
     /// Watches the roots and publishes a new snapshot whenever a change settles, and after every
     /// periodic rescan that finds something new. The first snapshot is published before this returns.
-    pub fn watch(mut self, debounce: Duration, rescan: Duration) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
+    pub fn watch(
+        mut self,
+        debounce: Duration,
+        rescan: Duration,
+    ) -> (watch::Receiver<Arc<Snapshot>>, tokio::task::JoinHandle<()>) {
         let first = Arc::new(self.scan(true));
         let (tx, rx) = watch::channel(first);
         let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -206,27 +232,32 @@ impl DirSource {
                     event = events.recv() => {
                         if event.is_none() { break; }
                         // Let the burst settle: wait until no event came for `debounce`.
-                        loop {
-                            match tokio::time::timeout(debounce, events.recv()).await {
-                                Ok(Some(())) => continue,
-                                Ok(None) | Err(_) => break,
-                            }
-                        }
+                        while let Ok(Some(())) = tokio::time::timeout(debounce, events.recv()).await {}
                         false
                     }
                     _ = rescan_timer.tick() => true,
                     () = tx.closed() => break,
                 };
-                let (source, snapshot) = tokio::task::spawn_blocking(move || {
+                let scanned = tokio::task::spawn_blocking(move || {
                     let snapshot = self.scan(full);
                     (self, snapshot)
                 })
-                .await
-                .expect("the scan task does not panic");
-                self = source;
+                .await;
+                let snapshot = match scanned {
+                    Ok((source, snapshot)) => {
+                        self = source;
+                        snapshot
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "directory scan failed; the source stops publishing");
+                        break;
+                    }
+                };
                 let changed = {
                     let current = tx.borrow();
-                    current.revision != snapshot.revision || current.errors != snapshot.errors || current.failure != snapshot.failure
+                    current.revision != snapshot.revision
+                        || current.errors != snapshot.errors
+                        || current.failure != snapshot.failure
                 };
                 if changed && tx.send(Arc::new(snapshot)).is_err() {
                     break;
@@ -245,9 +276,16 @@ fn merge_with_previous(
     stamp: (u64, Option<SystemTime>),
     hash: [u8; 32],
 ) -> CachedFile {
-    let FileLoad { objects, mut problems, unreadable, broken } = load;
-    let fresh: Vec<Arc<SourcedObject>> =
-        objects.into_iter().map(|loaded| Arc::new(SourcedObject { loaded, stale: false })).collect();
+    let FileLoad {
+        objects,
+        mut problems,
+        unreadable,
+        broken,
+    } = load;
+    let fresh: Vec<Arc<SourcedObject>> = objects
+        .into_iter()
+        .map(|loaded| Arc::new(SourcedObject { loaded, stale: false }))
+        .collect();
     let fresh_keys: HashSet<ObjectKey> = fresh.iter().map(|o| o.loaded.object.key()).collect();
     let unidentified = broken.iter().any(Option::is_none);
     let identified: HashSet<&ObjectKey> = broken.iter().flatten().collect();
@@ -258,21 +296,36 @@ fn merge_with_previous(
             continue;
         }
         if unreadable || unidentified || identified.contains(&key) {
-            kept.push(if old.stale { old } else { Arc::new(SourcedObject { loaded: old.loaded.clone(), stale: true }) });
-        }
-    }
-    if !kept.is_empty() {
-        if let Some(first) = problems.first().cloned() {
-            let names: Vec<String> = kept.iter().map(|o| o.loaded.object.key().to_string()).collect();
-            problems.push(Diagnostic {
-                message: format!("keeping the last good version of {} until this file loads again", names.join(", ")),
-                path: None,
-                document: None,
-                ..first
+            kept.push(if old.stale {
+                old
+            } else {
+                Arc::new(SourcedObject {
+                    loaded: old.loaded.clone(),
+                    stale: true,
+                })
             });
         }
     }
+    if !kept.is_empty()
+        && let Some(first) = problems.first().cloned()
+    {
+        let names: Vec<String> = kept.iter().map(|o| o.loaded.object.key().to_string()).collect();
+        problems.push(Diagnostic {
+            message: format!(
+                "keeping the last good version of {} until this file loads again",
+                names.join(", ")
+            ),
+            path: None,
+            document: None,
+            ..first
+        });
+    }
     let mut objects = fresh;
     objects.extend(kept);
-    CachedFile { stamp, hash, objects, problems }
+    CachedFile {
+        stamp,
+        hash,
+        objects,
+        problems,
+    }
 }

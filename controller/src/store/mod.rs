@@ -113,7 +113,12 @@ pub fn canonical_hash(value: &serde_json::Value) -> String {
     }
     let mut hasher = Sha256::new();
     write(value, &mut hasher);
-    hasher.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect()
+    hasher
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The controller's durable memory.
@@ -129,7 +134,10 @@ impl std::fmt::Debug for Store {
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode { key: key.into(), source })
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+        key: key.into(),
+        source,
+    })
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -140,8 +148,10 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 impl Store {
     /// Opens (or creates) the store in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir)
-            .map_err(|source| StoreError::CreateDir { path: state_dir.into(), source })?;
+        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
+            path: state_dir.into(),
+            source,
+        })?;
         let path = state_dir.join(FILE_NAME);
         let db = Database::create(&path).map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
@@ -193,11 +203,23 @@ impl Store {
                 };
                 let record = match old {
                     Some(old) if old.spec_hash == spec_hash => old,
-                    Some(old) => ObjectRecord { generation: old.generation + 1, spec_hash, ..old },
-                    None => ObjectRecord { generation: 1, spec_hash, created: Timestamp::now(), next_event: 0 },
+                    Some(old) => ObjectRecord {
+                        generation: old.generation + 1,
+                        spec_hash,
+                        ..old
+                    },
+                    None => ObjectRecord {
+                        generation: 1,
+                        spec_hash,
+                        created: Timestamp::now(),
+                        next_event: 0,
+                    },
                 };
-                if table.get(id.as_str()).map_err(dberr)?.map(|b| b.value().to_vec()) != Some(encode(&record)) {
-                    table.insert(id.as_str(), encode(&record).as_slice()).map_err(dberr)?;
+                if table.get(id.as_str()).map_err(dberr)?.map(|b| b.value().to_vec()) != Some(encode(&record))
+                {
+                    table
+                        .insert(id.as_str(), encode(&record).as_slice())
+                        .map_err(dberr)?;
                     wrote = true;
                 }
                 generations.insert(key.clone(), record.generation);
@@ -239,7 +261,10 @@ impl Store {
         let txn = self.db.begin_write().map_err(dberr)?;
         let changed = {
             let mut table = txn.open_table(STATUS).map_err(dberr)?;
-            let same = table.get(id.as_str()).map_err(dberr)?.is_some_and(|old| old.value() == bytes.as_slice());
+            let same = table
+                .get(id.as_str())
+                .map_err(dberr)?
+                .is_some_and(|old| old.value() == bytes.as_slice());
             if !same {
                 table.insert(id.as_str(), bytes.as_slice()).map_err(dberr)?;
             }
@@ -276,13 +301,18 @@ impl Store {
                 Some(mut record) => {
                     let seq = record.next_event;
                     record.next_event += 1;
-                    objects.insert(id.as_str(), encode(&record).as_slice()).map_err(dberr)?;
+                    objects
+                        .insert(id.as_str(), encode(&record).as_slice())
+                        .map_err(dberr)?;
                     seq
                 }
                 None => {
                     // Events about an object the store does not track (yet): number after the last one kept.
                     let events = txn.open_table(EVENTS).map_err(dberr)?;
-                    let last = events.range((id.as_str(), 0)..=(id.as_str(), u64::MAX)).map_err(dberr)?.next_back();
+                    let last = events
+                        .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
+                        .map_err(dberr)?
+                        .next_back();
                     match last {
                         Some(entry) => entry.map_err(dberr)?.0.value().1 + 1,
                         None => 0,
@@ -290,10 +320,14 @@ impl Store {
                 }
             };
             let mut events = txn.open_table(EVENTS).map_err(dberr)?;
-            events.insert((id.as_str(), seq), encode(event).as_slice()).map_err(dberr)?;
+            events
+                .insert((id.as_str(), seq), encode(event).as_slice())
+                .map_err(dberr)?;
             let keep_from = (seq + 1).saturating_sub(MAX_EVENTS_PER_OBJECT as u64);
             if keep_from > 0 {
-                events.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false).map_err(dberr)?;
+                events
+                    .retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)
+                    .map_err(dberr)?;
             }
         }
         txn.commit().map_err(dberr)
@@ -305,7 +339,10 @@ impl Store {
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(EVENTS).map_err(dberr)?;
         let mut out = Vec::new();
-        for entry in table.range((id.as_str(), 0)..=(id.as_str(), u64::MAX)).map_err(dberr)? {
+        for entry in table
+            .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
+            .map_err(dberr)?
+        {
             let (_, v) = entry.map_err(dberr)?;
             out.push(decode(&id, v.value())?);
         }
@@ -317,10 +354,18 @@ impl Store {
         let id = key.to_string();
         let txn = self.db.begin_write().map_err(dberr)?;
         {
-            txn.open_table(OBJECTS).map_err(dberr)?.remove(id.as_str()).map_err(dberr)?;
-            txn.open_table(STATUS).map_err(dberr)?.remove(id.as_str()).map_err(dberr)?;
+            txn.open_table(OBJECTS)
+                .map_err(dberr)?
+                .remove(id.as_str())
+                .map_err(dberr)?;
+            txn.open_table(STATUS)
+                .map_err(dberr)?
+                .remove(id.as_str())
+                .map_err(dberr)?;
             let mut events = txn.open_table(EVENTS).map_err(dberr)?;
-            events.retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false).map_err(dberr)?;
+            events
+                .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)
+                .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)
     }
@@ -328,7 +373,10 @@ impl Store {
     /// Records (or replaces) an inventory entry: an external thing the controller created or is creating.
     pub fn put_inventory<T: Serialize>(&self, id: &str, entry: &T) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(dberr)?;
-        txn.open_table(INVENTORY).map_err(dberr)?.insert(id, encode(entry).as_slice()).map_err(dberr)?;
+        txn.open_table(INVENTORY)
+            .map_err(dberr)?
+            .insert(id, encode(entry).as_slice())
+            .map_err(dberr)?;
         txn.commit().map_err(dberr)
     }
 
@@ -341,7 +389,10 @@ impl Store {
     }
 
     /// Every inventory entry whose id starts with `prefix`.
-    pub fn inventory_list<T: for<'de> Deserialize<'de>>(&self, prefix: &str) -> Result<Vec<(String, T)>, StoreError> {
+    pub fn inventory_list<T: for<'de> Deserialize<'de>>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(INVENTORY).map_err(dberr)?;
         let mut out = Vec::new();
@@ -358,14 +409,20 @@ impl Store {
     /// Removes an inventory entry (after the external thing is gone).
     pub fn remove_inventory(&self, id: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(dberr)?;
-        txn.open_table(INVENTORY).map_err(dberr)?.remove(id).map_err(dberr)?;
+        txn.open_table(INVENTORY)
+            .map_err(dberr)?
+            .remove(id)
+            .map_err(dberr)?;
         txn.commit().map_err(dberr)
     }
 
     #[cfg(test)]
     fn set_format_version(&self, version: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(dberr)?;
-        txn.open_table(META).map_err(dberr)?.insert("format_version", version).map_err(dberr)?;
+        txn.open_table(META)
+            .map_err(dberr)?
+            .insert("format_version", version)
+            .map_err(dberr)?;
         txn.commit().map_err(dberr)
     }
 }
@@ -422,7 +479,10 @@ mod tests {
         let events = store.events(&a).unwrap();
         assert_eq!(events.len(), MAX_EVENTS_PER_OBJECT);
         assert_eq!(events[0].message, "event 10");
-        assert_eq!(events.last().unwrap().message, format!("event {}", MAX_EVENTS_PER_OBJECT + 9));
+        assert_eq!(
+            events.last().unwrap().message,
+            format!("event {}", MAX_EVENTS_PER_OBJECT + 9)
+        );
         store.forget(&a).unwrap();
         assert!(store.events(&a).unwrap().is_empty());
         assert!(store.object(&a).unwrap().is_none());
@@ -431,22 +491,37 @@ mod tests {
     #[test]
     fn a_store_of_a_newer_format_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        Store::open(dir.path()).unwrap().set_format_version(FORMAT_VERSION + 1).unwrap();
+        Store::open(dir.path())
+            .unwrap()
+            .set_format_version(FORMAT_VERSION + 1)
+            .unwrap();
         let err = Store::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::NewerFormat { found, .. } if found == FORMAT_VERSION + 1));
-        assert!(err.to_string().contains("newer than this release understands"), "{err}");
+        assert!(
+            err.to_string().contains("newer than this release understands"),
+            "{err}"
+        );
     }
 
     #[test]
     fn inventory_entries_list_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.put_inventory("vm/env-a/20001", &serde_json::json!({"vmid": 20001})).unwrap();
-        store.put_inventory("vm/env-b/20002", &serde_json::json!({"vmid": 20002})).unwrap();
+        store
+            .put_inventory("vm/env-a/20001", &serde_json::json!({"vmid": 20001}))
+            .unwrap();
+        store
+            .put_inventory("vm/env-b/20002", &serde_json::json!({"vmid": 20002}))
+            .unwrap();
         let listed: Vec<(String, serde_json::Value)> = store.inventory_list("vm/env-a/").unwrap();
         assert_eq!(listed.len(), 1);
         store.remove_inventory("vm/env-a/20001").unwrap();
-        assert!(store.inventory::<serde_json::Value>("vm/env-a/20001").unwrap().is_none());
+        assert!(
+            store
+                .inventory::<serde_json::Value>("vm/env-a/20001")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

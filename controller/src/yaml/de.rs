@@ -27,7 +27,11 @@ impl DeError {
     }
 
     fn new(message: String) -> Self {
-        Self { message, mark: None, path: None }
+        Self {
+            message,
+            mark: None,
+            path: None,
+        }
     }
 }
 
@@ -99,7 +103,11 @@ pub(crate) fn suggestion<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a s
 }
 
 fn one_of(candidates: &[&str]) -> String {
-    candidates.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+    candidates
+        .iter()
+        .map(|c| format!("`{c}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl de::Error for DeError {
@@ -108,16 +116,29 @@ impl de::Error for DeError {
     }
 
     fn invalid_type(unexpected: de::Unexpected<'_>, expected: &dyn de::Expected) -> Self {
-        Self::new(format!("expected {}, found {}", expected_phrase(expected), unexpected_phrase(unexpected)))
+        Self::new(format!(
+            "expected {}, found {}",
+            expected_phrase(expected),
+            unexpected_phrase(unexpected)
+        ))
     }
 
     fn invalid_value(unexpected: de::Unexpected<'_>, expected: &dyn de::Expected) -> Self {
-        Self::new(format!("expected {}, found {}", expected_phrase(expected), unexpected_phrase(unexpected)))
+        Self::new(format!(
+            "expected {}, found {}",
+            expected_phrase(expected),
+            unexpected_phrase(unexpected)
+        ))
     }
 
     fn unknown_variant(variant: &str, expected: &'static [&'static str]) -> Self {
-        let hint = suggestion(variant, expected).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-        Self::new(format!("unknown value `{variant}`{hint}; expected one of {}", one_of(expected)))
+        let hint = suggestion(variant, expected)
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        Self::new(format!(
+            "unknown value `{variant}`{hint}; expected one of {}",
+            one_of(expected)
+        ))
     }
 
     fn unknown_field(field: &str, expected: &'static [&'static str]) -> Self {
@@ -126,11 +147,22 @@ impl de::Error for DeError {
             "secret" | "password" | "token" | "tokenSecret" | "privateKey" | "key" => format!(
                 " (secrets are never written inline: put the value in a file readable by the controller \
                  and reference it with {})",
-                one_of(&expected.iter().copied().filter(|e| e.ends_with("File")).collect::<Vec<_>>())
+                one_of(
+                    &expected
+                        .iter()
+                        .copied()
+                        .filter(|e| e.ends_with("File"))
+                        .collect::<Vec<_>>()
+                )
             ),
-            _ => suggestion(field, expected).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default(),
+            _ => suggestion(field, expected)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default(),
         };
-        Self::new(format!("unknown field `{field}`{hint}; allowed fields: {}", one_of(expected)))
+        Self::new(format!(
+            "unknown field `{field}`{hint}; allowed fields: {}",
+            one_of(expected)
+        ))
     }
 
     fn missing_field(field: &'static str) -> Self {
@@ -144,7 +176,10 @@ impl de::Error for DeError {
 
 /// Reads `node` (found at `path`) into a `T`.
 pub fn from_node<'de, T: de::Deserialize<'de>>(node: &'de Node, path: &FieldPath) -> Result<T, DeError> {
-    T::deserialize(NodeDeserializer { node, path: path.clone() })
+    T::deserialize(NodeDeserializer {
+        node,
+        path: path.clone(),
+    })
 }
 
 struct NodeDeserializer<'de> {
@@ -172,27 +207,28 @@ fn type_plain(text: &str) -> Typed<'_> {
         _ => {}
     }
     let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(n) = text.parse::<i128>() {
-            return Typed::Int(n);
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(n) = text.parse::<i128>()
+    {
+        return Typed::Int(n);
     }
-    if let Some(hex) = text.strip_prefix("0x") {
-        if let Ok(n) = i128::from_str_radix(hex, 16) {
-            return Typed::Int(n);
-        }
+    if let Some(hex) = text.strip_prefix("0x")
+        && let Ok(n) = i128::from_str_radix(hex, 16)
+    {
+        return Typed::Int(n);
     }
-    if let Some(oct) = text.strip_prefix("0o") {
-        if let Ok(n) = i128::from_str_radix(oct, 8) {
-            return Typed::Int(n);
-        }
+    if let Some(oct) = text.strip_prefix("0o")
+        && let Ok(n) = i128::from_str_radix(oct, 8)
+    {
+        return Typed::Int(n);
     }
     let looks_numeric = digits.starts_with(|c: char| c.is_ascii_digit() || c == '.')
-        && digits.chars().all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'));
-    if looks_numeric {
-        if let Ok(f) = text.parse::<f64>() {
-            return Typed::Float(f);
-        }
+        && digits
+            .chars()
+            .all(|c| c.is_ascii_digit() || matches!(c, '.' | 'e' | 'E' | '-' | '+'));
+    if looks_numeric && let Ok(f) = text.parse::<f64>() {
+        return Typed::Float(f);
     }
     Typed::Str(text)
 }
@@ -200,8 +236,14 @@ fn type_plain(text: &str) -> Typed<'_> {
 impl<'de> NodeDeserializer<'de> {
     fn typed(&self) -> Option<Typed<'de>> {
         match &self.node.value {
-            NodeValue::Scalar { text, style: ScalarStyle::Plain } => Some(type_plain(text)),
-            NodeValue::Scalar { text, style: ScalarStyle::Quoted } => Some(Typed::Str(text)),
+            NodeValue::Scalar {
+                text,
+                style: ScalarStyle::Plain,
+            } => Some(type_plain(text)),
+            NodeValue::Scalar {
+                text,
+                style: ScalarStyle::Quoted,
+            } => Some(Typed::Str(text)),
             _ => None,
         }
     }
@@ -323,7 +365,11 @@ impl<'de> de::Deserializer<'de> for NodeDeserializer<'de> {
     }
 
     fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
-        if self.node.is_null() { self.locate(visitor.visit_none()) } else { visitor.visit_some(self) }
+        if self.node.is_null() {
+            self.locate(visitor.visit_none())
+        } else {
+            visitor.visit_some(self)
+        }
     }
 
     fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
@@ -388,10 +434,15 @@ impl<'de> de::Deserializer<'de> for NodeDeserializer<'de> {
     ) -> Result<V::Value, DeError> {
         let result = match &self.node.value {
             NodeValue::Scalar { text, .. } => visitor.visit_enum(text.as_str().into_deserializer()),
-            NodeValue::Mapping(entries) if entries.len() == 1 => {
-                visitor.visit_enum(EnumAccess { key: &entries[0].0, value: &entries[0].1, path: &self.path })
-            }
-            _ => Err(de::Error::invalid_type(self.unexpected(), &"a single value or a one-key mapping")),
+            NodeValue::Mapping(entries) if entries.len() == 1 => visitor.visit_enum(EnumAccess {
+                key: &entries[0].0,
+                value: &entries[0].1,
+                path: &self.path,
+            }),
+            _ => Err(de::Error::invalid_type(
+                self.unexpected(),
+                &"a single value or a one-key mapping",
+            )),
         };
         self.locate(result)
     }
@@ -418,7 +469,11 @@ struct SeqAccess<'de> {
 
 impl<'de> SeqAccess<'de> {
     fn new(items: &'de [Node], path: &FieldPath) -> Self {
-        Self { items: items.iter(), index: 0, path: path.clone() }
+        Self {
+            items: items.iter(),
+            index: 0,
+            path: path.clone(),
+        }
     }
 }
 
@@ -426,7 +481,9 @@ impl<'de> de::SeqAccess<'de> for SeqAccess<'de> {
     type Error = DeError;
 
     fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, DeError> {
-        let Some(node) = self.items.next() else { return Ok(None) };
+        let Some(node) = self.items.next() else {
+            return Ok(None);
+        };
         let path = self.path.index(self.index);
         self.index += 1;
         seed.deserialize(NodeDeserializer { node, path }).map(Some)
@@ -445,7 +502,11 @@ struct MapAccess<'de> {
 
 impl<'de> MapAccess<'de> {
     fn new(entries: &'de [(Node, Node)], path: &FieldPath) -> Self {
-        Self { entries: entries.iter(), value: None, path: path.clone() }
+        Self {
+            entries: entries.iter(),
+            value: None,
+            path: path.clone(),
+        }
     }
 }
 
@@ -453,7 +514,9 @@ impl<'de> de::MapAccess<'de> for MapAccess<'de> {
     type Error = DeError;
 
     fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, DeError> {
-        let Some((key, value)) = self.entries.next() else { return Ok(None) };
+        let Some((key, value)) = self.entries.next() else {
+            return Ok(None);
+        };
         let path = self.path.key(key.as_str().unwrap_or_default());
         self.value = Some((value, path.clone()));
         seed.deserialize(NodeDeserializer { node: key, path }).map(Some)
@@ -483,8 +546,17 @@ impl<'de> de::EnumAccess<'de> for EnumAccess<'de, '_> {
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self::Variant), DeError> {
         let path = self.path.key(self.key.as_str().unwrap_or_default());
-        let variant = seed.deserialize(NodeDeserializer { node: self.key, path: path.clone() })?;
-        Ok((variant, NodeDeserializer { node: self.value, path }))
+        let variant = seed.deserialize(NodeDeserializer {
+            node: self.key,
+            path: path.clone(),
+        })?;
+        Ok((
+            variant,
+            NodeDeserializer {
+                node: self.value,
+                path,
+            },
+        ))
     }
 }
 
@@ -560,13 +632,21 @@ mod tests {
         let err = read("applications:\n  mastodon:\n    enabled: true\n    coers: 2\n").unwrap_err();
         assert_eq!(err.path.unwrap().to_string(), "applications.mastodon.coers");
         assert_eq!(err.mark.unwrap().line, 4);
-        assert!(err.message.starts_with("unknown field `coers` (did you mean `cores`?)"), "{}", err.message);
+        assert!(
+            err.message
+                .starts_with("unknown field `coers` (did you mean `cores`?)"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn a_negative_count_is_rejected_with_its_value() {
         let err = read("applications:\n  m:\n    enabled: true\n    cores: -2\n").unwrap_err();
-        assert_eq!(err.message, "expected a whole number of at least 0, found the number -2");
+        assert_eq!(
+            err.message,
+            "expected a whole number of at least 0, found the number -2"
+        );
         assert_eq!(err.path.unwrap().to_string(), "applications.m.cores");
     }
 
@@ -588,12 +668,18 @@ mod tests {
     #[test]
     fn an_unknown_enum_value_lists_the_choices() {
         let err = read("applications:\n  m:\n    enabled: true\n    policy: Retian\n").unwrap_err();
-        assert!(err.message.starts_with("unknown value `Retian` (did you mean `Retain`?)"), "{}", err.message);
+        assert!(
+            err.message
+                .starts_with("unknown value `Retian` (did you mean `Retain`?)"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn valid_values_read_through() {
-        let doc = read("applications:\n  m: {enabled: TRUE, cores: 0x10, tags: [1, x], policy: Delete}\n").unwrap();
+        let doc =
+            read("applications:\n  m: {enabled: TRUE, cores: 0x10, tags: [1, x], policy: Delete}\n").unwrap();
         let app = &doc.applications["m"];
         assert_eq!(app.cores, Some(16));
         assert_eq!(app.tags, vec!["1".to_owned(), "x".to_owned()]);

@@ -15,7 +15,10 @@ pub struct Mark {
 
 impl Mark {
     fn from_span(span: &Span) -> Self {
-        Self { line: span.start.line(), column: span.start.col() + 1 }
+        Self {
+            line: span.start.line(),
+            column: span.start.col() + 1,
+        }
     }
 }
 
@@ -76,9 +79,10 @@ impl Node {
     /// The key node and value node under `key` of a mapping node.
     pub fn entry(&self, key: &str) -> Option<(&Node, &Node)> {
         match &self.value {
-            NodeValue::Mapping(entries) => {
-                entries.iter().find(|(k, _)| k.as_str() == Some(key)).map(|(k, v)| (k, v))
-            }
+            NodeValue::Mapping(entries) => entries
+                .iter()
+                .find(|(k, _)| k.as_str() == Some(key))
+                .map(|(k, v)| (k, v)),
             _ => None,
         }
     }
@@ -186,7 +190,11 @@ struct Builder<'a, 'l> {
 
 impl<'a> Builder<'a, '_> {
     fn error(&self, mark: Mark, message: impl Into<String>) -> ParseError {
-        ParseError { mark, document: self.document, message: message.into() }
+        ParseError {
+            mark,
+            document: self.document,
+            message: message.into(),
+        }
     }
 
     fn next(&mut self) -> Result<(Event<'a>, Mark), ParseError> {
@@ -198,9 +206,15 @@ impl<'a> Builder<'a, '_> {
             }
             Some(Err(e)) => {
                 let m = e.marker();
-                let mark = Mark { line: m.line(), column: m.col() + 1 };
+                let mark = Mark {
+                    line: m.line(),
+                    column: m.col() + 1,
+                };
                 if e.info().contains("recursion limit") {
-                    return Err(self.error(mark, "nesting too deep for the YAML parser; no object is that deep"));
+                    return Err(self.error(
+                        mark,
+                        "nesting too deep for the YAML parser; no object is that deep",
+                    ));
                 }
                 Err(self.error(mark, format!("invalid YAML: {}", e.info())))
             }
@@ -233,7 +247,9 @@ impl<'a> Builder<'a, '_> {
                     let root = self.value(event, mark, 0)?;
                     match self.next()? {
                         (Event::DocumentEnd, _) => {}
-                        (_, mark) => return Err(self.error(mark, "invalid YAML: expected the end of a document")),
+                        (_, mark) => {
+                            return Err(self.error(mark, "invalid YAML: expected the end of a document"));
+                        }
                     }
                     if !root.is_null() {
                         documents.push((seen, root));
@@ -264,7 +280,10 @@ impl<'a> Builder<'a, '_> {
         if depth > self.limits.max_depth {
             return Err(self.error(
                 mark,
-                format!("nesting too deep: more than {} levels; no object is that deep", self.limits.max_depth),
+                format!(
+                    "nesting too deep: more than {} levels; no object is that deep",
+                    self.limits.max_depth
+                ),
             ));
         }
         let (node, anchor) = match event {
@@ -275,13 +294,25 @@ impl<'a> Builder<'a, '_> {
                     (Some(tag), _) => {
                         return Err(self.error(
                             mark,
-                            format!("YAML tag `{}{}` is not supported; remove it", tag.handle, tag.suffix),
+                            format!(
+                                "YAML tag `{}{}` is not supported; remove it",
+                                tag.handle, tag.suffix
+                            ),
                         ));
                     }
                     (None, saphyr_parser::ScalarStyle::Plain) => ScalarStyle::Plain,
                     (None, _) => ScalarStyle::Quoted,
                 };
-                (Node { value: NodeValue::Scalar { text: text.into_owned(), style }, mark }, anchor)
+                (
+                    Node {
+                        value: NodeValue::Scalar {
+                            text: text.into_owned(),
+                            style,
+                        },
+                        mark,
+                    },
+                    anchor,
+                )
             }
             Event::SequenceStart(anchor, tag) => {
                 self.reject_tag(tag.as_deref(), mark)?;
@@ -294,7 +325,13 @@ impl<'a> Builder<'a, '_> {
                     }
                     items.push(self.value(event, item_mark, depth + 1)?);
                 }
-                (Node { value: NodeValue::Sequence(items), mark }, anchor)
+                (
+                    Node {
+                        value: NodeValue::Sequence(items),
+                        mark,
+                    },
+                    anchor,
+                )
             }
             Event::MappingStart(anchor, tag) => {
                 self.reject_tag(tag.as_deref(), mark)?;
@@ -322,7 +359,13 @@ impl<'a> Builder<'a, '_> {
                     let value = self.value(event, value_mark, depth + 1)?;
                     entries.push((key, value));
                 }
-                (Node { value: NodeValue::Mapping(entries), mark }, anchor)
+                (
+                    Node {
+                        value: NodeValue::Mapping(entries),
+                        mark,
+                    },
+                    anchor,
+                )
             }
             Event::Alias(id) => {
                 let Some(target) = self.anchors.get(&id) else {
@@ -345,7 +388,13 @@ impl<'a> Builder<'a, '_> {
     fn reject_tag(&self, tag: Option<&saphyr_parser::Tag>, mark: Mark) -> Result<(), ParseError> {
         match tag {
             Some(tag) if !(tag.is_yaml_core_schema() && matches!(tag.suffix.as_str(), "map" | "seq")) => {
-                Err(self.error(mark, format!("YAML tag `{}{}` is not supported; remove it", tag.handle, tag.suffix)))
+                Err(self.error(
+                    mark,
+                    format!(
+                        "YAML tag `{}{}` is not supported; remove it",
+                        tag.handle, tag.suffix
+                    ),
+                ))
             }
             _ => Ok(()),
         }
@@ -367,7 +416,13 @@ mod tests {
         let b = root.get("a").unwrap().get("b").unwrap();
         assert_eq!(b.mark, Mark { line: 2, column: 6 });
         let c = root.get("a").unwrap().get("c").unwrap();
-        assert_eq!(c.value, NodeValue::Scalar { text: "x".into(), style: ScalarStyle::Quoted });
+        assert_eq!(
+            c.value,
+            NodeValue::Scalar {
+                text: "x".into(),
+                style: ScalarStyle::Quoted
+            }
+        );
     }
 
     #[test]
@@ -381,7 +436,12 @@ mod tests {
     fn duplicate_keys_are_an_error_naming_both_lines() {
         let err = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
         assert_eq!(err.mark.line, 3);
-        assert!(err.message.contains("duplicate key `a` (first defined at line 1)"), "{}", err.message);
+        assert!(
+            err.message
+                .contains("duplicate key `a` (first defined at line 1)"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -414,13 +474,23 @@ mod tests {
     #[test]
     fn custom_tags_are_refused() {
         let err = parse("a: !secret x\n").unwrap_err();
-        assert!(err.message.contains("tag `!secret` is not supported"), "{}", err.message);
+        assert!(
+            err.message.contains("tag `!secret` is not supported"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
     fn str_tag_makes_a_string() {
         let docs = parse("a: !!str 42\n").unwrap();
         let a = docs[0].1.get("a").unwrap();
-        assert_eq!(a.value, NodeValue::Scalar { text: "42".into(), style: ScalarStyle::Quoted });
+        assert_eq!(
+            a.value,
+            NodeValue::Scalar {
+                text: "42".into(),
+                style: ScalarStyle::Quoted
+            }
+        );
     }
 }

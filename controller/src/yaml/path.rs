@@ -68,7 +68,10 @@ impl FieldPath {
 }
 
 fn is_plain_key(key: &str) -> bool {
-    !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 impl fmt::Display for FieldPath {
@@ -100,7 +103,10 @@ mod tests {
     fn paths_render_like_kubectl_explain() {
         let path = FieldPath::root().key("spec").key("proxmox").key("nodes").index(1);
         assert_eq!(path.to_string(), "spec.proxmox.nodes[1]");
-        let labels = FieldPath::root().key("metadata").key("labels").key("app.kubernetes.io/name");
+        let labels = FieldPath::root()
+            .key("metadata")
+            .key("labels")
+            .key("app.kubernetes.io/name");
         assert_eq!(labels.to_string(), "metadata.labels[\"app.kubernetes.io/name\"]");
         assert_eq!(FieldPath::root().to_string(), "(document)");
     }
@@ -108,6 +114,9 @@ mod tests {
     #[test]
     fn dotted_paths_parse_back() {
         let path = FieldPath::parse("spec.proxmox.nodes[1]");
-        assert_eq!(path, FieldPath::root().key("spec").key("proxmox").key("nodes").index(1));
+        assert_eq!(
+            path,
+            FieldPath::root().key("spec").key("proxmox").key("nodes").index(1)
+        );
     }
 }
