@@ -4,6 +4,7 @@ pub mod api;
 pub mod cli;
 pub mod fixtures;
 pub mod load;
+pub mod runtime;
 pub mod source;
 pub mod store;
 pub mod yaml;
