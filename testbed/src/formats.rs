@@ -287,6 +287,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_pattern_of_the_route_table_and_of_this_module_compiles() {
+        let table = &crate::schema::ROUTE_TABLE;
+        let patterns = table
+            .routes
+            .iter()
+            .flat_map(|r| r.params.values())
+            .filter_map(|p| p.pattern.as_deref());
+        let own = [
+            NODE_RE,
+            DNS_RE,
+            TAG_RE,
+            URLENCODED_RE,
+            CONFIGID_RE,
+            STORAGE_ID_RE,
+            POOL_RE,
+            MAC_RE,
+        ];
+        for pattern in patterns.chain(own) {
+            assert!(Regex::new(pattern).is_ok(), "{pattern}");
+        }
+    }
+
+    #[test]
+    fn mixed_case_tags_are_valid() {
+        assert!(check_named("pve-tag-list", "Fediversity;owner-A").is_ok());
+        assert!(check_named("pve-tag-list", "bad/tag").is_err());
+    }
+
+    #[test]
     fn tags_are_lowercased_deduplicated_and_sorted() {
         assert_eq!(
             normalise_tags("Web,fediversity;web owner-a"),
