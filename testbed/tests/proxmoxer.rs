@@ -39,6 +39,7 @@ async fn proxmoxer_runs_a_whole_vm_lifecycle_against_the_simulator() {
         .arg(script)
         .env("PVE_SIM_HOST", sim.addr().to_string())
         .env("PVE_SIM_CA", &ca)
+        .env("PVE_SIM_FINGERPRINT", sim.fingerprint().unwrap())
         .env("PVE_SIM_TEMPLATE", TEMPLATE.to_string())
         .env("PVE_SIM_TOKEN_USER", "ci@pve")
         .env("PVE_SIM_TOKEN_NAME", "tests")

@@ -62,7 +62,9 @@ ticket = ProxmoxAPI(HOST, user=ENV["PVE_SIM_USER"], password=ENV["PVE_SIM_PASSWO
 # Login with a token and with a ticket; both see the same cluster.
 check(token.version.get()["version"] == "9.1.3", "version over a token")
 check(ticket.version.get()["release"] == "9.1", "version over a ticket")
-check([n["node"] for n in ticket.nodes.get()] == [NODE], "node list")
+nodes = ticket.nodes.get()
+check([n["node"] for n in nodes] == [NODE], "node list")
+check(nodes[0]["ssl_fingerprint"] == ENV["PVE_SIM_FINGERPRINT"], "the node shows the served certificate's fingerprint")
 
 # nextid is a JSON string.
 nextid = token.cluster.nextid.get()
