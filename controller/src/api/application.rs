@@ -110,6 +110,9 @@ pub struct ApplicationStatus {
     /// Current conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The token of the last on-demand reconcile request handled (`fediversity reconcile --wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
 }
 
 impl ApplicationSpec {

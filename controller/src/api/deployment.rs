@@ -80,6 +80,9 @@ pub struct DeploymentStatus {
     /// Current conditions.
     #[serde(default)]
     pub conditions: Vec<Condition>,
+    /// The token of the last on-demand reconcile request handled (`fediversity reconcile --wait`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_reconcile_at: Option<String>,
     /// The hosts planned for this Deployment and what is known of each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<HostStatus>,

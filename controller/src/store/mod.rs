@@ -69,6 +69,17 @@ fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
     StoreError::Database(Box::new(e.into()))
 }
 
+/// One write of a batch given to [`Store::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    /// Replace an object's status.
+    Status(ObjectKey, serde_json::Value),
+    /// Append an event to an object's log (ignored for objects the store does not track).
+    Event(ObjectKey, Event),
+    /// Remove an object's record, status and events.
+    Forget(ObjectKey),
+}
+
 /// What the store keeps of each desired object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -368,6 +379,77 @@ impl Store {
                 .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)
+    }
+
+    /// Applies many status, event and removal writes in one transaction (one fsync): the status
+    /// writer's batches. Statuses are written as given (the caller has already compared them).
+    pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut objects = txn.open_table(OBJECTS).map_err(dberr)?;
+            let mut status = txn.open_table(STATUS).map_err(dberr)?;
+            let mut events = txn.open_table(EVENTS).map_err(dberr)?;
+            for write in writes {
+                match write {
+                    Write::Status(key, value) => {
+                        let id = key.to_string();
+                        status.insert(id.as_str(), encode(value).as_slice()).map_err(dberr)?;
+                    }
+                    Write::Event(key, event) => {
+                        let id = key.to_string();
+                        let record: Option<ObjectRecord> = match objects.get(id.as_str()).map_err(dberr)? {
+                            Some(bytes) => Some(decode(&id, bytes.value())?),
+                            None => None,
+                        };
+                        let Some(mut record) = record else { continue };
+                        let seq = record.next_event;
+                        record.next_event += 1;
+                        objects.insert(id.as_str(), encode(&record).as_slice()).map_err(dberr)?;
+                        events.insert((id.as_str(), seq), encode(event).as_slice()).map_err(dberr)?;
+                        let keep_from = (seq + 1).saturating_sub(MAX_EVENTS_PER_OBJECT as u64);
+                        if keep_from > 0 {
+                            events.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false).map_err(dberr)?;
+                        }
+                    }
+                    Write::Forget(key) => {
+                        let id = key.to_string();
+                        objects.remove(id.as_str()).map_err(dberr)?;
+                        status.remove(id.as_str()).map_err(dberr)?;
+                        events.retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false).map_err(dberr)?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(dberr)
+    }
+
+    /// Every stored status, by object.
+    pub fn statuses(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(STATUS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(dberr)? {
+            let (k, v) = entry.map_err(dberr)?;
+            out.push((k.value().to_owned(), decode(k.value(), v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// The newest events of every object, oldest first per object.
+    pub fn all_events(&self) -> Result<Vec<(String, Event)>, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let table = txn.open_table(EVENTS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(dberr)? {
+            let (k, v) = entry.map_err(dberr)?;
+            let id = k.value().0.to_owned();
+            let event = decode(&id, v.value())?;
+            out.push((id, event));
+        }
+        Ok(out)
     }
 
     /// Records (or replaces) an inventory entry: an external thing the controller created or is creating.

@@ -1,0 +1,242 @@
+//! Reconcilers, one per kind, behind the dispatcher the runtime calls; status, events and metrics.
+
+pub mod deployment;
+pub mod metrics;
+pub mod provider;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::api::{
+    Condition, ConditionStatus, EventType, Kind, Object, ObjectKey, Timestamp, condition_types, reasons, set_condition,
+};
+use crate::runtime::{Action, BoxFuture, ReconcileError, Reconciler};
+use crate::state::{Desired, DesiredState, StatusBook};
+
+pub use metrics::{ObjectFacts, ObjectMetrics};
+pub use provider::{PlanOnly, Provider, ProviderReport};
+
+/// How often a converged object is looked at again without any trigger: the periodic guard against
+/// missed changes that kube-runtime's docs recommend.
+pub const RESYNC: Duration = Duration::from_secs(600);
+
+/// Wakes other objects (used to wake Deployments when something they depend on changes).
+pub type Trigger = Arc<dyn Fn(&ObjectKey) + Send + Sync>;
+
+/// What every reconciler shares.
+pub struct Context {
+    /// The desired objects.
+    pub desired: Arc<DesiredState>,
+    /// Status and events.
+    pub book: Arc<StatusBook>,
+    /// Per-object metrics.
+    pub metrics: Arc<ObjectMetrics>,
+    /// The infrastructure backend.
+    pub provider: Arc<dyn Provider>,
+    /// Wakes an object now.
+    pub trigger: Trigger,
+}
+
+/// The successful outcome of one kind's reconcile.
+struct Converged {
+    action: Action,
+    reason: &'static str,
+    message: String,
+    /// Kind-specific status fields to set.
+    fields: Map<String, Value>,
+}
+
+/// Dispatches each key to its kind's reconciler, or to cleanup when the object was removed.
+pub struct Dispatcher {
+    ctx: Arc<Context>,
+}
+
+impl Dispatcher {
+    /// A dispatcher over `ctx`.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        Self { ctx }
+    }
+}
+
+impl Reconciler for Dispatcher {
+    fn reconcile(&self, key: ObjectKey) -> BoxFuture<Result<Action, ReconcileError>> {
+        let ctx = self.ctx.clone();
+        Box::pin(async move {
+            if let Some(desired) = ctx.desired.get(&key) {
+                reconcile_present(&ctx, &key, &desired).await
+            } else if ctx.desired.removing(&key).is_some() {
+                cleanup(&ctx, &key).await
+            } else {
+                Ok(Action::AwaitChange)
+            }
+        })
+    }
+}
+
+/// Whether an object's stored status says Ready=True.
+pub fn is_ready(book: &StatusBook, key: &ObjectKey) -> bool {
+    ready_status(book.status(key).as_ref()) == ConditionStatus::True
+}
+
+fn conditions_of(status: Option<&Value>) -> Vec<Condition> {
+    status
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default()
+}
+
+fn ready_status(status: Option<&Value>) -> ConditionStatus {
+    conditions_of(status).iter().find(|c| c.type_ == condition_types::READY).map_or(ConditionStatus::Unknown, |c| c.status)
+}
+
+fn condition(type_: &str, status: ConditionStatus, reason: &str, message: &str, generation: u64) -> Condition {
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Timestamp::now(),
+        observed_generation: generation,
+    }
+}
+
+async fn reconcile_present(ctx: &Context, key: &ObjectKey, desired: &Desired) -> Result<Action, ReconcileError> {
+    let request = ctx.book.pending_request(key);
+    let old = ctx.book.status(key);
+    if let Object::Deployment(dep) = desired.object() {
+        if dep.spec.suspend {
+            // Suspended: nothing changes, status included, until spec.suspend is false again.
+            let conditions = conditions_of(old.as_ref());
+            let facts = ObjectFacts { ready: ready_status(old.as_ref()), suspended: true, revision: &desired.revision, conditions: &conditions };
+            ctx.metrics.observe(key, &facts);
+            return Ok(Action::AwaitChange);
+        }
+    }
+    let result = match desired.object() {
+        Object::RuntimeEnvironment(env) => Ok(Converged {
+            action: Action::Requeue(RESYNC),
+            reason: reasons::SUCCEEDED,
+            message: match &env.spec.proxmox {
+                Some(p) => format!(
+                    "valid: {} node(s), VMIDs {}-{}, template {}",
+                    p.nodes.len(),
+                    p.vmid_range.start,
+                    p.vmid_range.end,
+                    p.template.vmid
+                ),
+                None => format!("valid: {} static host(s)", env.spec.static_hosts.len()),
+            },
+            fields: Map::new(),
+        }),
+        Object::Application(app) => Ok(Converged {
+            action: Action::Requeue(RESYNC),
+            reason: reasons::SUCCEEDED,
+            message: format!("valid: {} size(s) offered", app.spec.sizes.len()),
+            fields: Map::new(),
+        }),
+        Object::Deployment(dep) => reconcile_deployment(ctx, key, desired, dep, old.as_ref()).await,
+    };
+    let suspended = matches!(desired.object(), Object::Deployment(d) if d.spec.suspend);
+    let mut status = match old.clone() {
+        Some(Value::Object(map)) => map,
+        _ => Map::new(),
+    };
+    let mut conditions = conditions_of(old.as_ref());
+    let generation = desired.generation;
+    let ready = match &result {
+        Ok(done) => {
+            for (k, v) in &done.fields {
+                status.insert(k.clone(), v.clone());
+            }
+            set_condition(&mut conditions, condition(condition_types::READY, ConditionStatus::True, done.reason, &done.message, generation));
+            conditions.retain(|c| c.type_ != condition_types::STALLED);
+            set_condition(&mut conditions, condition(condition_types::RECONCILING, ConditionStatus::False, done.reason, "", generation));
+            ConditionStatus::True
+        }
+        Err(e) => {
+            let message = e.to_string();
+            set_condition(&mut conditions, condition(condition_types::READY, ConditionStatus::False, e.reason(), &message, generation));
+            match e {
+                ReconcileError::Terminal { .. } => {
+                    set_condition(&mut conditions, condition(condition_types::STALLED, ConditionStatus::True, e.reason(), &message, generation));
+                    set_condition(&mut conditions, condition(condition_types::RECONCILING, ConditionStatus::False, e.reason(), "", generation));
+                }
+                _ => {
+                    conditions.retain(|c| c.type_ != condition_types::STALLED);
+                    set_condition(&mut conditions, condition(condition_types::RECONCILING, ConditionStatus::True, e.reason(), &message, generation));
+                }
+            }
+            ConditionStatus::False
+        }
+    };
+    status.insert("observedGeneration".into(), generation.into());
+    status.insert("conditions".into(), serde_json::to_value(&conditions).unwrap_or(Value::Null));
+    if let Some(token) = request {
+        status.insert("lastHandledReconcileAt".into(), token.into());
+    }
+    if key.kind == Kind::Deployment {
+        status.insert("lastAttemptedRevision".into(), desired.revision.clone().into());
+        if ready == ConditionStatus::True {
+            status.insert("lastAppliedRevision".into(), desired.revision.clone().into());
+        }
+    }
+    let before = ready_status(old.as_ref());
+    ctx.book.put_status(key, Value::Object(status));
+    if before != ready {
+        let ready_condition = conditions.iter().find(|c| c.type_ == condition_types::READY);
+        let (reason, message) = ready_condition.map_or(("", ""), |c| (c.reason.as_str(), c.message.as_str()));
+        let type_ = if ready == ConditionStatus::True { EventType::Normal } else { EventType::Warning };
+        ctx.book.record(key, type_, reason, message);
+        if ready == ConditionStatus::True && key.kind != Kind::Deployment {
+            for dependent in ctx.desired.dependents(key) {
+                (ctx.trigger)(&dependent);
+            }
+        }
+    }
+    ctx.metrics.observe(key, &ObjectFacts { ready, suspended, revision: &desired.revision, conditions: &conditions });
+    result.map(|done| done.action)
+}
+
+async fn reconcile_deployment(
+    ctx: &Context,
+    key: &ObjectKey,
+    _desired: &Desired,
+    dep: &crate::api::Deployment,
+    old: Option<&Value>,
+) -> Result<Converged, ReconcileError> {
+    let applications = deployment::resolve(dep, &ctx.desired, |k| is_ready(&ctx.book, k))?;
+    let hosts = deployment::plan(dep, &applications)?;
+    let previous: Vec<crate::api::HostStatus> = old
+        .and_then(|s| s.get("hosts"))
+        .and_then(|h| serde_json::from_value(h.clone()).ok())
+        .unwrap_or_default();
+    let report = ctx.provider.converge(key, &hosts).await?;
+    let mut fields = Map::new();
+    fields.insert("hosts".into(), serde_json::to_value(deployment::host_statuses(&hosts, &previous)).unwrap_or(Value::Null));
+    let endpoints: Map<String, Value> =
+        hosts.iter().map(|h| (h.application.to_string(), Value::String(format!("https://{}", h.fqdn)))).collect();
+    fields.insert("endpoints".into(), Value::Object(endpoints));
+    if !report.converged {
+        return Ok(Converged { action: Action::Requeue(Duration::from_secs(10)), reason: reasons::PROGRESSING, message: report.message, fields });
+    }
+    Ok(Converged { action: Action::Requeue(RESYNC), reason: reasons::SUCCEEDED, message: report.message, fields })
+}
+
+async fn cleanup(ctx: &Context, key: &ObjectKey) -> Result<Action, ReconcileError> {
+    if key.kind == Kind::Deployment {
+        ctx.provider.cleanup(key).await?;
+    }
+    ctx.desired.finish_removal(key);
+    ctx.book.forget(key);
+    ctx.metrics.forget(key);
+    tracing::info!(object = %key, "removed: cleanup finished, status and metrics dropped");
+    if key.kind != Kind::Deployment {
+        for dependent in ctx.desired.dependents(key) {
+            (ctx.trigger)(&dependent);
+        }
+    }
+    Ok(Action::AwaitChange)
+}

@@ -1,0 +1,336 @@
+//! The controller's in-memory view: desired objects with their generations, and the status book that
+//! keeps status and events in memory and persists them to the store in batches.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{Event, EventType, Kind, Object, ObjectKey, Timestamp};
+use crate::load::Diagnostic;
+use crate::source::{Snapshot, SourcedObject};
+use crate::store::{MAX_EVENTS_PER_OBJECT, Store, StoreError, Write, canonical_hash};
+
+/// One desired object as the runtime sees it.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// The object and where it came from.
+    pub sourced: Arc<SourcedObject>,
+    /// Its `metadata.generation`.
+    pub generation: u64,
+    /// The revision of the snapshot it was last seen in.
+    pub revision: String,
+    /// When the controller first saw it.
+    pub created: Timestamp,
+}
+
+impl Desired {
+    /// The object.
+    pub fn object(&self) -> &Object {
+        &self.sourced.loaded.object
+    }
+}
+
+/// What applying a snapshot changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// Objects that are new or whose spec changed.
+    pub changed: Vec<ObjectKey>,
+    /// Objects that left the snapshot and now need their cleanup.
+    pub removed: Vec<ObjectKey>,
+}
+
+/// What is known of the last snapshot, for the API and metrics.
+#[derive(Debug, Default, Clone)]
+pub struct SourceState {
+    /// Its revision.
+    pub revision: String,
+    /// Its problems.
+    pub errors: Vec<Diagnostic>,
+    /// Why the last load failed as a whole, if it did (the previous objects stay in force).
+    pub failure: Option<String>,
+    /// When it was applied.
+    pub applied_at: Option<Timestamp>,
+}
+
+#[derive(Default)]
+struct Inner {
+    objects: BTreeMap<ObjectKey, Desired>,
+    removing: BTreeMap<ObjectKey, Desired>,
+    source: SourceState,
+    ready: bool,
+}
+
+/// The desired objects, updated from snapshots. Cheap to read from any task.
+#[derive(Default)]
+pub struct DesiredState {
+    inner: RwLock<Inner>,
+}
+
+impl DesiredState {
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applies a snapshot: records generations in the store and returns what changed. A failed snapshot
+    /// changes nothing but the reported source state: it is never read as "everything was deleted".
+    pub fn apply(&self, snapshot: &Snapshot, store: &Store) -> Result<Changes, StoreError> {
+        if let Some(failure) = &snapshot.failure {
+            let mut inner = self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            inner.source.failure = Some(failure.clone());
+            return Ok(Changes::default());
+        }
+        let hashes: Vec<(ObjectKey, String)> = snapshot
+            .objects
+            .iter()
+            .map(|(key, o)| (key.clone(), canonical_hash(&o.loaded.object.spec_json())))
+            .collect();
+        let generations = store.observe_specs(hashes.iter().map(|(k, h)| (k, h.clone())))?;
+        let mut inner = self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut changes = Changes::default();
+        let mut next = BTreeMap::new();
+        for (key, sourced) in &snapshot.objects {
+            let generation = generations.get(key).copied().unwrap_or(1);
+            let previous = inner.objects.get(key).or_else(|| inner.removing.get(key));
+            let created = previous.map_or_else(Timestamp::now, |p| p.created);
+            if previous.is_none_or(|p| p.generation != generation) {
+                changes.changed.push(key.clone());
+            }
+            next.insert(
+                key.clone(),
+                Desired { sourced: sourced.clone(), generation, revision: snapshot.revision.clone(), created },
+            );
+        }
+        for (key, old) in std::mem::take(&mut inner.objects) {
+            if !next.contains_key(&key) {
+                changes.removed.push(key.clone());
+                inner.removing.insert(key, old);
+            }
+        }
+        inner.removing.retain(|key, _| !next.contains_key(key));
+        inner.objects = next;
+        inner.source = SourceState {
+            revision: snapshot.revision.clone(),
+            errors: snapshot.errors.clone(),
+            failure: None,
+            applied_at: Some(Timestamp::now()),
+        };
+        inner.ready = true;
+        Ok(changes)
+    }
+
+    /// Whether a complete snapshot has been applied.
+    pub fn is_ready(&self) -> bool {
+        self.read().ready
+    }
+
+    /// A desired object.
+    pub fn get(&self, key: &ObjectKey) -> Option<Desired> {
+        self.read().objects.get(key).cloned()
+    }
+
+    /// An object that left the snapshot and whose cleanup has not finished.
+    pub fn removing(&self, key: &ObjectKey) -> Option<Desired> {
+        self.read().removing.get(key).cloned()
+    }
+
+    /// Marks an object's cleanup as done.
+    pub fn finish_removal(&self, key: &ObjectKey) {
+        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner).removing.remove(key);
+    }
+
+    /// The desired objects of one kind (or all), in key order.
+    pub fn list(&self, kind: Option<Kind>) -> Vec<Desired> {
+        self.read().objects.iter().filter(|(k, _)| kind.is_none_or(|kind| k.kind == kind)).map(|(_, d)| d.clone()).collect()
+    }
+
+    /// Every key, desired or being removed.
+    pub fn keys(&self) -> Vec<ObjectKey> {
+        let inner = self.read();
+        inner.objects.keys().chain(inner.removing.keys()).cloned().collect()
+    }
+
+    /// The Deployments that refer to `key` (a RuntimeEnvironment or an Application): they are woken
+    /// when it appears or changes.
+    pub fn dependents(&self, key: &ObjectKey) -> Vec<ObjectKey> {
+        let inner = self.read();
+        inner
+            .objects
+            .iter()
+            .filter_map(|(k, d)| match (d.object(), key.kind) {
+                (Object::Deployment(dep), Kind::RuntimeEnvironment)
+                    if dep.spec.runtime_environment == key.name => Some(k.clone()),
+                (Object::Deployment(dep), Kind::Application) if dep.spec.applications.contains_key(&key.name) => {
+                    Some(k.clone())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// What is known of the last snapshot.
+    pub fn source(&self) -> SourceState {
+        self.read().source.clone()
+    }
+}
+
+enum Message {
+    Write(Write),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Status and events of every object, served from memory and persisted by a background writer that
+/// commits everything pending in one transaction (one fsync per batch rather than per write).
+pub struct StatusBook {
+    statuses: RwLock<HashMap<ObjectKey, serde_json::Value>>,
+    events: RwLock<HashMap<ObjectKey, VecDeque<Event>>>,
+    requests: Mutex<HashMap<ObjectKey, String>>,
+    next_request: AtomicU64,
+    writes: mpsc::UnboundedSender<Message>,
+}
+
+impl StatusBook {
+    /// Loads what the store holds and returns the book and its writer, which must be spawned.
+    pub fn load(store: Arc<Store>) -> Result<(Arc<Self>, impl Future<Output = ()>), StoreError> {
+        let parse = |id: &str| id.parse::<ObjectKey>().ok();
+        let statuses = store.statuses()?.into_iter().filter_map(|(id, v)| Some((parse(&id)?, v))).collect();
+        let mut events: HashMap<ObjectKey, VecDeque<Event>> = HashMap::new();
+        for (id, event) in store.all_events()? {
+            if let Some(key) = parse(&id) {
+                events.entry(key).or_default().push_back(event);
+            }
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let book = Arc::new(Self {
+            statuses: RwLock::new(statuses),
+            events: RwLock::new(events),
+            requests: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            writes: tx,
+        });
+        Ok((book, write_batches(store, rx)))
+    }
+
+    /// An object's status.
+    pub fn status(&self, key: &ObjectKey) -> Option<serde_json::Value> {
+        self.statuses.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+    }
+
+    /// Sets an object's status; writes it only when it changed. Returns whether it changed.
+    pub fn put_status(&self, key: &ObjectKey, status: serde_json::Value) -> bool {
+        let mut statuses = self.statuses.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if statuses.get(key) == Some(&status) {
+            return false;
+        }
+        statuses.insert(key.clone(), status.clone());
+        let _ = self.writes.send(Message::Write(Write::Status(key.clone(), status)));
+        true
+    }
+
+    /// Records an event about an object.
+    pub fn record(&self, key: &ObjectKey, type_: EventType, reason: &str, message: impl Into<String>) {
+        let event = Event { type_, reason: reason.into(), message: message.into(), time: Timestamp::now() };
+        match type_ {
+            EventType::Normal => tracing::info!(object = %key, reason, message = %event.message, "event"),
+            EventType::Warning => tracing::warn!(object = %key, reason, message = %event.message, "event"),
+        }
+        {
+            let mut events = self.events.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let log = events.entry(key.clone()).or_default();
+            log.push_back(event.clone());
+            while log.len() > MAX_EVENTS_PER_OBJECT {
+                log.pop_front();
+            }
+        }
+        let _ = self.writes.send(Message::Write(Write::Event(key.clone(), event)));
+    }
+
+    /// An object's events, oldest first.
+    pub fn events(&self, key: &ObjectKey) -> Vec<Event> {
+        let events = self.events.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        events.get(key).map(|log| log.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Every object's events, oldest first overall.
+    pub fn all_events(&self) -> Vec<(ObjectKey, Event)> {
+        let events = self.events.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all: Vec<(ObjectKey, Event)> =
+            events.iter().flat_map(|(k, log)| log.iter().map(|e| (k.clone(), e.clone()))).collect();
+        all.sort_by(|a, b| a.1.time.cmp(&b.1.time).then_with(|| a.0.cmp(&b.0)));
+        all
+    }
+
+    /// Drops an object's status and events, in memory and in the store (after its cleanup succeeded).
+    pub fn forget(&self, key: &ObjectKey) {
+        self.statuses.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        self.events.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        let _ = self.writes.send(Message::Write(Write::Forget(key.clone())));
+    }
+
+    /// Records a request for an immediate reconcile and returns its token, which the reconcile echoes
+    /// into `status.lastHandledReconcileAt` once it has run.
+    pub fn request_reconcile(&self, key: &ObjectKey) -> String {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let token = format!("{}-{n}", Timestamp::now().unix());
+        self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.clone(), token.clone());
+        token
+    }
+
+    /// The newest reconcile request for `key`, if any.
+    pub fn pending_request(&self, key: &ObjectKey) -> Option<String> {
+        self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+    }
+
+    /// Waits until everything written so far is committed to the store.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.writes.send(Message::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// Most writes committed in one transaction.
+const MAX_BATCH: usize = 4096;
+
+async fn write_batches(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Message>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = Vec::new();
+        let mut flushes = Vec::new();
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Write(write) => batch.push(write),
+                Message::Flush(done) => flushes.push(done),
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        // Of several statuses for one object, only the last needs writing.
+        let mut last_status: HashMap<ObjectKey, usize> = HashMap::new();
+        for (i, write) in batch.iter().enumerate() {
+            if let Write::Status(key, _) = write {
+                last_status.insert(key.clone(), i);
+            }
+        }
+        let batch: Vec<Write> = batch
+            .into_iter()
+            .enumerate()
+            .filter(|(i, w)| !matches!(w, Write::Status(key, _) if last_status.get(key) != Some(i)))
+            .map(|(_, w)| w)
+            .collect();
+        let store = store.clone();
+        let count = batch.len();
+        match tokio::task::spawn_blocking(move || store.apply(&batch)).await {
+            Ok(Ok(())) => tracing::trace!(count, "status batch committed"),
+            Ok(Err(e)) => tracing::error!(error = %e, count, "failed to persist status; it stays in memory and is rewritten on the next change"),
+            Err(e) => tracing::error!(error = %e, "status writer task failed"),
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+    }
+}
