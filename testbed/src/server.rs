@@ -132,6 +132,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
             error_response(&err)
         }
     };
+    tracing::debug!(method, path, status = record.status, principal = ?record.principal, "request");
     shared.recorder().record(record);
     Ok(response)
 }

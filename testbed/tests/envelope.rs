@@ -280,3 +280,79 @@ async fn failed_auth_is_delayed_by_the_scaled_three_seconds() {
         "authenticated calls are not delayed"
     );
 }
+
+/// Method, path and optional `(content type, body)` of a hostile request.
+type Case = (&'static str, String, Option<(&'static str, String)>);
+
+#[tokio::test]
+async fn malformed_requests_get_proxmox_style_errors_and_never_break_the_server() {
+    let sim = Simulator::start(config()).await.unwrap();
+    let auth = [("authorization", TOKEN_HEADER)];
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/api2/json/nodes/pve/qemu/9000/clone".into(),
+            Some(("application/json", "{not json".into())),
+        ),
+        (
+            "POST",
+            "/api2/json/nodes/pve/qemu/9000/clone".into(),
+            Some(("application/json", "[1,2]".into())),
+        ),
+        (
+            "POST",
+            "/api2/json/nodes/pve/qemu/9000/clone".into(),
+            Some(("application/json", r#"{"newid":{"a":1}}"#.into())),
+        ),
+        (
+            "POST",
+            "/api2/json/nodes/pve/qemu/9000/clone".into(),
+            Some((FORM, "newid=%FF%FE&name=%".into())),
+        ),
+        (
+            "POST",
+            "/api2/json/nodes/pve/qemu/9000/clone".into(),
+            Some((FORM, "x".repeat(100_000))),
+        ),
+        ("GET", "/api2/json/nodes/p%C3%BCve/qemu".into(), None),
+        (
+            "GET",
+            "/api2/json/nodes/pve/qemu/99999999999999999999/config".into(),
+            None,
+        ),
+        (
+            "GET",
+            "/api2/json/nodes/pve/tasks/UPID%3Apve%3A/status".into(),
+            None,
+        ),
+        (
+            "PUT",
+            "/api2/json/nodes/pve/qemu/9000/config".into(),
+            Some((FORM, "net0=virtio%3DZZ,bridge=vmbr0".into())),
+        ),
+        (
+            "PUT",
+            "/api2/json/nodes/pve/qemu/9000/config".into(),
+            Some((FORM, "scsi99=local-lvm:1".into())),
+        ),
+        (
+            "PUT",
+            "/api2/json/nodes/pve/qemu/9000/resize".into(),
+            Some((FORM, "disk=scsi0&size=-1G".into())),
+        ),
+        ("GET", "/api2/json/../../etc/passwd".into(), None),
+    ];
+    for (method, path, body) in cases {
+        let a = send(sim.addr(), method, &path, &auth, body).await;
+        assert!((400..=599).contains(&a.status), "{method} {path}: {}", a.status);
+        assert!(!a.reason.is_empty(), "{method} {path} has a reason phrase");
+        if a.status != 413 {
+            assert!(a.body.get("message").is_some(), "{method} {path}: {}", a.body);
+        }
+    }
+    assert_eq!(
+        api(sim.addr(), "GET", "/version", &[]).await.status,
+        200,
+        "still serving"
+    );
+}

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use super::task::{Task, Work, format_upid};
-use super::vm::{Vm, is_disk_key, typed_value};
+use super::vm::{Vm, typed_value};
 use crate::auth::Principal;
 use crate::config::Ipv4Net;
 use crate::error::ApiError;
@@ -533,11 +533,7 @@ impl Cluster {
             ],
             "statistics": stats,
         })];
-        for (key, value) in vm
-            .config
-            .iter()
-            .filter(|(k, _)| k.starts_with("net") && is_disk_key_like_net(k))
-        {
+        for (key, value) in vm.config.iter().filter(|(k, _)| is_net_key(k)) {
             let index: u32 = key[3..].parse().unwrap_or(0);
             let mac = value
                 .split(',')
@@ -574,8 +570,10 @@ impl Cluster {
     }
 }
 
-fn is_disk_key_like_net(key: &str) -> bool {
-    key.len() > 3 && key[3..].bytes().all(|b| b.is_ascii_digit()) && !is_disk_key(key)
+/// Whether a config key is a network device (`net0` … `net31`).
+fn is_net_key(key: &str) -> bool {
+    key.strip_prefix("net")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 fn ipconfig_prefix(ipconfig: Option<&String>) -> Option<u8> {
@@ -588,20 +586,21 @@ fn ipconfig_prefix(ipconfig: Option<&String>) -> Option<u8> {
         .ok()
 }
 
+/// The EUI-64 link-local IPv6 address of a MAC (`fe80::…`), as a guest configures it.
 fn link_local(mac: &str) -> String {
-    let b: Vec<u8> = mac
+    let b: Vec<u16> = mac
         .split(':')
-        .filter_map(|x| u8::from_str_radix(x, 16).ok())
+        .filter_map(|x| u16::from_str_radix(x, 16).ok())
         .collect();
-    if b.len() != 6 {
+    let [b0, b1, b2, b3, b4, b5] = b[..] else {
         return "fe80::1".into();
-    }
+    };
     format!(
         "fe80::{:x}:{:x}:{:x}:{:x}",
-        u16::from(b[0] ^ 2) << 8 | u16::from(b[1]),
-        u16::from(b[2]) << 8 | 0xff,
-        0xfe00 | u16::from(b[3]),
-        u16::from(b[4]) << 8 | u16::from(b[5])
+        ((b0 ^ 2) << 8) | b1,
+        (b2 << 8) | 0xff,
+        0xfe00 | b3,
+        (b4 << 8) | b5
     )
 }
 
