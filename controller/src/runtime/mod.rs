@@ -1,10 +1,20 @@
 //! The reconcile runtime: work queue, backoff, runner, shutdown — the machinery between snapshots and reconcilers.
 
+pub mod metrics;
+pub mod queue;
+pub mod runner;
+pub mod shutdown;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use crate::api::ObjectKey;
+
+pub use metrics::RuntimeMetrics;
+pub use queue::{Backoff, ExponentialBackoff, KeyStatus, QueueConfig, RateLimit};
+pub use runner::{ControllerHandle, RunOutcome, Runner, RunnerConfig};
+pub use shutdown::ShutdownState;
 
 /// A boxed, sendable future, as reconcilers return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -64,7 +74,9 @@ impl ReconcileError {
     /// The CamelCase reason.
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::Transient { reason, .. } | Self::Waiting { reason, .. } | Self::Terminal { reason, .. } => reason,
+            Self::Transient { reason, .. } | Self::Waiting { reason, .. } | Self::Terminal { reason, .. } => {
+                reason
+            }
         }
     }
 }

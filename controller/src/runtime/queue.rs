@@ -1,0 +1,466 @@
+//! The work queue: deduplicated keys with due times, per-key backoff, a global token bucket and resync.
+//!
+//! [`Scheduler`] is the pure core: it never reads the clock or sleeps, every method takes `now`, so it is
+//! unit-tested without async. The [runner](super::runner) wraps it in a mutex and drives it.
+//!
+//! Semantics, after kube-runtime's scheduler and client-go's workqueue:
+//! - a key is queued at most once; when it is asked for twice, the earliest due time wins;
+//! - a key is never handed out while it is running; a request that arrives meanwhile makes it run once
+//!   more afterwards;
+//! - a transient failure schedules a retry with exponential backoff; the exponent grows only when the
+//!   retry ran after its backoff had elapsed (a trigger that pre-empts the backoff does not count), and
+//!   resets on success or on a spec change;
+//! - every known key that is not stalled runs at least once per resync period;
+//! - a terminal error stalls the key until [`Scheduler::spec_changed`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Action, ReconcileError};
+use crate::api::{Kind, ObjectKey};
+
+/// First retry delay after a transient failure (the brief's 1 s; Crossplane also starts at 1 s).
+pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest retry delay (5 min: between Crossplane's 60 s and Flux's 15 min caps).
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(5 * 60);
+/// Relative jitter of backoff and resync delays (±10%, enough to spread a burst of failures).
+pub const DEFAULT_JITTER: f64 = 0.1;
+/// How often every known key is reconciled even without a change (10 min, a fallback for missed triggers).
+pub const DEFAULT_RESYNC_PERIOD: Duration = Duration::from_secs(10 * 60);
+/// Reconcile starts allowed per second overall (5× client-go's 10 qps: our keys are few and coarse).
+pub const DEFAULT_RATE_PER_SECOND: u32 = 50;
+/// Token bucket size (client-go's default bucket of 100).
+pub const DEFAULT_RATE_BURST: u32 = 100;
+/// Longest delay the queue accepts (6 months, as kube-runtime caps its scheduler); keeps `Instant` math safe.
+pub const MAX_SCHEDULE_DELAY: Duration = Duration::from_secs(183 * 24 * 60 * 60);
+
+/// Chooses the delay before a retry after consecutive transient failures.
+pub trait Backoff: Send + Sync + fmt::Debug {
+    /// The delay after `failures` counted failures (1 for the first).
+    fn delay(&self, failures: u32) -> Duration;
+}
+
+/// `base · 2^(failures−1)`, capped at `max`, then scaled by a random factor in `1 ± jitter`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExponentialBackoff {
+    /// The first delay.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// Relative jitter in `[0, 1)`; 0 makes the policy deterministic.
+    pub jitter: f64,
+}
+
+impl Default for ExponentialBackoff {
+    fn default() -> Self {
+        Self {
+            base: DEFAULT_BACKOFF_BASE,
+            max: DEFAULT_BACKOFF_MAX,
+            jitter: DEFAULT_JITTER,
+        }
+    }
+}
+
+impl Backoff for ExponentialBackoff {
+    fn delay(&self, failures: u32) -> Duration {
+        let exponent = failures.saturating_sub(1);
+        let raw = 2u32
+            .checked_pow(exponent)
+            .and_then(|factor| self.base.checked_mul(factor))
+            .unwrap_or(self.max)
+            .min(self.max);
+        jittered(raw, self.jitter).min(self.max)
+    }
+}
+
+/// Scales `d` by a random factor in `1 ± jitter` (no change when `jitter` is 0).
+fn jittered(d: Duration, jitter: f64) -> Duration {
+    let jitter = jitter.clamp(0.0, 0.99);
+    if jitter == 0.0 {
+        return d;
+    }
+    d.mul_f64(1.0 + jitter * (2.0 * fastrand::f64() - 1.0))
+}
+
+/// A global limit on how fast reconciles start: a token bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Tokens added per second (at least 1).
+    pub per_second: u32,
+    /// The bucket size: how many starts may happen at once after a quiet period (at least 1).
+    pub burst: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            per_second: DEFAULT_RATE_PER_SECOND,
+            burst: DEFAULT_RATE_BURST,
+        }
+    }
+}
+
+/// How the queue schedules retries, resyncs and starts.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    /// The retry policy for transient failures.
+    pub backoff: Arc<dyn Backoff>,
+    /// How often each known key is reconciled without a trigger.
+    pub resync_period: Duration,
+    /// Relative jitter of the resync period, in `[0, 1)`.
+    pub resync_jitter: f64,
+    /// The global start rate; `None` starts reconciles as fast as the runner allows.
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            backoff: Arc::new(ExponentialBackoff::default()),
+            resync_period: DEFAULT_RESYNC_PERIOD,
+            resync_jitter: DEFAULT_JITTER,
+            rate_limit: Some(RateLimit::default()),
+        }
+    }
+}
+
+/// What the queue knows about one key, for the status API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyStatus {
+    /// A reconcile of the key is running.
+    pub running: bool,
+    /// When the key runs next (it may be due already); `None` when it is not scheduled.
+    pub next_due: Option<Instant>,
+    /// Consecutive counted transient failures (the backoff exponent).
+    pub failures: u32,
+    /// A terminal error stopped retries until the spec changes.
+    pub stalled: bool,
+}
+
+/// The answer of [`Scheduler::pop_due`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pop {
+    /// Start this key now; it is marked running until [`Scheduler::finish`].
+    Ready {
+        /// The key to reconcile.
+        key: ObjectKey,
+        /// How long it waited since it became due.
+        waited: Duration,
+    },
+    /// Nothing may start now. Look again at `wake_at`, or when a reconcile finishes or a key is added.
+    Idle {
+        /// When something becomes due or a rate token becomes free, if anything is scheduled.
+        wake_at: Option<Instant>,
+    },
+}
+
+/// What [`Scheduler::finish`] scheduled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// The delay of the retry or requeue the result asked for (`None` after success or a terminal error).
+    pub retry_after: Option<Duration>,
+}
+
+/// The position of a queued key: due time, then insertion order.
+type Slot = (Instant, u64);
+
+/// A run in progress.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    started: Instant,
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Where the key sits in its kind's queue, if queued.
+    slot: Option<Slot>,
+    run: Option<Run>,
+    failures: u32,
+    /// When the pending backoff retry is due; a failure counts only if the run started at or after it.
+    retry_due: Option<Instant>,
+    stalled: bool,
+    /// `forget` was called while running: drop the state when the run ends.
+    forget_on_finish: bool,
+    /// Bumped by every spec change, to tell whether a terminal error is about the current spec.
+    generation: u64,
+}
+
+/// A token bucket refilled continuously.
+#[derive(Debug)]
+struct TokenBucket {
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(limit: RateLimit, now: Instant) -> Self {
+        let burst = f64::from(limit.burst.max(1));
+        Self {
+            per_second: f64::from(limit.per_second.max(1)),
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes a token, or tells when the next one is available.
+    fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.last = now;
+        // Tolerate float rounding so a wake-up at the computed instant finds a whole token.
+        if self.tokens >= 1.0 - 1e-9 {
+            self.tokens = (self.tokens - 1.0).max(0.0);
+            Ok(())
+        } else {
+            Err(now + Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
+        }
+    }
+}
+
+/// The pure scheduling core of the work queue. See the module docs for the semantics.
+#[derive(Debug)]
+pub struct Scheduler {
+    config: QueueConfig,
+    keys: HashMap<ObjectKey, KeyState>,
+    /// Queued keys per kind, ordered by due time then insertion.
+    queues: BTreeMap<Kind, BTreeMap<Slot, ObjectKey>>,
+    bucket: Option<TokenBucket>,
+    next_seq: u64,
+}
+
+impl Scheduler {
+    /// An empty queue; `now` starts the token bucket full.
+    pub fn new(config: QueueConfig, now: Instant) -> Self {
+        let bucket = config.rate_limit.map(|limit| TokenBucket::new(limit, now));
+        Self {
+            config,
+            keys: HashMap::new(),
+            queues: BTreeMap::new(),
+            bucket,
+            next_seq: 0,
+        }
+    }
+
+    /// Asks for `key` to run at `at` (or earlier, if it is already due earlier). Returns `false` when the
+    /// key is stalled by a terminal error and the request was ignored.
+    pub fn enqueue(&mut self, key: ObjectKey, at: Instant) -> bool {
+        let state = self.keys.entry(key.clone()).or_default();
+        if state.stalled {
+            return false;
+        }
+        state.forget_on_finish = false;
+        self.schedule(&key, at);
+        true
+    }
+
+    /// The key's spec changed: resets its backoff, lifts a stall and schedules it at `now`.
+    pub fn spec_changed(&mut self, key: ObjectKey, now: Instant) {
+        let state = self.keys.entry(key.clone()).or_default();
+        state.generation += 1;
+        state.failures = 0;
+        state.retry_due = None;
+        state.stalled = false;
+        state.forget_on_finish = false;
+        self.schedule(&key, now);
+    }
+
+    /// Drops everything known about `key` (its object is gone and its cleanup succeeded). A running
+    /// reconcile finishes, and its result is ignored.
+    pub fn forget(&mut self, key: &ObjectKey) {
+        self.unqueue(key);
+        match self.keys.get_mut(key) {
+            Some(state) if state.run.is_some() => {
+                *state = KeyState {
+                    run: state.run,
+                    forget_on_finish: true,
+                    generation: state.generation,
+                    ..KeyState::default()
+                };
+            }
+            Some(_) => {
+                self.keys.remove(key);
+            }
+            None => {}
+        }
+    }
+
+    /// Takes the earliest due key that is not running and whose kind `may_start`, spending a rate token.
+    pub fn pop_due(&mut self, now: Instant, mut may_start: impl FnMut(Kind) -> bool) -> Pop {
+        let mut best: Option<(Slot, &ObjectKey)> = None;
+        for (kind, queue) in &self.queues {
+            if !may_start(*kind) {
+                continue;
+            }
+            let candidate = queue
+                .range(..=(now, u64::MAX))
+                .find(|(_, key)| self.keys.get(*key).is_none_or(|s| s.run.is_none()));
+            if let Some((slot, key)) = candidate
+                && best.is_none_or(|(best_slot, _)| *slot < best_slot)
+            {
+                best = Some((*slot, key));
+            }
+        }
+        let Some((slot, key)) = best else {
+            return Pop::Idle {
+                wake_at: self.next_due_after(now),
+            };
+        };
+        let key = key.clone();
+        if let Some(bucket) = &mut self.bucket
+            && let Err(at) = bucket.try_take(now)
+        {
+            return Pop::Idle { wake_at: Some(at) };
+        }
+        self.unqueue(&key);
+        let state = self.keys.entry(key.clone()).or_default();
+        state.run = Some(Run {
+            started: now,
+            generation: state.generation,
+        });
+        Pop::Ready {
+            key,
+            waited: now.saturating_duration_since(slot.0),
+        }
+    }
+
+    /// Records the result of the run of `key` that ended at `now` and schedules its next run.
+    pub fn finish(
+        &mut self,
+        key: &ObjectKey,
+        result: &Result<Action, ReconcileError>,
+        now: Instant,
+    ) -> Finished {
+        let none = Finished { retry_after: None };
+        let Some(state) = self.keys.get_mut(key) else {
+            return none;
+        };
+        let Some(run) = state.run.take() else {
+            return none;
+        };
+        if state.forget_on_finish {
+            self.keys.remove(key);
+            return none;
+        }
+        let retry_after = match result {
+            Ok(Action::Requeue(delay)) => {
+                state.failures = 0;
+                state.retry_due = None;
+                Some(*delay)
+            }
+            Ok(Action::AwaitChange) => {
+                state.failures = 0;
+                state.retry_due = None;
+                None
+            }
+            Err(ReconcileError::Transient { .. }) => {
+                // Count the failure only if this run was not a trigger that pre-empted the backoff.
+                if state.retry_due.is_none_or(|due| run.started >= due) {
+                    state.failures = state.failures.saturating_add(1);
+                }
+                let delay = self
+                    .config
+                    .backoff
+                    .delay(state.failures.max(1))
+                    .min(MAX_SCHEDULE_DELAY);
+                state.retry_due = Some(now + delay);
+                Some(delay)
+            }
+            Err(ReconcileError::Waiting { retry_after, .. }) => {
+                state.retry_due = None;
+                Some(*retry_after)
+            }
+            Err(ReconcileError::Terminal { .. }) => {
+                state.retry_due = None;
+                if run.generation == state.generation {
+                    state.stalled = true;
+                    self.unqueue(key);
+                }
+                // Otherwise the spec changed during the run: its pending request stands.
+                return none;
+            }
+        };
+        let resync = jittered(self.config.resync_period, self.config.resync_jitter);
+        let delay = retry_after
+            .map_or(resync, |d| d.min(resync))
+            .min(MAX_SCHEDULE_DELAY);
+        self.schedule(key, now + delay);
+        Finished { retry_after }
+    }
+
+    /// What the queue knows about `key`, if anything.
+    pub fn status(&self, key: &ObjectKey) -> Option<KeyStatus> {
+        self.keys.get(key).map(|state| KeyStatus {
+            running: state.run.is_some(),
+            next_due: state.slot.map(|(at, _)| at),
+            failures: state.failures,
+            stalled: state.stalled,
+        })
+    }
+
+    /// How many keys of `kind` are due at `now` (including ones held because they are running).
+    pub fn depth(&self, kind: Kind, now: Instant) -> usize {
+        self.queues
+            .get(&kind)
+            .map_or(0, |queue| queue.range(..=(now, u64::MAX)).count())
+    }
+
+    /// How many keys the queue knows (queued, running or stalled).
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the queue knows no key.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Queues `key` at `at` unless it is queued earlier already (earliest wins).
+    fn schedule(&mut self, key: &ObjectKey, at: Instant) {
+        let Some(state) = self.keys.get_mut(key) else {
+            return;
+        };
+        if let Some((current, _)) = state.slot
+            && current <= at
+        {
+            return;
+        }
+        let slot = (at, self.next_seq);
+        self.next_seq += 1;
+        let queue = self.queues.entry(key.kind).or_default();
+        if let Some(old) = state.slot.replace(slot) {
+            queue.remove(&old);
+        }
+        queue.insert(slot, key.clone());
+    }
+
+    /// Removes `key` from its queue, if queued.
+    fn unqueue(&mut self, key: &ObjectKey) {
+        if let Some(slot) = self.keys.get_mut(key).and_then(|state| state.slot.take())
+            && let Some(queue) = self.queues.get_mut(&key.kind)
+        {
+            queue.remove(&slot);
+        }
+    }
+
+    /// The earliest due time strictly after `now`.
+    fn next_due_after(&self, now: Instant) -> Option<Instant> {
+        self.queues
+            .values()
+            .filter_map(|queue| {
+                queue
+                    .range((Bound::Excluded((now, u64::MAX)), Bound::Unbounded))
+                    .next()
+                    .map(|((at, _), _)| *at)
+            })
+            .min()
+    }
+}
