@@ -464,3 +464,390 @@ impl Scheduler {
             .min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey::new(Kind::Deployment, name)
+    }
+
+    fn transient() -> Result<Action, ReconcileError> {
+        Err(ReconcileError::Transient {
+            reason: "Test",
+            message: "try again".to_owned(),
+        })
+    }
+
+    fn terminal() -> Result<Action, ReconcileError> {
+        Err(ReconcileError::Terminal {
+            reason: "Test",
+            message: "cannot work".to_owned(),
+        })
+    }
+
+    /// A queue without jitter or rate limit: 1 s doubling to 5 min, resync every 10 min.
+    fn scheduler(now: Instant) -> Scheduler {
+        Scheduler::new(
+            QueueConfig {
+                backoff: Arc::new(ExponentialBackoff {
+                    jitter: 0.0,
+                    ..ExponentialBackoff::default()
+                }),
+                resync_jitter: 0.0,
+                rate_limit: None,
+                ..QueueConfig::default()
+            },
+            now,
+        )
+    }
+
+    fn pop(s: &mut Scheduler, now: Instant) -> Option<ObjectKey> {
+        match s.pop_due(now, |_| true) {
+            Pop::Ready { key, .. } => Some(key),
+            Pop::Idle { .. } => None,
+        }
+    }
+
+    /// Pops `k` at `now` and finishes it with `result` at the same instant; returns its next due time.
+    fn run(
+        s: &mut Scheduler,
+        k: &ObjectKey,
+        now: Instant,
+        result: Result<Action, ReconcileError>,
+    ) -> Instant {
+        assert_eq!(pop(s, now).as_ref(), Some(k), "{k} is due at {now:?}");
+        let _ = s.finish(k, &result, now);
+        s.status(k)
+            .and_then(|st| st.next_due)
+            .unwrap_or(now + MAX_SCHEDULE_DELAY)
+    }
+
+    #[test]
+    fn a_key_enqueued_twice_is_handed_out_once() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        s.enqueue(key("a"), t0);
+        s.enqueue(key("a"), t0);
+        assert_eq!(s.depth(Kind::Deployment, t0), 1);
+        assert_eq!(pop(&mut s, t0), Some(key("a")));
+        assert_eq!(pop(&mut s, t0), None);
+    }
+
+    #[test]
+    fn the_earliest_due_time_wins_and_a_later_request_does_not_delay_it() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        s.enqueue(key("a"), t0 + 10 * SECOND);
+        s.enqueue(key("a"), t0 + SECOND);
+        s.enqueue(key("a"), t0 + 5 * SECOND);
+        assert_eq!(s.status(&key("a")).and_then(|st| st.next_due), Some(t0 + SECOND));
+        assert_eq!(pop(&mut s, t0), None);
+        assert_eq!(
+            s.pop_due(t0, |_| true),
+            Pop::Idle {
+                wake_at: Some(t0 + SECOND)
+            }
+        );
+        assert_eq!(pop(&mut s, t0 + SECOND), Some(key("a")));
+        assert_eq!(
+            pop(&mut s, t0 + 10 * SECOND),
+            None,
+            "it ran once, not again at +10 s"
+        );
+    }
+
+    #[test]
+    fn due_keys_come_out_in_due_order_across_kinds() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let app = ObjectKey::new(Kind::Application, "app");
+        s.enqueue(key("late"), t0 + 2 * SECOND);
+        s.enqueue(app.clone(), t0 + SECOND);
+        s.enqueue(key("early"), t0);
+        let now = t0 + 3 * SECOND;
+        assert_eq!(pop(&mut s, now), Some(key("early")));
+        assert_eq!(pop(&mut s, now), Some(app));
+        assert_eq!(pop(&mut s, now), Some(key("late")));
+    }
+
+    #[test]
+    fn a_running_key_is_held_and_runs_once_after_it_finishes() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        s.enqueue(key("a"), t0);
+        assert_eq!(pop(&mut s, t0), Some(key("a")));
+        s.enqueue(key("a"), t0);
+        s.enqueue(key("a"), t0);
+        assert_eq!(pop(&mut s, t0), None, "never handed out while running");
+        let _ = s.finish(&key("a"), &Ok(Action::AwaitChange), t0 + SECOND);
+        assert_eq!(
+            pop(&mut s, t0 + SECOND),
+            Some(key("a")),
+            "the request made while running stands"
+        );
+        let _ = s.finish(&key("a"), &Ok(Action::AwaitChange), t0 + SECOND);
+        assert_eq!(pop(&mut s, t0 + 2 * SECOND), None, "and only once");
+    }
+
+    #[test]
+    fn a_kind_that_may_not_start_is_skipped_but_others_are_not() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let app = ObjectKey::new(Kind::Application, "app");
+        s.enqueue(key("a"), t0);
+        s.enqueue(app.clone(), t0 + SECOND);
+        let popped = s.pop_due(t0 + SECOND, |kind| kind != Kind::Deployment);
+        assert_eq!(
+            popped,
+            Pop::Ready {
+                key: app,
+                waited: Duration::ZERO
+            }
+        );
+        assert_eq!(pop(&mut s, t0 + SECOND), Some(key("a")));
+    }
+
+    #[test]
+    fn the_exponential_backoff_doubles_from_one_second_up_to_five_minutes() {
+        let backoff = ExponentialBackoff {
+            jitter: 0.0,
+            ..ExponentialBackoff::default()
+        };
+        let delays: Vec<u64> = (1..=10).map(|n| backoff.delay(n).as_secs()).collect();
+        assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]);
+        assert_eq!(backoff.delay(u32::MAX), DEFAULT_BACKOFF_MAX, "no overflow");
+    }
+
+    #[test]
+    fn backoff_jitter_stays_within_ten_percent() {
+        let backoff = ExponentialBackoff::default();
+        let delays: Vec<Duration> = (0..200).map(|_| backoff.delay(4)).collect();
+        assert!(
+            delays.iter().all(|d| (7.2..=8.8).contains(&d.as_secs_f64())),
+            "{delays:?}"
+        );
+        assert!(delays.iter().any(|d| *d != delays[0]), "jitter varies the delay");
+    }
+
+    #[test]
+    fn transient_failures_grow_the_backoff_and_success_resets_it() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        let t1 = run(&mut s, &a, t0, transient());
+        assert_eq!(t1, t0 + SECOND);
+        let t2 = run(&mut s, &a, t1, transient());
+        assert_eq!(t2, t1 + 2 * SECOND);
+        let t3 = run(&mut s, &a, t2, transient());
+        assert_eq!(t3, t2 + 4 * SECOND);
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(3));
+
+        let t4 = run(&mut s, &a, t3, Ok(Action::AwaitChange));
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(0));
+        assert_eq!(t4, t3 + DEFAULT_RESYNC_PERIOD, "success waits for the resync");
+        let t5 = run(&mut s, &a, t4, transient());
+        assert_eq!(t5, t4 + SECOND, "the backoff starts over");
+    }
+
+    #[test]
+    fn a_trigger_that_preempts_the_backoff_does_not_grow_it() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        let t1 = run(&mut s, &a, t0, transient());
+        let t2 = run(&mut s, &a, t1, transient());
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(2));
+        assert_eq!(t2, t1 + 2 * SECOND);
+
+        // Re-added while waiting: no effect on the exponent.
+        s.enqueue(a.clone(), t2);
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(2));
+        // Triggered early (before the backoff ran out) and failing again: still no growth.
+        let early = t1 + SECOND;
+        s.enqueue(a.clone(), early);
+        let t3 = run(&mut s, &a, early, transient());
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(2));
+        assert_eq!(t3, early + 2 * SECOND);
+        // The retry that ran after its backoff counts.
+        let t4 = run(&mut s, &a, t3, transient());
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(3));
+        assert_eq!(t4, t3 + 4 * SECOND);
+    }
+
+    #[test]
+    fn a_spec_change_resets_the_backoff_and_runs_now() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        let t1 = run(&mut s, &a, t0, transient());
+        let _ = run(&mut s, &a, t1, transient());
+        let now = t1 + SECOND;
+        s.spec_changed(a.clone(), now);
+        assert_eq!(
+            s.status(&a),
+            Some(KeyStatus {
+                running: false,
+                next_due: Some(now),
+                failures: 0,
+                stalled: false
+            })
+        );
+        let next = run(&mut s, &a, now, transient());
+        assert_eq!(next, now + SECOND);
+    }
+
+    #[test]
+    fn waiting_retries_after_its_delay_without_growing_the_backoff() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        let t1 = run(&mut s, &a, t0, transient());
+        let waiting = Err(ReconcileError::Waiting {
+            reason: "DependencyNotReady",
+            message: "waiting".to_owned(),
+            retry_after: 30 * SECOND,
+        });
+        let t2 = run(&mut s, &a, t1, waiting.clone());
+        assert_eq!(t2, t1 + 30 * SECOND);
+        let t3 = run(&mut s, &a, t2, waiting);
+        assert_eq!(t3, t2 + 30 * SECOND);
+        assert_eq!(s.status(&a).map(|st| st.failures), Some(1));
+    }
+
+    #[test]
+    fn requeue_runs_after_its_delay_but_never_later_than_the_resync() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        let t1 = run(&mut s, &a, t0, Ok(Action::Requeue(5 * SECOND)));
+        assert_eq!(t1, t0 + 5 * SECOND);
+        let t2 = run(&mut s, &a, t1, Ok(Action::Requeue(24 * 60 * 60 * SECOND)));
+        assert_eq!(t2, t1 + DEFAULT_RESYNC_PERIOD);
+    }
+
+    #[test]
+    fn every_known_key_is_resynced_and_resync_jitter_spreads_them() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(
+            QueueConfig {
+                rate_limit: None,
+                ..QueueConfig::default()
+            },
+            t0,
+        );
+        let keys: Vec<ObjectKey> = (0..50).map(|i| key(&format!("k{i}"))).collect();
+        for k in &keys {
+            s.enqueue(k.clone(), t0);
+        }
+        for k in &keys {
+            assert_eq!(pop(&mut s, t0).as_ref(), Some(k));
+            let _ = s.finish(k, &Ok(Action::AwaitChange), t0);
+        }
+        let dues: Vec<Instant> = keys.iter().filter_map(|k| s.status(k)?.next_due).collect();
+        assert_eq!(dues.len(), 50, "every key is scheduled for a resync");
+        let lo = t0 + DEFAULT_RESYNC_PERIOD.mul_f64(0.9);
+        let hi = t0 + DEFAULT_RESYNC_PERIOD.mul_f64(1.1);
+        assert!(dues.iter().all(|d| (lo..=hi).contains(d)));
+        assert!(dues.iter().any(|d| *d != dues[0]), "jittered");
+        assert_eq!(s.depth(Kind::Deployment, hi), 50);
+    }
+
+    #[test]
+    fn a_terminal_error_stalls_the_key_until_its_spec_changes() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        assert_eq!(pop(&mut s, t0), Some(a.clone()));
+        let finished = s.finish(&a, &terminal(), t0);
+        assert_eq!(finished.retry_after, None);
+        let status = s.status(&a);
+        assert_eq!(status.map(|st| (st.stalled, st.next_due)), Some((true, None)));
+
+        assert!(!s.enqueue(a.clone(), t0), "triggers are ignored while stalled");
+        assert_eq!(
+            pop(&mut s, t0 + 10 * DEFAULT_RESYNC_PERIOD),
+            None,
+            "no resync either"
+        );
+
+        s.spec_changed(a.clone(), t0 + SECOND);
+        assert_eq!(pop(&mut s, t0 + SECOND), Some(a));
+    }
+
+    #[test]
+    fn a_terminal_error_about_an_older_spec_does_not_stall() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        let a = key("a");
+        s.enqueue(a.clone(), t0);
+        assert_eq!(pop(&mut s, t0), Some(a.clone()));
+        s.spec_changed(a.clone(), t0 + SECOND);
+        let _ = s.finish(&a, &terminal(), t0 + 2 * SECOND);
+        assert_eq!(s.status(&a).map(|st| st.stalled), Some(false));
+        assert_eq!(pop(&mut s, t0 + 2 * SECOND), Some(a), "the new spec runs");
+    }
+
+    #[test]
+    fn forget_drops_the_key_and_a_running_key_is_dropped_when_it_finishes() {
+        let t0 = Instant::now();
+        let mut s = scheduler(t0);
+        s.enqueue(key("idle"), t0 + SECOND);
+        s.enqueue(key("busy"), t0);
+        assert_eq!(pop(&mut s, t0), Some(key("busy")));
+
+        s.forget(&key("idle"));
+        assert_eq!(s.status(&key("idle")), None);
+        s.forget(&key("busy"));
+        assert_eq!(
+            s.status(&key("busy")).map(|st| st.running),
+            Some(true),
+            "still running"
+        );
+        let _ = s.finish(&key("busy"), &Ok(Action::Requeue(SECOND)), t0);
+        assert_eq!(s.status(&key("busy")), None, "its result is ignored");
+        assert!(s.is_empty());
+        assert_eq!(pop(&mut s, t0 + DEFAULT_RESYNC_PERIOD * 2), None);
+    }
+
+    #[test]
+    fn the_token_bucket_allows_the_burst_then_paces_starts() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(
+            QueueConfig {
+                rate_limit: Some(RateLimit {
+                    per_second: 10,
+                    burst: 3,
+                }),
+                ..QueueConfig::default()
+            },
+            t0,
+        );
+        for i in 0..5 {
+            s.enqueue(key(&format!("k{i}")), t0);
+        }
+        for _ in 0..3 {
+            assert!(pop(&mut s, t0).is_some());
+        }
+        let wait = s.pop_due(t0, |_| true);
+        assert_eq!(
+            wait,
+            Pop::Idle {
+                wake_at: Some(t0 + Duration::from_millis(100))
+            }
+        );
+        assert_eq!(pop(&mut s, t0 + Duration::from_millis(99)), None);
+        assert!(pop(&mut s, t0 + Duration::from_millis(100)).is_some());
+        assert_eq!(pop(&mut s, t0 + Duration::from_millis(150)), None);
+        assert!(pop(&mut s, t0 + Duration::from_millis(200)).is_some());
+    }
+}

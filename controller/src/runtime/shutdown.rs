@@ -120,7 +120,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn first_signal_drains_and_second_aborts() {
-        let (signal_tx, mut signal_rx) = mpsc::unbounded_channel::<()>();
+        let (signal_tx, signal_rx) = mpsc::unbounded_channel::<()>();
         let (tx, mut rx) = watch::channel(ShutdownState::Running);
         let relay = tokio::spawn(relay(signal_rx, tx));
 
