@@ -283,3 +283,104 @@ impl RuntimeMetrics {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn family(registry: &Registry, name: &str) -> Option<prometheus::proto::MetricFamily> {
+        registry.gather().into_iter().find(|f| f.name() == name)
+    }
+
+    #[test]
+    fn registering_creates_every_series_of_every_kind_at_zero() {
+        let registry = Registry::new();
+        assert!(RuntimeMetrics::register(&registry).is_ok());
+        let total = family(&registry, "controller_runtime_reconcile_total");
+        let series = total.map(|f| f.get_metric().len());
+        assert_eq!(
+            series,
+            Some(12),
+            "3 kinds × success, error, requeue, requeue_after"
+        );
+        for name in [
+            "controller_runtime_reconcile_errors_total",
+            "controller_runtime_terminal_reconcile_errors_total",
+            "controller_runtime_reconcile_panics_total",
+            "controller_runtime_reconcile_timeouts_total",
+            "controller_runtime_reconcile_time_seconds",
+            "controller_runtime_active_workers",
+            "controller_runtime_max_concurrent_reconciles",
+            "workqueue_depth",
+            "workqueue_adds_total",
+            "workqueue_queue_duration_seconds",
+            "workqueue_work_duration_seconds",
+            "workqueue_retries_total",
+            "workqueue_unfinished_work_seconds",
+            "workqueue_longest_running_processor_seconds",
+        ] {
+            let labels: Vec<String> = family(&registry, name)
+                .map(|f| {
+                    f.get_metric()
+                        .iter()
+                        .flat_map(|m| {
+                            m.get_label()
+                                .iter()
+                                .map(|l| format!("{}={}", l.name(), l.value()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            for kind in Kind::ALL {
+                let expected = format!("controller={}", controller_name(kind));
+                assert!(labels.contains(&expected), "{name} lacks {expected}: {labels:?}");
+                if name.starts_with("workqueue_") {
+                    let expected = format!("name={}", controller_name(kind));
+                    assert!(labels.contains(&expected), "{name} lacks {expected}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn registering_twice_in_one_registry_is_an_error_not_a_panic() {
+        let registry = Registry::new();
+        assert!(RuntimeMetrics::register(&registry).is_ok());
+        assert!(matches!(
+            RuntimeMetrics::register(&registry),
+            Err(prometheus::Error::AlreadyReg)
+        ));
+    }
+
+    #[test]
+    fn histograms_use_the_controller_runtime_and_client_go_buckets() {
+        let registry = Registry::new();
+        assert!(RuntimeMetrics::register(&registry).is_ok());
+        let bounds = |name: &str| -> Vec<f64> {
+            family(&registry, name)
+                .and_then(|f| f.get_metric().first().cloned())
+                .map(|m| {
+                    m.get_histogram()
+                        .get_bucket()
+                        .iter()
+                        .map(|b| b.upper_bound())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let reconcile = bounds("controller_runtime_reconcile_time_seconds");
+        assert_eq!(reconcile.first(), Some(&0.005));
+        assert_eq!(reconcile.last(), Some(&60.0));
+        assert_eq!(reconcile.len(), 40);
+        assert!(reconcile.windows(2).all(|w| w[0] < w[1]));
+        let queue = bounds("workqueue_queue_duration_seconds");
+        let client_go = prometheus::exponential_buckets(1e-8, 10.0, 12).unwrap_or_default();
+        assert_eq!(queue.len(), client_go.len());
+        let close = queue
+            .iter()
+            .zip(&client_go)
+            .all(|(a, b)| ((a - b) / b).abs() < 1e-9);
+        assert!(close, "{queue:?}");
+        assert_eq!(bounds("workqueue_work_duration_seconds"), queue);
+    }
+}

@@ -1018,6 +1018,19 @@ mod tests {
         assert_eq!(fake.calls(&key("a")), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_shutdown_sender_leaves_the_runner_running() {
+        let fake = Fake::default();
+        let h = start(&fake, config(), None);
+        drop(h.shutdown);
+        h.handle.set_ready();
+        tokio::time::sleep(SECOND).await;
+        h.handle.enqueue(key("a"));
+        settle().await;
+        assert_eq!(fake.calls(&key("a")), 1);
+        assert!(!h.run.is_finished());
+    }
+
     /// The value of a counter or gauge, or the sample count of a histogram, with these labels.
     fn sample(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let family = registry.gather().into_iter().find(|f| f.name() == name)?;
