@@ -441,7 +441,7 @@ impl Workers {
         }
     }
 
-    /// Aborts every running reconcile and waits until they are gone.
+    /// Aborts every running reconcile and waits until they are gone; `Drained` if none was running.
     async fn abort(&mut self) -> RunOutcome {
         let unfinished = self.tasks.len();
         if unfinished > 0 {
@@ -450,6 +450,10 @@ impl Workers {
         self.tasks.abort_all();
         while let Some(joined) = self.tasks.join_next_with_id().await {
             self.complete(joined);
+        }
+        if unfinished == 0 {
+            // Nothing was cut short: as clean as a drain.
+            return RunOutcome::Drained;
         }
         RunOutcome::Aborted { unfinished }
     }
@@ -1016,6 +1020,18 @@ mod tests {
         assert_eq!(h.run.await.ok(), Some(RunOutcome::Drained));
         assert_eq!(Instant::now(), t0);
         assert_eq!(fake.calls(&key("a")), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn aborting_with_nothing_running_counts_as_drained() {
+        let fake = Fake::default();
+        let h = start(&fake, config(), None);
+        h.handle.set_ready();
+        h.handle.enqueue(key("a"));
+        settle().await;
+        h.shutdown.send_replace(ShutdownState::Aborting);
+        assert_eq!(h.run.await.ok(), Some(RunOutcome::Drained));
+        assert_eq!(fake.state().completed, 1);
     }
 
     #[tokio::test(start_paused = true)]
