@@ -17,6 +17,12 @@ apt_install() {
 
 log "checking test tools"
 command -v git >/dev/null || apt_install git
+if ! command -v promtool >/dev/null; then
+  log "installing prometheus (promtool checks the metrics; the service itself is not started)"
+  # Keep Debian's maintainer scripts from starting the packaged service.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi
+  apt_install prometheus
+fi
 if ! python3 -c 'import proxmoxer, requests' 2>/dev/null; then
   log "installing proxmoxer (the real Proxmox API client the simulator is tested against)"
   python3 -m pip install --quiet --disable-pip-version-check proxmoxer requests

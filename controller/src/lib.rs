@@ -2,7 +2,9 @@
 
 pub mod api;
 pub mod cli;
+pub mod daemon;
 pub mod fixtures;
+pub mod http;
 pub mod load;
 pub mod reconcile;
 pub mod runtime;

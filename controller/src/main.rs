@@ -2,9 +2,10 @@
 
 use clap::Parser;
 
-fn main() -> std::process::ExitCode {
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
     let cli = fediversity::cli::Cli::parse();
-    match fediversity::cli::run(cli) {
+    match fediversity::cli::run(cli).await {
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("error: {e:#}");

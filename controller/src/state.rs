@@ -70,14 +70,19 @@ pub struct DesiredState {
 
 impl DesiredState {
     fn read(&self) -> RwLockReadGuard<'_, Inner> {
-        self.inner.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.inner
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Applies a snapshot: records generations in the store and returns what changed. A failed snapshot
     /// changes nothing but the reported source state: it is never read as "everything was deleted".
     pub fn apply(&self, snapshot: &Snapshot, store: &Store) -> Result<Changes, StoreError> {
         if let Some(failure) = &snapshot.failure {
-            let mut inner = self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut inner = self
+                .inner
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             inner.source.failure = Some(failure.clone());
             return Ok(Changes::default());
         }
@@ -87,7 +92,10 @@ impl DesiredState {
             .map(|(key, o)| (key.clone(), canonical_hash(&o.loaded.object.spec_json())))
             .collect();
         let generations = store.observe_specs(hashes.iter().map(|(k, h)| (k, h.clone())))?;
-        let mut inner = self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self
+            .inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut changes = Changes::default();
         let mut next = BTreeMap::new();
         for (key, sourced) in &snapshot.objects {
@@ -99,7 +107,12 @@ impl DesiredState {
             }
             next.insert(
                 key.clone(),
-                Desired { sourced: sourced.clone(), generation, revision: snapshot.revision.clone(), created },
+                Desired {
+                    sourced: sourced.clone(),
+                    generation,
+                    revision: snapshot.revision.clone(),
+                    created,
+                },
             );
         }
         for (key, old) in std::mem::take(&mut inner.objects) {
@@ -137,18 +150,32 @@ impl DesiredState {
 
     /// Marks an object's cleanup as done.
     pub fn finish_removal(&self, key: &ObjectKey) {
-        self.inner.write().unwrap_or_else(std::sync::PoisonError::into_inner).removing.remove(key);
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .removing
+            .remove(key);
     }
 
     /// The desired objects of one kind (or all), in key order.
     pub fn list(&self, kind: Option<Kind>) -> Vec<Desired> {
-        self.read().objects.iter().filter(|(k, _)| kind.is_none_or(|kind| k.kind == kind)).map(|(_, d)| d.clone()).collect()
+        self.read()
+            .objects
+            .iter()
+            .filter(|(k, _)| kind.is_none_or(|kind| k.kind == kind))
+            .map(|(_, d)| d.clone())
+            .collect()
     }
 
     /// Every key, desired or being removed.
     pub fn keys(&self) -> Vec<ObjectKey> {
         let inner = self.read();
-        inner.objects.keys().chain(inner.removing.keys()).cloned().collect()
+        inner
+            .objects
+            .keys()
+            .chain(inner.removing.keys())
+            .cloned()
+            .collect()
     }
 
     /// The Deployments that refer to `key` (a RuntimeEnvironment or an Application): they are woken
@@ -160,8 +187,13 @@ impl DesiredState {
             .iter()
             .filter_map(|(k, d)| match (d.object(), key.kind) {
                 (Object::Deployment(dep), Kind::RuntimeEnvironment)
-                    if dep.spec.runtime_environment == key.name => Some(k.clone()),
-                (Object::Deployment(dep), Kind::Application) if dep.spec.applications.contains_key(&key.name) => {
+                    if dep.spec.runtime_environment == key.name =>
+                {
+                    Some(k.clone())
+                }
+                (Object::Deployment(dep), Kind::Application)
+                    if dep.spec.applications.contains_key(&key.name) =>
+                {
                     Some(k.clone())
                 }
                 _ => None,
@@ -194,7 +226,11 @@ impl StatusBook {
     /// Loads what the store holds and returns the book and its writer, which must be spawned.
     pub fn load(store: Arc<Store>) -> Result<(Arc<Self>, impl Future<Output = ()>), StoreError> {
         let parse = |id: &str| id.parse::<ObjectKey>().ok();
-        let statuses = store.statuses()?.into_iter().filter_map(|(id, v)| Some((parse(&id)?, v))).collect();
+        let statuses = store
+            .statuses()?
+            .into_iter()
+            .filter_map(|(id, v)| Some((parse(&id)?, v)))
+            .collect();
         let mut events: HashMap<ObjectKey, VecDeque<Event>> = HashMap::new();
         for (id, event) in store.all_events()? {
             if let Some(key) = parse(&id) {
@@ -214,29 +250,46 @@ impl StatusBook {
 
     /// An object's status.
     pub fn status(&self, key: &ObjectKey) -> Option<serde_json::Value> {
-        self.statuses.read().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+        self.statuses
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
     }
 
     /// Sets an object's status; writes it only when it changed. Returns whether it changed.
     pub fn put_status(&self, key: &ObjectKey, status: serde_json::Value) -> bool {
-        let mut statuses = self.statuses.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut statuses = self
+            .statuses
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if statuses.get(key) == Some(&status) {
             return false;
         }
         statuses.insert(key.clone(), status.clone());
-        let _ = self.writes.send(Message::Write(Write::Status(key.clone(), status)));
+        let _ = self
+            .writes
+            .send(Message::Write(Write::Status(key.clone(), status)));
         true
     }
 
     /// Records an event about an object.
     pub fn record(&self, key: &ObjectKey, type_: EventType, reason: &str, message: impl Into<String>) {
-        let event = Event { type_, reason: reason.into(), message: message.into(), time: Timestamp::now() };
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            message: message.into(),
+            time: Timestamp::now(),
+        };
         match type_ {
             EventType::Normal => tracing::info!(object = %key, reason, message = %event.message, "event"),
             EventType::Warning => tracing::warn!(object = %key, reason, message = %event.message, "event"),
         }
         {
-            let mut events = self.events.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut events = self
+                .events
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let log = events.entry(key.clone()).or_default();
             log.push_back(event.clone());
             while log.len() > MAX_EVENTS_PER_OBJECT {
@@ -248,24 +301,44 @@ impl StatusBook {
 
     /// An object's events, oldest first.
     pub fn events(&self, key: &ObjectKey) -> Vec<Event> {
-        let events = self.events.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        events.get(key).map(|log| log.iter().cloned().collect()).unwrap_or_default()
+        let events = self
+            .events
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        events
+            .get(key)
+            .map(|log| log.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every object's events, oldest first overall.
     pub fn all_events(&self) -> Vec<(ObjectKey, Event)> {
-        let events = self.events.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut all: Vec<(ObjectKey, Event)> =
-            events.iter().flat_map(|(k, log)| log.iter().map(|e| (k.clone(), e.clone()))).collect();
+        let events = self
+            .events
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all: Vec<(ObjectKey, Event)> = events
+            .iter()
+            .flat_map(|(k, log)| log.iter().map(|e| (k.clone(), e.clone())))
+            .collect();
         all.sort_by(|a, b| a.1.time.cmp(&b.1.time).then_with(|| a.0.cmp(&b.0)));
         all
     }
 
     /// Drops an object's status and events, in memory and in the store (after its cleanup succeeded).
     pub fn forget(&self, key: &ObjectKey) {
-        self.statuses.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
-        self.events.write().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
-        self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        self.statuses
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+        self.events
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
         let _ = self.writes.send(Message::Write(Write::Forget(key.clone())));
     }
 
@@ -274,13 +347,20 @@ impl StatusBook {
     pub fn request_reconcile(&self, key: &ObjectKey) -> String {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         let token = format!("{}-{n}", Timestamp::now().unix());
-        self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key.clone(), token.clone());
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(key.clone(), token.clone());
         token
     }
 
     /// The newest reconcile request for `key`, if any.
     pub fn pending_request(&self, key: &ObjectKey) -> Option<String> {
-        self.requests.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+        self.requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key)
+            .cloned()
     }
 
     /// Waits until everything written so far is committed to the store.
@@ -326,7 +406,9 @@ async fn write_batches(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Messag
         let count = batch.len();
         match tokio::task::spawn_blocking(move || store.apply(&batch)).await {
             Ok(Ok(())) => tracing::trace!(count, "status batch committed"),
-            Ok(Err(e)) => tracing::error!(error = %e, count, "failed to persist status; it stays in memory and is rewritten on the next change"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, count, "failed to persist status; it stays in memory and is rewritten on the next change")
+            }
             Err(e) => tracing::error!(error = %e, "status writer task failed"),
         }
         for done in flushes {

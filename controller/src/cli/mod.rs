@@ -1,12 +1,19 @@
-//! The `fediversity` command line: argument parsing and one module per subcommand.
+//! The `fediversity` command line: argument parsing and one module per group of subcommands.
 
+mod client;
+mod output;
+mod remote;
 mod validate;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use crate::api::Kind;
+pub use client::DEFAULT_LISTEN;
+pub use output::Format;
+pub use remote::Target;
 
 /// The Fediversity controller: hosts Fediverse applications declaratively on Proxmox VE and NixOS.
 #[derive(Debug, Parser)]
@@ -17,9 +24,19 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where a remote subcommand finds the daemon.
+#[derive(Debug, clap::Args)]
+pub struct ServerArgs {
+    /// The daemon's address.
+    #[arg(long, env = "FEDIVERSITY_SERVER", default_value = DEFAULT_LISTEN, global = true)]
+    pub server: String,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Runs the controller daemon: watches the sources and reconciles until stopped (SIGTERM drains).
+    Run(Box<crate::daemon::RunArgs>),
     /// Checks YAML files or folders of objects; prints every problem; exits 1 if there is any.
     Validate {
         /// Files or folders (searched recursively for *.yaml and *.yml; hidden ones are skipped).
@@ -35,15 +52,89 @@ pub enum Command {
         #[arg(value_parser = parse_kind)]
         kind: Kind,
     },
+    /// Lists objects of a kind (or hosts) from a running daemon, or shows one.
+    Get {
+        /// deployments (deploy), applications (app), runtimeenvironments (renv) or hosts.
+        #[arg(value_parser = parse_target)]
+        kind: Target,
+        /// One object's name.
+        name: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Format,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Shows one object in detail: spec, conditions, hosts and events.
+    Describe {
+        /// The kind.
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The name.
+        name: String,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Lists recent events, of every object or of one.
+    Events {
+        /// The kind (with NAME).
+        #[arg(value_parser = parse_kind, requires = "name")]
+        kind: Option<Kind>,
+        /// The name.
+        name: Option<String>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Asks the daemon to reconcile an object now.
+    Reconcile {
+        /// The kind.
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The name.
+        name: String,
+        /// Waits until the reconcile was handled; exits 1 if the object ended not Ready.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 fn parse_kind(text: &str) -> Result<Kind, String> {
     text.parse()
 }
 
+fn parse_target(text: &str) -> Result<Target, String> {
+    text.parse()
+}
+
+/// Parses `90`, `90s`, `5m`, `1h` or `250ms`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30s, 5m or 1h"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("`{text}` has an unknown unit; use ms, s, m or h")),
+    }
+}
+
 /// Runs the command line; returns the process exit code.
-pub fn run(cli: Cli) -> anyhow::Result<i32> {
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
+        Command::Run(args) => crate::daemon::run(*args).await,
         Command::Validate { paths, quiet } => Ok(validate::run(&paths, quiet, &mut std::io::stdout())?),
         Command::Schema { kind } => {
             println!(
@@ -52,5 +143,86 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(0)
         }
+        Command::Get {
+            kind,
+            name,
+            output,
+            server,
+        } => {
+            print!(
+                "{}",
+                remote::get(
+                    &client::Client::new(&server.server),
+                    kind,
+                    name.as_deref(),
+                    output
+                )
+                .await?
+            );
+            Ok(0)
+        }
+        Command::Describe { kind, name, server } => {
+            print!(
+                "{}",
+                remote::describe(&client::Client::new(&server.server), kind, &name).await?
+            );
+            Ok(0)
+        }
+        Command::Events { kind, name, server } => {
+            let object = kind.zip(name.as_deref());
+            print!(
+                "{}",
+                remote::events(&client::Client::new(&server.server), object).await?
+            );
+            Ok(0)
+        }
+        Command::Reconcile {
+            kind,
+            name,
+            wait,
+            timeout,
+            server,
+        } => {
+            let wait = wait.then_some(timeout);
+            let (message, ready) =
+                remote::reconcile(&client::Client::new(&server.server), kind, &name, wait).await?;
+            print!("{message}");
+            Ok(if ready { 0 } else { 1 })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("5 minutes").is_err());
+    }
+
+    #[test]
+    fn the_command_line_parses_kubectl_style_kinds() {
+        let cli = Cli::try_parse_from(["fediversity", "get", "deploy", "uni", "-o", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Get {
+                kind: Target::Kind(Kind::Deployment),
+                output: Format::Json,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["fediversity", "get", "hosts"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Get {
+                kind: Target::Hosts,
+                ..
+            }
+        ));
+        assert!(Cli::try_parse_from(["fediversity", "get", "pods"]).is_err());
     }
 }

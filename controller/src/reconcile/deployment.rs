@@ -27,7 +27,10 @@ pub struct PlannedHost {
 
 /// Plans the hosts of `deployment` given the Applications it names (pure: no I/O). A missing
 /// Application is a wait; a choice the Application does not offer is a terminal error.
-pub fn plan(deployment: &Deployment, applications: &BTreeMap<Name, Application>) -> Result<Vec<PlannedHost>, ReconcileError> {
+pub fn plan(
+    deployment: &Deployment,
+    applications: &BTreeMap<Name, Application>,
+) -> Result<Vec<PlannedHost>, ReconcileError> {
     let mut hosts = Vec::new();
     let mut missing = Vec::new();
     let mut invalid = Vec::new();
@@ -73,13 +76,19 @@ pub fn plan(deployment: &Deployment, applications: &BTreeMap<Name, Application>)
         });
     }
     if !invalid.is_empty() {
-        return Err(ReconcileError::Terminal { reason: reasons::INVALID_SPEC, message: invalid.join("; ") });
+        return Err(ReconcileError::Terminal {
+            reason: reasons::INVALID_SPEC,
+            message: invalid.join("; "),
+        });
     }
     for host in &hosts {
         if host.name.len() > crate::api::validate::MAX_LABEL_LEN {
             return Err(ReconcileError::Terminal {
                 reason: reasons::INVALID_SPEC,
-                message: format!("host name `{}` is longer than 63 characters; shorten the Deployment's name", host.name),
+                message: format!(
+                    "host name `{}` is longer than 63 characters; shorten the Deployment's name",
+                    host.name
+                ),
             });
         }
     }
@@ -93,17 +102,33 @@ pub fn resolve(
     desired: &DesiredState,
     is_ready: impl Fn(&ObjectKey) -> bool,
 ) -> Result<BTreeMap<Name, Application>, ReconcileError> {
-    let env_key = ObjectKey { kind: Kind::RuntimeEnvironment, name: deployment.spec.runtime_environment.clone() };
-    let waiting = |message: String| ReconcileError::Waiting { reason: reasons::DEPENDENCY_NOT_READY, message, retry_after: DEPENDENCY_RETRY };
+    let env_key = ObjectKey {
+        kind: Kind::RuntimeEnvironment,
+        name: deployment.spec.runtime_environment.clone(),
+    };
+    let waiting = |message: String| ReconcileError::Waiting {
+        reason: reasons::DEPENDENCY_NOT_READY,
+        message,
+        retry_after: DEPENDENCY_RETRY,
+    };
     if desired.get(&env_key).is_none() {
-        return Err(waiting(format!("waiting for RuntimeEnvironment {} to exist", env_key.name)));
+        return Err(waiting(format!(
+            "waiting for RuntimeEnvironment {} to exist",
+            env_key.name
+        )));
     }
     if !is_ready(&env_key) {
-        return Err(waiting(format!("waiting for RuntimeEnvironment {} to become Ready", env_key.name)));
+        return Err(waiting(format!(
+            "waiting for RuntimeEnvironment {} to become Ready",
+            env_key.name
+        )));
     }
     let mut applications = BTreeMap::new();
     for name in deployment.spec.applications.keys() {
-        let key = ObjectKey { kind: Kind::Application, name: name.clone() };
+        let key = ObjectKey {
+            kind: Kind::Application,
+            name: name.clone(),
+        };
         if let Some(Object::Application(app)) = desired.get(&key).map(|d| d.object().clone()) {
             applications.insert(name.clone(), app);
         }
@@ -116,11 +141,15 @@ pub fn host_statuses(hosts: &[PlannedHost], previous: &[HostStatus]) -> Vec<Host
     hosts
         .iter()
         .map(|host| {
-            previous.iter().find(|h| h.name == host.name).cloned().unwrap_or_else(|| HostStatus {
-                name: host.name.clone(),
-                phase: "Planned".into(),
-                ..HostStatus::default()
-            })
+            previous
+                .iter()
+                .find(|h| h.name == host.name)
+                .cloned()
+                .unwrap_or_else(|| HostStatus {
+                    name: host.name.clone(),
+                    phase: "Planned".into(),
+                    ..HostStatus::default()
+                })
         })
         .collect()
 }
@@ -155,41 +184,89 @@ mod tests {
 
     #[test]
     fn one_host_is_planned_per_enabled_application_with_its_size() {
-        let d = deployment("    mastodon: { size: medium }\n    pixelfed: {}\n    peertube: { enabled: false }\n");
+        let d = deployment(
+            "    mastodon: { size: medium }\n    pixelfed: {}\n    peertube: { enabled: false }\n",
+        );
         let hosts = plan(&d, &catalog(&["mastodon", "pixelfed"])).unwrap();
-        let summary: Vec<(String, String, u32, String)> =
-            hosts.iter().map(|h| (h.name.clone(), h.size_name.to_string(), h.size.cores, h.fqdn.clone())).collect();
-        assert_eq!(summary, vec![
-            ("uni-mastodon".into(), "medium".into(), 4, "mastodon.social.uu.nl".into()),
-            ("uni-pixelfed".into(), "medium".into(), 4, "pixelfed.social.uu.nl".into()),
-        ]);
+        let summary: Vec<(String, String, u32, String)> = hosts
+            .iter()
+            .map(|h| {
+                (
+                    h.name.clone(),
+                    h.size_name.to_string(),
+                    h.size.cores,
+                    h.fqdn.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    "uni-mastodon".into(),
+                    "medium".into(),
+                    4,
+                    "mastodon.social.uu.nl".into()
+                ),
+                (
+                    "uni-pixelfed".into(),
+                    "medium".into(),
+                    4,
+                    "pixelfed.social.uu.nl".into()
+                ),
+            ]
+        );
     }
 
     #[test]
     fn a_missing_application_is_a_wait_not_a_failure() {
         let err = plan(&deployment("    mastodon: {}\n"), &catalog(&[])).unwrap_err();
-        assert!(matches!(&err, ReconcileError::Waiting { reason, .. } if *reason == reasons::DEPENDENCY_NOT_READY), "{err:?}");
+        assert!(
+            matches!(&err, ReconcileError::Waiting { reason, .. } if *reason == reasons::DEPENDENCY_NOT_READY),
+            "{err:?}"
+        );
         assert!(err.to_string().contains("Application mastodon"));
     }
 
     #[test]
     fn a_size_the_application_does_not_offer_stalls_the_deployment() {
-        let err = plan(&deployment("    mastodon: { size: huge }\n"), &catalog(&["mastodon"])).unwrap_err();
+        let err = plan(
+            &deployment("    mastodon: { size: huge }\n"),
+            &catalog(&["mastodon"]),
+        )
+        .unwrap_err();
         assert!(matches!(err, ReconcileError::Terminal { .. }), "{err:?}");
-        assert!(err.to_string().contains("`huge` is not offered by Application mastodon (offered: medium, small)"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("`huge` is not offered by Application mastodon (offered: medium, small)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn settings_outside_the_applications_schema_stall_the_deployment() {
-        let err = plan(&deployment("    mastodon: { settings: { singleUserMode: 1 } }\n"), &catalog(&["mastodon"])).unwrap_err();
-        assert!(err.to_string().contains("settings.singleUserMode: expected boolean, found the number 1"), "{err}");
+        let err = plan(
+            &deployment("    mastodon: { settings: { singleUserMode: 1 } }\n"),
+            &catalog(&["mastodon"]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("settings.singleUserMode: expected boolean, found the number 1"),
+            "{err}"
+        );
     }
 
     #[test]
     fn known_host_facts_are_kept_when_planning_again() {
         let d = deployment("    mastodon: {}\n");
         let hosts = plan(&d, &catalog(&["mastodon"])).unwrap();
-        let known = HostStatus { name: "uni-mastodon".into(), phase: "Ready".into(), vmid: Some(20001), ..HostStatus::default() };
-        assert_eq!(host_statuses(&hosts, &[known.clone()]), vec![known]);
+        let known = HostStatus {
+            name: "uni-mastodon".into(),
+            phase: "Ready".into(),
+            vmid: Some(20001),
+            ..HostStatus::default()
+        };
+        assert_eq!(host_statuses(&hosts, std::slice::from_ref(&known)), vec![known]);
     }
 }

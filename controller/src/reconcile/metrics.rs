@@ -37,7 +37,10 @@ impl ObjectMetrics {
     /// Creates the gauges and registers them.
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let info = IntGaugeVec::new(
-            Opts::new("fediversity_resource_info", "One series per desired object, with its readiness and revision."),
+            Opts::new(
+                "fediversity_resource_info",
+                "One series per desired object, with its readiness and revision.",
+            ),
             &["kind", "name", "ready", "suspended", "revision"],
         )?;
         let condition = IntGaugeVec::new(
@@ -49,45 +52,85 @@ impl ObjectMetrics {
         )?;
         registry.register(Box::new(info.clone()))?;
         registry.register(Box::new(condition.clone()))?;
-        Ok(Self { info, condition, series: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            info,
+            condition,
+            series: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Replaces the object's series by ones describing `facts`.
     pub fn observe(&self, key: &ObjectKey, facts: &ObjectFacts<'_>) {
         let kind = key.kind.as_str().to_owned();
         let name = key.name.to_string();
-        let info = vec![kind.clone(), name.clone(), facts.ready.to_string(), facts.suspended.to_string(), facts.revision.to_owned()];
+        let info = vec![
+            kind.clone(),
+            name.clone(),
+            facts.ready.to_string(),
+            facts.suspended.to_string(),
+            facts.revision.to_owned(),
+        ];
         let mut conditions = Vec::new();
         for condition in facts.conditions {
-            for status in [ConditionStatus::True, ConditionStatus::False, ConditionStatus::Unknown] {
-                conditions.push(vec![kind.clone(), name.clone(), condition.type_.clone(), status.to_string()]);
+            for status in [
+                ConditionStatus::True,
+                ConditionStatus::False,
+                ConditionStatus::Unknown,
+            ] {
+                conditions.push(vec![
+                    kind.clone(),
+                    name.clone(),
+                    condition.type_.clone(),
+                    status.to_string(),
+                ]);
             }
         }
-        let mut series = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut series = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = series.remove(key).unwrap_or_default();
         if old.info != info && !old.info.is_empty() {
-            let _ = self.info.remove_label_values(&old.info.iter().map(String::as_str).collect::<Vec<_>>());
+            let _ = self
+                .info
+                .remove_label_values(&old.info.iter().map(String::as_str).collect::<Vec<_>>());
         }
         for labels in &old.conditions {
             if !conditions.contains(labels) {
-                let _ = self.condition.remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
+                let _ = self
+                    .condition
+                    .remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
             }
         }
-        self.info.with_label_values(&info.iter().map(String::as_str).collect::<Vec<_>>()).set(1);
-        for (labels, condition) in conditions.iter().zip(facts.conditions.iter().flat_map(|c| [c, c, c])) {
+        self.info
+            .with_label_values(&info.iter().map(String::as_str).collect::<Vec<_>>())
+            .set(1);
+        for (labels, condition) in conditions
+            .iter()
+            .zip(facts.conditions.iter().flat_map(|c| [c, c, c]))
+        {
             let value = i64::from(labels[3] == condition.status.to_string());
-            self.condition.with_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>()).set(value);
+            self.condition
+                .with_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>())
+                .set(value);
         }
         series.insert(key.clone(), Series { info, conditions });
     }
 
     /// Removes every series of the object.
     pub fn forget(&self, key: &ObjectKey) {
-        let mut series = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut series = self
+            .series
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(old) = series.remove(key) {
-            let _ = self.info.remove_label_values(&old.info.iter().map(String::as_str).collect::<Vec<_>>());
+            let _ = self
+                .info
+                .remove_label_values(&old.info.iter().map(String::as_str).collect::<Vec<_>>());
             for labels in &old.conditions {
-                let _ = self.condition.remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
+                let _ = self
+                    .condition
+                    .remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
             }
         }
     }

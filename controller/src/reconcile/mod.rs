@@ -11,7 +11,8 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::api::{
-    Condition, ConditionStatus, EventType, Kind, Object, ObjectKey, Timestamp, condition_types, reasons, set_condition,
+    Condition, ConditionStatus, EventType, Kind, Object, ObjectKey, Timestamp, condition_types, reasons,
+    set_condition,
 };
 use crate::runtime::{Action, BoxFuture, ReconcileError, Reconciler};
 use crate::state::{Desired, DesiredState, StatusBook};
@@ -89,10 +90,19 @@ fn conditions_of(status: Option<&Value>) -> Vec<Condition> {
 }
 
 fn ready_status(status: Option<&Value>) -> ConditionStatus {
-    conditions_of(status).iter().find(|c| c.type_ == condition_types::READY).map_or(ConditionStatus::Unknown, |c| c.status)
+    conditions_of(status)
+        .iter()
+        .find(|c| c.type_ == condition_types::READY)
+        .map_or(ConditionStatus::Unknown, |c| c.status)
 }
 
-fn condition(type_: &str, status: ConditionStatus, reason: &str, message: &str, generation: u64) -> Condition {
+fn condition(
+    type_: &str,
+    status: ConditionStatus,
+    reason: &str,
+    message: &str,
+    generation: u64,
+) -> Condition {
     Condition {
         type_: type_.into(),
         status,
@@ -103,17 +113,26 @@ fn condition(type_: &str, status: ConditionStatus, reason: &str, message: &str, 
     }
 }
 
-async fn reconcile_present(ctx: &Context, key: &ObjectKey, desired: &Desired) -> Result<Action, ReconcileError> {
+async fn reconcile_present(
+    ctx: &Context,
+    key: &ObjectKey,
+    desired: &Desired,
+) -> Result<Action, ReconcileError> {
     let request = ctx.book.pending_request(key);
     let old = ctx.book.status(key);
-    if let Object::Deployment(dep) = desired.object() {
-        if dep.spec.suspend {
-            // Suspended: nothing changes, status included, until spec.suspend is false again.
-            let conditions = conditions_of(old.as_ref());
-            let facts = ObjectFacts { ready: ready_status(old.as_ref()), suspended: true, revision: &desired.revision, conditions: &conditions };
-            ctx.metrics.observe(key, &facts);
-            return Ok(Action::AwaitChange);
-        }
+    if let Object::Deployment(dep) = desired.object()
+        && dep.spec.suspend
+    {
+        // Suspended: nothing changes, status included, until spec.suspend is false again.
+        let conditions = conditions_of(old.as_ref());
+        let facts = ObjectFacts {
+            ready: ready_status(old.as_ref()),
+            suspended: true,
+            revision: &desired.revision,
+            conditions: &conditions,
+        };
+        ctx.metrics.observe(key, &facts);
+        return Ok(Action::AwaitChange);
     }
     let result = match desired.object() {
         Object::RuntimeEnvironment(env) => Ok(Converged {
@@ -151,29 +170,86 @@ async fn reconcile_present(ctx: &Context, key: &ObjectKey, desired: &Desired) ->
             for (k, v) in &done.fields {
                 status.insert(k.clone(), v.clone());
             }
-            set_condition(&mut conditions, condition(condition_types::READY, ConditionStatus::True, done.reason, &done.message, generation));
+            set_condition(
+                &mut conditions,
+                condition(
+                    condition_types::READY,
+                    ConditionStatus::True,
+                    done.reason,
+                    &done.message,
+                    generation,
+                ),
+            );
             conditions.retain(|c| c.type_ != condition_types::STALLED);
-            set_condition(&mut conditions, condition(condition_types::RECONCILING, ConditionStatus::False, done.reason, "", generation));
+            set_condition(
+                &mut conditions,
+                condition(
+                    condition_types::RECONCILING,
+                    ConditionStatus::False,
+                    done.reason,
+                    "",
+                    generation,
+                ),
+            );
             ConditionStatus::True
         }
         Err(e) => {
             let message = e.to_string();
-            set_condition(&mut conditions, condition(condition_types::READY, ConditionStatus::False, e.reason(), &message, generation));
+            set_condition(
+                &mut conditions,
+                condition(
+                    condition_types::READY,
+                    ConditionStatus::False,
+                    e.reason(),
+                    &message,
+                    generation,
+                ),
+            );
             match e {
                 ReconcileError::Terminal { .. } => {
-                    set_condition(&mut conditions, condition(condition_types::STALLED, ConditionStatus::True, e.reason(), &message, generation));
-                    set_condition(&mut conditions, condition(condition_types::RECONCILING, ConditionStatus::False, e.reason(), "", generation));
+                    set_condition(
+                        &mut conditions,
+                        condition(
+                            condition_types::STALLED,
+                            ConditionStatus::True,
+                            e.reason(),
+                            &message,
+                            generation,
+                        ),
+                    );
+                    set_condition(
+                        &mut conditions,
+                        condition(
+                            condition_types::RECONCILING,
+                            ConditionStatus::False,
+                            e.reason(),
+                            "",
+                            generation,
+                        ),
+                    );
                 }
                 _ => {
                     conditions.retain(|c| c.type_ != condition_types::STALLED);
-                    set_condition(&mut conditions, condition(condition_types::RECONCILING, ConditionStatus::True, e.reason(), &message, generation));
+                    set_condition(
+                        &mut conditions,
+                        condition(
+                            condition_types::RECONCILING,
+                            ConditionStatus::True,
+                            e.reason(),
+                            &message,
+                            generation,
+                        ),
+                    );
                 }
             }
             ConditionStatus::False
         }
     };
     status.insert("observedGeneration".into(), generation.into());
-    status.insert("conditions".into(), serde_json::to_value(&conditions).unwrap_or(Value::Null));
+    status.insert(
+        "conditions".into(),
+        serde_json::to_value(&conditions).unwrap_or(Value::Null),
+    );
     if let Some(token) = request {
         status.insert("lastHandledReconcileAt".into(), token.into());
     }
@@ -188,7 +264,11 @@ async fn reconcile_present(ctx: &Context, key: &ObjectKey, desired: &Desired) ->
     if before != ready {
         let ready_condition = conditions.iter().find(|c| c.type_ == condition_types::READY);
         let (reason, message) = ready_condition.map_or(("", ""), |c| (c.reason.as_str(), c.message.as_str()));
-        let type_ = if ready == ConditionStatus::True { EventType::Normal } else { EventType::Warning };
+        let type_ = if ready == ConditionStatus::True {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
         ctx.book.record(key, type_, reason, message);
         if ready == ConditionStatus::True && key.kind != Kind::Deployment {
             for dependent in ctx.desired.dependents(key) {
@@ -196,7 +276,15 @@ async fn reconcile_present(ctx: &Context, key: &ObjectKey, desired: &Desired) ->
             }
         }
     }
-    ctx.metrics.observe(key, &ObjectFacts { ready, suspended, revision: &desired.revision, conditions: &conditions });
+    ctx.metrics.observe(
+        key,
+        &ObjectFacts {
+            ready,
+            suspended,
+            revision: &desired.revision,
+            conditions: &conditions,
+        },
+    );
     result.map(|done| done.action)
 }
 
@@ -215,14 +303,34 @@ async fn reconcile_deployment(
         .unwrap_or_default();
     let report = ctx.provider.converge(key, &hosts).await?;
     let mut fields = Map::new();
-    fields.insert("hosts".into(), serde_json::to_value(deployment::host_statuses(&hosts, &previous)).unwrap_or(Value::Null));
-    let endpoints: Map<String, Value> =
-        hosts.iter().map(|h| (h.application.to_string(), Value::String(format!("https://{}", h.fqdn)))).collect();
+    fields.insert(
+        "hosts".into(),
+        serde_json::to_value(deployment::host_statuses(&hosts, &previous)).unwrap_or(Value::Null),
+    );
+    let endpoints: Map<String, Value> = hosts
+        .iter()
+        .map(|h| {
+            (
+                h.application.to_string(),
+                Value::String(format!("https://{}", h.fqdn)),
+            )
+        })
+        .collect();
     fields.insert("endpoints".into(), Value::Object(endpoints));
     if !report.converged {
-        return Ok(Converged { action: Action::Requeue(Duration::from_secs(10)), reason: reasons::PROGRESSING, message: report.message, fields });
+        return Ok(Converged {
+            action: Action::Requeue(Duration::from_secs(10)),
+            reason: reasons::PROGRESSING,
+            message: report.message,
+            fields,
+        });
     }
-    Ok(Converged { action: Action::Requeue(RESYNC), reason: reasons::SUCCEEDED, message: report.message, fields })
+    Ok(Converged {
+        action: Action::Requeue(RESYNC),
+        reason: reasons::SUCCEEDED,
+        message: report.message,
+        fields,
+    })
 }
 
 async fn cleanup(ctx: &Context, key: &ObjectKey) -> Result<Action, ReconcileError> {

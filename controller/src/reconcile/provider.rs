@@ -17,7 +17,11 @@ pub struct ProviderReport {
 /// Makes planned hosts exist and run their configuration (Proxmox VMs, NixOS hosts), and removes them.
 pub trait Provider: Send + Sync + 'static {
     /// Converges the hosts of one Deployment.
-    fn converge(&self, deployment: &ObjectKey, hosts: &[PlannedHost]) -> BoxFuture<Result<ProviderReport, ReconcileError>>;
+    fn converge(
+        &self,
+        deployment: &ObjectKey,
+        hosts: &[PlannedHost],
+    ) -> BoxFuture<Result<ProviderReport, ReconcileError>>;
 
     /// Cleans up after a Deployment that was removed (what it does depends on its deletion policy).
     fn cleanup(&self, deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>>;
@@ -27,9 +31,21 @@ pub trait Provider: Send + Sync + 'static {
 pub struct PlanOnly;
 
 impl Provider for PlanOnly {
-    fn converge(&self, _deployment: &ObjectKey, hosts: &[PlannedHost]) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
-        let message = format!("{} host(s) planned; no infrastructure backend is enabled, so nothing was provisioned", hosts.len());
-        Box::pin(async move { Ok(ProviderReport { converged: true, message }) })
+    fn converge(
+        &self,
+        _deployment: &ObjectKey,
+        hosts: &[PlannedHost],
+    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        let message = format!(
+            "{} host(s) planned; no infrastructure backend is enabled, so nothing was provisioned",
+            hosts.len()
+        );
+        Box::pin(async move {
+            Ok(ProviderReport {
+                converged: true,
+                message,
+            })
+        })
     }
 
     fn cleanup(&self, _deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {

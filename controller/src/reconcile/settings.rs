@@ -41,29 +41,50 @@ pub fn check(schema: Option<&Value>, settings: &Map<String, Value>) -> Vec<(Stri
     for (name, value) in settings {
         let Some(property) = properties.and_then(|p| p.get(name)) else {
             if closed {
-                let known: Vec<&str> = properties.map(|p| p.keys().map(String::as_str).collect()).unwrap_or_default();
-                let hint = crate::yaml::suggestion(name, &known).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-                problems.push((name.clone(), format!("unknown setting{hint}; allowed: {}", known.join(", "))));
+                let known: Vec<&str> = properties
+                    .map(|p| p.keys().map(String::as_str).collect())
+                    .unwrap_or_default();
+                let hint = crate::yaml::suggestion(name, &known)
+                    .map(|s| format!(" (did you mean `{s}`?)"))
+                    .unwrap_or_default();
+                problems.push((
+                    name.clone(),
+                    format!("unknown setting{hint}; allowed: {}", known.join(", ")),
+                ));
             }
             continue;
         };
-        if let Some(expected) = property.get("type").and_then(Value::as_str) {
-            if !type_matches(expected, value) {
-                problems.push((name.clone(), format!("expected {expected}, found {}", describe(value))));
-                continue;
-            }
+        if let Some(expected) = property.get("type").and_then(Value::as_str)
+            && !type_matches(expected, value)
+        {
+            problems.push((
+                name.clone(),
+                format!("expected {expected}, found {}", describe(value)),
+            ));
+            continue;
         }
-        if let Some(allowed) = property.get("enum").and_then(Value::as_array) {
-            if !allowed.contains(value) {
-                let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
-                problems.push((name.clone(), format!("{} is not one of {}", describe(value), list.join(", "))));
-            }
+        if let Some(allowed) = property.get("enum").and_then(Value::as_array)
+            && !allowed.contains(value)
+        {
+            let list: Vec<String> = allowed.iter().map(ToString::to_string).collect();
+            problems.push((
+                name.clone(),
+                format!("{} is not one of {}", describe(value), list.join(", ")),
+            ));
         }
         if let Some(n) = value.as_f64() {
-            if let Some(min) = property.get("minimum").and_then(Value::as_f64).filter(|min| n < *min) {
+            if let Some(min) = property
+                .get("minimum")
+                .and_then(Value::as_f64)
+                .filter(|min| n < *min)
+            {
                 problems.push((name.clone(), format!("{n} is below the minimum {min}")));
             }
-            if let Some(max) = property.get("maximum").and_then(Value::as_f64).filter(|max| n > *max) {
+            if let Some(max) = property
+                .get("maximum")
+                .and_then(Value::as_f64)
+                .filter(|max| n > *max)
+            {
                 problems.push((name.clone(), format!("{n} is above the maximum {max}")));
             }
         }
@@ -104,7 +125,11 @@ mod tests {
         let problems = check(Some(&schema()), &settings(json!({"singleUsermode": true})));
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].0, "singleUsermode");
-        assert!(problems[0].1.contains("did you mean `singleUserMode`?"), "{}", problems[0].1);
+        assert!(
+            problems[0].1.contains("did you mean `singleUserMode`?"),
+            "{}",
+            problems[0].1
+        );
     }
 
     #[test]
@@ -112,16 +137,23 @@ mod tests {
         let bad = settings(json!({"singleUserMode": "yes", "registrations": "everyone", "maxTootChars": 20}));
         let problems = check(Some(&schema()), &bad);
         let messages: Vec<String> = problems.iter().map(|(n, m)| format!("{n}: {m}")).collect();
-        assert_eq!(messages, vec![
-            "maxTootChars: 20 is below the minimum 500".to_owned(),
-            "registrations: the string \"everyone\" is not one of \"open\", \"approval\", \"closed\"".to_owned(),
-            "singleUserMode: expected boolean, found the string \"yes\"".to_owned(),
-        ]);
+        assert_eq!(
+            messages,
+            vec![
+                "maxTootChars: 20 is below the minimum 500".to_owned(),
+                "registrations: the string \"everyone\" is not one of \"open\", \"approval\", \"closed\""
+                    .to_owned(),
+                "singleUserMode: expected boolean, found the string \"yes\"".to_owned(),
+            ]
+        );
     }
 
     #[test]
     fn an_application_without_a_schema_takes_no_settings() {
         let problems = check(None, &settings(json!({"x": 1})));
-        assert_eq!(problems, vec![("x".to_owned(), "this application takes no settings".to_owned())]);
+        assert_eq!(
+            problems,
+            vec![("x".to_owned(), "this application takes no settings".to_owned())]
+        );
     }
 }

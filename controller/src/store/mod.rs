@@ -396,7 +396,9 @@ impl Store {
                 match write {
                     Write::Status(key, value) => {
                         let id = key.to_string();
-                        status.insert(id.as_str(), encode(value).as_slice()).map_err(dberr)?;
+                        status
+                            .insert(id.as_str(), encode(value).as_slice())
+                            .map_err(dberr)?;
                     }
                     Write::Event(key, event) => {
                         let id = key.to_string();
@@ -407,18 +409,26 @@ impl Store {
                         let Some(mut record) = record else { continue };
                         let seq = record.next_event;
                         record.next_event += 1;
-                        objects.insert(id.as_str(), encode(&record).as_slice()).map_err(dberr)?;
-                        events.insert((id.as_str(), seq), encode(event).as_slice()).map_err(dberr)?;
+                        objects
+                            .insert(id.as_str(), encode(&record).as_slice())
+                            .map_err(dberr)?;
+                        events
+                            .insert((id.as_str(), seq), encode(event).as_slice())
+                            .map_err(dberr)?;
                         let keep_from = (seq + 1).saturating_sub(MAX_EVENTS_PER_OBJECT as u64);
                         if keep_from > 0 {
-                            events.retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false).map_err(dberr)?;
+                            events
+                                .retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)
+                                .map_err(dberr)?;
                         }
                     }
                     Write::Forget(key) => {
                         let id = key.to_string();
                         objects.remove(id.as_str()).map_err(dberr)?;
                         status.remove(id.as_str()).map_err(dberr)?;
-                        events.retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false).map_err(dberr)?;
+                        events
+                            .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)
+                            .map_err(dberr)?;
                     }
                 }
             }

@@ -1,0 +1,76 @@
+//! A small client of the daemon's JSON API, shared by the remote subcommands.
+
+use serde_json::Value;
+
+/// The daemon's default address, also the CLI's default `--server`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
+
+/// A failure to talk to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon cannot be reached.
+    #[error(
+        "cannot reach the fediversity daemon at {server}: {source} (is `fediversity run` running? set --server or FEDIVERSITY_SERVER)"
+    )]
+    Unreachable {
+        /// The server URL.
+        server: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The daemon answered with an error.
+    #[error("{0}")]
+    Api(String),
+}
+
+/// Talks to one daemon.
+pub struct Client {
+    server: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// A client of the daemon at `server` (`http://HOST:PORT`).
+    pub fn new(server: &str) -> Self {
+        let server = if server.contains("://") {
+            server.to_owned()
+        } else {
+            format!("http://{server}")
+        };
+        Self {
+            server: server.trim_end_matches('/').to_owned(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, ClientError> {
+        let response = request.send().await.map_err(|source| ClientError::Unreachable {
+            server: self.server.clone(),
+            source,
+        })?;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            let message = body
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| status.to_string(), str::to_owned);
+            Err(ClientError::Api(message))
+        }
+    }
+
+    /// `GET /api/v1/PATH`.
+    pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.http.get(format!("{}/api/v1/{path}", self.server)))
+            .await
+    }
+
+    /// `POST /api/v1/PATH`.
+    pub async fn post(&self, path: &str) -> Result<Value, ClientError> {
+        self.send(self.http.post(format!("{}/api/v1/{path}", self.server)))
+            .await
+    }
+}

@@ -1,0 +1,328 @@
+//! The subcommands that talk to a running daemon: `get`, `describe`, `events`, `reconcile`.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::client::{Client, ClientError};
+use super::output::{self, Format};
+use crate::api::{Kind, Timestamp};
+
+/// What `get` and friends accept as a kind: the three kinds, or hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// One of the three kinds.
+    Kind(Kind),
+    /// The hosts planned by Deployments.
+    Hosts,
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if matches!(s.to_ascii_lowercase().as_str(), "host" | "hosts") {
+            return Ok(Target::Hosts);
+        }
+        s.parse()
+            .map(Target::Kind)
+            .map_err(|e: String| format!("{e}, or hosts"))
+    }
+}
+
+impl Target {
+    fn path(self) -> &'static str {
+        match self {
+            Target::Kind(kind) => kind.plural(),
+            Target::Hosts => "hosts",
+        }
+    }
+}
+
+fn cell(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) if s.is_empty() => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn rows(target: Target, items: &[Value]) -> (Vec<&'static str>, Vec<Vec<String>>) {
+    let now = Timestamp::now();
+    let ready = |o: &Value| output::condition(o, "Ready").map_or("Unknown".into(), |c| cell(&c["status"]));
+    let reason = |o: &Value| output::condition(o, "Ready").map_or("-".into(), |c| cell(&c["reason"]));
+    let age = |o: &Value| output::age(o["metadata"]["creationTimestamp"].as_str(), now);
+    let name = |o: &Value| cell(&o["metadata"]["name"]);
+    match target {
+        Target::Kind(Kind::Deployment) => (
+            vec![
+                "NAME",
+                "READY",
+                "REASON",
+                "DOMAIN",
+                "ENVIRONMENT",
+                "HOSTS",
+                "SUSPENDED",
+                "AGE",
+            ],
+            items
+                .iter()
+                .map(|o| {
+                    let hosts = o["status"]["hosts"].as_array().map_or(0, Vec::len);
+                    let suspended = o["spec"]["suspend"].as_bool().unwrap_or(false);
+                    vec![
+                        name(o),
+                        ready(o),
+                        reason(o),
+                        cell(&o["spec"]["domain"]),
+                        cell(&o["spec"]["runtimeEnvironment"]),
+                        hosts.to_string(),
+                        suspended.to_string(),
+                        age(o),
+                    ]
+                })
+                .collect(),
+        ),
+        Target::Kind(Kind::RuntimeEnvironment) => (
+            vec!["NAME", "READY", "REASON", "BACKEND", "ENDPOINT", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    let (backend, endpoint) = if o["spec"]["proxmox"].is_object() {
+                        ("proxmox".to_owned(), cell(&o["spec"]["proxmox"]["endpoint"]))
+                    } else {
+                        (
+                            "static".to_owned(),
+                            format!(
+                                "{} host(s)",
+                                o["spec"]["staticHosts"].as_array().map_or(0, Vec::len)
+                            ),
+                        )
+                    };
+                    vec![name(o), ready(o), reason(o), backend, endpoint, age(o)]
+                })
+                .collect(),
+        ),
+        Target::Kind(Kind::Application) => (
+            vec!["NAME", "READY", "DISPLAY NAME", "SIZES", "AGE"],
+            items
+                .iter()
+                .map(|o| {
+                    let sizes = o["spec"]["sizes"]
+                        .as_object()
+                        .map(|s| s.keys().cloned().collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    vec![name(o), ready(o), cell(&o["spec"]["displayName"]), sizes, age(o)]
+                })
+                .collect(),
+        ),
+        Target::Hosts => (
+            vec!["NAME", "DEPLOYMENT", "PHASE", "VMID", "NODE", "ADDRESS"],
+            items
+                .iter()
+                .map(|h| {
+                    vec![
+                        cell(&h["name"]),
+                        cell(&h["deployment"]),
+                        cell(&h["phase"]),
+                        cell(&h["vmid"]),
+                        cell(&h["node"]),
+                        cell(&h["address"]),
+                    ]
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// `fediversity get KIND [NAME]`.
+pub async fn get(
+    client: &Client,
+    target: Target,
+    name: Option<&str>,
+    format: Format,
+) -> Result<String, ClientError> {
+    let value = match name {
+        Some(name) => client.get(&format!("{}/{name}", target.path())).await?,
+        None => client.get(target.path()).await?,
+    };
+    Ok(match format {
+        Format::Json => format!("{}\n", serde_json::to_string_pretty(&value).unwrap_or_default()),
+        Format::Yaml => output::yaml(&value),
+        Format::Table => {
+            let items = match name {
+                Some(_) => vec![value],
+                None => value["items"].as_array().cloned().unwrap_or_default(),
+            };
+            if items.is_empty() {
+                return Ok(format!("No {} found.\n", target.path()));
+            }
+            let (header, rows) = rows(target, &items);
+            output::table(&header, &rows)
+        }
+    })
+}
+
+/// `fediversity describe KIND NAME`.
+pub async fn describe(client: &Client, kind: Kind, name: &str) -> Result<String, ClientError> {
+    let object = client.get(&format!("{}/{name}", kind.plural())).await?;
+    let events = client
+        .get(&format!("events?kind={}&name={name}", kind.as_str()))
+        .await?;
+    let mut out = String::new();
+    let meta = &object["metadata"];
+    out.push_str(&format!(
+        "Name:         {}\nKind:         {}\n",
+        cell(&meta["name"]),
+        kind
+    ));
+    out.push_str(&format!(
+        "Generation:   {} (observed {})\n",
+        cell(&meta["generation"]),
+        cell(&object["status"]["observedGeneration"])
+    ));
+    out.push_str(&format!("Created:      {}\n", cell(&meta["creationTimestamp"])));
+    if let Some(source) = meta["annotations"][crate::http::view::SOURCE_ANNOTATION].as_str() {
+        out.push_str(&format!("Source:       {source}\n"));
+    }
+    for (label, field) in [
+        ("Applied:      ", "lastAppliedRevision"),
+        ("Attempted:    ", "lastAttemptedRevision"),
+    ] {
+        if let Some(revision) = object["status"][field].as_str() {
+            out.push_str(&format!("{label}{revision}\n"));
+        }
+    }
+    out.push_str("Spec:\n");
+    for line in output::yaml(&object["spec"]).lines() {
+        out.push_str(&format!("  {line}\n"));
+    }
+    out.push_str("Conditions:\n");
+    let conditions = object["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    if conditions.is_empty() {
+        out.push_str("  <none yet>\n");
+    } else {
+        let rows: Vec<Vec<String>> = conditions
+            .iter()
+            .map(|c| {
+                vec![
+                    cell(&c["type"]),
+                    cell(&c["status"]),
+                    cell(&c["reason"]),
+                    cell(&c["lastTransitionTime"]),
+                    cell(&c["message"]),
+                ]
+            })
+            .collect();
+        for line in output::table(&["TYPE", "STATUS", "REASON", "SINCE", "MESSAGE"], &rows).lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    if let Some(hosts) = object["status"]["hosts"].as_array() {
+        out.push_str("Hosts:\n");
+        let rows: Vec<Vec<String>> = hosts
+            .iter()
+            .map(|h| {
+                vec![
+                    cell(&h["name"]),
+                    cell(&h["phase"]),
+                    cell(&h["vmid"]),
+                    cell(&h["node"]),
+                    cell(&h["address"]),
+                ]
+            })
+            .collect();
+        for line in output::table(&["NAME", "PHASE", "VMID", "NODE", "ADDRESS"], &rows).lines() {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out.push_str("Events:\n");
+    out.push_str(&indent(&events_table(&events, false)));
+    Ok(out)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}\n")).collect()
+}
+
+fn events_table(events: &Value, with_object: bool) -> String {
+    let items = events["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        return "<none>\n".into();
+    }
+    let now = Timestamp::now();
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|e| {
+            let mut row = vec![
+                output::age(e["time"].as_str(), now),
+                cell(&e["type"]),
+                cell(&e["reason"]),
+            ];
+            if with_object {
+                row.push(format!(
+                    "{}/{}",
+                    cell(&e["object"]["kind"]),
+                    cell(&e["object"]["name"])
+                ));
+            }
+            row.push(cell(&e["message"]));
+            row
+        })
+        .collect();
+    if with_object {
+        output::table(&["AGE", "TYPE", "REASON", "OBJECT", "MESSAGE"], &rows)
+    } else {
+        output::table(&["AGE", "TYPE", "REASON", "MESSAGE"], &rows)
+    }
+}
+
+/// `fediversity events [KIND NAME]`.
+pub async fn events(client: &Client, object: Option<(Kind, &str)>) -> Result<String, ClientError> {
+    let path = match object {
+        Some((kind, name)) => format!("events?kind={}&name={name}", kind.as_str()),
+        None => "events".into(),
+    };
+    Ok(events_table(&client.get(&path).await?, object.is_none()))
+}
+
+/// `fediversity reconcile KIND NAME [--wait]`: returns the message to print and whether it ended Ready.
+pub async fn reconcile(
+    client: &Client,
+    kind: Kind,
+    name: &str,
+    wait: Option<Duration>,
+) -> Result<(String, bool), ClientError> {
+    let path = format!("{}/{name}", kind.plural());
+    let requested = client.post(&format!("{path}/reconcile")).await?;
+    let token = requested["requestedAt"].as_str().unwrap_or_default().to_owned();
+    let Some(timeout) = wait else {
+        return Ok((format!("{kind}/{name}: reconcile requested\n"), true));
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        let object = client.get(&path).await?;
+        if object["status"]["lastHandledReconcileAt"].as_str() == Some(token.as_str()) {
+            let ready = output::condition(&object, "Ready");
+            let is_ready = ready.is_some_and(|c| c["status"] == "True");
+            let reason = ready.map_or("-".into(), |c| cell(&c["reason"]));
+            let message = ready.map_or(String::new(), |c| cell(&c["message"]));
+            let verdict = if is_ready { "Ready" } else { "not Ready" };
+            return Ok((
+                format!("{kind}/{name}: reconciled, {verdict} ({reason}): {message}\n"),
+                is_ready,
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(ClientError::Api(format!(
+                "{kind}/{name}: the reconcile was not handled within {}s (is the object suspended or the daemon busy?)",
+                timeout.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,184 @@
+//! The daemon's HTTP surface: health, readiness, Prometheus metrics and the JSON status API.
+
+pub mod view;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+
+use crate::api::{Kind, ObjectKey};
+use crate::reconcile::Trigger;
+use crate::state::{DesiredState, StatusBook};
+
+/// What the HTTP handlers read.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The desired objects.
+    pub desired: Arc<DesiredState>,
+    /// Status and events.
+    pub book: Arc<StatusBook>,
+    /// Every metric.
+    pub registry: prometheus::Registry,
+    /// Wakes an object now.
+    pub trigger: Trigger,
+}
+
+/// The routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/source", get(source))
+        .route("/api/v1/{resource}", get(list))
+        .route("/api/v1/{resource}/{name}", get(one))
+        .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, axum::Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.desired.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first complete snapshot\n",
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    let families = state.registry.gather();
+    match prometheus::TextEncoder::new().encode_to_string(&families) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("failed to encode metrics: {e}"),
+        ),
+    }
+}
+
+/// What a path's resource segment names.
+enum Resource {
+    Kind(Kind),
+    Hosts,
+}
+
+fn resource(segment: &str) -> Result<Resource, Box<Response>> {
+    if matches!(segment, "hosts" | "host") {
+        return Ok(Resource::Hosts);
+    }
+    segment
+        .parse()
+        .map(Resource::Kind)
+        .map_err(|e: String| Box::new(error(StatusCode::NOT_FOUND, e)))
+}
+
+async fn list(State(state): State<ApiState>, Path(segment): Path<String>) -> Response {
+    match resource(&segment) {
+        Err(response) => *response,
+        Ok(Resource::Hosts) => axum::Json(view::list(view::hosts(
+            &state.desired.list(Some(Kind::Deployment)),
+            &state.book,
+        )))
+        .into_response(),
+        Ok(Resource::Kind(kind)) => {
+            let items = state
+                .desired
+                .list(Some(kind))
+                .iter()
+                .map(|d| view::object(d, &state.book))
+                .collect();
+            axum::Json(view::list(items)).into_response()
+        }
+    }
+}
+
+async fn one(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {
+    match resource(&segment) {
+        Err(response) => *response,
+        Ok(Resource::Hosts) => {
+            let hosts = view::hosts(&state.desired.list(Some(Kind::Deployment)), &state.book);
+            match hosts
+                .into_iter()
+                .find(|h| h.get("name").and_then(Value::as_str) == Some(name.as_str()))
+            {
+                Some(host) => axum::Json(host).into_response(),
+                None => error(StatusCode::NOT_FOUND, format!("host {name} not found")),
+            }
+        }
+        Ok(Resource::Kind(kind)) => match state.desired.get(&ObjectKey::new(kind, &name)) {
+            Some(desired) => axum::Json(view::object(&desired, &state.book)).into_response(),
+            None => error(StatusCode::NOT_FOUND, format!("{kind} {name} not found")),
+        },
+    }
+}
+
+async fn events(State(state): State<ApiState>, Query(query): Query<HashMap<String, String>>) -> Response {
+    let filter = match (query.get("kind"), query.get("name")) {
+        (Some(kind), Some(name)) => match kind.parse::<Kind>() {
+            Ok(kind) => Some(ObjectKey::new(kind, name)),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        },
+        (None, None) => None,
+        _ => return error(StatusCode::BAD_REQUEST, "give both kind and name, or neither"),
+    };
+    let items = match &filter {
+        Some(key) => state
+            .book
+            .events(key)
+            .iter()
+            .map(|e| view::event(key, e))
+            .collect(),
+        None => state
+            .book
+            .all_events()
+            .iter()
+            .map(|(k, e)| view::event(k, e))
+            .collect(),
+    };
+    axum::Json(view::list(items)).into_response()
+}
+
+async fn source(State(state): State<ApiState>) -> Response {
+    let source = state.desired.source();
+    axum::Json(json!({
+        "revision": source.revision,
+        "appliedAt": source.applied_at.map(|t| t.to_string()),
+        "failure": source.failure,
+        "errors": source.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    }))
+    .into_response()
+}
+
+async fn reconcile(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {
+    let kind = match resource(&segment) {
+        Ok(Resource::Kind(kind)) => kind,
+        Ok(Resource::Hosts) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "hosts are reconciled through their Deployment",
+            );
+        }
+        Err(response) => return *response,
+    };
+    let key = ObjectKey::new(kind, &name);
+    if state.desired.get(&key).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("{kind} {name} not found"));
+    }
+    let token = state.book.request_reconcile(&key);
+    (state.trigger)(&key);
+    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+}
