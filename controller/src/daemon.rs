@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use crate::api::{Kind, ObjectKey};
 use crate::reconcile::{Context, Dispatcher, ObjectMetrics, PlanOnly, Trigger};
 use crate::runtime::metrics::RuntimeMetrics;
-use crate::runtime::queue::QueueConfig;
+use crate::runtime::queue::{QueueConfig, RateLimit};
 use crate::runtime::runner::{ControllerHandle, RunOutcome, Runner, RunnerConfig};
 use crate::runtime::shutdown::{ShutdownState, on_signals};
 use crate::source::dir::DirSource;
@@ -61,6 +61,9 @@ pub struct RunArgs {
     /// How often the sources are fully re-read even without change events.
     #[arg(long, env = "FEDIVERSITY_RESCAN", default_value = "60s", value_parser = crate::cli::parse_duration)]
     pub rescan: Duration,
+    /// Most reconciles started per second over all objects (0: no limit); bursts of twice as many pass.
+    #[arg(long, env = "FEDIVERSITY_MAX_RECONCILE_RATE", default_value_t = 200)]
+    pub max_reconcile_rate: u32,
     /// How long running reconciles may take to finish after SIGTERM.
     #[arg(long, env = "FEDIVERSITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = crate::cli::parse_duration)]
     pub shutdown_grace: Duration,
@@ -132,6 +135,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         reconcile_timeout,
         resync,
         rescan,
+        max_reconcile_rate,
         shutdown_grace,
     } = args;
     init_logging(log_format);
@@ -160,6 +164,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let config = RunnerConfig {
         queue: QueueConfig {
             resync_period: resync,
+            rate_limit: (max_reconcile_rate > 0).then(|| RateLimit {
+                per_second: max_reconcile_rate,
+                burst: max_reconcile_rate.saturating_mul(2),
+            }),
             ..QueueConfig::default()
         },
         max_concurrent,

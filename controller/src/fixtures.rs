@@ -64,16 +64,19 @@ spec:
 }
 
 /// Writes `count` objects under `root`: half as one file per object in `single/`, half as files of
-/// `per_file` documents in `multi/`. About 1% are RuntimeEnvironments, 4% Applications, the rest
-/// Deployments. Returns the files written.
+/// `per_file` documents in `multi/`. About 1% are RuntimeEnvironments, 4% Applications (among them
+/// `mastodon` and `pixelfed`), the rest Deployments. Returns the files written.
 pub fn write_tree(root: &Path, count: usize, per_file: usize) -> std::io::Result<Vec<PathBuf>> {
     let single = root.join("single");
     let multi = root.join("multi");
     std::fs::create_dir_all(&single)?;
     std::fs::create_dir_all(&multi)?;
-    let text = |i: usize| match i % 100 {
-        0 => environment_yaml(&format!("env-{i}")),
-        1..=4 => application_yaml(&format!("app-{i}")),
+    // Deployments use env-0, mastodon and pixelfed, which all exist, so every object can become Ready.
+    let text = |i: usize| match (i, i % 100) {
+        (1, _) => application_yaml("mastodon"),
+        (2, _) => application_yaml("pixelfed"),
+        (_, 0) => environment_yaml(&format!("env-{i}")),
+        (_, 1..=4) => application_yaml(&format!("app-{i}")),
         _ => deployment_yaml(&format!("deploy-{i}"), "env-0", 500),
     };
     let mut files = Vec::new();

@@ -257,6 +257,15 @@ impl StatusBook {
             .cloned()
     }
 
+    /// Runs `f` on an object's status without copying it.
+    pub fn with_status<T>(&self, key: &ObjectKey, f: impl FnOnce(Option<&serde_json::Value>) -> T) -> T {
+        f(self
+            .statuses
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(key))
+    }
+
     /// Sets an object's status; writes it only when it changed. Returns whether it changed.
     pub fn put_status(&self, key: &ObjectKey, status: serde_json::Value) -> bool {
         let mut statuses = self
@@ -372,11 +381,18 @@ impl StatusBook {
     }
 }
 
+/// How long the writer waits after a first write for others to join its commit. Status is rebuilt by
+/// the next reconcile after a crash, so this costs no safety; it caps commits (and fsyncs) at ~50/s.
+const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 4096;
 
 async fn write_batches(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Message>) {
     while let Some(first) = rx.recv().await {
+        // Let a burst gather (unless someone waits on a flush): one commit per burst, not per write.
+        if !matches!(first, Message::Flush(_)) {
+            tokio::time::sleep(BATCH_LINGER).await;
+        }
         let mut batch = Vec::new();
         let mut flushes = Vec::new();
         let mut next = Some(first);

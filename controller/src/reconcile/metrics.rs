@@ -46,7 +46,7 @@ impl ObjectMetrics {
         let condition = IntGaugeVec::new(
             Opts::new(
                 "fediversity_reconcile_condition",
-                "1 for the current status of each condition of each object, 0 for the other statuses.",
+                "1 for the current status of each condition of each object.",
             ),
             &["kind", "name", "type", "status"],
         )?;
@@ -70,21 +70,13 @@ impl ObjectMetrics {
             facts.suspended.to_string(),
             facts.revision.to_owned(),
         ];
-        let mut conditions = Vec::new();
-        for condition in facts.conditions {
-            for status in [
-                ConditionStatus::True,
-                ConditionStatus::False,
-                ConditionStatus::Unknown,
-            ] {
-                conditions.push(vec![
-                    kind.clone(),
-                    name.clone(),
-                    condition.type_.clone(),
-                    status.to_string(),
-                ]);
-            }
-        }
+        // One series per condition, for its current status (value 1): a third of Flux's three-series
+        // encoding, and queries such as `{type="Ready",status="False"} == 1` read the same.
+        let conditions: Vec<Vec<String>> = facts
+            .conditions
+            .iter()
+            .map(|c| vec![kind.clone(), name.clone(), c.type_.clone(), c.status.to_string()])
+            .collect();
         let mut series = self
             .series
             .lock()
@@ -105,14 +97,10 @@ impl ObjectMetrics {
         self.info
             .with_label_values(&info.iter().map(String::as_str).collect::<Vec<_>>())
             .set(1);
-        for (labels, condition) in conditions
-            .iter()
-            .zip(facts.conditions.iter().flat_map(|c| [c, c, c]))
-        {
-            let value = i64::from(labels[3] == condition.status.to_string());
+        for labels in &conditions {
             self.condition
                 .with_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>())
-                .set(value);
+                .set(1);
         }
         series.insert(key.clone(), Series { info, conditions });
     }

@@ -79,7 +79,15 @@ impl Reconciler for Dispatcher {
 
 /// Whether an object's stored status says Ready=True.
 pub fn is_ready(book: &StatusBook, key: &ObjectKey) -> bool {
-    ready_status(book.status(key).as_ref()) == ConditionStatus::True
+    book.with_status(key, |status| {
+        let conditions = status
+            .and_then(|s| s.get("conditions"))
+            .and_then(serde_json::Value::as_array);
+        conditions
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == condition_types::READY && c["status"] == "True")
+    })
 }
 
 fn conditions_of(status: Option<&Value>) -> Vec<Condition> {
