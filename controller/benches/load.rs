@@ -9,18 +9,6 @@ use fediversity::source::dir::DirSource;
 use fediversity::store::{Store, canonical_hash};
 use fediversity::yaml::Limits;
 
-/// A figure from `/proc/self/status` in KiB (`VmHWM` is the peak resident set, `VmRSS` the current one).
-fn proc_status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
     let mut best = Duration::MAX;
     let mut last = None;
@@ -49,7 +37,7 @@ fn main() {
         files.len(),
         bytes as f64 / 1048576.0
     );
-    let rss_before = proc_status_kib("VmRSS:");
+    let rss_before = fixtures::proc_status_kib("VmRSS:");
 
     let started = Instant::now();
     let mut source = DirSource::new(vec![dir.path().to_path_buf()], Limits::default());
@@ -57,8 +45,8 @@ fn main() {
     let cold = started.elapsed();
     assert_eq!(snapshot.objects.len(), objects);
     assert!(snapshot.errors.is_empty());
-    let peak = proc_status_kib("VmHWM:");
-    let rss_after = proc_status_kib("VmRSS:");
+    let peak = fixtures::proc_status_kib("VmHWM:");
+    let rss_after = fixtures::proc_status_kib("VmRSS:");
     println!(
         "first load (cold cache): {:.0} ms ({:.0} objects/s)",
         cold.as_secs_f64() * 1e3,

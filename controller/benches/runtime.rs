@@ -15,17 +15,6 @@ use fediversity::state::{DesiredState, StatusBook};
 use fediversity::store::Store;
 use fediversity::yaml::Limits;
 
-fn proc_status_kib(field: &str) -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// User plus system CPU time of this process, from `/proc/self/stat` (in clock ticks of 10 ms).
 fn cpu_time() -> Duration {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -140,7 +129,10 @@ async fn main() {
         reconciles / converged.as_secs_f64()
     );
     println!("CPU time to converge: {:.2} s", cpu_converged.as_secs_f64());
-    println!("peak RSS: {:.1} MiB", proc_status_kib("VmHWM:") as f64 / 1024.0);
+    println!(
+        "peak RSS: {:.1} MiB",
+        fixtures::proc_status_kib("VmHWM:") as f64 / 1024.0
+    );
 
     let idle_from = cpu_time();
     let idle_window = if full {

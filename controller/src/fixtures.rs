@@ -101,3 +101,16 @@ pub fn write_tree(root: &Path, count: usize, per_file: usize) -> std::io::Result
     }
     Ok(files)
 }
+
+/// A figure from `/proc/self/status` in KiB (`VmHWM:` is the peak resident set, `VmRSS:` the current
+/// one), for benchmarks; 0 where the file does not exist.
+pub fn proc_status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -298,50 +298,10 @@ impl Store {
         value.map(|v| decode(&id, v.value())).transpose()
     }
 
-    /// Appends an event to an object's log, dropping the oldest beyond [`MAX_EVENTS_PER_OBJECT`].
+    /// Appends an event to an object's log, dropping the oldest beyond [`MAX_EVENTS_PER_OBJECT`]. Events
+    /// about an object the store does not track are dropped.
     pub fn record_event(&self, key: &ObjectKey, event: &Event) -> Result<(), StoreError> {
-        let id = key.to_string();
-        let txn = self.db.begin_write().map_err(dberr)?;
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(dberr)?;
-            let record: Option<ObjectRecord> = match objects.get(id.as_str()).map_err(dberr)? {
-                Some(bytes) => Some(decode(&id, bytes.value())?),
-                None => None,
-            };
-            let seq = match record {
-                Some(mut record) => {
-                    let seq = record.next_event;
-                    record.next_event += 1;
-                    objects
-                        .insert(id.as_str(), encode(&record).as_slice())
-                        .map_err(dberr)?;
-                    seq
-                }
-                None => {
-                    // Events about an object the store does not track (yet): number after the last one kept.
-                    let events = txn.open_table(EVENTS).map_err(dberr)?;
-                    let last = events
-                        .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
-                        .map_err(dberr)?
-                        .next_back();
-                    match last {
-                        Some(entry) => entry.map_err(dberr)?.0.value().1 + 1,
-                        None => 0,
-                    }
-                }
-            };
-            let mut events = txn.open_table(EVENTS).map_err(dberr)?;
-            events
-                .insert((id.as_str(), seq), encode(event).as_slice())
-                .map_err(dberr)?;
-            let keep_from = (seq + 1).saturating_sub(MAX_EVENTS_PER_OBJECT as u64);
-            if keep_from > 0 {
-                events
-                    .retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)
-                    .map_err(dberr)?;
-            }
-        }
-        txn.commit().map_err(dberr)
+        self.apply(&[Write::Event(key.clone(), event.clone())])
     }
 
     /// An object's events, oldest first.
@@ -362,23 +322,7 @@ impl Store {
 
     /// Removes an object's record, status and events (after its cleanup succeeded).
     pub fn forget(&self, key: &ObjectKey) -> Result<(), StoreError> {
-        let id = key.to_string();
-        let txn = self.db.begin_write().map_err(dberr)?;
-        {
-            txn.open_table(OBJECTS)
-                .map_err(dberr)?
-                .remove(id.as_str())
-                .map_err(dberr)?;
-            txn.open_table(STATUS)
-                .map_err(dberr)?
-                .remove(id.as_str())
-                .map_err(dberr)?;
-            let mut events = txn.open_table(EVENTS).map_err(dberr)?;
-            events
-                .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)
-                .map_err(dberr)?;
-        }
-        txn.commit().map_err(dberr)
+        self.apply(&[Write::Forget(key.clone())])
     }
 
     /// Applies many status, event and removal writes in one transaction (one fsync): the status
