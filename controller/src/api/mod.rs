@@ -1,6 +1,7 @@
 //! The desired-state object kinds (`fediversity.eu/v1alpha1`), their validation and JSON Schemas.
 
 mod application;
+pub mod crd;
 mod deployment;
 mod meta;
 mod runtime_environment;
