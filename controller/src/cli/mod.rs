@@ -46,6 +46,12 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Prints the Kubernetes CustomResourceDefinitions of the three kinds, or writes one file per kind.
+    Crds {
+        /// Writes `fediversity.eu_<plural>.yaml` files into this folder instead of printing.
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
+    },
     /// Prints the JSON Schema of a kind's objects.
     Schema {
         /// RuntimeEnvironment, Application or Deployment (plural and short names work too).
@@ -136,6 +142,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => crate::daemon::run(*args).await,
         Command::Validate { paths, quiet } => Ok(validate::run(&paths, quiet, &mut std::io::stdout())?),
+        Command::Crds { output_dir: None } => {
+            print!("{}", crate::api::crd::all_yaml());
+            Ok(0)
+        }
+        Command::Crds { output_dir: Some(dir) } => {
+            std::fs::create_dir_all(&dir)?;
+            for kind in Kind::ALL {
+                let path = dir.join(crate::api::crd::file_name(kind));
+                std::fs::write(&path, crate::api::crd::crd_yaml(kind))?;
+                println!("wrote {}", path.display());
+            }
+            Ok(0)
+        }
         Command::Schema { kind } => {
             println!(
                 "{}",
