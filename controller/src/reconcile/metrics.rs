@@ -5,7 +5,7 @@ use std::sync::Mutex;
 
 use prometheus::{IntGaugeVec, Opts, Registry};
 
-use crate::api::{Condition, ConditionStatus, ObjectKey};
+use crate::api::{Condition, ConditionStatus, ObjectKey, condition_types};
 
 /// The series an object currently has, so they can be replaced or removed exactly.
 #[derive(Default)]
@@ -13,6 +13,9 @@ struct Series {
     info: Vec<String>,
     conditions: Vec<Vec<String>>,
 }
+
+/// The condition types exported as `fediversity_reconcile_condition` series.
+const METRIC_CONDITIONS: [&str; 2] = [condition_types::READY, condition_types::STALLED];
 
 /// Gauges describing each object; every series of an object goes away with it.
 pub struct ObjectMetrics {
@@ -70,13 +73,29 @@ impl ObjectMetrics {
             facts.suspended.to_string(),
             facts.revision.to_owned(),
         ];
-        // One series per condition, for its current status (value 1): a third of Flux's three-series
-        // encoding, and queries such as `{type="Ready",status="False"} == 1` read the same.
-        let conditions: Vec<Vec<String>> = facts
+        // Flux's encoding for the conditions alerts use (Ready, Stalled): one series per possible status,
+        // 1 for the current one and 0 for the others, so every selector finds a series. Other conditions
+        // stay in status only.
+        let mut conditions: Vec<(Vec<String>, i64)> = Vec::new();
+        for condition in facts
             .conditions
             .iter()
-            .map(|c| vec![kind.clone(), name.clone(), c.type_.clone(), c.status.to_string()])
-            .collect();
+            .filter(|c| METRIC_CONDITIONS.contains(&c.type_.as_str()))
+        {
+            for status in [
+                ConditionStatus::True,
+                ConditionStatus::False,
+                ConditionStatus::Unknown,
+            ] {
+                let labels = vec![
+                    kind.clone(),
+                    name.clone(),
+                    condition.type_.clone(),
+                    status.to_string(),
+                ];
+                conditions.push((labels, i64::from(status == condition.status)));
+            }
+        }
         let mut series = self
             .series
             .lock()
@@ -88,7 +107,7 @@ impl ObjectMetrics {
                 .remove_label_values(&old.info.iter().map(String::as_str).collect::<Vec<_>>());
         }
         for labels in &old.conditions {
-            if !conditions.contains(labels) {
+            if !conditions.iter().any(|(l, _)| l == labels) {
                 let _ = self
                     .condition
                     .remove_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>());
@@ -97,11 +116,12 @@ impl ObjectMetrics {
         self.info
             .with_label_values(&info.iter().map(String::as_str).collect::<Vec<_>>())
             .set(1);
-        for labels in &conditions {
+        for (labels, value) in &conditions {
             self.condition
                 .with_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>())
-                .set(1);
+                .set(*value);
         }
+        let conditions = conditions.into_iter().map(|(labels, _)| labels).collect();
         series.insert(key.clone(), Series { info, conditions });
     }
 

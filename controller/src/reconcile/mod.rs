@@ -173,86 +173,42 @@ async fn reconcile_present(
     };
     let mut conditions = conditions_of(old.as_ref());
     let generation = desired.generation;
-    let ready = match &result {
-        Ok(done) => {
-            for (k, v) in &done.fields {
-                status.insert(k.clone(), v.clone());
-            }
-            set_condition(
-                &mut conditions,
-                condition(
-                    condition_types::READY,
-                    ConditionStatus::True,
-                    done.reason,
-                    &done.message,
-                    generation,
-                ),
-            );
-            conditions.retain(|c| c.type_ != condition_types::STALLED);
-            set_condition(
-                &mut conditions,
-                condition(
-                    condition_types::RECONCILING,
-                    ConditionStatus::False,
-                    done.reason,
-                    "",
-                    generation,
-                ),
-            );
-            ConditionStatus::True
+    if let Ok(done) = &result {
+        for (k, v) in &done.fields {
+            status.insert(k.clone(), v.clone());
         }
-        Err(e) => {
-            let message = e.to_string();
-            set_condition(
-                &mut conditions,
-                condition(
-                    condition_types::READY,
-                    ConditionStatus::False,
-                    e.reason(),
-                    &message,
-                    generation,
-                ),
-            );
-            match e {
-                ReconcileError::Terminal { .. } => {
-                    set_condition(
-                        &mut conditions,
-                        condition(
-                            condition_types::STALLED,
-                            ConditionStatus::True,
-                            e.reason(),
-                            &message,
-                            generation,
-                        ),
-                    );
-                    set_condition(
-                        &mut conditions,
-                        condition(
-                            condition_types::RECONCILING,
-                            ConditionStatus::False,
-                            e.reason(),
-                            "",
-                            generation,
-                        ),
-                    );
-                }
-                _ => {
-                    conditions.retain(|c| c.type_ != condition_types::STALLED);
-                    set_condition(
-                        &mut conditions,
-                        condition(
-                            condition_types::RECONCILING,
-                            ConditionStatus::True,
-                            e.reason(),
-                            &message,
-                            generation,
-                        ),
-                    );
-                }
-            }
-            ConditionStatus::False
-        }
+    }
+    // Ready, Stalled and Reconciling are always all present, so that dashboards and alerts find a
+    // series for each (status, reason, message).
+    use ConditionStatus::{False, True};
+    let (ready, stalled, reconciling) = match &result {
+        Ok(done) => (
+            (True, done.reason, done.message.clone()),
+            (False, done.reason, String::new()),
+            (False, done.reason, String::new()),
+        ),
+        Err(e @ ReconcileError::Terminal { .. }) => (
+            (False, e.reason(), e.to_string()),
+            (True, e.reason(), e.to_string()),
+            (False, e.reason(), String::new()),
+        ),
+        Err(e) => (
+            (False, e.reason(), e.to_string()),
+            (False, e.reason(), String::new()),
+            (True, e.reason(), e.to_string()),
+        ),
     };
+    let ready_now = ready.0;
+    for (type_, (status, reason, message)) in [
+        (condition_types::READY, ready),
+        (condition_types::STALLED, stalled),
+        (condition_types::RECONCILING, reconciling),
+    ] {
+        set_condition(
+            &mut conditions,
+            condition(type_, status, reason, &message, generation),
+        );
+    }
     status.insert("observedGeneration".into(), generation.into());
     status.insert(
         "conditions".into(),
@@ -263,22 +219,22 @@ async fn reconcile_present(
     }
     if key.kind == Kind::Deployment {
         status.insert("lastAttemptedRevision".into(), desired.revision.clone().into());
-        if ready == ConditionStatus::True {
+        if ready_now == ConditionStatus::True {
             status.insert("lastAppliedRevision".into(), desired.revision.clone().into());
         }
     }
     let before = ready_status(old.as_ref());
     ctx.book.put_status(key, Value::Object(status));
-    if before != ready {
+    if before != ready_now {
         let ready_condition = conditions.iter().find(|c| c.type_ == condition_types::READY);
         let (reason, message) = ready_condition.map_or(("", ""), |c| (c.reason.as_str(), c.message.as_str()));
-        let type_ = if ready == ConditionStatus::True {
+        let type_ = if ready_now == ConditionStatus::True {
             EventType::Normal
         } else {
             EventType::Warning
         };
         ctx.book.record(key, type_, reason, message);
-        if ready == ConditionStatus::True && key.kind != Kind::Deployment {
+        if ready_now == ConditionStatus::True && key.kind != Kind::Deployment {
             for dependent in ctx.desired.dependents(key) {
                 (ctx.trigger)(&dependent);
             }
@@ -287,7 +243,7 @@ async fn reconcile_present(
     ctx.metrics.observe(
         key,
         &ObjectFacts {
-            ready,
+            ready: ready_now,
             suspended,
             revision: &desired.revision,
             conditions: &conditions,
