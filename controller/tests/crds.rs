@@ -26,6 +26,9 @@ fn the_committed_crds_parse_and_name_their_kind() {
         let value: serde_json::Value = yaml_serde::from_str(&text).unwrap();
         assert_eq!(value["kind"], "CustomResourceDefinition");
         assert_eq!(value["spec"]["names"]["kind"], kind.as_str());
-        assert_eq!(value["metadata"]["name"], format!("{}.fediversity.eu", kind.plural()));
+        assert_eq!(
+            value["metadata"]["name"],
+            format!("{}.fediversity.eu", kind.plural())
+        );
     }
 }

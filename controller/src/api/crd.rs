@@ -38,7 +38,9 @@ fn structural(value: &mut Value) {
     // A single `allOf` (schemars' way to attach a description or nullability to a reference): merge it.
     if let Some(Value::Array(all)) = map.get("allOf") {
         if all.len() == 1 {
-            if let Some(Value::Object(inner)) = map.remove("allOf").and_then(|a| a.as_array()?.first().cloned()) {
+            if let Some(Value::Object(inner)) =
+                map.remove("allOf").and_then(|a| a.as_array()?.first().cloned())
+            {
                 for (k, v) in inner {
                     map.entry(k).or_insert(v);
                 }
@@ -58,7 +60,12 @@ fn structural(value: &mut Value) {
     if let Some(Value::Array(branches)) = map.get("oneOf") {
         let values: Option<Vec<Value>> = branches
             .iter()
-            .map(|b| b.get("enum").and_then(Value::as_array).filter(|e| e.len() == 1).map(|e| e[0].clone()))
+            .map(|b| {
+                b.get("enum")
+                    .and_then(Value::as_array)
+                    .filter(|e| e.len() == 1)
+                    .map(|e| e[0].clone())
+            })
             .collect();
         if let Some(values) = values {
             map.remove("oneOf");
@@ -68,7 +75,9 @@ fn structural(value: &mut Value) {
     }
     // Free-form values (operator settings, settings schemas) are kept as they are.
     let free_object = map.get("additionalProperties") == Some(&Value::Bool(true))
-        || (map.get("type") == Some(&json!("object")) && !map.contains_key("properties") && !map.contains_key("additionalProperties"));
+        || (map.get("type") == Some(&json!("object"))
+            && !map.contains_key("properties")
+            && !map.contains_key("additionalProperties"));
     if free_object {
         map.remove("additionalProperties");
         map.insert("x-kubernetes-preserve-unknown-fields".into(), Value::Bool(true));
@@ -96,33 +105,83 @@ fn column(name: &str, type_: &str, path: &str, description: &str) -> Value {
 /// The CustomResourceDefinition of `kind`.
 pub fn crd(kind: Kind) -> Value {
     let (spec, status) = match kind {
-        Kind::RuntimeEnvironment => (schema_of::<RuntimeEnvironmentSpec>(), schema_of::<RuntimeEnvironmentStatus>()),
+        Kind::RuntimeEnvironment => (
+            schema_of::<RuntimeEnvironmentSpec>(),
+            schema_of::<RuntimeEnvironmentStatus>(),
+        ),
         Kind::Application => (schema_of::<ApplicationSpec>(), schema_of::<ApplicationStatus>()),
         Kind::Deployment => (schema_of::<DeploymentSpec>(), schema_of::<DeploymentStatus>()),
     };
-    let ready = column("Ready", "string", ".status.conditions[?(@.type==\"Ready\")].status", "Whether the object is converged.");
-    let reason = column("Reason", "string", ".status.conditions[?(@.type==\"Ready\")].reason", "Why (not) Ready.");
-    let age = column("Age", "date", ".metadata.creationTimestamp", "When the object was created.");
+    let ready = column(
+        "Ready",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].status",
+        "Whether the object is converged.",
+    );
+    let reason = column(
+        "Reason",
+        "string",
+        ".status.conditions[?(@.type==\"Ready\")].reason",
+        "Why (not) Ready.",
+    );
+    let age = column(
+        "Age",
+        "date",
+        ".metadata.creationTimestamp",
+        "When the object was created.",
+    );
     let mut columns = vec![ready, reason];
     match kind {
         Kind::Deployment => {
-            columns.push(column("Domain", "string", ".spec.domain", "The operator's domain."));
-            columns.push(column("Environment", "string", ".spec.runtimeEnvironment", "Where it runs."));
-            columns.push(column("Suspended", "boolean", ".spec.suspend", "Whether reconciles are suspended."));
+            columns.push(column(
+                "Domain",
+                "string",
+                ".spec.domain",
+                "The operator's domain.",
+            ));
+            columns.push(column(
+                "Environment",
+                "string",
+                ".spec.runtimeEnvironment",
+                "Where it runs.",
+            ));
+            columns.push(column(
+                "Suspended",
+                "boolean",
+                ".spec.suspend",
+                "Whether reconciles are suspended.",
+            ));
         }
         Kind::RuntimeEnvironment => {
-            columns.push(column("Endpoint", "string", ".spec.proxmox.endpoint", "The Proxmox VE API."));
-            columns.push(column("VMs", "integer", ".status.vmsOwned", "VMs owned by the controller."));
+            columns.push(column(
+                "Endpoint",
+                "string",
+                ".spec.proxmox.endpoint",
+                "The Proxmox VE API.",
+            ));
+            columns.push(column(
+                "VMs",
+                "integer",
+                ".status.vmsOwned",
+                "VMs owned by the controller.",
+            ));
         }
         Kind::Application => {
-            columns.push(column("Display name", "string", ".spec.displayName", "What operators see."));
+            columns.push(column(
+                "Display name",
+                "string",
+                ".spec.displayName",
+                "What operators see.",
+            ));
         }
     }
     columns.push(age);
     let singular = kind.as_str().to_ascii_lowercase();
     let description = match kind {
         Kind::RuntimeEnvironment => "Where Deployments run: a Proxmox VE cluster or existing NixOS machines.",
-        Kind::Application => "A catalog entry: a Fediverse application, its NixOS module, sizes and settings schema.",
+        Kind::Application => {
+            "A catalog entry: a Fediverse application, its NixOS module, sizes and settings schema."
+        }
         Kind::Deployment => "One operator's desired state: a domain, applications and their settings.",
     };
     json!({
@@ -176,7 +235,11 @@ pub fn crd_yaml(kind: Kind) -> String {
 
 /// Every CRD as one multi-document YAML stream.
 pub fn all_yaml() -> String {
-    Kind::ALL.iter().map(|k| crd_yaml(*k)).collect::<Vec<_>>().join("---\n")
+    Kind::ALL
+        .iter()
+        .map(|k| crd_yaml(*k))
+        .collect::<Vec<_>>()
+        .join("---\n")
 }
 
 #[cfg(test)]
@@ -225,10 +288,22 @@ mod tests {
         let crd = crd(Kind::Deployment);
         let version = &crd["spec"]["versions"][0];
         assert_eq!(version["subresources"]["status"], json!({}));
-        assert!(version["additionalPrinterColumns"].as_array().unwrap().iter().any(|c| c["name"] == "Ready"));
+        assert!(
+            version["additionalPrinterColumns"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["name"] == "Ready")
+        );
         let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
-        assert_eq!(spec["properties"]["deletionPolicy"]["enum"], json!(["Retain", "Delete"]));
-        assert_eq!(spec["properties"]["applications"]["additionalProperties"]["properties"]["settings"]["x-kubernetes-preserve-unknown-fields"], true);
+        assert_eq!(
+            spec["properties"]["deletionPolicy"]["enum"],
+            json!(["Retain", "Delete"])
+        );
+        assert_eq!(
+            spec["properties"]["applications"]["additionalProperties"]["properties"]["settings"]["x-kubernetes-preserve-unknown-fields"],
+            true
+        );
         assert!(spec["required"].as_array().unwrap().contains(&json!("domain")));
     }
 }

@@ -146,7 +146,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", crate::api::crd::all_yaml());
             Ok(0)
         }
-        Command::Crds { output_dir: Some(dir) } => {
+        Command::Crds {
+            output_dir: Some(dir),
+        } => {
             std::fs::create_dir_all(&dir)?;
             for kind in Kind::ALL {
                 let path = dir.join(crate::api::crd::file_name(kind));
