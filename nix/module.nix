@@ -1,0 +1,111 @@
+# NixOS module for running the Fediversity controller itself, for providers whose management host
+# runs NixOS:
+#
+#   imports = [ ./nix/module.nix ];
+#   services.fediversity-controller = {
+#     enable = true;
+#     package = pkgs.callPackage ./nix/package.nix { };   # or your own build of the `fediversity` binary
+#     sources = [ "git+ssh://git@git.example.net/provider/desired-state.git#main" ];
+#     environmentFile = "/run/secrets/fediversity-controller.env";
+#   };
+{ config, lib, ... }:
+
+let
+  cfg = config.services.fediversity-controller;
+in
+{
+  options.services.fediversity-controller = {
+    enable = lib.mkEnableOption "the Fediversity controller";
+
+    package = lib.mkOption {
+      type = lib.types.package;
+      description = "The package providing `bin/fediversity`.";
+    };
+
+    sources = lib.mkOption {
+      type = lib.types.nonEmptyListOf lib.types.str;
+      example = [ "git+https://git.example.net/provider/desired-state.git#main" ];
+      description = "Desired-state sources, one `--source` each: folders or git repositories.";
+    };
+
+    listen = lib.mkOption {
+      type = lib.types.str;
+      default = "127.0.0.1:9470";
+      description = "Address of the API, `/metrics`, `/healthz` and `/readyz`. Loopback by default.";
+    };
+
+    logFormat = lib.mkOption {
+      type = lib.types.enum [ "text" "json" ];
+      default = "json";
+      description = "Log format.";
+    };
+
+    environmentFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      description = ''
+        A file of `FEDIVERSITY_*` variables (see `fediversity run --help`), e.g. kept by sops-nix or agenix.
+        Secrets themselves (Proxmox token, SSH deploy key) are files referenced from the
+        RuntimeEnvironment objects; make them readable through `LoadCredential` or group permissions.
+      '';
+    };
+
+    extraArgs = lib.mkOption {
+      type = lib.types.listOf lib.types.str;
+      default = [ ];
+      description = "Extra arguments for `fediversity run`.";
+    };
+  };
+
+  config = lib.mkIf cfg.enable {
+    systemd.services.fediversity-controller = {
+      description = "Fediversity controller";
+      wantedBy = [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+      path = [ config.nix.package config.programs.ssh.package ];
+      environment = {
+        FEDIVERSITY_STATE_DIR = "/var/lib/fediversity";
+        FEDIVERSITY_LISTEN = cfg.listen;
+        FEDIVERSITY_LOG_FORMAT = cfg.logFormat;
+        RUST_LOG = lib.mkDefault "info";
+      };
+      serviceConfig = {
+        ExecStart = lib.escapeShellArgs (
+          [ "${cfg.package}/bin/fediversity" "run" ]
+          ++ lib.concatMap (source: [ "--source" source ]) cfg.sources
+          ++ cfg.extraArgs
+        );
+        EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        Restart = "on-failure";
+        RestartSec = "5s";
+        TimeoutStopSec = "45s";
+        DynamicUser = true;
+        StateDirectory = "fediversity";
+        StateDirectoryMode = "0700";
+        CacheDirectory = "fediversity";
+        NoNewPrivileges = true;
+        ProtectSystem = "strict";
+        ProtectHome = true;
+        PrivateTmp = true;
+        PrivateDevices = true;
+        ProtectKernelTunables = true;
+        ProtectKernelModules = true;
+        ProtectKernelLogs = true;
+        ProtectControlGroups = true;
+        ProtectClock = true;
+        ProtectHostname = true;
+        RestrictAddressFamilies = [ "AF_INET" "AF_INET6" "AF_UNIX" ];
+        RestrictNamespaces = true;
+        RestrictRealtime = true;
+        RestrictSUIDSGID = true;
+        LockPersonality = true;
+        MemoryDenyWriteExecute = true;
+        SystemCallArchitectures = "native";
+        SystemCallFilter = [ "@system-service" "~@privileged @resources" ];
+        CapabilityBoundingSet = "";
+        UMask = "0077";
+      };
+    };
+  };
+}
