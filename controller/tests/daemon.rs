@@ -270,3 +270,48 @@ fn which(tool: &str) -> Option<PathBuf> {
         .map(|d| Path::new(d).join(tool))
         .find(|p| p.is_file())
 }
+
+#[test]
+fn an_object_deleted_while_the_daemon_was_down_is_cleaned_up_on_restart() {
+    let source = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    copy_examples(source.path());
+    let mut daemon = start(source.path(), state.path());
+    wait_for("the Deployment to become Ready", Duration::from_secs(10), || {
+        (ready(&api(&daemon, "deployments/uni-utrecht")).map(|r| r.0) == Some("True".into())).then_some(())
+    });
+    assert!(
+        api(&daemon, "events")["items"]
+            .to_string()
+            .contains("uni-utrecht")
+    );
+    let pid = daemon.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+
+    std::fs::remove_file(source.path().join("deployments/uni-utrecht.yaml")).unwrap();
+    let daemon = start(source.path(), state.path());
+    // Its stored status and events were loaded at start; cleanup drops them.
+    wait_for(
+        "the removed Deployment's events to be dropped",
+        Duration::from_secs(10),
+        || {
+            (!api(&daemon, "events")["items"]
+                .to_string()
+                .contains("\"uni-utrecht\""))
+            .then_some(())
+        },
+    );
+    assert!(
+        api(&daemon, "deployments")["items"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -68,7 +68,9 @@ impl Reconciler for Dispatcher {
         Box::pin(async move {
             if let Some(desired) = ctx.desired.get(&key) {
                 reconcile_present(&ctx, &key, &desired).await
-            } else if ctx.desired.removing(&key).is_some() {
+            } else if ctx.desired.removing(&key).is_some() || ctx.book.status(&key).is_some() {
+                // Removed from its source, or removed while the controller was down (only its stored
+                // status remains): clean up.
                 cleanup(&ctx, &key).await
             } else {
                 Ok(Action::AwaitChange)

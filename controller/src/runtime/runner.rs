@@ -395,6 +395,13 @@ impl Workers {
         let took = now.saturating_duration_since(run.started);
         match &result {
             Ok(action) => tracing::debug!(key = %run.key, ?action, ?took, "reconciled"),
+            // Waiting on a dependency is routine (its event says so once); failures are worth a warning.
+            Err(error @ ReconcileError::Waiting { .. }) => tracing::debug!(
+                key = %run.key,
+                reason = error.reason(),
+                %error,
+                "reconcile waiting"
+            ),
             Err(error) => tracing::warn!(
                 key = %run.key,
                 reason = error.reason(),
