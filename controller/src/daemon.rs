@@ -10,7 +10,7 @@ use prometheus::{IntCounter, IntGauge, Registry};
 use tokio::sync::watch;
 
 use crate::api::{Kind, ObjectKey};
-use crate::reconcile::{Context, Dispatcher, ObjectMetrics, PlanOnly, Trigger};
+use crate::reconcile::{Context, Dispatcher, ObjectMetrics, Trigger};
 use crate::runtime::metrics::RuntimeMetrics;
 use crate::runtime::queue::{QueueConfig, RateLimit};
 use crate::runtime::runner::{ControllerHandle, RunOutcome, Runner, RunnerConfig};
@@ -67,6 +67,12 @@ pub struct RunArgs {
     /// How long running reconciles may take to finish after SIGTERM.
     #[arg(long, env = "FEDIVERSITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = crate::cli::parse_duration)]
     pub shutdown_grace: Duration,
+    /// The infrastructure backend: `proxmox` creates VMs; `plan-only` plans hosts and touches nothing.
+    #[arg(long, env = "FEDIVERSITY_PROVIDER", value_enum, default_value = "proxmox")]
+    pub provider: crate::proxmox::ProviderKind,
+    /// This controller's identity in VM owner tags (default: generated once, kept in the state directory).
+    #[arg(long, env = "FEDIVERSITY_INSTANCE_ID")]
+    pub instance_id: Option<String>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -137,6 +143,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         rescan,
         max_reconcile_rate,
         shutdown_grace,
+        provider,
+        instance_id,
     } = args;
     init_logging(log_format);
     let store = Arc::new(Store::open(&state_dir)?);
@@ -189,7 +197,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         desired: desired.clone(),
         book: book.clone(),
         metrics: object_metrics,
-        provider: Arc::new(PlanOnly),
+        provider: crate::proxmox::build_provider(
+            provider,
+            instance_id.as_deref(),
+            &state_dir,
+            &store,
+            &desired,
+            &registry,
+        )?,
         trigger: trigger.clone(),
     });
     let runner = Runner::new(Arc::new(Dispatcher::new(ctx)), config, Some(runtime_metrics));

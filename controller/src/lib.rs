@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod fixtures;
 pub mod http;
 pub mod load;
+pub mod proxmox;
 pub mod reconcile;
 pub mod runtime;
 pub mod source;

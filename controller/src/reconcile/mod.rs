@@ -18,7 +18,7 @@ use crate::runtime::{Action, BoxFuture, ReconcileError, Reconciler};
 use crate::state::{Desired, DesiredState, StatusBook};
 
 pub use metrics::{ObjectFacts, ObjectMetrics};
-pub use provider::{PlanOnly, Provider, ProviderReport};
+pub use provider::{EnvironmentReport, PlanOnly, Provider, ProviderCondition, ProviderReport};
 
 /// How often a converged object is looked at again without any trigger: the periodic guard against
 /// missed changes that kube-runtime's docs recommend.
@@ -48,6 +48,8 @@ struct Converged {
     message: String,
     /// Kind-specific status fields to set.
     fields: Map<String, Value>,
+    /// Domain conditions to set (e.g. `Provisioned`).
+    conditions: Vec<ProviderCondition>,
 }
 
 /// Dispatches each key to its kind's reconciler, or to cleanup when the object was removed.
@@ -145,26 +147,21 @@ async fn reconcile_present(
         return Ok(Action::AwaitChange);
     }
     let result = match desired.object() {
-        Object::RuntimeEnvironment(env) => Ok(Converged {
-            action: Action::Requeue(RESYNC),
-            reason: reasons::SUCCEEDED,
-            message: match &env.spec.proxmox {
-                Some(p) => format!(
-                    "valid: {} node(s), VMIDs {}-{}, template {}",
-                    p.nodes.len(),
-                    p.vmid_range.start,
-                    p.vmid_range.end,
-                    p.template.vmid
-                ),
-                None => format!("valid: {} static host(s)", env.spec.static_hosts.len()),
-            },
-            fields: Map::new(),
-        }),
+        Object::RuntimeEnvironment(env) => {
+            ctx.provider.check_environment(env).await.map(|report| Converged {
+                action: Action::Requeue(RESYNC),
+                reason: reasons::SUCCEEDED,
+                message: report.message,
+                fields: report.fields,
+                conditions: Vec::new(),
+            })
+        }
         Object::Application(app) => Ok(Converged {
             action: Action::Requeue(RESYNC),
             reason: reasons::SUCCEEDED,
             message: format!("valid: {} size(s) offered", app.spec.sizes.len()),
             fields: Map::new(),
+            conditions: Vec::new(),
         }),
         Object::Deployment(dep) => reconcile_deployment(ctx, key, desired, dep, old.as_ref()).await,
     };
@@ -179,11 +176,23 @@ async fn reconcile_present(
         for (k, v) in &done.fields {
             status.insert(k.clone(), v.clone());
         }
+        for c in &done.conditions {
+            set_condition(
+                &mut conditions,
+                condition(c.type_, c.status, c.reason, &c.message, generation),
+            );
+        }
     }
     // Ready, Stalled and Reconciling are always all present, so that dashboards and alerts find a
     // series for each (status, reason, message).
     use ConditionStatus::{False, True};
     let (ready, stalled, reconciling) = match &result {
+        // Hosts still converging: not Ready yet, but no error either.
+        Ok(done) if done.reason == reasons::PROGRESSING => (
+            (False, done.reason, done.message.clone()),
+            (False, done.reason, String::new()),
+            (True, done.reason, done.message.clone()),
+        ),
         Ok(done) => (
             (True, done.reason, done.message.clone()),
             (False, done.reason, String::new()),
@@ -261,17 +270,33 @@ async fn reconcile_deployment(
     dep: &crate::api::Deployment,
     old: Option<&Value>,
 ) -> Result<Converged, ReconcileError> {
+    let _ = key;
     let applications = deployment::resolve(dep, &ctx.desired, |k| is_ready(&ctx.book, k))?;
     let hosts = deployment::plan(dep, &applications)?;
+    let env_key = ObjectKey {
+        kind: Kind::RuntimeEnvironment,
+        name: dep.spec.runtime_environment.clone(),
+    };
+    let Some(Object::RuntimeEnvironment(env)) = ctx.desired.get(&env_key).map(|d| d.object().clone()) else {
+        return Err(ReconcileError::Waiting {
+            reason: reasons::DEPENDENCY_NOT_READY,
+            message: format!("waiting for RuntimeEnvironment {} to exist", env_key.name),
+            retry_after: deployment::DEPENDENCY_RETRY,
+        });
+    };
     let previous: Vec<crate::api::HostStatus> = old
         .and_then(|s| s.get("hosts"))
         .and_then(|h| serde_json::from_value(h.clone()).ok())
         .unwrap_or_default();
-    let report = ctx.provider.converge(key, &hosts).await?;
+    let report = ctx.provider.converge(dep, &env, &hosts).await?;
     let mut fields = Map::new();
+    let host_statuses = match report.hosts {
+        Some(h) => h,
+        None => deployment::host_statuses(&hosts, &previous),
+    };
     fields.insert(
         "hosts".into(),
-        serde_json::to_value(deployment::host_statuses(&hosts, &previous)).unwrap_or(Value::Null),
+        serde_json::to_value(host_statuses).unwrap_or(Value::Null),
     );
     let endpoints: Map<String, Value> = hosts
         .iter()
@@ -285,10 +310,11 @@ async fn reconcile_deployment(
     fields.insert("endpoints".into(), Value::Object(endpoints));
     if !report.converged {
         return Ok(Converged {
-            action: Action::Requeue(Duration::from_secs(10)),
+            action: Action::Requeue(report.retry_after.unwrap_or(Duration::from_secs(10))),
             reason: reasons::PROGRESSING,
             message: report.message,
             fields,
+            conditions: report.conditions,
         });
     }
     Ok(Converged {
@@ -296,6 +322,7 @@ async fn reconcile_deployment(
         reason: reasons::SUCCEEDED,
         message: report.message,
         fields,
+        conditions: report.conditions,
     })
 }
 

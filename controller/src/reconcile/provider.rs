@@ -1,9 +1,27 @@
-//! The seam between the Deployment reconciler and the infrastructure that makes its hosts real.
+//! The seam between the reconcilers and the infrastructure that makes hosts real: environment checks,
+//! converging a Deployment's hosts, and cleaning up after a removed Deployment.
 
-use crate::api::ObjectKey;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use crate::api::{ConditionStatus, Deployment, HostStatus, ObjectKey, RuntimeEnvironment};
 use crate::runtime::{BoxFuture, ReconcileError};
 
 use super::deployment::PlannedHost;
+
+/// A domain condition a provider reports (e.g. `Provisioned`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderCondition {
+    /// The condition type.
+    pub type_: &'static str,
+    /// Whether it holds.
+    pub status: ConditionStatus,
+    /// A CamelCase reason.
+    pub reason: &'static str,
+    /// Details.
+    pub message: String,
+}
 
 /// What a provider reports after converging a Deployment's hosts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -12,40 +30,96 @@ pub struct ProviderReport {
     pub converged: bool,
     /// One sentence for the Ready condition.
     pub message: String,
+    /// What is known of each host (for `status.hosts`); `None` keeps what status already says.
+    pub hosts: Option<Vec<HostStatus>>,
+    /// Domain conditions to set.
+    pub conditions: Vec<ProviderCondition>,
+    /// When to look again while not converged.
+    pub retry_after: Option<Duration>,
+}
+
+/// What a provider found when checking an environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnvironmentReport {
+    /// One sentence for the Ready condition.
+    pub message: String,
+    /// Status fields to set (`version`, `nodes`, `vmsOwned`, …).
+    pub fields: Map<String, Value>,
 }
 
 /// Makes planned hosts exist and run their configuration (Proxmox VMs, NixOS hosts), and removes them.
 pub trait Provider: Send + Sync + 'static {
-    /// Converges the hosts of one Deployment.
+    /// Checks that an environment can be used (reachable, credentials accepted, template present).
+    fn check_environment(
+        &self,
+        env: &RuntimeEnvironment,
+    ) -> BoxFuture<Result<EnvironmentReport, ReconcileError>>;
+
+    /// Converges the hosts of one Deployment on its environment.
     fn converge(
         &self,
-        deployment: &ObjectKey,
+        deployment: &Deployment,
+        env: &RuntimeEnvironment,
         hosts: &[PlannedHost],
     ) -> BoxFuture<Result<ProviderReport, ReconcileError>>;
 
-    /// Cleans up after a Deployment that was removed (what it does depends on its deletion policy).
+    /// Cleans up after a Deployment that was removed (what it does depends on its deletion policy,
+    /// which the provider keeps in its own inventory).
     fn cleanup(&self, deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>>;
 }
 
-/// The provider used until a backend is configured: it plans, touches nothing, and says so.
+/// The provider used when no backend is enabled: it plans, touches nothing, and says so.
 pub struct PlanOnly;
 
-impl Provider for PlanOnly {
-    fn converge(
-        &self,
-        _deployment: &ObjectKey,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
-        let message = format!(
+/// What [`PlanOnly`] says of an environment.
+pub fn plan_only_environment(env: &RuntimeEnvironment) -> EnvironmentReport {
+    let message = match &env.spec.proxmox {
+        Some(p) => format!(
+            "valid: {} node(s), VMIDs {}-{}, template {}",
+            p.nodes.len(),
+            p.vmid_range.start,
+            p.vmid_range.end,
+            p.template.vmid
+        ),
+        None => format!("valid: {} static host(s)", env.spec.static_hosts.len()),
+    };
+    EnvironmentReport {
+        message,
+        fields: Map::new(),
+    }
+}
+
+/// What [`PlanOnly`] says of a Deployment's hosts.
+pub fn plan_only_report(hosts: &[PlannedHost]) -> ProviderReport {
+    ProviderReport {
+        converged: true,
+        message: format!(
             "{} host(s) planned; no infrastructure backend is enabled, so nothing was provisioned",
             hosts.len()
-        );
-        Box::pin(async move {
-            Ok(ProviderReport {
-                converged: true,
-                message,
-            })
-        })
+        ),
+        hosts: None,
+        conditions: Vec::new(),
+        retry_after: None,
+    }
+}
+
+impl Provider for PlanOnly {
+    fn check_environment(
+        &self,
+        env: &RuntimeEnvironment,
+    ) -> BoxFuture<Result<EnvironmentReport, ReconcileError>> {
+        let report = plan_only_environment(env);
+        Box::pin(async move { Ok(report) })
+    }
+
+    fn converge(
+        &self,
+        _deployment: &Deployment,
+        _env: &RuntimeEnvironment,
+        hosts: &[PlannedHost],
+    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        let report = plan_only_report(hosts);
+        Box::pin(async move { Ok(report) })
     }
 
     fn cleanup(&self, _deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {

@@ -1,0 +1,2 @@
+//! Proxmox benchmark (placeholder).
+fn main() {}

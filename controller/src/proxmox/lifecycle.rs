@@ -1,0 +1,710 @@
+//! Runs planned steps against one environment: observes once per pass, reserves VMIDs under a lock,
+//! writes intents and inventory before acting, follows every task's UPID to its end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::client::{
+    Api, CloneRequest, ProxmoxError, TaskState, VmResource, encode_ssh_keys, parse_tags, upid_type,
+};
+use super::metrics::ProxmoxMetrics;
+use super::plan::{DesiredVm, HostPlan, PlanContext, RecordPhase, Step, VmRecord};
+use crate::api::{CloneMode, ProxmoxSpec};
+use crate::store::Store;
+
+/// The tag every VM of this controller carries.
+pub const COMMON_TAG: &str = "fediversity";
+/// How old a shared VM listing may be for a pass that changes nothing.
+pub const LISTING_MAX_AGE: Duration = Duration::from_secs(5);
+/// How long one pass waits for a task before leaving it to the next pass (its UPID is stored).
+const TASK_WAIT: Duration = Duration::from_secs(120);
+/// How long one pass waits for the guest agent.
+const AGENT_WAIT: Duration = Duration::from_secs(3);
+
+/// The inventory key prefix of one Deployment's VMs.
+pub fn record_prefix(deployment: &str) -> String {
+    format!("proxmox/{deployment}/")
+}
+
+/// The inventory key of one host's VM.
+pub fn record_key(deployment: &str, application: &str) -> String {
+    format!("proxmox/{deployment}/{application}")
+}
+
+/// What a host's steps ended in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostOutcome {
+    /// Every step is done.
+    Done,
+    /// Waiting on something outside (a lock, a task, the agent, a restart that is not allowed).
+    Waiting {
+        /// A CamelCase reason.
+        reason: &'static str,
+        /// Details.
+        message: String,
+    },
+    /// The record is gone (the host was removed).
+    Removed,
+}
+
+/// A failure while running steps.
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    /// The API failed.
+    #[error("{0}")]
+    Api(#[from] ProxmoxError),
+    /// The store failed.
+    #[error("failed to record the inventory: {0}")]
+    Store(#[from] crate::store::StoreError),
+    /// No VMID is free in the range.
+    #[error("no free VMID left in vmidRange {start}-{end}")]
+    RangeExhausted {
+        /// First VMID.
+        start: u32,
+        /// Last VMID.
+        end: u32,
+    },
+    /// The template is not there.
+    #[error("template VM {0} is missing (or is not a template)")]
+    TemplateMissing(u32),
+}
+
+/// One Proxmox environment in use: its client, its VMID lock and its shared VM listing.
+pub struct Environment {
+    /// The RuntimeEnvironment's name.
+    pub name: String,
+    /// Its Proxmox spec.
+    pub spec: ProxmoxSpec,
+    /// The API.
+    pub api: Api,
+    /// The owner-tag prefix of this controller instance (`fediversity-owner-<instance>-`).
+    pub instance_prefix: String,
+    /// The SSH public key file and login user for cloud-init.
+    pub ssh: (Option<String>, String),
+    metrics: ProxmoxMetrics,
+    alloc: tokio::sync::Mutex<()>,
+    listing: Mutex<Option<(Instant, Arc<Vec<VmResource>>)>>,
+    listing_flight: tokio::sync::Mutex<()>,
+}
+
+impl Environment {
+    /// An environment over `api`.
+    pub fn new(
+        name: String,
+        spec: ProxmoxSpec,
+        api: Api,
+        instance_prefix: String,
+        ssh: (Option<String>, String),
+        metrics: ProxmoxMetrics,
+    ) -> Self {
+        Self {
+            name,
+            spec,
+            api,
+            instance_prefix,
+            ssh,
+            metrics,
+            alloc: tokio::sync::Mutex::new(()),
+            listing: Mutex::new(None),
+            listing_flight: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The VM listing, shared by every pass within `max_age` (one request serves them all).
+    pub async fn observe(&self, max_age: Duration) -> Result<Arc<Vec<VmResource>>, ProxmoxError> {
+        let cached = |this: &Self| {
+            this.listing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() <= max_age && !max_age.is_zero())
+                .map(|(_, l)| l.clone())
+        };
+        if let Some(l) = cached(self) {
+            return Ok(l);
+        }
+        let _flight = self.listing_flight.lock().await;
+        if let Some(l) = cached(self) {
+            return Ok(l);
+        }
+        let started = Instant::now();
+        let list = Arc::new(self.api.list_vms().await?);
+        *self
+            .listing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((started, list.clone()));
+        Ok(list)
+    }
+
+    /// Forgets the shared listing (after a change of ours).
+    pub fn invalidate(&self) {
+        *self
+            .listing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+
+    /// Follows a task to its end (bounded by [`TASK_WAIT`]); `Ok(None)` when it is still running.
+    pub async fn follow(&self, upid: &str) -> Result<Option<TaskState>, ProxmoxError> {
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(20);
+        loop {
+            match self.api.task_state(upid).await {
+                Ok(TaskState::Running) => {}
+                Ok(done) => {
+                    let result = if done == TaskState::Succeeded {
+                        "ok"
+                    } else {
+                        "failed"
+                    };
+                    self.metrics
+                        .tasks
+                        .with_label_values(&[upid_type(upid), result])
+                        .inc();
+                    return Ok(Some(done));
+                }
+                // A brand-new task can be unknown for a moment; an old one may have been rotated out.
+                Err(ProxmoxError::NotFound(_)) if started.elapsed() < Duration::from_secs(5) => {}
+                Err(ProxmoxError::NotFound(m)) => return Ok(Some(TaskState::Failed(m))),
+                Err(e) => return Err(e),
+            }
+            if started.elapsed() > TASK_WAIT {
+                return Ok(None);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Runs the steps of one host. `record` is the host's inventory entry (updated and stored as it goes).
+pub struct HostRun<'a> {
+    /// The environment.
+    pub env: &'a Environment,
+    /// The store holding the inventory.
+    pub store: &'a Store,
+    /// The Deployment's name.
+    pub deployment: &'a str,
+    /// The host as desired (absent when it is being removed).
+    pub desired: Option<&'a DesiredVm>,
+    /// Planning context.
+    pub ctx: &'a PlanContext,
+    /// The record.
+    pub record: Option<VmRecord>,
+    /// Whether the VM runs, as observed (kept up to date by the steps).
+    pub running: bool,
+}
+
+fn waiting(reason: &'static str, message: impl Into<String>) -> HostOutcome {
+    HostOutcome::Waiting {
+        reason,
+        message: message.into(),
+    }
+}
+
+impl HostRun<'_> {
+    fn save(&self) -> Result<(), LifecycleError> {
+        if let Some(r) = &self.record {
+            self.store
+                .put_inventory(&record_key(&r.deployment, &r.application), r)?;
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self) -> Result<(), LifecycleError> {
+        if let Some(r) = self.record.take() {
+            self.store
+                .remove_inventory(&record_key(&r.deployment, &r.application))?;
+        }
+        Ok(())
+    }
+
+    fn vm(&self) -> Option<(u32, String)> {
+        self.record.as_ref().map(|r| (r.vmid, r.node.clone()))
+    }
+
+    /// Runs `plan`'s steps in order; stops at the first wait.
+    pub async fn run(&mut self, plan: &HostPlan) -> Result<HostOutcome, LifecycleError> {
+        for step in &plan.steps {
+            let outcome = self.step(step).await?;
+            if outcome != HostOutcome::Done {
+                return Ok(outcome);
+            }
+        }
+        Ok(HostOutcome::Done)
+    }
+
+    async fn step(&mut self, step: &Step) -> Result<HostOutcome, LifecycleError> {
+        let env = self.env;
+        match step {
+            Step::FollowTask { upid } => {
+                let state = env.follow(upid).await?;
+                env.invalidate();
+                match state {
+                    None => Ok(waiting(
+                        super::reasons::TASK_RUNNING,
+                        format!("task {} still running", upid_type(upid)),
+                    )),
+                    Some(state) => {
+                        if let Some(r) = &mut self.record {
+                            r.task = None;
+                        }
+                        self.save()?;
+                        if let TaskState::Failed(m) = state {
+                            tracing::warn!(deployment = self.deployment, task = upid_type(upid), error = %m, "a task failed; observing again");
+                        }
+                        Ok(waiting(super::reasons::REOBSERVE, "observing again after a task"))
+                    }
+                }
+            }
+            Step::Adopt { vmid, node } => {
+                let Some(host) = self.desired else {
+                    return Ok(HostOutcome::Done);
+                };
+                let record = VmRecord {
+                    environment: env.name.clone(),
+                    deployment: self.deployment.to_owned(),
+                    application: host.application.clone(),
+                    name: host.name.clone(),
+                    owner_tag: self.ctx.owner_tag.clone(),
+                    vmid: *vmid,
+                    node: node.clone(),
+                    phase: RecordPhase::Present,
+                    task: None,
+                    configured: None,
+                    pending: Vec::new(),
+                    address: None,
+                    deletion_policy: self.ctx.deletion_policy,
+                };
+                tracing::info!(
+                    deployment = self.deployment,
+                    vmid,
+                    "adopting a VM that carries our owner tag"
+                );
+                self.record = Some(record);
+                self.save()?;
+                Ok(HostOutcome::Done)
+            }
+            Step::DropIntent => {
+                if let Some(r) = &self.record {
+                    tracing::warn!(
+                        deployment = self.deployment,
+                        vmid = r.vmid,
+                        "our VM is gone or its VMID belongs to another VM now; leaving that VM alone"
+                    );
+                }
+                self.forget()?;
+                Ok(HostOutcome::Done)
+            }
+            Step::Allocate => self.allocate().await,
+            Step::Clone { vmid } => self.clone_into(*vmid).await,
+            Step::AwaitUnlock { lock } => Ok(waiting(
+                super::reasons::VM_LOCKED,
+                format!("the VM is locked ({lock})"),
+            )),
+            Step::Configure => self.configure().await,
+            Step::Resize { gib } => {
+                let Some((vmid, node)) = self.vm() else {
+                    return Ok(HostOutcome::Done);
+                };
+                if let Some(upid) = env.api.resize(&node, vmid, "scsi0", *gib).await? {
+                    return self.track(upid).await;
+                }
+                env.invalidate();
+                Ok(HostOutcome::Done)
+            }
+            Step::RefuseShrink { have_gib, want_gib } => Ok(waiting(
+                super::reasons::DISK_SHRINK_REFUSED,
+                format!(
+                    "the disk is {have_gib} GiB and disks only grow: {want_gib} GiB is refused; choose a size with at least {have_gib} GiB"
+                ),
+            )),
+            Step::Start => {
+                let Some((vmid, node)) = self.vm() else {
+                    return Ok(HostOutcome::Done);
+                };
+                let upid = env.api.power(&node, vmid, true).await?;
+                let outcome = self.track(upid).await?;
+                self.running = true;
+                if let Some(r) = &mut self.record {
+                    r.pending.clear();
+                }
+                self.save()?;
+                Ok(outcome)
+            }
+            Step::Restart => {
+                if self.record.as_ref().is_none_or(|r| r.pending.is_empty()) {
+                    return Ok(HostOutcome::Done);
+                }
+                let Some((vmid, node)) = self.vm() else {
+                    return Ok(HostOutcome::Done);
+                };
+                let upid = env.api.power(&node, vmid, false).await?;
+                let outcome = self.track(upid).await?;
+                if outcome != HostOutcome::Done {
+                    return Ok(outcome);
+                }
+                let upid = env.api.power(&node, vmid, true).await?;
+                let outcome = self.track(upid).await?;
+                if let Some(r) = &mut self.record {
+                    r.pending.clear();
+                    r.address = None;
+                }
+                self.save()?;
+                if outcome != HostOutcome::Done {
+                    return Ok(outcome);
+                }
+                self.await_agent().await
+            }
+            Step::ReportPending => match &self.record {
+                Some(r) if !r.pending.is_empty() => Ok(waiting(
+                    super::reasons::PENDING_RESTART,
+                    format!(
+                        "{} pending until a restart; allow it with the annotation {}: \"true\"",
+                        r.pending.join(", "),
+                        super::ALLOW_RESTART_ANNOTATION
+                    ),
+                )),
+                _ => Ok(HostOutcome::Done),
+            },
+            Step::AwaitAgent => self.await_agent().await,
+            Step::Destroy => self.destroy().await,
+            Step::Orphan => {
+                if let Some(r) = &mut self.record {
+                    r.phase = RecordPhase::Orphaned;
+                    tracing::info!(
+                        deployment = self.deployment,
+                        vmid = r.vmid,
+                        "kept under deletionPolicy Retain: the VM is orphaned, not destroyed"
+                    );
+                }
+                self.save()?;
+                Ok(HostOutcome::Removed)
+            }
+            Step::Forget => {
+                self.forget()?;
+                Ok(HostOutcome::Removed)
+            }
+        }
+    }
+
+    /// Follows a task started on the host's VM, recording its UPID first so a restart can resume it.
+    async fn track(&mut self, upid: String) -> Result<HostOutcome, LifecycleError> {
+        if let Some(r) = &mut self.record {
+            r.task = Some(upid.clone());
+        }
+        self.save()?;
+        let state = self.env.follow(&upid).await?;
+        self.env.invalidate();
+        let Some(state) = state else {
+            return Ok(waiting(
+                super::reasons::TASK_RUNNING,
+                format!("task {} still running", upid_type(&upid)),
+            ));
+        };
+        if let Some(r) = &mut self.record {
+            r.task = None;
+        }
+        self.save()?;
+        match state {
+            TaskState::Failed(m) if m.contains("already running") => Ok(HostOutcome::Done),
+            TaskState::Failed(m) => {
+                Err(ProxmoxError::TaskFailed(format!("{}: {m}", upid_type(&upid))).into())
+            }
+            _ => Ok(HostOutcome::Done),
+        }
+    }
+
+    async fn allocate(&mut self) -> Result<HostOutcome, LifecycleError> {
+        let Some(host) = self.desired else {
+            return Ok(HostOutcome::Done);
+        };
+        let env = self.env;
+        let range = env.spec.vmid_range;
+        let guard = env.alloc.lock().await;
+        let vms = env.observe(Duration::ZERO).await?;
+        if let Some(vm) = vms.iter().find(|vm| {
+            !vm.template
+                && vm.tags.contains(&self.ctx.owner_tag)
+                && vm.name.as_deref() == Some(host.name.as_str())
+        }) {
+            drop(guard);
+            // It appeared since the pass began: adopt it on the next pass.
+            tracing::info!(
+                deployment = self.deployment,
+                vmid = vm.vmid,
+                "found our VM while allocating"
+            );
+            return Ok(waiting(
+                super::reasons::REOBSERVE,
+                "found a VM of ours; observing again",
+            ));
+        }
+        let template = vms
+            .iter()
+            .find(|vm| vm.vmid == env.spec.template.vmid && vm.template)
+            .ok_or(LifecycleError::TemplateMissing(env.spec.template.vmid))?;
+        let mut used: BTreeSet<u32> = vms.iter().map(|vm| vm.vmid).collect();
+        for (_, r) in self.store.inventory_list::<VmRecord>("proxmox/")? {
+            used.insert(r.vmid);
+        }
+        let vmid =
+            (range.start..=range.end)
+                .find(|v| !used.contains(v))
+                .ok_or(LifecycleError::RangeExhausted {
+                    start: range.start,
+                    end: range.end,
+                })?;
+        self.record = Some(VmRecord {
+            environment: env.name.clone(),
+            deployment: self.deployment.to_owned(),
+            application: host.application.clone(),
+            name: host.name.clone(),
+            owner_tag: self.ctx.owner_tag.clone(),
+            vmid,
+            node: template.node.clone(),
+            phase: RecordPhase::Creating,
+            task: None,
+            configured: None,
+            pending: Vec::new(),
+            address: None,
+            deletion_policy: self.ctx.deletion_policy,
+        });
+        // The intent is durable before the clone is asked for.
+        self.save()?;
+        drop(guard);
+        tracing::info!(deployment = self.deployment, vmid, host = %host.name, "intent recorded: creating a VM");
+        self.clone_into(vmid).await
+    }
+
+    async fn clone_into(&mut self, vmid: u32) -> Result<HostOutcome, LifecycleError> {
+        let Some(host) = self.desired else {
+            return Ok(HostOutcome::Done);
+        };
+        let env = self.env;
+        let node = self.record.as_ref().map_or_else(String::new, |r| r.node.clone());
+        let request = CloneRequest {
+            node,
+            template: env.spec.template.vmid,
+            newid: vmid,
+            name: host.name.clone(),
+            description: format!(
+                "Managed by the Fediversity controller ({}). Owner tag: {}.",
+                self.deployment, self.ctx.owner_tag
+            ),
+            full: env.spec.clone_mode == CloneMode::Full,
+            storage: Some(env.spec.storage.clone()),
+            pool: env.spec.pool.clone(),
+        };
+        let upid = match env.api.clone_vm(&request).await {
+            Ok(upid) => upid,
+            Err(ProxmoxError::AlreadyExists(m)) => {
+                env.invalidate();
+                // Maybe our own earlier clone, maybe someone else's VM: observe before anything else.
+                return Ok(waiting(
+                    super::reasons::REOBSERVE,
+                    format!("VMID {vmid} exists: {m}"),
+                ));
+            }
+            Err(e) => {
+                env.invalidate();
+                return Err(e.into());
+            }
+        };
+        env.invalidate();
+        self.track(upid).await
+    }
+
+    fn desired_config(&self, current: &BTreeMap<String, String>) -> Vec<(String, String)> {
+        let mut want: Vec<(String, String)> = Vec::new();
+        let env = self.env;
+        let mut tags: BTreeSet<String> = current.get("tags").map(|t| parse_tags(t)).unwrap_or_default();
+        tags.remove("template");
+        tags.retain(|t| !t.starts_with("fediversity-owner-") || *t == self.ctx.owner_tag);
+        tags.insert(COMMON_TAG.into());
+        tags.insert(self.ctx.owner_tag.clone());
+        want.push(("tags".into(), tags.into_iter().collect::<Vec<_>>().join(";")));
+        if let Some(host) = self.desired {
+            want.push(("cores".into(), host.cores.to_string()));
+            want.push(("memory".into(), host.memory_mib.to_string()));
+            let net = current
+                .get("net0")
+                .map_or("virtio", |n| n.split(',').next().unwrap_or("virtio"));
+            want.push(("net0".into(), format!("{net},bridge={}", env.spec.bridge)));
+            want.push(("ipconfig0".into(), "ip=dhcp".into()));
+            want.push(("ciuser".into(), env.ssh.1.clone()));
+            want.push(("agent".into(), "1".into()));
+            if let Some(key) = read_public_key(env.ssh.0.as_deref()) {
+                want.push(("sshkeys".into(), encode_ssh_keys(&key)));
+            }
+        }
+        want.into_iter()
+            .filter(|(k, v)| {
+                current
+                    .get(k)
+                    .is_none_or(|c| c != v && !(k == "tags" && parse_tags(c) == parse_tags(v)))
+            })
+            .collect()
+    }
+
+    async fn configure(&mut self) -> Result<HostOutcome, LifecycleError> {
+        let Some((vmid, node)) = self.vm() else {
+            return Ok(HostOutcome::Done);
+        };
+        let env = self.env;
+        let current = env.api.config(&node, vmid).await?;
+        if let Some(lock) = current.get("lock") {
+            return Ok(waiting(
+                super::reasons::VM_LOCKED,
+                format!("the VM is locked ({lock})"),
+            ));
+        }
+        let record = self.record.clone();
+        let Some(record) = record else {
+            return Ok(HostOutcome::Done);
+        };
+        // Ownership, checked on the config itself right before writing: our name, and our tag or our
+        // open intent on this VMID.
+        let tagged = current
+            .get("tags")
+            .is_some_and(|t| parse_tags(t).contains(&self.ctx.owner_tag));
+        let named = current.get("name").map(String::as_str) == Some(record.name.as_str());
+        if !named || !(tagged || record.phase == RecordPhase::Creating) {
+            env.invalidate();
+            return Ok(waiting(
+                super::reasons::REOBSERVE,
+                format!("VM {vmid} is not ours; observing again"),
+            ));
+        }
+        let changes = self.desired_config(&current);
+        if !changes.is_empty() {
+            env.api
+                .set_config(&node, vmid, &changes, current.get("digest").map(String::as_str))
+                .await?;
+            env.invalidate();
+        }
+        let pending = if self.running && self.desired.is_some() {
+            env.api
+                .pending_keys(&node, vmid)
+                .await?
+                .into_iter()
+                .filter(|k| matches!(k.as_str(), "cores" | "memory" | "sockets" | "cpu"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(r) = &mut self.record {
+            r.phase = RecordPhase::Present;
+            r.configured = self.desired.map(|h| h.config_hash.clone());
+            r.pending = pending;
+            r.deletion_policy = self.ctx.deletion_policy;
+        }
+        self.save()?;
+        Ok(HostOutcome::Done)
+    }
+
+    async fn await_agent(&mut self) -> Result<HostOutcome, LifecycleError> {
+        let Some((vmid, node)) = self.vm() else {
+            return Ok(HostOutcome::Done);
+        };
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        loop {
+            if let Some(address) = self.env.api.agent_address(&node, vmid).await? {
+                if let Some(r) = &mut self.record {
+                    r.address = Some(address);
+                }
+                self.save()?;
+                return Ok(HostOutcome::Done);
+            }
+            if started.elapsed() > AGENT_WAIT {
+                return Ok(waiting(
+                    super::reasons::WAITING_FOR_AGENT,
+                    "waiting for the guest agent to report an address",
+                ));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    async fn destroy(&mut self) -> Result<HostOutcome, LifecycleError> {
+        let Some(record) = self.record.clone() else {
+            return Ok(HostOutcome::Removed);
+        };
+        let env = self.env;
+        let (vmid, node) = (record.vmid, record.node.clone());
+        // Re-verify ownership on the VM itself, right before acting.
+        let current = match env.api.config(&node, vmid).await {
+            Ok(c) => c,
+            Err(ProxmoxError::NotFound(_)) => {
+                self.forget()?;
+                return Ok(HostOutcome::Removed);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tagged = current
+            .get("tags")
+            .is_some_and(|t| parse_tags(t).contains(&record.owner_tag));
+        let named = current.get("name").map(String::as_str) == Some(record.name.as_str());
+        if !(tagged && named) {
+            tracing::warn!(
+                deployment = self.deployment,
+                vmid,
+                "VM is not ours (name or owner tag differ): left alone, record dropped"
+            );
+            self.forget()?;
+            env.invalidate();
+            return Ok(HostOutcome::Removed);
+        }
+        if let Some(lock) = current.get("lock") {
+            return Ok(waiting(
+                super::reasons::VM_LOCKED,
+                format!("the VM is locked ({lock})"),
+            ));
+        }
+        if self.running {
+            let upid = env.api.power(&node, vmid, false).await?;
+            let outcome = self.track(upid).await?;
+            if outcome != HostOutcome::Done {
+                return Ok(outcome);
+            }
+        }
+        let upid = match env.api.destroy(&node, vmid).await {
+            Ok(upid) => upid,
+            Err(ProxmoxError::NotFound(_)) => {
+                self.forget()?;
+                return Ok(HostOutcome::Removed);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match self.track(upid).await {
+            Ok(HostOutcome::Done) => {}
+            Ok(other) => return Ok(other),
+            Err(LifecycleError::Api(ProxmoxError::TaskFailed(m))) if m.contains("does not exist") => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(
+            deployment = self.deployment,
+            vmid,
+            "VM destroyed (deletionPolicy Delete)"
+        );
+        self.forget()?;
+        env.invalidate();
+        Ok(HostOutcome::Removed)
+    }
+}
+
+/// Reads the SSH public key file (read at use; a missing file leaves `sshkeys` unset).
+fn read_public_key(path: Option<&str>) -> Option<String> {
+    let path = path?;
+    match std::fs::read_to_string(path) {
+        Ok(text) if !text.trim().is_empty() => Some(text.trim().to_owned()),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(file = path, error = %e, "cannot read the SSH public key; VMs get none");
+            None
+        }
+    }
+}

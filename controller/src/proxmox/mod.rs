@@ -1,0 +1,883 @@
+//! Proxmox VE: the API client, the pure VM planner, the lifecycle that runs its steps, and the provider.
+//!
+//! # Ownership
+//!
+//! Every VM the controller creates carries two tags: `fediversity` and an owner tag
+//! `fediversity-owner-<I>-<D>`, where `<I>` is 8 hex digits of SHA-256 of the controller instance id
+//! (kept in `instance-id` in the state directory, or `--instance-id`) and `<D>` 10 hex digits of
+//! SHA-256 of the instance id and the Deployment's name. Its name is `<deployment>-<application>`.
+//! A VM is the controller's only if it carries the owner tag and has the host's name, or — between the
+//! clone and the first configuration — if it sits on the VMID of an open creation intent with the
+//! intent's name (or is still being cloned there). Anything else is never modified or destroyed,
+//! whatever its VMID.
+//!
+//! # Intents
+//!
+//! The inventory (`proxmox/<deployment>/<application>`) records each host's VM: the VMID reserved
+//! (chosen under a per-environment lock from `vmidRange`, avoiding every VMID listed or recorded),
+//! its phase (`Creating` is the intent, written before the clone call), and the UPID of any task in
+//! flight (written as soon as the call returns). After a crash, a recorded task is followed to its end,
+//! and an intent is resolved by observing: its VM present (adopt and configure it), cloning (wait), or
+//! absent (clone again into the same VMID, which Proxmox refuses to create twice).
+
+pub mod client;
+pub mod lifecycle;
+pub mod metrics;
+pub mod plan;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Map, json};
+use sha2::{Digest, Sha256};
+
+use crate::api::{
+    ConditionStatus, DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
+    condition_types,
+};
+use crate::reconcile::Provider;
+use crate::reconcile::deployment::PlannedHost;
+use crate::reconcile::provider::{
+    EnvironmentReport, ProviderCondition, ProviderReport, plan_only_environment, plan_only_report,
+};
+use crate::runtime::{BoxFuture, ReconcileError};
+use crate::state::DesiredState;
+use crate::store::Store;
+
+pub use client::{Api, HttpProxmox, ProxmoxApi, ProxmoxError, RateLimit};
+pub use lifecycle::{COMMON_TAG, Environment, HostOutcome, LifecycleError};
+pub use metrics::ProxmoxMetrics;
+pub use plan::{DesiredVm, PlanContext, RecordPhase, Step, VmRecord};
+
+/// The annotation that lets the controller restart a Deployment's VMs to apply pending changes.
+pub const ALLOW_RESTART_ANNOTATION: &str = "fediversity.eu/allow-restart";
+/// The file in the state directory that keeps the controller instance id.
+pub const INSTANCE_ID_FILE: &str = "instance-id";
+
+/// Reasons the Proxmox side gives, in CamelCase.
+pub mod reasons {
+    /// The endpoint cannot be reached.
+    pub const UNREACHABLE: &str = "Unreachable";
+    /// The credentials were refused.
+    pub const UNAUTHORIZED: &str = "Unauthorized";
+    /// The credentials lack a privilege.
+    pub const FORBIDDEN: &str = "Forbidden";
+    /// The server's certificate was refused.
+    pub const TLS_FAILED: &str = "TlsVerificationFailed";
+    /// The template VM is missing.
+    pub const TEMPLATE_MISSING: &str = "TemplateMissing";
+    /// Local configuration (secret files, TLS files) is unusable.
+    pub const CONFIG_ERROR: &str = "ConfigurationError";
+    /// A Proxmox call failed in a way that may pass.
+    pub const API_ERROR: &str = "ProxmoxError";
+    /// No VMID is free in the range.
+    pub const RANGE_EXHAUSTED: &str = "VmidRangeExhausted";
+    /// The inventory could not be written.
+    pub const STORE_ERROR: &str = "StoreError";
+    /// A task is still running.
+    pub const TASK_RUNNING: &str = "TaskRunning";
+    /// Something changed; the next pass observes again.
+    pub const REOBSERVE: &str = "Reobserving";
+    /// The VM is locked.
+    pub const VM_LOCKED: &str = "VmLocked";
+    /// A disk shrink was asked for.
+    pub const DISK_SHRINK_REFUSED: &str = "DiskShrinkRefused";
+    /// Changes wait for a restart that is not allowed.
+    pub const PENDING_RESTART: &str = "PendingRestart";
+    /// The guest agent has not reported an address yet.
+    pub const WAITING_FOR_AGENT: &str = "WaitingForAgent";
+    /// Every host has its VM.
+    pub const PROVISIONED: &str = "Provisioned";
+}
+
+/// Returns the controller instance id: `given`, or the one kept in the state directory (created once).
+pub fn instance_id(state_dir: &Path, given: Option<&str>) -> std::io::Result<String> {
+    if let Some(id) = given.filter(|id| !id.trim().is_empty()) {
+        return Ok(id.trim().to_owned());
+    }
+    let path = state_dir.join(INSTANCE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(state_dir)?;
+    let id: String = (0..16).map(|_| format!("{:x}", fastrand::u8(0..16))).collect();
+    let tmp = state_dir.join(format!("{INSTANCE_ID_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
+}
+
+fn hex(data: &[u8], bytes: usize) -> String {
+    Sha256::digest(data)
+        .iter()
+        .take(bytes)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The owner-tag prefix shared by every VM of one controller instance.
+pub fn instance_prefix(instance_id: &str) -> String {
+    format!("fediversity-owner-{}-", hex(instance_id.as_bytes(), 4))
+}
+
+/// The owner tag of one Deployment's VMs.
+pub fn owner_tag(instance_id: &str, deployment: &str) -> String {
+    format!(
+        "{}{}",
+        instance_prefix(instance_id),
+        hex(format!("{instance_id}/{deployment}").as_bytes(), 5)
+    )
+}
+
+/// Builds the API client of an environment.
+pub type ApiFactory = dyn Fn(&RuntimeEnvironment, ProxmoxMetrics) -> Result<Api, ProxmoxError> + Send + Sync;
+
+/// The provider for environments with `proxmox`: VMs are created, adopted, updated and removed.
+/// Environments with only `staticHosts` are planned, as with [`PlanOnly`]. Cheap to clone.
+#[derive(Clone)]
+pub struct ProxmoxProvider(Arc<ProviderCore>);
+
+impl std::ops::Deref for ProxmoxProvider {
+    type Target = ProviderCore;
+
+    fn deref(&self) -> &ProviderCore {
+        &self.0
+    }
+}
+
+impl ProxmoxProvider {
+    /// A provider talking HTTP(S) to each environment, limited by `rate`.
+    pub fn new(
+        store: Arc<Store>,
+        desired: Arc<DesiredState>,
+        instance_id: String,
+        metrics: ProxmoxMetrics,
+        rate: RateLimit,
+    ) -> Self {
+        Self(Arc::new(ProviderCore::new(
+            store,
+            desired,
+            instance_id,
+            metrics,
+            rate,
+        )))
+    }
+
+    /// A provider whose API clients come from `factory` (tests use a double).
+    pub fn with_factory(
+        store: Arc<Store>,
+        desired: Arc<DesiredState>,
+        instance_id: String,
+        metrics: ProxmoxMetrics,
+        factory: Box<ApiFactory>,
+    ) -> Self {
+        Self(Arc::new(ProviderCore::with_factory(
+            store,
+            desired,
+            instance_id,
+            metrics,
+            factory,
+        )))
+    }
+
+    fn handle(&self) -> Arc<ProviderCore> {
+        self.0.clone()
+    }
+}
+
+/// The state behind a [`ProxmoxProvider`].
+pub struct ProviderCore {
+    store: Arc<Store>,
+    desired: Arc<DesiredState>,
+    instance_id: String,
+    metrics: ProxmoxMetrics,
+    factory: Box<ApiFactory>,
+    environments: Mutex<HashMap<String, (String, Arc<Environment>)>>,
+    deployment_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ProviderCore {
+    /// A provider talking HTTP(S) to each environment, limited by `rate`.
+    pub fn new(
+        store: Arc<Store>,
+        desired: Arc<DesiredState>,
+        instance_id: String,
+        metrics: ProxmoxMetrics,
+        rate: RateLimit,
+    ) -> Self {
+        let factory = move |env: &RuntimeEnvironment, metrics: ProxmoxMetrics| {
+            let spec = env
+                .spec
+                .proxmox
+                .as_ref()
+                .ok_or_else(|| ProxmoxError::Config("no proxmox section".into()))?;
+            let insecure = spec.tls.as_ref().is_some_and(|t| t.insecure_skip_verify);
+            if insecure {
+                tracing::warn!(environment = %env.metadata.name, "TLS verification is OFF for this environment (insecureSkipVerify): anyone on the path can read the API token");
+            }
+            if spec.endpoint.starts_with("http://") {
+                tracing::warn!(environment = %env.metadata.name, "the endpoint is plain http://: the API token travels unencrypted");
+            }
+            let http = HttpProxmox::new(spec, &env.spec.limits, rate, metrics)?;
+            Ok(Api(Arc::new(http)))
+        };
+        Self::with_factory(store, desired, instance_id, metrics, Box::new(factory))
+    }
+
+    /// A provider whose API clients come from `factory` (tests use a double).
+    pub fn with_factory(
+        store: Arc<Store>,
+        desired: Arc<DesiredState>,
+        instance_id: String,
+        metrics: ProxmoxMetrics,
+        factory: Box<ApiFactory>,
+    ) -> Self {
+        Self {
+            store,
+            desired,
+            instance_id,
+            metrics,
+            factory,
+            environments: Mutex::new(HashMap::new()),
+            deployment_locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn environment(&self, env: &RuntimeEnvironment) -> Result<Arc<Environment>, ProxmoxError> {
+        let spec = env
+            .spec
+            .proxmox
+            .clone()
+            .ok_or_else(|| ProxmoxError::Config("no proxmox section".into()))?;
+        let fingerprint = serde_json::to_string(&env.spec).unwrap_or_default();
+        let name = env.metadata.name.to_string();
+        let mut envs = self
+            .environments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((f, e)) = envs.get(&name)
+            && *f == fingerprint
+        {
+            return Ok(e.clone());
+        }
+        let api = (self.factory)(env, self.metrics.clone())?;
+        let public_key = env
+            .spec
+            .ssh
+            .public_key_file
+            .clone()
+            .unwrap_or_else(|| format!("{}.pub", env.spec.ssh.private_key_file));
+        let created = Arc::new(Environment::new(
+            name.clone(),
+            spec,
+            api,
+            instance_prefix(&self.instance_id),
+            (Some(public_key), env.spec.ssh.user.clone()),
+            self.metrics.clone(),
+        ));
+        envs.insert(name, (fingerprint, created.clone()));
+        Ok(created)
+    }
+
+    fn deployment_lock(&self, deployment: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.deployment_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(deployment.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    fn records(&self, deployment: &str) -> Result<Vec<VmRecord>, ReconcileError> {
+        self.store
+            .inventory_list::<VmRecord>(&lifecycle::record_prefix(deployment))
+            .map(|v| v.into_iter().map(|(_, r)| r).collect())
+            .map_err(|e| store_error(&e))
+    }
+
+    /// Every inventory record of every Deployment.
+    pub fn all_records(&self) -> Vec<VmRecord> {
+        self.store
+            .inventory_list::<VmRecord>("proxmox/")
+            .map(|v| v.into_iter().map(|(_, r)| r).collect())
+            .unwrap_or_default()
+    }
+
+    async fn check(&self, env: RuntimeEnvironment) -> Result<EnvironmentReport, ReconcileError> {
+        let Some(spec) = env.spec.proxmox.clone() else {
+            return Ok(plan_only_environment(&env));
+        };
+        let name = env.metadata.name.to_string();
+        let environment = self.environment(&env).map_err(|e| api_error(&name, &e))?;
+        let version = environment
+            .api
+            .version()
+            .await
+            .map_err(|e| api_error(&name, &e))?;
+        let nodes = environment
+            .api
+            .online_nodes()
+            .await
+            .map_err(|e| api_error(&name, &e))?;
+        let vms = environment
+            .observe(Duration::ZERO)
+            .await
+            .map_err(|e| api_error(&name, &e))?;
+        let template = vms.iter().find(|vm| vm.vmid == spec.template.vmid);
+        let owned = vms
+            .iter()
+            .filter(|vm| {
+                vm.tags
+                    .iter()
+                    .any(|t| t.starts_with(&environment.instance_prefix))
+            })
+            .count();
+        let records: Vec<VmRecord> = self
+            .all_records()
+            .into_iter()
+            .filter(|r| r.environment == name)
+            .collect();
+        let orphaned = records
+            .iter()
+            .filter(|r| r.phase == RecordPhase::Orphaned)
+            .count();
+        self.metrics
+            .owned
+            .with_label_values(&[&name])
+            .set(i64::try_from(owned).unwrap_or(i64::MAX));
+        self.metrics
+            .orphaned
+            .with_label_values(&[&name])
+            .set(i64::try_from(orphaned).unwrap_or(i64::MAX));
+        let mut warnings = Vec::new();
+        let insecure = spec.tls.as_ref().is_some_and(|t| t.insecure_skip_verify);
+        if insecure {
+            warnings.push("TLS verification is off (insecureSkipVerify)".to_owned());
+        }
+        if spec.endpoint.starts_with("http://") {
+            warnings.push("the endpoint is plain http://: credentials travel unencrypted".to_owned());
+        }
+        let missing: Vec<&str> = spec
+            .nodes
+            .iter()
+            .map(|n| n.as_str())
+            .filter(|n| !nodes.iter().any(|o| o == n))
+            .collect();
+        if !missing.is_empty() {
+            warnings.push(format!("node(s) not online: {}", missing.join(", ")));
+        }
+        // Records of Deployments that are gone (say, removed while the controller was down).
+        let mut gone: Vec<String> = records
+            .iter()
+            .filter(|r| r.phase != RecordPhase::Orphaned)
+            .map(|r| r.deployment.clone())
+            .filter(|d| {
+                let key = ObjectKey {
+                    kind: Kind::Deployment,
+                    name: crate::api::Name::new(d.as_str()),
+                };
+                self.desired.get(&key).is_none() && self.desired.removing(&key).is_none()
+            })
+            .collect();
+        gone.dedup();
+        for deployment in gone {
+            if let Err(e) = self.cleanup_deployment(&deployment).await {
+                warnings.push(format!("cleanup of removed Deployment {deployment}: {e}"));
+            }
+        }
+        let template_ok = template.is_some_and(|t| t.template);
+        let mut fields = Map::new();
+        fields.insert("version".into(), json!(version));
+        fields.insert("nodes".into(), json!(nodes));
+        fields.insert("vmsOwned".into(), json!(owned));
+        fields.insert("vmsOrphaned".into(), json!(orphaned));
+        fields.insert("templatePresent".into(), json!(template_ok));
+        fields.insert(
+            "insecure".into(),
+            json!(insecure || spec.endpoint.starts_with("http://")),
+        );
+        fields.insert("warnings".into(), json!(warnings));
+        if !template_ok {
+            return Err(ReconcileError::Waiting {
+                reason: reasons::TEMPLATE_MISSING,
+                message: format!(
+                    "template VM {} is missing or is not a template; create it (or fix template.vmid)",
+                    spec.template.vmid
+                ),
+                retry_after: Duration::from_secs(60),
+            });
+        }
+        let mut message = format!(
+            "Proxmox VE {version}: {} node(s) online, template {} present, {owned} VM(s) owned",
+            nodes.len(),
+            spec.template.vmid
+        );
+        if !warnings.is_empty() {
+            message.push_str("; warnings: ");
+            message.push_str(&warnings.join("; "));
+        }
+        Ok(EnvironmentReport { message, fields })
+    }
+
+    async fn converge_hosts(
+        &self,
+        deployment: Deployment,
+        env: RuntimeEnvironment,
+        hosts: Vec<PlannedHost>,
+    ) -> Result<ProviderReport, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            return Ok(plan_only_report(&hosts));
+        }
+        let name = deployment.metadata.name.to_string();
+        let env_name = env.metadata.name.to_string();
+        let lock = self.deployment_lock(&name);
+        let _guard = lock.lock().await;
+        let environment = self.environment(&env).map_err(|e| api_error(&env_name, &e))?;
+        let tag = owner_tag(&self.instance_id, &name);
+        let public_key = environment
+            .ssh
+            .0
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default();
+        let desired: Vec<DesiredVm> = hosts
+            .iter()
+            .map(|h| {
+                let hash = hex(
+                    format!(
+                        "{}|{}|{}|{}|{}|{}",
+                        h.size.cores,
+                        h.size.memory_mib,
+                        environment.spec.bridge,
+                        environment.ssh.1,
+                        public_key.trim(),
+                        tag
+                    )
+                    .as_bytes(),
+                    8,
+                );
+                DesiredVm {
+                    application: h.application.to_string(),
+                    name: h.name.clone(),
+                    cores: h.size.cores,
+                    memory_mib: u32::try_from(h.size.memory_mib).unwrap_or(u32::MAX),
+                    disk_gib: u32::try_from(h.size.disk_gib).unwrap_or(u32::MAX),
+                    config_hash: hash,
+                }
+            })
+            .collect();
+        let ctx = PlanContext {
+            owner_tag: tag,
+            template: environment.spec.template.vmid,
+            deletion_policy: deployment.spec.deletion_policy,
+            allow_restart: deployment
+                .metadata
+                .annotations
+                .get(ALLOW_RESTART_ANNOTATION)
+                .is_some_and(|v| v == "true"),
+        };
+        let records: Vec<VmRecord> = self.records(&name)?;
+        // Keep the deletion policy in the inventory, so cleanup after removal knows it.
+        for r in &records {
+            if r.deletion_policy != ctx.deletion_policy {
+                let mut r = r.clone();
+                r.deletion_policy = ctx.deletion_policy;
+                self.store
+                    .put_inventory(&lifecycle::record_key(&r.deployment, &r.application), &r)
+                    .map_err(|e| store_error(&e))?;
+            }
+        }
+        let records = self.records(&name)?;
+        let (statuses, outcomes) = self
+            .run_hosts(&environment, &name, &desired, records, &ctx)
+            .await?;
+        let waits: Vec<(&'static str, String)> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                HostOutcome::Waiting { reason, message } => Some((*reason, message.clone())),
+                _ => None,
+            })
+            .collect();
+        let ready_hosts = statuses.iter().filter(|h| h.phase == "Ready").count();
+        let converged = waits.is_empty() && ready_hosts == desired.len();
+        let provisioned = if converged {
+            ProviderCondition {
+                type_: condition_types::PROVISIONED,
+                status: ConditionStatus::True,
+                reason: reasons::PROVISIONED,
+                message: format!("{ready_hosts} VM(s) running with an address"),
+            }
+        } else {
+            let (reason, message) = waits
+                .first()
+                .cloned()
+                .unwrap_or((reasons::REOBSERVE, "observing again".into()));
+            ProviderCondition {
+                type_: condition_types::PROVISIONED,
+                status: ConditionStatus::False,
+                reason,
+                message,
+            }
+        };
+        let stuck = waits.iter().any(|(r, _)| {
+            *r == reasons::DISK_SHRINK_REFUSED || *r == reasons::PENDING_RESTART || *r == reasons::VM_LOCKED
+        });
+        let message = if converged {
+            format!("{ready_hosts} host(s) provisioned")
+        } else {
+            format!(
+                "{ready_hosts}/{} host(s) ready: {}",
+                desired.len(),
+                provisioned.message
+            )
+        };
+        let retry_after = if converged {
+            None
+        } else if waits.iter().all(|(r, _)| *r == reasons::REOBSERVE) {
+            Some(Duration::from_millis(200))
+        } else if stuck {
+            Some(Duration::from_secs(60))
+        } else {
+            Some(Duration::from_secs(2))
+        };
+        Ok(ProviderReport {
+            converged,
+            message,
+            hosts: Some(statuses),
+            conditions: vec![provisioned],
+            retry_after,
+        })
+    }
+
+    /// Plans and runs every host of one Deployment; returns the host statuses and each plan's outcome.
+    async fn run_hosts(
+        &self,
+        environment: &Environment,
+        deployment: &str,
+        desired: &[DesiredVm],
+        records: Vec<VmRecord>,
+        ctx: &PlanContext,
+    ) -> Result<(Vec<HostStatus>, Vec<HostOutcome>), ReconcileError> {
+        let env_name = environment.name.clone();
+        let records: Vec<VmRecord> = records
+            .into_iter()
+            .filter(|r| r.environment == env_name)
+            .collect();
+        let vms = environment
+            .observe(lifecycle::LISTING_MAX_AGE)
+            .await
+            .map_err(|e| api_error(&env_name, &e))?;
+        let plans = plan::plan(desired, &vms, &records, ctx);
+        let mut statuses = Vec::new();
+        let mut outcomes = Vec::new();
+        let mut first_error = None;
+        for first in plans {
+            let host = desired.iter().find(|h| h.application == first.application);
+            let mut record = records
+                .iter()
+                .find(|r| r.application == first.application)
+                .cloned();
+            let mut hplan = first;
+            let mut outcome = HostOutcome::Done;
+            let mut running;
+            let mut error = None;
+            for round in 0..4 {
+                if round > 0 {
+                    let vms = match environment.observe(Duration::ZERO).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            error = Some(api_error(&env_name, &e));
+                            break;
+                        }
+                    };
+                    hplan = match host {
+                        Some(h) => plan::plan_host(h, record.as_ref(), &vms, ctx),
+                        None => match &record {
+                            Some(r) => plan::plan_removal(r, &vms, ctx),
+                            None => break,
+                        },
+                    };
+                    running = hplan
+                        .vm
+                        .as_ref()
+                        .is_some_and(|(id, _)| vms.iter().any(|v| v.vmid == *id && v.running));
+                } else {
+                    running = hplan
+                        .vm
+                        .as_ref()
+                        .is_some_and(|(id, _)| vms.iter().any(|v| v.vmid == *id && v.running));
+                }
+                if !hplan.duplicates.is_empty() {
+                    tracing::warn!(deployment, host = %hplan.name, duplicates = ?hplan.duplicates, "more than one VM of ours carries this host's name; only one is managed, the others are left alone");
+                }
+                let mut run = lifecycle::HostRun {
+                    env: environment,
+                    store: &self.store,
+                    deployment,
+                    desired: host,
+                    ctx,
+                    record: record.clone(),
+                    running,
+                };
+                let result = run.run(&hplan).await;
+                record = run.record.clone();
+                match result {
+                    Ok(HostOutcome::Waiting {
+                        reason: reasons::REOBSERVE,
+                        ..
+                    }) if round < 3 => continue,
+                    Ok(o) => {
+                        outcome = o;
+                        break;
+                    }
+                    Err(e) => {
+                        error = Some(lifecycle_error(&env_name, &e));
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = error {
+                first_error.get_or_insert(e);
+            }
+            if let Some(h) = host {
+                let phase = match (&outcome, &record) {
+                    (_, None) => "Pending".to_owned(),
+                    (HostOutcome::Done, Some(r)) if r.address.is_some() => "Ready".to_owned(),
+                    (HostOutcome::Waiting { reason, .. }, _) => (*reason).to_owned(),
+                    (_, Some(r)) if r.phase == RecordPhase::Creating => "Creating".to_owned(),
+                    _ => "Provisioning".to_owned(),
+                };
+                statuses.push(HostStatus {
+                    name: h.name.clone(),
+                    phase,
+                    vmid: record.as_ref().map(|r| r.vmid),
+                    node: record.as_ref().map(|r| r.node.clone()),
+                    address: record.as_ref().and_then(|r| r.address.clone()),
+                    ..HostStatus::default()
+                });
+            }
+            outcomes.push(outcome);
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok((statuses, outcomes))
+    }
+
+    /// Removes (or orphans) every VM recorded for a Deployment that is gone, by its recorded policy.
+    async fn cleanup_deployment(&self, deployment: &str) -> Result<(), ReconcileError> {
+        let lock = self.deployment_lock(deployment);
+        let _guard = lock.lock().await;
+        let records = self.records(deployment)?;
+        let mut by_env: HashMap<String, Vec<VmRecord>> = HashMap::new();
+        for r in records {
+            by_env.entry(r.environment.clone()).or_default().push(r);
+        }
+        for (env_name, records) in by_env {
+            let key = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: crate::api::Name::new(env_name.as_str()),
+            };
+            let env = match self.desired.get(&key).map(|d| d.object().clone()) {
+                Some(Object::RuntimeEnvironment(env)) => env,
+                _ => {
+                    // Without its environment nothing can be checked: keep the VMs, as orphans.
+                    for mut r in records {
+                        r.phase = RecordPhase::Orphaned;
+                        self.store
+                            .put_inventory(&lifecycle::record_key(&r.deployment, &r.application), &r)
+                            .map_err(|e| store_error(&e))?;
+                    }
+                    tracing::warn!(deployment, environment = %env_name, "the environment is gone: VMs kept as orphans");
+                    continue;
+                }
+            };
+            let environment = self.environment(&env).map_err(|e| api_error(&env_name, &e))?;
+            let policy = if records
+                .iter()
+                .any(|r| r.deletion_policy == DeletionPolicy::Delete)
+            {
+                DeletionPolicy::Delete
+            } else {
+                DeletionPolicy::Retain
+            };
+            let ctx = PlanContext {
+                owner_tag: owner_tag(&self.instance_id, deployment),
+                template: environment.spec.template.vmid,
+                deletion_policy: policy,
+                allow_restart: false,
+            };
+            let (_, outcomes) = self
+                .run_hosts(&environment, deployment, &[], records, &ctx)
+                .await?;
+            if let Some(HostOutcome::Waiting { reason, message }) = outcomes
+                .into_iter()
+                .find(|o| matches!(o, HostOutcome::Waiting { .. }))
+            {
+                return Err(ReconcileError::Waiting {
+                    reason,
+                    message,
+                    retry_after: Duration::from_secs(2),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn store_error(e: &crate::store::StoreError) -> ReconcileError {
+    ReconcileError::Transient {
+        reason: reasons::STORE_ERROR,
+        message: e.to_string(),
+    }
+}
+
+fn lifecycle_error(env: &str, e: &LifecycleError) -> ReconcileError {
+    match e {
+        LifecycleError::Api(e) => api_error(env, e),
+        LifecycleError::Store(e) => store_error(e),
+        LifecycleError::RangeExhausted { .. } => ReconcileError::Waiting {
+            reason: reasons::RANGE_EXHAUSTED,
+            message: e.to_string(),
+            retry_after: Duration::from_secs(60),
+        },
+        LifecycleError::TemplateMissing(_) => ReconcileError::Waiting {
+            reason: reasons::TEMPLATE_MISSING,
+            message: e.to_string(),
+            retry_after: Duration::from_secs(60),
+        },
+    }
+}
+
+/// Maps an API failure to the runtime's classes: what a person must fix waits; the rest backs off.
+fn api_error(env: &str, e: &ProxmoxError) -> ReconcileError {
+    let message = format!("RuntimeEnvironment {env}: {e}");
+    let wait = |reason| ReconcileError::Waiting {
+        reason,
+        message: message.clone(),
+        retry_after: Duration::from_secs(60),
+    };
+    match e {
+        ProxmoxError::Unauthorized(_) => wait(reasons::UNAUTHORIZED),
+        ProxmoxError::Forbidden(_) => wait(reasons::FORBIDDEN),
+        ProxmoxError::Tls(_) => wait(reasons::TLS_FAILED),
+        ProxmoxError::Config(_) => wait(reasons::CONFIG_ERROR),
+        ProxmoxError::Unreachable(_) => ReconcileError::Transient {
+            reason: reasons::UNREACHABLE,
+            message,
+        },
+        _ => ReconcileError::Transient {
+            reason: reasons::API_ERROR,
+            message,
+        },
+    }
+}
+
+impl Provider for ProxmoxProvider {
+    fn check_environment(
+        &self,
+        env: &RuntimeEnvironment,
+    ) -> BoxFuture<Result<EnvironmentReport, ReconcileError>> {
+        let env = env.clone();
+        let this = self.handle();
+        Box::pin(async move { this.check(env).await })
+    }
+
+    fn converge(
+        &self,
+        deployment: &Deployment,
+        env: &RuntimeEnvironment,
+        hosts: &[PlannedHost],
+    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        let (deployment, env, hosts) = (deployment.clone(), env.clone(), hosts.to_vec());
+        let this = self.handle();
+        Box::pin(async move { this.converge_hosts(deployment, env, hosts).await })
+    }
+
+    fn cleanup(&self, deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {
+        let name = deployment.name.to_string();
+        let this = self.handle();
+        Box::pin(async move { this.cleanup_deployment(&name).await })
+    }
+}
+
+/// Which infrastructure backend the daemon uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProviderKind {
+    /// Proxmox VE VMs for environments with `proxmox` (static-only environments are planned).
+    Proxmox,
+    /// Plan hosts, touch nothing.
+    PlanOnly,
+}
+
+/// Builds the daemon's provider, registering its metrics in `registry`.
+pub fn build_provider(
+    kind: ProviderKind,
+    instance: Option<&str>,
+    state_dir: &Path,
+    store: &Arc<Store>,
+    desired: &Arc<DesiredState>,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<Arc<dyn Provider>> {
+    match kind {
+        ProviderKind::PlanOnly => Ok(Arc::new(crate::reconcile::PlanOnly)),
+        ProviderKind::Proxmox => {
+            let id = instance_id(state_dir, instance).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot keep the controller instance id in {}: {e}",
+                    state_dir.display()
+                )
+            })?;
+            let metrics = ProxmoxMetrics::register(registry)?;
+            tracing::info!(owner_tag_prefix = %instance_prefix(&id), "Proxmox provider enabled");
+            Ok(Arc::new(ProxmoxProvider::new(
+                store.clone(),
+                desired.clone(),
+                id,
+                metrics,
+                RateLimit::default(),
+            )))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_tags_are_valid_proxmox_tags_distinct_per_deployment_and_instance() {
+        let a = owner_tag("instance-1", "uni");
+        let b = owner_tag("instance-1", "other");
+        let c = owner_tag("instance-2", "uni");
+        assert!(a.starts_with(&instance_prefix("instance-1")));
+        assert_ne!(a, b);
+        assert_ne!(a, c);
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{a}"
+        );
+        assert_eq!(a, owner_tag("instance-1", "uni"), "stable across restarts");
+    }
+
+    #[test]
+    fn the_instance_id_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = instance_id(dir.path(), None).unwrap();
+        assert_eq!(first.len(), 16);
+        assert_eq!(instance_id(dir.path(), None).unwrap(), first);
+        assert_eq!(instance_id(dir.path(), Some("given")).unwrap(), "given");
+    }
+}
