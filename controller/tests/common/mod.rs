@@ -39,6 +39,8 @@ pub fn start(source: &Path, state: &Path) -> Daemon {
         .arg("--state-dir")
         .arg(state)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        // The examples name clusters that do not exist: plan only.
+        .args(["--provider", "plan-only"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
