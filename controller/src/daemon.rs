@@ -6,7 +6,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use prometheus::{IntCounter, IntGauge, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 use tokio::sync::watch;
 
 use crate::api::{Kind, ObjectKey};
@@ -15,8 +17,13 @@ use crate::runtime::metrics::RuntimeMetrics;
 use crate::runtime::queue::{QueueConfig, RateLimit};
 use crate::runtime::runner::{ControllerHandle, RunOutcome, Runner, RunnerConfig};
 use crate::runtime::shutdown::{ShutdownState, on_signals};
+use crate::source::api::ApiSource;
 use crate::source::dir::DirSource;
-use crate::state::{DesiredState, StatusBook};
+use crate::source::git::{GitConfig, GitSource};
+use crate::source::set::{Record, SourceSet};
+use crate::source::spec::{API_SOURCE, Guards, Location, SourceSpec};
+use crate::source::{Baseline, Fetch, Update};
+use crate::state::{DesiredState, PruneBlocked, SourceStatus, StatusBook};
 use crate::store::Store;
 use crate::yaml::Limits;
 
@@ -32,14 +39,29 @@ pub enum LogFormat {
 /// The daemon's settings; every flag can also come from a `FEDIVERSITY_*` environment variable.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// A folder (or file) of desired-state YAML; repeat for several.
+    /// A source of desired state, `[NAME=]LOCATION[?OPTIONS]`: a folder (or file) of YAML, or a git
+    /// repository `git+file://…`, `git+ssh://…` or `git+https://…` with `#BRANCH`. Options, joined by
+    /// `&`: `path=SUB` (a folder inside the repository), `allowEmpty`, `allowForcePush`, `interval=DUR`.
+    /// Repeat (or separate with commas) for several; each is named after its folder or repository
+    /// unless named explicitly.
     #[arg(
         long = "source",
         env = "FEDIVERSITY_SOURCE",
         value_delimiter = ',',
-        required = true
+        required = true,
+        value_parser = parse_source
     )]
-    pub sources: Vec<PathBuf>,
+    pub sources: Vec<SourceSpec>,
+    /// How often git sources are fetched (`fediversity reconcile source NAME` fetches at once).
+    #[arg(long, env = "FEDIVERSITY_POLL_INTERVAL", default_value = "1m", value_parser = crate::cli::parse_duration)]
+    pub poll_interval: Duration,
+    /// The ssh command git uses for `ssh://` sources (identity, known hosts); `BatchMode=yes` is added.
+    #[arg(long, env = "FEDIVERSITY_GIT_SSH_COMMAND", default_value = "ssh")]
+    pub git_ssh_command: String,
+    /// A file holding the bearer token that API writes (apply, delete) must carry; without it, writes
+    /// over the API are refused.
+    #[arg(long, env = "FEDIVERSITY_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
     /// Where the controller keeps its store.
     #[arg(long, env = "FEDIVERSITY_STATE_DIR", default_value = "/var/lib/fediversity")]
     pub state_dir: PathBuf,
@@ -75,6 +97,19 @@ pub struct RunArgs {
     pub instance_id: Option<String>,
 }
 
+fn parse_source(text: &str) -> Result<SourceSpec, String> {
+    SourceSpec::parse(text).map_err(|e| e.message)
+}
+
+/// Reads the API token: the file's content without surrounding whitespace.
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    let token = token.trim().to_owned();
+    anyhow::ensure!(!token.is_empty(), "the token file {} is empty", path.display());
+    Ok(token)
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -87,13 +122,19 @@ fn init_logging(format: LogFormat) {
     };
 }
 
-/// The source's own metrics.
+/// The sources' metrics: totals over every source, and series per source.
 struct SourceMetrics {
     snapshots: IntCounter,
     failures: IntCounter,
     errors: IntGauge,
     objects: IntGauge,
     last_applied: IntGauge,
+    info: IntGaugeVec,
+    last_fetch: IntGaugeVec,
+    fetch_failures: IntCounterVec,
+    fetch_duration: HistogramVec,
+    prune_blocked: IntGaugeVec,
+    source_errors: IntGaugeVec,
 }
 
 impl SourceMetrics {
@@ -126,14 +167,86 @@ impl SourceMetrics {
                 "fediversity_source_last_applied_timestamp_seconds",
                 "When the last snapshot was applied, in seconds since the epoch.",
             )?,
+            info: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fediversity_source_info",
+                        "One series per source, with its type and the revision of its newest snapshot.",
+                    ),
+                    &["source", "type", "revision"],
+                )?,
+            )?,
+            last_fetch: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fediversity_source_last_fetch_timestamp_seconds",
+                        "When each source was last fetched or read successfully, in seconds since the epoch.",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            fetch_failures: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "fediversity_source_fetch_failures_total",
+                        "Fetches or loads of each source that failed as a whole (nothing was pruned).",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            fetch_duration: register(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "fediversity_source_fetch_duration_seconds",
+                        "How long each fetch took.",
+                    )
+                    .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]),
+                    &["source"],
+                )?,
+            )?,
+            prune_blocked: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fediversity_source_prune_blocked",
+                        "Objects of each source whose removal a prune guard holds back (empty snapshot, force-push).",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            source_errors: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fediversity_source_problems",
+                        "Problems in each source's newest snapshot, duplicates across sources included.",
+                    ),
+                    &["source"],
+                )?,
+            )?,
         })
     }
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: T,
+) -> Result<T, prometheus::Error> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
 }
 
 /// Runs the daemon until it is stopped; returns the exit code (0 after a clean drain).
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let RunArgs {
         sources,
+        poll_interval,
+        git_ssh_command,
+        api_token_file,
         state_dir,
         listen,
         log_format,
@@ -147,6 +260,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         instance_id,
     } = args;
     init_logging(log_format);
+    crate::source::spec::check_unique(&sources)?;
+    let token = api_token_file.as_deref().map(read_token).transpose()?;
     let store = Arc::new(Store::open(&state_dir)?);
     tracing::info!(store = %store.path().display(), "store opened");
 
@@ -212,11 +327,84 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let _ = handle_cell.set(handle.clone());
 
     let shutdown = on_signals().context("cannot install signal handlers")?;
+
+    // Sources: the configured ones, then the API's. Each sends its snapshots to the feed.
+    let (updates, updates_rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
+    let mut members = Vec::new();
+    let mut infos = Vec::new();
+    let mut baselines: Vec<Option<Baseline>> = Vec::new();
+    let mut requests = std::collections::BTreeMap::new();
+    let mut tasks = Vec::new();
+    for (index, spec) in sources.iter().enumerate() {
+        let record: Record = store.inventory(&record_id(&spec.name))?.unwrap_or_default();
+        let (request_tx, request_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        requests.insert(spec.name.clone(), request_tx);
+        match &spec.location {
+            Location::Dir(path) => {
+                baselines.push(None);
+                let (snapshots, watcher) = DirSource::new(vec![path.clone()], Limits::default())
+                    .watch(crate::source::dir::DEFAULT_DEBOUNCE, rescan);
+                tasks.push(watcher);
+                tasks.push(tokio::spawn(bridge(
+                    index,
+                    snapshots,
+                    request_rx,
+                    updates.clone(),
+                )));
+            }
+            Location::Git { url, branch, path } => {
+                let baseline: Baseline = Arc::new(std::sync::Mutex::new(record.applied_revision.clone()));
+                baselines.push(Some(baseline.clone()));
+                let source = GitSource::new(GitConfig {
+                    name: spec.name.clone(),
+                    url: url.clone(),
+                    branch: branch.clone(),
+                    path: path.clone(),
+                    cache: state_dir.join("sources").join(&spec.name),
+                    ssh_command: git_ssh_command.clone(),
+                    limits: Limits::default(),
+                });
+                let interval = spec.interval.unwrap_or(poll_interval);
+                tasks.push(source.run(index, interval, baseline, updates.clone(), request_rx));
+            }
+        }
+        tracing::info!(source = %spec, "source configured");
+        infos.push((spec.type_name(), spec.display_location()));
+        members.push((spec.name.clone(), spec.guards, record));
+    }
+    let api_index = members.len();
+    let (api_source, api_problems) = ApiSource::load(store.clone(), Limits::default())?;
+    for problem in &api_problems {
+        tracing::warn!(source = API_SOURCE, "{problem}");
+    }
+    let api_record: Record = store.inventory(&record_id(API_SOURCE))?.unwrap_or_default();
+    // Deletes over the API are explicit: deleting the last object is not an accident.
+    let api_guards = Guards {
+        allow_empty: true,
+        allow_force_push: false,
+    };
+    members.push((API_SOURCE.to_owned(), api_guards, api_record));
+    infos.push(("api", "/api/v1".to_owned()));
+    baselines.push(None);
+    let _ = updates.send(Update {
+        source: api_index,
+        snapshot: Some(Arc::new(api_source.snapshot())),
+        ..Update::default()
+    });
+    let set = SourceSet::new(members);
+
     let api = crate::http::router(crate::http::ApiState {
         desired: desired.clone(),
         book: book.clone(),
         registry: registry.clone(),
         trigger,
+        writes: Arc::new(crate::http::Writes {
+            token,
+            api: tokio::sync::Mutex::new(api_source),
+            api_index,
+            updates: updates.clone(),
+            requests,
+        }),
     });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -229,22 +417,28 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         };
         axum::serve(listener, api).with_graceful_shutdown(stop).await
     });
+    drop(updates);
 
-    let (snapshots, watcher) = DirSource::new(sources.clone(), Limits::default())
-        .watch(crate::source::dir::DEFAULT_DEBOUNCE, rescan);
     let feeder = tokio::spawn(feed(
-        snapshots,
-        desired.clone(),
-        store.clone(),
-        book.clone(),
-        handle.clone(),
-        source_metrics,
+        Feed {
+            updates: updates_rx,
+            set,
+            infos,
+            baselines,
+            desired: desired.clone(),
+            store: store.clone(),
+            book: book.clone(),
+            handle: handle.clone(),
+            metrics: source_metrics,
+        },
         shutdown.clone(),
     ));
 
     let outcome = runner.run(shutdown.clone()).await;
     feeder.abort();
-    watcher.abort();
+    for task in tasks {
+        task.abort();
+    }
     book.flush().await;
     drop(book);
     writer.abort();
@@ -261,85 +455,310 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// Applies each snapshot to the desired state and wakes what changed.
-async fn feed(
+/// The store entry that remembers a source across restarts.
+fn record_id(name: &str) -> String {
+    format!("source:{name}")
+}
+
+/// Forwards a directory source's snapshots to the feed; a fetch request re-sends the current one (a
+/// folder is watched, so it is always current).
+async fn bridge(
+    index: usize,
     mut snapshots: watch::Receiver<Arc<crate::source::Snapshot>>,
+    mut requests: tokio::sync::mpsc::UnboundedReceiver<String>,
+    updates: tokio::sync::mpsc::UnboundedSender<Update>,
+) {
+    let mut token = None;
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let fetch = Fetch {
+            at: crate::api::Timestamp::now(),
+            seconds: 0.0,
+            ok: snapshot.is_complete(),
+        };
+        let update = Update {
+            source: index,
+            snapshot: Some(snapshot),
+            fetch: Some(fetch),
+            token: token.take(),
+            done: None,
+        };
+        if updates.send(update).is_err() {
+            return;
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            request = requests.recv() => match request {
+                Some(t) => token = Some(t),
+                None => return,
+            },
+        }
+    }
+}
+
+/// What the feed works with.
+struct Feed {
+    updates: tokio::sync::mpsc::UnboundedReceiver<Update>,
+    set: SourceSet,
+    /// Each source's type and location, by index.
+    infos: Vec<(&'static str, String)>,
+    /// The force-push base of each git source, by index.
+    baselines: Vec<Option<Baseline>>,
     desired: Arc<DesiredState>,
     store: Arc<Store>,
     book: Arc<StatusBook>,
     handle: ControllerHandle,
     metrics: SourceMetrics,
-    mut shutdown: watch::Receiver<ShutdownState>,
-) {
+}
+
+/// What the feed keeps per source between updates.
+#[derive(Default, Clone)]
+struct Tracked {
+    last_fetch: Option<crate::api::Timestamp>,
+    last_attempt: Option<crate::api::Timestamp>,
+    handled: Option<String>,
+    record: Option<Record>,
+    info: Option<[String; 3]>,
+}
+
+/// Applies the sources' snapshots to the desired state and wakes what changed. Updates that arrive
+/// together are applied together; nothing is applied before every source has loaded once.
+async fn feed(mut feed: Feed, mut shutdown: watch::Receiver<ShutdownState>) {
     let mut first = true;
+    let mut tracked = vec![Tracked::default(); feed.set.members().len()];
+    for member in feed.set.members() {
+        feed.metrics.fetch_failures.with_label_values(&[&member.name]);
+        feed.metrics
+            .prune_blocked
+            .with_label_values(&[&member.name])
+            .set(0);
+    }
     loop {
-        let snapshot = snapshots.borrow_and_update().clone();
-        let applied = {
-            let (desired, store, snapshot) = (desired.clone(), store.clone(), snapshot.clone());
-            tokio::task::spawn_blocking(move || desired.apply(&snapshot, &store)).await
-        };
-        match applied {
-            Ok(Ok(changes)) if snapshot.is_complete() => {
-                metrics.snapshots.inc();
-                metrics
-                    .errors
-                    .set(i64::try_from(snapshot.errors.len()).unwrap_or(i64::MAX));
-                metrics
-                    .objects
-                    .set(i64::try_from(snapshot.objects.len()).unwrap_or(i64::MAX));
-                metrics
-                    .last_applied
-                    .set(i64::try_from(crate::api::Timestamp::now().unix()).unwrap_or(0));
-                for problem in &snapshot.errors {
-                    tracing::warn!(revision = %snapshot.revision, "{problem}");
-                }
-                tracing::info!(
-                    revision = %snapshot.revision,
-                    objects = snapshot.objects.len(),
-                    changed = changes.changed.len(),
-                    removed = changes.removed.len(),
-                    problems = snapshot.errors.len(),
-                    "snapshot applied"
-                );
-                for key in &changes.changed {
-                    handle.spec_changed(key.clone());
-                    if key.kind != Kind::Deployment {
-                        for dependent in desired.dependents(key) {
-                            handle.enqueue(dependent);
-                        }
-                    }
-                }
-                for key in changes.removed {
-                    handle.enqueue(key);
-                }
-                if first {
-                    // Objects the store remembers but the first snapshot lacks were removed while the
-                    // controller was down: they go through cleanup too.
-                    let present: std::collections::HashSet<String> =
-                        snapshot.objects.keys().map(ToString::to_string).collect();
-                    for (id, _) in store.objects().unwrap_or_default() {
-                        if let (false, Ok(key)) = (present.contains(&id), id.parse::<ObjectKey>())
-                            && book.status(&key).is_some()
-                        {
-                            handle.enqueue(key);
-                        }
-                    }
-                    handle.set_ready();
-                    first = false;
-                }
-            }
-            Ok(Ok(_)) => {
-                metrics.failures.inc();
-                tracing::error!(failure = ?snapshot.failure, "the source failed to load; keeping the previous desired state, pruning nothing");
-            }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "failed to record generations; the snapshot will be applied again")
-            }
-            Err(e) => tracing::error!(error = %e, "snapshot task failed"),
-        }
-        tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return },
+        let next = tokio::select! {
+            update = feed.updates.recv() => update,
             _ = shutdown.wait_for(|s| *s != ShutdownState::Running) => return,
+        };
+        let Some(update) = next else { return };
+        let mut batch = vec![update];
+        while let Ok(more) = feed.updates.try_recv() {
+            batch.push(more);
+        }
+        let mut held = Vec::new();
+        let mut handled = Vec::new();
+        let mut done = Vec::new();
+        for update in batch {
+            let index = update.source;
+            let Some(name) = feed.set.members().get(index).map(|m| m.name.clone()) else {
+                continue;
+            };
+            if let Some(fetch) = update.fetch {
+                tracked[index].last_attempt = Some(fetch.at);
+                feed.metrics
+                    .fetch_duration
+                    .with_label_values(&[&name])
+                    .observe(fetch.seconds);
+                if fetch.ok {
+                    tracked[index].last_fetch = Some(fetch.at);
+                    feed.metrics
+                        .last_fetch
+                        .with_label_values(&[&name])
+                        .set(i64::try_from(fetch.at.unix()).unwrap_or(0));
+                }
+            }
+            if let Some(snapshot) = &update.snapshot {
+                if let Some(failure) = &snapshot.failure {
+                    feed.metrics.failures.inc();
+                    feed.metrics.fetch_failures.with_label_values(&[&name]).inc();
+                    tracing::error!(source = %name, %failure, "the source failed; keeping its objects, pruning nothing");
+                }
+                let newly = feed.set.update(index, snapshot);
+                if !newly.is_empty() {
+                    held.push((index, newly));
+                }
+                if let Some(Some(baseline)) = feed.baselines.get(index) {
+                    *baseline.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        feed.set.members()[index].applied_revision.clone();
+                }
+            }
+            if let Some(token) = update.token {
+                handled.push((index, token));
+            }
+            done.extend(update.done);
+        }
+        if feed.set.is_loaded() {
+            apply(&mut feed, &mut first).await;
+        }
+        for (index, keys) in held {
+            let member = &feed.set.members()[index];
+            if let Some(hold) = &member.hold {
+                tracing::warn!(source = %member.name, objects = keys.len(), "{hold}");
+                for key in keys {
+                    feed.book.record(
+                        &key,
+                        crate::api::EventType::Warning,
+                        "PruneBlocked",
+                        format!("source `{}`: its removal is held back: {hold}", member.name),
+                    );
+                }
+            }
+        }
+        for (index, token) in handled {
+            tracked[index].handled = Some(token);
+        }
+        report(&feed, &mut tracked);
+        for done in done {
+            let _ = done.send(());
         }
     }
+}
+
+/// Merges the sources, applies the result, wakes what changed and remembers each source in the store.
+async fn apply(feed: &mut Feed, first: &mut bool) {
+    let merged = Arc::new(feed.set.merge());
+    let failure = feed
+        .set
+        .members()
+        .iter()
+        .filter_map(|m| m.failure.as_ref().map(|f| format!("source `{}`: {f}", m.name)))
+        .collect::<Vec<_>>();
+    let failure = (!failure.is_empty()).then(|| failure.join("; "));
+    let applied = {
+        let (desired, store, merged) = (feed.desired.clone(), feed.store.clone(), merged.clone());
+        tokio::task::spawn_blocking(move || desired.apply_merged(&merged, failure, &store)).await
+    };
+    let changes = match applied {
+        Ok(Ok(changes)) => changes,
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "failed to record generations; the snapshot is applied again on the next update");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "snapshot task failed");
+            return;
+        }
+    };
+    let metrics = &feed.metrics;
+    metrics.snapshots.inc();
+    metrics
+        .errors
+        .set(i64::try_from(merged.errors.len()).unwrap_or(i64::MAX));
+    metrics
+        .objects
+        .set(i64::try_from(merged.objects.len()).unwrap_or(i64::MAX));
+    metrics
+        .last_applied
+        .set(i64::try_from(crate::api::Timestamp::now().unix()).unwrap_or(0));
+    if !changes.changed.is_empty() || !changes.removed.is_empty() {
+        for problem in &merged.errors {
+            tracing::warn!(revision = %merged.revision, "{problem}");
+        }
+    }
+    tracing::info!(
+        revision = %merged.revision,
+        objects = merged.objects.len(),
+        changed = changes.changed.len(),
+        removed = changes.removed.len(),
+        held = merged.held.len(),
+        problems = merged.errors.len(),
+        "snapshot applied"
+    );
+    for key in &changes.changed {
+        feed.handle.spec_changed(key.clone());
+        if key.kind != Kind::Deployment {
+            for dependent in feed.desired.dependents(key) {
+                feed.handle.enqueue(dependent);
+            }
+        }
+    }
+    for key in changes.removed {
+        feed.handle.enqueue(key);
+    }
+    if *first {
+        // Objects the store remembers but no source has were removed while the controller was down:
+        // they go through cleanup too, except those whose removal a prune guard holds back.
+        for (id, _) in feed.store.objects().unwrap_or_default() {
+            if let Ok(key) = id.parse::<ObjectKey>()
+                && !merged.objects.contains_key(&key)
+                && !merged.held.contains(&key)
+                && feed.book.status(&key).is_some()
+            {
+                feed.handle.enqueue(key);
+            }
+        }
+        feed.handle.set_ready();
+        *first = false;
+    }
+}
+
+/// Updates each source's reported status and metrics, and its record in the store when it changed.
+fn report(feed: &Feed, tracked: &mut [Tracked]) {
+    let mut statuses = Vec::new();
+    for (index, member) in feed.set.members().iter().enumerate() {
+        let (type_, location) = feed.infos.get(index).cloned().unwrap_or(("?", String::new()));
+        let errors: Vec<String> = member
+            .errors
+            .iter()
+            .chain(&member.conflicts)
+            .map(ToString::to_string)
+            .collect();
+        let name = member.name.as_str();
+        feed.metrics
+            .prune_blocked
+            .with_label_values(&[name])
+            .set(i64::try_from(member.held.len()).unwrap_or(i64::MAX));
+        feed.metrics
+            .source_errors
+            .with_label_values(&[name])
+            .set(i64::try_from(errors.len()).unwrap_or(i64::MAX));
+        let info = [
+            name.to_owned(),
+            type_.to_owned(),
+            member.revision.clone().unwrap_or_default(),
+        ];
+        let track = &mut tracked[index];
+        if track.info.as_ref() != Some(&info) {
+            if let Some(old) = &track.info {
+                let _ = feed
+                    .metrics
+                    .info
+                    .remove_label_values(&[&old[0], &old[1], &old[2]]);
+            }
+            feed.metrics
+                .info
+                .with_label_values(&[&info[0], &info[1], &info[2]])
+                .set(1);
+            track.info = Some(info);
+        }
+        if member.loaded {
+            let record = feed.set.record(index);
+            if track.record.as_ref() != Some(&record) {
+                match feed.store.put_inventory(&record_id(name), &record) {
+                    Ok(()) => track.record = Some(record),
+                    Err(e) => {
+                        tracing::error!(source = name, error = %e, "cannot remember the source's state")
+                    }
+                }
+            }
+        }
+        statuses.push(SourceStatus {
+            name: name.to_owned(),
+            type_: type_.to_owned(),
+            location,
+            loaded: member.loaded,
+            revision: member.revision.clone(),
+            applied_revision: member.applied_revision.clone(),
+            last_fetch_time: track.last_fetch.map(|t| t.to_string()),
+            last_attempt_time: track.last_attempt.map(|t| t.to_string()),
+            last_error: member.failure.clone(),
+            errors,
+            objects: member.object_count(),
+            prune_blocked: member.hold.as_ref().map(|hold| PruneBlocked {
+                reason: hold.reason().to_owned(),
+                message: hold.to_string(),
+                objects: member.held.iter().map(ToString::to_string).collect(),
+            }),
+            last_handled_reconcile_at: track.handled.clone(),
+        });
+    }
+    feed.desired.set_sources(statuses);
 }

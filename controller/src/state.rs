@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::api::{Event, EventType, Kind, Object, ObjectKey, Timestamp};
 use crate::load::Diagnostic;
+use crate::source::set::{Merged, Owned};
 use crate::source::{Snapshot, SourcedObject};
 use crate::store::{MAX_EVENTS_PER_OBJECT, Store, StoreError, Write, canonical_hash};
 
@@ -19,8 +20,10 @@ pub struct Desired {
     pub sourced: Arc<SourcedObject>,
     /// Its `metadata.generation`.
     pub generation: u64,
-    /// The revision of the snapshot it was last seen in.
+    /// The revision of its source's snapshot it was last seen in (a commit for git).
     pub revision: String,
+    /// The name of the source that owns it.
+    pub source: String,
     /// When the controller first saw it.
     pub created: Timestamp,
 }
@@ -54,11 +57,57 @@ pub struct SourceState {
     pub applied_at: Option<Timestamp>,
 }
 
+/// A removal held back by a prune guard, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PruneBlocked {
+    /// `EmptySnapshot` or `NotADescendant`.
+    pub reason: String,
+    /// Why, and how to allow it.
+    pub message: String,
+    /// The objects kept (`Kind/name`).
+    pub objects: Vec<String>,
+}
+
+/// One source's state, as the API and the CLI show it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    /// The source's name.
+    pub name: String,
+    /// `dir`, `git` or `api`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Where it reads from (passwords hidden).
+    pub location: String,
+    /// Whether a complete snapshot has arrived.
+    pub loaded: bool,
+    /// The revision of the newest complete snapshot (the last fetched commit for git).
+    pub revision: Option<String>,
+    /// The newest revision applied in full, removals included.
+    pub applied_revision: Option<String>,
+    /// When the source was last fetched or read successfully.
+    pub last_fetch_time: Option<String>,
+    /// When it was last tried.
+    pub last_attempt_time: Option<String>,
+    /// Why the last fetch or load failed, if it did (the objects in force stay).
+    pub last_error: Option<String>,
+    /// The problems of the newest snapshot, as `FILE:LINE:COLUMN: ...` lines.
+    pub errors: Vec<String>,
+    /// How many objects it contributes.
+    pub objects: usize,
+    /// Removals held back, if any.
+    pub prune_blocked: Option<PruneBlocked>,
+    /// The token of the last on-demand fetch that was handled.
+    pub last_handled_reconcile_at: Option<String>,
+}
+
 #[derive(Default)]
 struct Inner {
     objects: BTreeMap<ObjectKey, Desired>,
     removing: BTreeMap<ObjectKey, Desired>,
     source: SourceState,
+    sources: Vec<SourceStatus>,
     ready: bool,
 }
 
@@ -75,30 +124,52 @@ impl DesiredState {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Applies a snapshot: records generations in the store and returns what changed. A failed snapshot
-    /// changes nothing but the reported source state: it is never read as "everything was deleted".
+    /// Applies one source's snapshot as the whole desired state (a single unnamed source): records
+    /// generations in the store and returns what changed. A failed snapshot changes nothing but the
+    /// reported source state: it is never read as "everything was deleted".
     pub fn apply(&self, snapshot: &Snapshot, store: &Store) -> Result<Changes, StoreError> {
         if let Some(failure) = &snapshot.failure {
-            let mut inner = self
-                .inner
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            inner.source.failure = Some(failure.clone());
+            self.write().source.failure = Some(failure.clone());
             return Ok(Changes::default());
         }
-        let hashes: Vec<(ObjectKey, String)> = snapshot
+        let merged = Merged {
+            objects: snapshot
+                .objects
+                .iter()
+                .map(|(key, sourced)| {
+                    let owned = Owned {
+                        sourced: sourced.clone(),
+                        source: String::new(),
+                        revision: snapshot.revision.clone(),
+                    };
+                    (key.clone(), owned)
+                })
+                .collect(),
+            errors: snapshot.errors.clone(),
+            revision: snapshot.revision.clone(),
+            held: Default::default(),
+        };
+        self.apply_merged(&merged, None, store)
+    }
+
+    /// Applies the merged objects of every source: records generations in the store and returns what
+    /// changed. `failure` reports a source that failed as a whole (its objects stay in `merged`).
+    pub fn apply_merged(
+        &self,
+        merged: &Merged,
+        failure: Option<String>,
+        store: &Store,
+    ) -> Result<Changes, StoreError> {
+        let hashes: Vec<(ObjectKey, String)> = merged
             .objects
             .iter()
-            .map(|(key, o)| (key.clone(), canonical_hash(&o.loaded.object.spec_json())))
+            .map(|(key, o)| (key.clone(), canonical_hash(&o.sourced.loaded.object.spec_json())))
             .collect();
         let generations = store.observe_specs(hashes.iter().map(|(k, h)| (k, h.clone())))?;
-        let mut inner = self
-            .inner
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut inner = self.write();
         let mut changes = Changes::default();
         let mut next = BTreeMap::new();
-        for (key, sourced) in &snapshot.objects {
+        for (key, owned) in &merged.objects {
             let generation = generations.get(key).copied().unwrap_or(1);
             let previous = inner.objects.get(key).or_else(|| inner.removing.get(key));
             let created = previous.map_or_else(Timestamp::now, |p| p.created);
@@ -108,9 +179,10 @@ impl DesiredState {
             next.insert(
                 key.clone(),
                 Desired {
-                    sourced: sourced.clone(),
+                    sourced: owned.sourced.clone(),
                     generation,
-                    revision: snapshot.revision.clone(),
+                    revision: owned.revision.clone(),
+                    source: owned.source.clone(),
                     created,
                 },
             );
@@ -124,13 +196,39 @@ impl DesiredState {
         inner.removing.retain(|key, _| !next.contains_key(key));
         inner.objects = next;
         inner.source = SourceState {
-            revision: snapshot.revision.clone(),
-            errors: snapshot.errors.clone(),
-            failure: None,
+            revision: merged.revision.clone(),
+            errors: merged.errors.clone(),
+            failure,
             applied_at: Some(Timestamp::now()),
         };
         inner.ready = true;
         Ok(changes)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the sources' reported state.
+    pub fn set_sources(&self, sources: Vec<SourceStatus>) {
+        self.write().sources = sources;
+    }
+
+    /// Every source's state.
+    pub fn sources(&self) -> Vec<SourceStatus> {
+        self.read().sources.clone()
+    }
+
+    /// The name of the source that owns a desired object (or one being removed).
+    pub fn owner(&self, key: &ObjectKey) -> Option<String> {
+        let inner = self.read();
+        inner
+            .objects
+            .get(key)
+            .or_else(|| inner.removing.get(key))
+            .map(|d| d.source.clone())
     }
 
     /// Whether a complete snapshot has been applied.

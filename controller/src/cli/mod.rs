@@ -4,6 +4,7 @@ mod client;
 mod output;
 mod remote;
 mod validate;
+mod write;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use crate::api::Kind;
 pub use client::DEFAULT_LISTEN;
 pub use output::Format;
 pub use remote::Target;
+pub use write::ReconcileTarget;
 
 /// The Fediversity controller: hosts Fediverse applications declaratively on Proxmox VE and NixOS.
 #[derive(Debug, Parser)]
@@ -96,14 +98,17 @@ pub enum Command {
     },
     /// Asks the daemon to reconcile an object now.
     Reconcile {
-        /// The kind.
-        #[arg(value_parser = parse_kind)]
-        kind: Kind,
+        /// The kind, or `source` to fetch a source now.
+        #[arg(value_parser = parse_reconcile_target)]
+        kind: ReconcileTarget,
         /// The name.
         name: String,
         /// Waits until the reconcile was handled; exits 1 if the object ended not Ready.
         #[arg(long)]
         wait: bool,
+        /// Fetches the object's source first and waits for it, so the object reflects its newest commit.
+        #[arg(long)]
+        with_source: bool,
         /// How long --wait waits.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
@@ -111,6 +116,37 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Applies the objects of a YAML (or JSON) file through the daemon's API; `-` reads standard input.
+    /// Objects owned by a git or directory source are refused.
+    Apply {
+        /// The file.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// The file holding the API token.
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Deletes an object applied through the API.
+    Delete {
+        /// The kind.
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The name.
+        name: String,
+        /// The file holding the API token.
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+fn parse_reconcile_target(text: &str) -> Result<ReconcileTarget, String> {
+    text.parse()
 }
 
 fn parse_kind(text: &str) -> Result<Kind, String> {
@@ -201,14 +237,48 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             kind,
             name,
             wait,
+            with_source,
             timeout,
             server,
         } => {
             let wait = wait.then_some(timeout);
-            let (message, ready) =
-                remote::reconcile(&client::Client::new(&server.server), kind, &name, wait).await?;
+            let client = client::Client::new(&server.server);
+            let (message, ready) = match kind {
+                ReconcileTarget::Source => write::reconcile_source(&client, &name, wait).await?,
+                ReconcileTarget::Kind(kind) => {
+                    if with_source
+                        && let Some(source) = write::owner(&client, kind, &name).await?
+                        && source != crate::source::spec::API_SOURCE
+                    {
+                        let (message, _) = write::reconcile_source(&client, &source, Some(timeout)).await?;
+                        print!("{message}");
+                    }
+                    remote::reconcile(&client, kind, &name, wait).await?
+                }
+            };
             print!("{message}");
             Ok(if ready { 0 } else { 1 })
+        }
+        Command::Apply {
+            file,
+            token_file,
+            server,
+        } => {
+            let writer = write::Writer::new(&server.server, token_file.as_deref())?;
+            let (name, text) = write::read_input(&file)?;
+            let (out, code) = writer.apply(&name, text).await?;
+            print!("{out}");
+            Ok(code)
+        }
+        Command::Delete {
+            kind,
+            name,
+            token_file,
+            server,
+        } => {
+            let writer = write::Writer::new(&server.server, token_file.as_deref())?;
+            print!("{}", writer.delete(kind, &name).await?);
+            Ok(0)
         }
     }
 }

@@ -15,18 +15,22 @@ pub enum Target {
     Kind(Kind),
     /// The hosts planned by Deployments.
     Hosts,
+    /// The sources of desired state.
+    Sources,
 }
 
 impl std::str::FromStr for Target {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        if matches!(s.to_ascii_lowercase().as_str(), "host" | "hosts") {
-            return Ok(Target::Hosts);
+        match s.to_ascii_lowercase().as_str() {
+            "host" | "hosts" => return Ok(Target::Hosts),
+            "source" | "sources" | "src" => return Ok(Target::Sources),
+            _ => {}
         }
         s.parse()
             .map(Target::Kind)
-            .map_err(|e: String| format!("{e}, or hosts"))
+            .map_err(|e: String| format!("{e}, hosts or sources"))
     }
 }
 
@@ -35,6 +39,7 @@ impl Target {
         match self {
             Target::Kind(kind) => kind.plural(),
             Target::Hosts => "hosts",
+            Target::Sources => "sources",
         }
     }
 }
@@ -117,6 +122,7 @@ fn rows(target: Target, items: &[Value]) -> (Vec<&'static str>, Vec<Vec<String>>
                 })
                 .collect(),
         ),
+        Target::Sources => (Vec::new(), Vec::new()),
         Target::Hosts => (
             vec!["NAME", "DEPLOYMENT", "PHASE", "VMID", "NODE", "ADDRESS"],
             items
@@ -155,6 +161,11 @@ pub async fn get(
                 Some(_) => vec![value],
                 None => value["items"].as_array().cloned().unwrap_or_default(),
             };
+            if target == Target::Sources {
+                return Ok(super::write::sources_table(
+                    &serde_json::json!({ "items": items }),
+                ));
+            }
             if items.is_empty() {
                 return Ok(format!("No {} found.\n", target.path()));
             }

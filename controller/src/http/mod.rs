@@ -1,6 +1,7 @@
 //! The daemon's HTTP surface: health, readiness, Prometheus metrics and the JSON status API.
 
 pub mod view;
+pub mod write;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -27,7 +28,11 @@ pub struct ApiState {
     pub registry: prometheus::Registry,
     /// Wakes an object now.
     pub trigger: Trigger,
+    /// Writes over the API and the sources' endpoints.
+    pub writes: Arc<write::Writes>,
 }
+
+pub use write::Writes;
 
 /// The routes.
 pub fn router(state: ApiState) -> Router {
@@ -37,9 +42,16 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/events", get(events))
         .route("/api/v1/source", get(source))
-        .route("/api/v1/{resource}", get(list))
-        .route("/api/v1/{resource}/{name}", get(one))
+        .route("/api/v1/sources", get(write::sources))
+        .route("/api/v1/sources/{name}", get(write::source))
+        .route("/api/v1/sources/{name}/reconcile", post(write::reconcile_source))
+        .route("/api/v1/apply", post(write::apply))
+        .route("/api/v1/{resource}", get(list).put(write::put))
+        .route("/api/v1/{resource}/{name}", get(one).delete(write::delete))
         .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::yaml::Limits::default().max_bytes,
+        ))
         .with_state(state)
 }
 

@@ -7,6 +7,10 @@ use crate::state::{Desired, StatusBook};
 
 /// The annotation that says where an object was defined.
 pub const SOURCE_ANNOTATION: &str = "fediversity.eu/source";
+/// The annotation that names the source that owns an object.
+pub const SOURCE_NAME_ANNOTATION: &str = "fediversity.eu/source-name";
+/// The annotation that gives the revision of its source an object was last seen in.
+pub const REVISION_ANNOTATION: &str = "fediversity.eu/revision";
 
 /// An object with its metadata as the controller keeps it, and its status.
 pub fn object(desired: &Desired, book: &StatusBook) -> Value {
@@ -26,6 +30,10 @@ pub fn object(desired: &Desired, book: &StatusBook) -> Value {
             .or_insert_with(|| Value::Object(Map::new()));
         if let Some(annotations) = annotations.as_object_mut() {
             annotations.insert(SOURCE_ANNOTATION.into(), where_.into());
+            if !desired.source.is_empty() {
+                annotations.insert(SOURCE_NAME_ANNOTATION.into(), desired.source.clone().into());
+            }
+            annotations.insert(REVISION_ANNOTATION.into(), desired.revision.clone().into());
         }
     }
     value["status"] = book.status(&key).unwrap_or_else(|| json!({}));

@@ -21,6 +21,7 @@ const METRIC_CONDITIONS: [&str; 2] = [condition_types::READY, condition_types::S
 pub struct ObjectMetrics {
     info: IntGaugeVec,
     condition: IntGaugeVec,
+    suspend: IntGaugeVec,
     series: Mutex<HashMap<ObjectKey, Series>>,
 }
 
@@ -53,9 +54,18 @@ impl ObjectMetrics {
             ),
             &["kind", "name", "type", "status"],
         )?;
+        let suspend = IntGaugeVec::new(
+            Opts::new(
+                "fediversity_suspend_status",
+                "1 while an object's reconciles are suspended (spec.suspend), 0 otherwise.",
+            ),
+            &["kind", "name"],
+        )?;
         registry.register(Box::new(info.clone()))?;
         registry.register(Box::new(condition.clone()))?;
+        registry.register(Box::new(suspend.clone()))?;
         Ok(Self {
+            suspend,
             info,
             condition,
             series: Mutex::new(HashMap::new()),
@@ -121,6 +131,9 @@ impl ObjectMetrics {
                 .with_label_values(&labels.iter().map(String::as_str).collect::<Vec<_>>())
                 .set(*value);
         }
+        self.suspend
+            .with_label_values(&[kind.as_str(), name.as_str()])
+            .set(i64::from(facts.suspended));
         let conditions = conditions.into_iter().map(|(labels, _)| labels).collect();
         series.insert(key.clone(), Series { info, conditions });
     }
@@ -132,6 +145,9 @@ impl ObjectMetrics {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(old) = series.remove(key) {
+            let _ = self
+                .suspend
+                .remove_label_values(&[key.kind.as_str(), &key.name.to_string()]);
             let _ = self
                 .info
                 .remove_label_values(&old.info.iter().map(String::as_str).collect::<Vec<_>>());

@@ -79,6 +79,7 @@ pub struct DirSource {
     roots: Vec<PathBuf>,
     limits: Limits,
     cache: HashMap<PathBuf, CachedFile>,
+    display_base: Option<PathBuf>,
 }
 
 impl DirSource {
@@ -88,7 +89,22 @@ impl DirSource {
             roots,
             limits,
             cache: HashMap::new(),
+            display_base: None,
         }
+    }
+
+    /// Names files relative to `base` in objects and problems (a git checkout names them as in the
+    /// repository, not by where the checkout lies).
+    pub fn with_display_base(mut self, base: PathBuf) -> Self {
+        self.display_base = Some(base);
+        self
+    }
+
+    fn display_name(&self, file: &Path) -> PathBuf {
+        self.display_base
+            .as_deref()
+            .and_then(|base| file.strip_prefix(base).ok())
+            .map_or_else(|| file.to_path_buf(), Path::to_path_buf)
     }
 
     /// Loads the current state. With `full`, every file is re-read; otherwise only files whose size or
@@ -99,10 +115,10 @@ impl DirSource {
             match collect_files(root) {
                 Ok(found) => files.extend(found),
                 Err(e) => {
-                    return Snapshot {
-                        failure: Some(format!("cannot read {}: {e}", root.display())),
-                        ..Snapshot::default()
-                    };
+                    return Snapshot::failed(format!(
+                        "cannot read {}: {e}",
+                        self.display_name(root).display()
+                    ));
                 }
             }
         }
@@ -145,13 +161,22 @@ impl DirSource {
             cached.stamp = stamp;
             return;
         }
-        let load = match bytes {
+        let name = self.display_name(file);
+        let mut load = match bytes {
             Some(bytes) if bytes.len() <= self.limits.max_bytes => match String::from_utf8(bytes) {
-                Ok(text) => load::load_text(file, &text, &self.limits),
+                Ok(text) => load::load_text(&name, &text, &self.limits),
                 Err(_) => load::load_file(file, &self.limits),
             },
             _ => load::load_file(file, &self.limits),
         };
+        if name != file {
+            for problem in &mut load.problems {
+                problem.file.clone_from(&name);
+            }
+            for object in &mut load.objects {
+                object.file.clone_from(&name);
+            }
+        }
         let previous = self.cache.remove(file);
         let entry = merge_with_previous(load, previous.map(|p| p.objects).unwrap_or_default(), stamp, hash);
         self.cache.insert(file.to_path_buf(), entry);
@@ -195,7 +220,7 @@ impl DirSource {
             revision,
             objects,
             errors,
-            failure: None,
+            ..Snapshot::default()
         }
     }
 
