@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod fixtures;
 pub mod http;
 pub mod load;
+pub mod nixos;
 pub mod proxmox;
 pub mod reconcile;
 pub mod runtime;

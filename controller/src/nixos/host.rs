@@ -1,0 +1,908 @@
+//! The host transport: small primitives a deploy is made of (`NixHost`), and `SshHost`, the real one.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use super::command::{self, CommandError, CommandSpec, Output};
+use super::escape::shell_words;
+
+/// The system profile of a NixOS host.
+pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
+/// Where the controller keeps its per-deploy files on a host (rollback script, activation result).
+pub const DEFAULT_REMOTE_DIR: &str = "/var/lib/fediversity-deploy";
+
+/// A path in the Nix store, checked to hold only the characters Nix allows in store paths (so it is
+/// also a safe shell word).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct StorePath(String);
+
+impl StorePath {
+    /// Checks `path`: `/nix/store/` followed by a name of `[A-Za-z0-9+-._?=]`.
+    pub fn new(path: &str) -> Result<Self, HostError> {
+        let name = path.strip_prefix("/nix/store/").unwrap_or("");
+        let ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"+-._?=".contains(&b));
+        if ok {
+            Ok(Self(path.to_owned()))
+        } else {
+            Err(HostError::BadOutput {
+                step: "store path",
+                output: path.chars().take(200).collect(),
+            })
+        }
+    }
+
+    /// The path.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first 12 characters of its hash: short, unique enough to name a deploy.
+    pub fn short_hash(&self) -> &str {
+        let name = &self.0["/nix/store/".len()..];
+        &name[..name.len().min(12)]
+    }
+}
+
+impl std::fmt::Display for StorePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One generation of the system profile: its number and the system it points at.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Generation {
+    /// The generation number (`system-N-link`).
+    pub number: u32,
+    /// The system store path.
+    pub path: StorePath,
+}
+
+/// What a health check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    /// Every check passed.
+    Healthy,
+    /// Not yet: try again (`systemctl is-system-running` says `starting`, or the HTTP check failed).
+    NotYet(String),
+}
+
+/// The HTTP check of an Application, run on the host against its own web server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpCheck {
+    /// `https` (production) or `http`.
+    pub scheme: String,
+    /// The public host name, sent as `Host` and SNI.
+    pub fqdn: String,
+    /// The port of the web server on the host.
+    pub port: u16,
+    /// The path, e.g. `/health`.
+    pub path: String,
+    /// The status code that means healthy.
+    pub expect_status: u16,
+}
+
+/// Why a host primitive failed.
+#[derive(Debug, Error)]
+pub enum HostError {
+    /// The host presented another SSH host key than the pinned one.
+    #[error(
+        "the SSH host key of {host} is not the pinned one: deploy stopped (check the machine, then update the pinned key)"
+    )]
+    HostKeyChanged {
+        /// The host.
+        host: String,
+    },
+    /// SSH could not connect or lost the connection.
+    #[error("{host} is unreachable over SSH: {reason}")]
+    Unreachable {
+        /// The host.
+        host: String,
+        /// SSH's own words.
+        reason: String,
+    },
+    /// A command on the host failed.
+    #[error("failed to {step} on {host} (exit code {code:?}): {stderr}")]
+    Remote {
+        /// The step, e.g. `set the system profile`.
+        step: &'static str,
+        /// The host.
+        host: String,
+        /// Its exit code.
+        code: Option<i32>,
+        /// The end of its stderr.
+        stderr: String,
+    },
+    /// A command printed something unexpected.
+    #[error("unexpected output of {step}: {output:?}")]
+    BadOutput {
+        /// The step.
+        step: &'static str,
+        /// What it printed.
+        output: String,
+    },
+    /// A local command could not run or timed out.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+}
+
+impl HostError {
+    /// Whether the host could not be reached (the deploy may recover by waiting).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            HostError::Unreachable { .. } | HostError::Command(CommandError::TimedOut { .. })
+        )
+    }
+}
+
+/// The primitives a deploy onto one NixOS host is made of (colmena's `Host`, split finer so that a
+/// rollback can be armed before anything changes).
+pub trait NixHost: Send + Sync {
+    /// The host's name (for messages).
+    fn name(&self) -> &str;
+    /// The generation the system profile points at (`None` when there is no profile yet).
+    fn current(&self) -> impl Future<Output = Result<Option<Generation>, HostError>> + Send;
+    /// Copies the closure of `path` into the host's store.
+    fn copy_closure(&self, path: &StorePath) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Arms the host's own rollback: unless disarmed within `after`, the host switches the profile back
+    /// to `previous` (or removes it when there was none) and activates that system.
+    fn arm_rollback(
+        &self,
+        id: &str,
+        previous: Option<&Generation>,
+        after: Duration,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Points the system profile at `path` and returns the new generation.
+    fn set_profile(&self, path: &StorePath) -> impl Future<Output = Result<Generation, HostError>> + Send;
+    /// Starts `switch-to-configuration switch` of `path`, detached from the SSH session.
+    fn activate(&self, id: &str, path: &StorePath) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// The activation's exit code once it has finished.
+    fn activation_status(&self, id: &str) -> impl Future<Output = Result<Option<i32>, HostError>> + Send;
+    /// Runs the armed rollback now (a no-op when the timer already ran or it was disarmed).
+    fn roll_back(&self, id: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+    /// Health checks over a new connection.
+    fn health(&self, http: Option<&HttpCheck>) -> impl Future<Output = Result<Health, HostError>> + Send;
+    /// Cancels the armed rollback and removes the deploy's files.
+    fn disarm_rollback(&self, id: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+}
+
+/// How to reach a host over SSH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTarget {
+    /// The host's name; also the `HostKeyAlias` its pinned key is recorded under.
+    pub name: String,
+    /// The login user.
+    pub user: String,
+    /// Its address.
+    pub address: String,
+    /// Its SSH port.
+    pub port: u16,
+    /// The private key file.
+    pub identity_file: PathBuf,
+    /// The known_hosts file holding its pinned key (written by the controller).
+    pub known_hosts: PathBuf,
+}
+
+/// Timeouts of SSH and the commands run through it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshTimeouts {
+    /// `ConnectTimeout`.
+    pub connect: Duration,
+    /// `ServerAliveInterval` (with `ServerAliveCountMax=3`).
+    pub keep_alive: Duration,
+    /// A short command (read a link, start a unit).
+    pub command: Duration,
+    /// Copying a closure.
+    pub copy: Duration,
+}
+
+impl Default for SshTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(10),
+            keep_alive: Duration::from_secs(5),
+            command: Duration::from_secs(60),
+            copy: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// A NixOS host reached with the system's OpenSSH client, its key pinned.
+#[derive(Debug, Clone)]
+pub struct SshHost {
+    target: SshTarget,
+    timeouts: SshTimeouts,
+    remote_dir: String,
+    nix_config: Option<String>,
+}
+
+/// Words a remote shell line may be built from without escaping: checked so that every path the
+/// controller puts into a remote command or `NIX_SSHOPTS` is one word.
+fn plain_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./-_".contains(&b))
+}
+
+/// A deploy id: letters, digits and `-` only (it names files and systemd units).
+fn check_id(id: &str) -> Result<(), HostError> {
+    if !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        Ok(())
+    } else {
+        Err(HostError::BadOutput {
+            step: "deploy id",
+            output: id.to_owned(),
+        })
+    }
+}
+
+/// Starts `script` detached: as a transient systemd unit where systemd runs, else in a new session.
+fn detached(unit: &str, script: &str, systemd_args: &str) -> String {
+    format!(
+        "if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
+systemd-run --unit={unit} --collect --no-ask-password --quiet {systemd_args}/bin/sh {script}; \
+else setsid nohup /bin/sh {script} >/dev/null 2>&1 </dev/null & fi"
+    )
+}
+
+impl SshHost {
+    /// A host reached as `target`, keeping its deploy files in [`DEFAULT_REMOTE_DIR`].
+    pub fn new(target: SshTarget, timeouts: SshTimeouts) -> Result<Self, HostError> {
+        for (what, value) in [
+            ("identity file", target.identity_file.to_string_lossy()),
+            ("known_hosts file", target.known_hosts.to_string_lossy()),
+            ("user", target.user.as_str().into()),
+            ("address", target.address.as_str().into()),
+            ("host name", target.name.as_str().into()),
+        ] {
+            // NIX_SSHOPTS is split at spaces, so every value must be one plain word.
+            if !plain_word(&value) {
+                return Err(HostError::BadOutput {
+                    step: "SSH settings",
+                    output: format!("{what} `{value}` must be one word of letters, digits and @%+=:,./-_"),
+                });
+            }
+        }
+        Ok(Self {
+            target,
+            timeouts,
+            remote_dir: DEFAULT_REMOTE_DIR.into(),
+            nix_config: None,
+        })
+    }
+
+    /// Keeps the deploy files in `dir` instead (a plain absolute path).
+    pub fn with_remote_dir(mut self, dir: &str) -> Self {
+        if plain_word(dir) && dir.starts_with('/') {
+            self.remote_dir = dir.to_owned();
+        }
+        self
+    }
+
+    /// Passes extra Nix configuration (`NIX_CONFIG`) to `nix copy`.
+    pub fn with_nix_config(mut self, config: Option<String>) -> Self {
+        self.nix_config = config;
+        self
+    }
+
+    /// The SSH options, the same for `ssh` and `nix copy` (`NIX_SSHOPTS`): pinned key, no prompts,
+    /// no user configuration, no connection sharing, bounded connect and keep-alive.
+    pub fn ssh_options(&self) -> Vec<String> {
+        let t = &self.target;
+        let mut opts = vec!["-F".to_owned(), "none".to_owned()];
+        for o in [
+            "BatchMode=yes".to_owned(),
+            "StrictHostKeyChecking=yes".to_owned(),
+            format!("UserKnownHostsFile={}", t.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".to_owned(),
+            format!("HostKeyAlias={}", t.name),
+            "IdentitiesOnly=yes".to_owned(),
+            format!("IdentityFile={}", t.identity_file.display()),
+            format!("ConnectTimeout={}", self.timeouts.connect.as_secs().max(1)),
+            format!(
+                "ServerAliveInterval={}",
+                self.timeouts.keep_alive.as_secs().max(1)
+            ),
+            "ServerAliveCountMax=3".to_owned(),
+            "ControlPath=none".to_owned(),
+            "LogLevel=ERROR".to_owned(),
+        ] {
+            opts.push("-o".into());
+            opts.push(o);
+        }
+        opts.push("-p".into());
+        opts.push(t.port.to_string());
+        opts
+    }
+
+    /// `ssh … user@address -- <remote>`: one remote shell line.
+    pub fn ssh_command(&self, remote: &str, timeout: Duration) -> CommandSpec {
+        let mut args = self.ssh_options();
+        args.push("-T".into());
+        args.push(format!("{}@{}", self.target.user, self.target.address));
+        args.push("--".into());
+        args.push(remote.to_owned());
+        CommandSpec::new("ssh", args, timeout)
+    }
+
+    /// `nix copy --to ssh://user@address PATH` with the same SSH options.
+    pub fn copy_command(&self, path: &StorePath) -> CommandSpec {
+        let spec = CommandSpec::new(
+            "nix",
+            [
+                "--extra-experimental-features".to_owned(),
+                "nix-command".to_owned(),
+                "copy".to_owned(),
+                "--to".to_owned(),
+                format!("ssh://{}@{}", self.target.user, self.target.address),
+                path.as_str().to_owned(),
+            ],
+            self.timeouts.copy,
+        )
+        .env("NIX_SSHOPTS", &self.ssh_options().join(" "));
+        match &self.nix_config {
+            Some(config) => spec.env("NIX_CONFIG", config),
+            None => spec,
+        }
+    }
+
+    /// The remote line that prints the profile's link and target.
+    pub fn current_script() -> String {
+        format!("p={SYSTEM_PROFILE}; if [ -e \"$p\" ]; then readlink \"$p\"; readlink -e \"$p\"; fi")
+    }
+
+    /// The remote line that points the profile at `path` and prints the new link.
+    pub fn set_profile_script(path: &StorePath) -> String {
+        format!(
+            "{} && readlink {SYSTEM_PROFILE}",
+            shell_words(&["nix-env", "-p", SYSTEM_PROFILE, "--set", path.as_str()])
+        )
+    }
+
+    /// The rollback script that the timer (or an immediate rollback) runs on the host. Renaming the
+    /// `armed` marker is atomic, so it runs at most once and never after a disarm.
+    pub fn rollback_script(&self, id: &str, previous: Option<&Generation>) -> String {
+        let d = &self.remote_dir;
+        let p = SYSTEM_PROFILE;
+        let mut s = format!(
+            "#!/bin/sh\n# Rollback of deploy {id}, armed by the Fediversity controller.\n\
+mv {d}/armed-{id} {d}/fired-{id} 2>/dev/null || exit 0\n\
+PATH=/run/current-system/sw/bin:$PATH\n\
+link=$(readlink {p} || true)\n"
+        );
+        match previous {
+            Some(g) => {
+                let n = g.number;
+                s.push_str(&format!(
+                    "if [ -n \"$link\" ] && [ \"$link\" != system-{n}-link ]; then\n\
+  nix-env -p {p} --switch-generation {n}\n\
+  gen=${{link#system-}}; gen=${{gen%-link}}\n\
+  nix-env -p {p} --delete-generations \"$gen\"\n\
+fi\n\
+{}/bin/switch-to-configuration switch >{d}/rollback-{id}.log 2>&1\n\
+echo $? >{d}/rolled-back-{id}\n",
+                    g.path
+                ));
+            }
+            None => s.push_str(&format!(
+                "if [ -n \"$link\" ]; then rm -f {p} \"/nix/var/nix/profiles/$link\"; fi\n\
+echo 0 >{d}/rolled-back-{id}\n"
+            )),
+        }
+        s
+    }
+
+    /// The remote line that stores the rollback script (read from stdin) and arms it.
+    pub fn arm_script(&self, id: &str, after: Duration) -> String {
+        let d = &self.remote_dir;
+        let secs = after.as_secs().max(1);
+        format!(
+            "set -e; mkdir -p {d}; cat >{d}/rollback-{id}.sh; : >{d}/armed-{id}; \
+if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
+systemd-run --unit=fediversity-rollback-{id} --on-active={secs}s --timer-property=AccuracySec=1s --quiet /bin/sh {d}/rollback-{id}.sh; \
+else setsid nohup /bin/sh -c 'sleep {secs}; exec /bin/sh {d}/rollback-{id}.sh' >/dev/null 2>&1 </dev/null & echo $! >{d}/watchdog-{id}.pid; fi"
+        )
+    }
+
+    /// The activation script (stored on the host, run detached): records the exit code atomically.
+    pub fn activation_script(&self, id: &str, path: &StorePath) -> String {
+        let d = &self.remote_dir;
+        format!(
+            "#!/bin/sh\n{path}/bin/switch-to-configuration switch >{d}/activation-{id}.log 2>&1\n\
+echo $? >{d}/rc-{id}.tmp && mv {d}/rc-{id}.tmp {d}/rc-{id}\n"
+        )
+    }
+
+    /// The remote line that stores the activation script (stdin) and starts it detached.
+    pub fn activate_script(&self, id: &str) -> String {
+        let d = &self.remote_dir;
+        format!(
+            "set -e; mkdir -p {d}; rm -f {d}/rc-{id}; cat >{d}/activate-{id}.sh; {}",
+            detached(
+                &format!("fediversity-switch-{id}"),
+                &format!("{d}/activate-{id}.sh"),
+                "--service-type=exec -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER=0 "
+            )
+        )
+    }
+
+    /// The remote line that prints the activation's exit code once there is one.
+    pub fn activation_status_script(&self, id: &str) -> String {
+        format!("cat {}/rc-{id} 2>/dev/null || true", self.remote_dir)
+    }
+
+    /// The remote line of the health checks: `systemctl is-system-running` where systemd runs, then
+    /// the HTTP check with curl against the host's own web server.
+    pub fn health_script(http: Option<&HttpCheck>) -> String {
+        let mut s = "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+echo system=$(systemctl is-system-running 2>/dev/null || true); fi"
+            .to_owned();
+        if let Some(h) = http {
+            let url = format!("{}://{}:{}{}", h.scheme, h.fqdn, h.port, h.path);
+            let resolve = format!("{}:{}:127.0.0.1", h.fqdn, h.port);
+            s.push_str(&format!(
+                "; echo http=$({} || true)",
+                shell_words(&[
+                    "curl",
+                    "--silent",
+                    "--insecure",
+                    "--output",
+                    "/dev/null",
+                    "--max-time",
+                    "5",
+                    "--write-out",
+                    "%{http_code}",
+                    "--resolve",
+                    &resolve,
+                    &url
+                ])
+            ));
+        }
+        s
+    }
+
+    /// The remote line that disarms the rollback and removes the deploy's files (logs stay).
+    pub fn disarm_script(&self, id: &str) -> String {
+        let d = &self.remote_dir;
+        format!(
+            "rm -f {d}/armed-{id}; \
+if [ -d /run/systemd/system ]; then systemctl stop fediversity-rollback-{id}.timer 2>/dev/null || true; fi; \
+if [ -f {d}/watchdog-{id}.pid ]; then kill -- -$(cat {d}/watchdog-{id}.pid) 2>/dev/null || true; fi; \
+rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id} {d}/fired-{id}"
+        )
+    }
+
+    /// Runs one remote line; SSH's own failures (exit 255) become `HostKeyChanged` or `Unreachable`.
+    async fn remote(
+        &self,
+        step: &'static str,
+        script: &str,
+        stdin: Option<Vec<u8>>,
+    ) -> Result<Output, HostError> {
+        let mut spec = self.ssh_command(script, self.timeouts.command);
+        spec.stdin = stdin;
+        let out = command::run(&spec).await.map_err(|e| match e {
+            CommandError::TimedOut { .. } => HostError::Unreachable {
+                host: self.target.name.clone(),
+                reason: format!("{step}: {e}"),
+            },
+            e => HostError::Command(e),
+        })?;
+        if out.success() {
+            return Ok(out);
+        }
+        Err(self.classify(step, out.code, &out.stderr))
+    }
+
+    fn classify(&self, step: &'static str, code: Option<i32>, stderr: &str) -> HostError {
+        let host = self.target.name.clone();
+        if stderr.contains("Host key verification failed")
+            || stderr.contains("HOST IDENTIFICATION HAS CHANGED")
+        {
+            return HostError::HostKeyChanged { host };
+        }
+        let ssh_failed = code == Some(255)
+            || stderr.contains("cannot connect to")
+            || stderr.contains("Connection refused")
+            || stderr.contains("Connection timed out")
+            || stderr.contains("Connection closed")
+            || stderr.contains("Connection reset");
+        if ssh_failed {
+            return HostError::Unreachable {
+                host,
+                reason: command::tail(stderr),
+            };
+        }
+        HostError::Remote {
+            step,
+            host,
+            code,
+            stderr: command::tail(stderr),
+        }
+    }
+}
+
+fn parse_link(link: &str) -> Option<u32> {
+    link.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok()
+}
+
+impl NixHost for SshHost {
+    fn name(&self) -> &str {
+        &self.target.name
+    }
+
+    async fn current(&self) -> Result<Option<Generation>, HostError> {
+        let out = self
+            .remote("read the system profile", &Self::current_script(), None)
+            .await?;
+        let mut lines = out.stdout.lines();
+        let (Some(link), Some(path)) = (lines.next(), lines.next()) else {
+            return Ok(None);
+        };
+        let number = parse_link(link.trim()).ok_or_else(|| HostError::BadOutput {
+            step: "readlink of the system profile",
+            output: link.to_owned(),
+        })?;
+        Ok(Some(Generation {
+            number,
+            path: StorePath::new(path.trim())?,
+        }))
+    }
+
+    async fn copy_closure(&self, path: &StorePath) -> Result<(), HostError> {
+        let spec = self.copy_command(path);
+        let out = command::run(&spec).await?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(self.classify("copy the closure", out.code, &out.stderr))
+        }
+    }
+
+    async fn arm_rollback(
+        &self,
+        id: &str,
+        previous: Option<&Generation>,
+        after: Duration,
+    ) -> Result<(), HostError> {
+        check_id(id)?;
+        let script = self.rollback_script(id, previous);
+        self.remote(
+            "arm the rollback",
+            &self.arm_script(id, after),
+            Some(script.into_bytes()),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn set_profile(&self, path: &StorePath) -> Result<Generation, HostError> {
+        let out = self
+            .remote("set the system profile", &Self::set_profile_script(path), None)
+            .await?;
+        let link = out.stdout.trim();
+        let number = parse_link(link).ok_or_else(|| HostError::BadOutput {
+            step: "nix-env --set",
+            output: link.to_owned(),
+        })?;
+        Ok(Generation {
+            number,
+            path: path.clone(),
+        })
+    }
+
+    async fn activate(&self, id: &str, path: &StorePath) -> Result<(), HostError> {
+        check_id(id)?;
+        let script = self.activation_script(id, path);
+        self.remote(
+            "start the activation",
+            &self.activate_script(id),
+            Some(script.into_bytes()),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn activation_status(&self, id: &str) -> Result<Option<i32>, HostError> {
+        check_id(id)?;
+        let out = self
+            .remote(
+                "read the activation result",
+                &self.activation_status_script(id),
+                None,
+            )
+            .await?;
+        let text = out.stdout.trim();
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| HostError::BadOutput {
+            step: "activation result",
+            output: text.to_owned(),
+        })
+    }
+
+    async fn roll_back(&self, id: &str) -> Result<(), HostError> {
+        check_id(id)?;
+        let script = format!(
+            "if [ -f {d}/rollback-{id}.sh ]; then /bin/sh {d}/rollback-{id}.sh; fi",
+            d = self.remote_dir
+        );
+        self.remote("roll back", &script, None).await.map(drop)
+    }
+
+    async fn health(&self, http: Option<&HttpCheck>) -> Result<Health, HostError> {
+        let out = self
+            .remote("run the health checks", &Self::health_script(http), None)
+            .await?;
+        let mut problems = Vec::new();
+        for line in out.stdout.lines() {
+            if let Some(state) = line.strip_prefix("system=") {
+                // `offline` is what a host without a running systemd manager answers.
+                if !matches!(state.trim(), "running" | "offline" | "") {
+                    problems.push(format!("systemctl is-system-running: {}", state.trim()));
+                }
+            } else if let Some(code) = line.strip_prefix("http=") {
+                let expected = http.map_or(200, |h| h.expect_status);
+                if code.trim() != expected.to_string() {
+                    problems.push(format!(
+                        "HTTP check answered {} (expected {expected})",
+                        code.trim()
+                    ));
+                }
+            }
+        }
+        if http.is_some() && !out.stdout.contains("http=") {
+            problems.push("the HTTP check printed nothing".into());
+        }
+        Ok(if problems.is_empty() {
+            Health::Healthy
+        } else {
+            Health::NotYet(problems.join("; "))
+        })
+    }
+
+    async fn disarm_rollback(&self, id: &str) -> Result<(), HostError> {
+        check_id(id)?;
+        self.remote("disarm the rollback", &self.disarm_script(id), None)
+            .await
+            .map(drop)
+    }
+}
+
+/// The known_hosts line pinning `key` (`TYPE BASE64`) under the alias `name`.
+pub fn known_hosts_line(name: &str, key: &str) -> Result<String, HostError> {
+    if key.contains(|c: char| c.is_control() && c != ' ') {
+        return Err(HostError::BadOutput {
+            step: "host key",
+            output: "a host key is one line".into(),
+        });
+    }
+    let mut parts = key.split_whitespace();
+    let (Some(kind), Some(blob)) = (parts.next(), parts.next()) else {
+        return Err(HostError::BadOutput {
+            step: "host key",
+            output: "expected `TYPE BASE64`, e.g. `ssh-ed25519 AAAA…`".into(),
+        });
+    };
+    let kind_ok = kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
+    let blob_ok = blob
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b));
+    if !kind_ok || !blob_ok || !plain_word(name) {
+        return Err(HostError::BadOutput {
+            step: "host key",
+            output: format!("`{kind}` key for `{name}` is not a valid SSH public key"),
+        });
+    }
+    Ok(format!("{name} {kind} {blob}\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> SshHost {
+        SshHost::new(
+            SshTarget {
+                name: "uni-mastodon".into(),
+                user: "root".into(),
+                address: "192.0.2.10".into(),
+                port: 2222,
+                identity_file: "/var/lib/fediversity/ssh/id_ed25519".into(),
+                known_hosts: "/var/lib/fediversity/known_hosts/uni-mastodon".into(),
+            },
+            SshTimeouts::default(),
+        )
+        .unwrap()
+    }
+
+    fn path() -> StorePath {
+        StorePath::new("/nix/store/0123456789abcdefghijklmnopqrstuv-nixos-system-uni-mastodon").unwrap()
+    }
+
+    const OPTS: &str = "-F none -o BatchMode=yes -o StrictHostKeyChecking=yes \
+-o UserKnownHostsFile=/var/lib/fediversity/known_hosts/uni-mastodon -o GlobalKnownHostsFile=/dev/null \
+-o HostKeyAlias=uni-mastodon -o IdentitiesOnly=yes -o IdentityFile=/var/lib/fediversity/ssh/id_ed25519 \
+-o ConnectTimeout=10 -o ServerAliveInterval=5 -o ServerAliveCountMax=3 -o ControlPath=none -o LogLevel=ERROR -p 2222";
+
+    #[test]
+    fn the_ssh_command_pins_the_key_and_never_prompts() {
+        let spec = host().ssh_command("true", Duration::from_secs(5));
+        assert_eq!(spec.to_string(), format!("ssh {OPTS} -T root@192.0.2.10 -- true"));
+    }
+
+    #[test]
+    fn nix_copy_uses_the_same_ssh_options() {
+        assert_eq!(
+            host().copy_command(&path()).to_string(),
+            format!(
+                "NIX_SSHOPTS='{OPTS}' nix --extra-experimental-features nix-command copy --to ssh://root@192.0.2.10 {}",
+                path()
+            )
+        );
+    }
+
+    #[test]
+    fn the_profile_is_read_and_set_with_readlink_and_nix_env() {
+        assert_eq!(
+            SshHost::current_script(),
+            "p=/nix/var/nix/profiles/system; if [ -e \"$p\" ]; then readlink \"$p\"; readlink -e \"$p\"; fi"
+        );
+        assert_eq!(
+            SshHost::set_profile_script(&path()),
+            format!(
+                "nix-env -p /nix/var/nix/profiles/system --set {} && readlink /nix/var/nix/profiles/system",
+                path()
+            )
+        );
+    }
+
+    #[test]
+    fn the_rollback_is_armed_with_systemd_run_or_a_setsid_fallback() {
+        assert_eq!(
+            host().arm_script("abc-1", Duration::from_secs(90)),
+            "set -e; mkdir -p /var/lib/fediversity-deploy; cat >/var/lib/fediversity-deploy/rollback-abc-1.sh; \
+: >/var/lib/fediversity-deploy/armed-abc-1; \
+if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
+systemd-run --unit=fediversity-rollback-abc-1 --on-active=90s --timer-property=AccuracySec=1s --quiet \
+/bin/sh /var/lib/fediversity-deploy/rollback-abc-1.sh; \
+else setsid nohup /bin/sh -c 'sleep 90; exec /bin/sh /var/lib/fediversity-deploy/rollback-abc-1.sh' \
+>/dev/null 2>&1 </dev/null & echo $! >/var/lib/fediversity-deploy/watchdog-abc-1.pid; fi"
+        );
+    }
+
+    #[test]
+    fn the_rollback_script_returns_to_the_previous_generation_and_activates_it() {
+        let prev = Generation {
+            number: 3,
+            path: path(),
+        };
+        let script = host().rollback_script("abc-1", Some(&prev));
+        assert_eq!(
+            script,
+            format!(
+                "#!/bin/sh\n# Rollback of deploy abc-1, armed by the Fediversity controller.\n\
+mv /var/lib/fediversity-deploy/armed-abc-1 /var/lib/fediversity-deploy/fired-abc-1 2>/dev/null || exit 0\n\
+PATH=/run/current-system/sw/bin:$PATH\n\
+link=$(readlink /nix/var/nix/profiles/system || true)\n\
+if [ -n \"$link\" ] && [ \"$link\" != system-3-link ]; then\n\
+  nix-env -p /nix/var/nix/profiles/system --switch-generation 3\n\
+  gen=${{link#system-}}; gen=${{gen%-link}}\n\
+  nix-env -p /nix/var/nix/profiles/system --delete-generations \"$gen\"\n\
+fi\n\
+{}/bin/switch-to-configuration switch >/var/lib/fediversity-deploy/rollback-abc-1.log 2>&1\n\
+echo $? >/var/lib/fediversity-deploy/rolled-back-abc-1\n",
+                path()
+            )
+        );
+    }
+
+    #[test]
+    fn without_a_previous_generation_the_rollback_removes_the_profile() {
+        let script = host().rollback_script("abc-1", None);
+        assert!(
+            script.contains(
+                "if [ -n \"$link\" ]; then rm -f /nix/var/nix/profiles/system \"/nix/var/nix/profiles/$link\"; fi\n"
+            ),
+            "{script}"
+        );
+    }
+
+    #[test]
+    fn the_activation_runs_detached_and_records_its_exit_code() {
+        assert_eq!(
+            host().activate_script("abc-1"),
+            "set -e; mkdir -p /var/lib/fediversity-deploy; rm -f /var/lib/fediversity-deploy/rc-abc-1; \
+cat >/var/lib/fediversity-deploy/activate-abc-1.sh; \
+if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
+systemd-run --unit=fediversity-switch-abc-1 --collect --no-ask-password --quiet \
+--service-type=exec -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER=0 /bin/sh /var/lib/fediversity-deploy/activate-abc-1.sh; \
+else setsid nohup /bin/sh /var/lib/fediversity-deploy/activate-abc-1.sh >/dev/null 2>&1 </dev/null & fi"
+        );
+        assert_eq!(
+            host().activation_script("abc-1", &path()),
+            format!(
+                "#!/bin/sh\n{}/bin/switch-to-configuration switch >/var/lib/fediversity-deploy/activation-abc-1.log 2>&1\n\
+echo $? >/var/lib/fediversity-deploy/rc-abc-1.tmp && mv /var/lib/fediversity-deploy/rc-abc-1.tmp /var/lib/fediversity-deploy/rc-abc-1\n",
+                path()
+            )
+        );
+    }
+
+    #[test]
+    fn the_health_check_asks_systemd_and_the_web_server_on_the_host() {
+        let check = HttpCheck {
+            scheme: "https".into(),
+            fqdn: "mastodon.social.uu.nl".into(),
+            port: 443,
+            path: "/health".into(),
+            expect_status: 200,
+        };
+        assert_eq!(
+            SshHost::health_script(Some(&check)),
+            "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+echo system=$(systemctl is-system-running 2>/dev/null || true); fi; \
+echo http=$(curl --silent --insecure --output /dev/null --max-time 5 --write-out '%{http_code}' \
+--resolve mastodon.social.uu.nl:443:127.0.0.1 https://mastodon.social.uu.nl:443/health || true)"
+        );
+    }
+
+    #[test]
+    fn disarming_stops_the_timer_or_the_watchdog_and_removes_the_files() {
+        assert_eq!(
+            host().disarm_script("abc-1"),
+            "rm -f /var/lib/fediversity-deploy/armed-abc-1; \
+if [ -d /run/systemd/system ]; then systemctl stop fediversity-rollback-abc-1.timer 2>/dev/null || true; fi; \
+if [ -f /var/lib/fediversity-deploy/watchdog-abc-1.pid ]; then kill -- -$(cat /var/lib/fediversity-deploy/watchdog-abc-1.pid) 2>/dev/null || true; fi; \
+rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy/rollback-abc-1.sh \
+/var/lib/fediversity-deploy/activate-abc-1.sh /var/lib/fediversity-deploy/rc-abc-1 /var/lib/fediversity-deploy/fired-abc-1"
+        );
+    }
+
+    #[test]
+    fn settings_that_would_split_nix_sshopts_are_refused() {
+        let mut target = host().target.clone();
+        target.identity_file = "/keys/my key".into();
+        assert!(SshHost::new(target, SshTimeouts::default()).is_err());
+    }
+
+    #[test]
+    fn a_changed_host_key_is_told_apart_from_an_unreachable_host() {
+        let h = host();
+        assert!(matches!(
+            h.classify("x", Some(255), "Host key verification failed.\r\n"),
+            HostError::HostKeyChanged { .. }
+        ));
+        assert!(matches!(
+            h.classify(
+                "x",
+                Some(255),
+                "ssh: connect to host 192.0.2.10 port 2222: Connection refused"
+            ),
+            HostError::Unreachable { .. }
+        ));
+        assert!(matches!(
+            h.classify("x", Some(1), "nope"),
+            HostError::Remote { .. }
+        ));
+    }
+
+    #[test]
+    fn store_paths_and_known_hosts_lines_are_checked() {
+        assert!(StorePath::new("/nix/store/abc; rm -rf /").is_err());
+        assert!(StorePath::new("/tmp/x").is_err());
+        assert_eq!(
+            known_hosts_line("h1", "ssh-ed25519 AAAAC3Nz comment").unwrap(),
+            "h1 ssh-ed25519 AAAAC3Nz\n"
+        );
+        assert!(known_hosts_line("h1", "ssh-ed25519 AAAA\nevil").is_err());
+    }
+}

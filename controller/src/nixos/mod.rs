@@ -1,0 +1,319 @@
+//! NixOS host convergence: generate a host's configuration, build it, copy, activate, confirm, roll back.
+
+pub mod build;
+pub mod command;
+pub mod deploy;
+pub mod escape;
+pub mod generate;
+pub mod host;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::Semaphore;
+
+use crate::api::{ApplicationSpec, RuntimeEnvironmentSpec};
+
+pub use build::{BuildSettings, Builder, NixpkgsSource};
+pub use deploy::{DeployReport, DeployResult, DeployTimings, Step};
+pub use generate::{HostConfig, generate};
+pub use host::{HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, StorePath};
+pub use metrics::DeployMetrics;
+
+/// Why a host's configuration is not valid Nix (checked in process before anything runs).
+#[derive(Debug, Error)]
+#[error("the generated configuration does not parse: {0}")]
+pub struct SyntaxError(pub String);
+
+/// Parses `text` as a Nix expression in process (rnix) and returns its first syntax error.
+pub fn check_syntax(text: &str) -> Result<(), SyntaxError> {
+    let parsed = rnix::Root::parse(text);
+    match parsed.errors().first() {
+        None => Ok(()),
+        Some(e) => Err(SyntaxError(e.to_string())),
+    }
+}
+
+/// How the deployer reaches an Application's web server for its HTTP health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpTarget {
+    /// `https` in production.
+    pub scheme: String,
+    /// 443 in production.
+    pub port: u16,
+}
+
+impl Default for HttpTarget {
+    fn default() -> Self {
+        Self {
+            scheme: "https".into(),
+            port: 443,
+        }
+    }
+}
+
+/// Settings of the deployer that are not per environment.
+#[derive(Debug, Clone)]
+pub struct DeployerConfig {
+    /// Host configurations, GC roots and known_hosts files live here.
+    pub state_dir: PathBuf,
+    /// The catalog root: Applications' `nixosModule` paths are relative to it.
+    pub catalog_root: PathBuf,
+    /// Deadlines of a deploy.
+    pub timings: DeployTimings,
+    /// SSH timeouts.
+    pub ssh: SshTimeouts,
+    /// How long one `nix build` may take.
+    pub build_timeout: Duration,
+    /// How the HTTP health check reaches the web server.
+    pub http: HttpTarget,
+    /// Where deploy files live on hosts (default [`host::DEFAULT_REMOTE_DIR`]).
+    pub remote_dir: Option<String>,
+    /// Extra Nix configuration (`NIX_CONFIG`) for every `nix` the deployer runs.
+    pub nix_config: Option<String>,
+}
+
+impl DeployerConfig {
+    /// Defaults for a controller whose state is in `state_dir` and whose catalog is `catalog_root`.
+    pub fn new(state_dir: &Path, catalog_root: &Path) -> Self {
+        Self {
+            state_dir: state_dir.to_owned(),
+            catalog_root: catalog_root.to_owned(),
+            timings: DeployTimings::default(),
+            ssh: SshTimeouts::default(),
+            build_timeout: Duration::from_secs(3600),
+            http: HttpTarget::default(),
+            remote_dir: None,
+            nix_config: None,
+        }
+    }
+}
+
+/// Where one host is and how its SSH host key is pinned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostAddress {
+    /// Its address.
+    pub address: String,
+    /// Its SSH port.
+    pub port: u16,
+    /// Its SSH host public key (`TYPE BASE64`): from `staticHosts`, or the first key seen of a new VM.
+    pub host_key: String,
+}
+
+/// Everything the deployer needs to converge one host.
+#[derive(Debug, Clone, Copy)]
+pub struct HostRequest<'a> {
+    /// The RuntimeEnvironment's name (concurrency caps are per environment).
+    pub environment: &'a str,
+    /// The RuntimeEnvironment.
+    pub env: &'a RuntimeEnvironmentSpec,
+    /// The host's name, `<deployment>-<application>`.
+    pub host_name: &'a str,
+    /// The application's catalog name.
+    pub application_name: &'a str,
+    /// The Application.
+    pub application: &'a ApplicationSpec,
+    /// The public host name.
+    pub fqdn: &'a str,
+    /// The operator's settings for the application.
+    pub settings: &'a serde_json::Map<String, serde_json::Value>,
+    /// The first account's e-mail address.
+    pub admin_email: Option<&'a str>,
+    /// Where the host is.
+    pub address: &'a HostAddress,
+}
+
+/// What is known of one host after a convergence: the per-host status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostDeployStatus {
+    /// The host.
+    pub name: String,
+    /// The system it should run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_system: Option<String>,
+    /// The system its profile points at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_system: Option<String>,
+    /// The profile's generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+    /// The outcome.
+    pub last_result: DeployResult,
+    /// Whether the system was built this time (false: unchanged inputs).
+    pub rebuilt: bool,
+    /// Whether anything was copied or activated.
+    pub changed: bool,
+    /// One sentence.
+    pub message: String,
+    /// Seconds per step (`build`, `inspect`, `copy`, …).
+    pub step_seconds: Vec<(String, f64)>,
+}
+
+/// Per-environment caps on parallel builds and deploys.
+struct Caps {
+    builds: Arc<Semaphore>,
+    deploys: Arc<Semaphore>,
+}
+
+/// Converges NixOS hosts: generate, build, copy, activate, confirm, roll back.
+pub struct NixosDeployer {
+    config: DeployerConfig,
+    builder: Builder,
+    metrics: Option<DeployMetrics>,
+    caps: Mutex<HashMap<String, Caps>>,
+}
+
+impl NixosDeployer {
+    /// A deployer with `config`, exporting metrics when given.
+    pub fn new(config: DeployerConfig, metrics: Option<DeployMetrics>) -> Self {
+        let builder = Builder::new(&config.state_dir, &config.catalog_root);
+        Self {
+            config,
+            builder,
+            metrics,
+            caps: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn caps(&self, environment: &str, limit: u32) -> (Arc<Semaphore>, Arc<Semaphore>) {
+        let mut caps = self.caps.lock().unwrap_or_else(|e| e.into_inner());
+        let c = caps.entry(environment.to_owned()).or_insert_with(|| Caps {
+            builds: Arc::new(Semaphore::new(limit.max(1) as usize)),
+            deploys: Arc::new(Semaphore::new(limit.max(1) as usize)),
+        });
+        (c.builds.clone(), c.deploys.clone())
+    }
+
+    /// The Nix text of a host's configuration.
+    pub fn configuration(&self, req: &HostRequest<'_>) -> Result<String, String> {
+        let problems = crate::reconcile::settings::check(req.application.settings.as_ref(), req.settings);
+        if let Some((name, message)) = problems.first() {
+            return Err(format!("settings.{name}: {message}"));
+        }
+        let config = HostConfig::new(
+            &self.config.catalog_root,
+            req.host_name,
+            req.application_name,
+            req.fqdn,
+            &req.application.nixos_module,
+            req.admin_email,
+            req.settings,
+        );
+        let text = generate(&config).map_err(|e| e.to_string())?;
+        check_syntax(&text).map_err(|e| e.to_string())?;
+        Ok(text)
+    }
+
+    /// Converges one host and reports what it runs. Failures are results, never panics.
+    pub async fn converge(&self, req: &HostRequest<'_>) -> HostDeployStatus {
+        let mut status = HostDeployStatus {
+            name: req.host_name.to_owned(),
+            desired_system: None,
+            current_system: None,
+            generation: None,
+            last_result: DeployResult::Failed,
+            rebuilt: false,
+            changed: false,
+            message: String::new(),
+            step_seconds: Vec::new(),
+        };
+        let (builds, deploys) = self.caps(req.environment, req.env.limits.max_concurrent_operations);
+        let text = match self.configuration(req) {
+            Ok(t) => t,
+            Err(e) => return self.finish(status, format!("{}: {e}", req.host_name)),
+        };
+        let settings = BuildSettings {
+            nixpkgs: NixpkgsSource::parse(&req.env.nix.nixpkgs),
+            builders: req.env.nix.builders.clone(),
+            substituters: req.env.nix.substituters.clone(),
+            timeout: self.config.build_timeout,
+            nix_config: self.config.nix_config.clone(),
+        };
+        let built = {
+            let _permit = builds.acquire().await;
+            self.builder.build(req.host_name, &text, &settings).await
+        };
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => return self.finish(status, e.to_string()),
+        };
+        status.rebuilt = built.rebuilt;
+        status.desired_system = Some(built.path.to_string());
+        status.step_seconds.push(("build".into(), built.seconds));
+        let host = match self.ssh_host(req).await {
+            Ok(h) => h,
+            Err(e) => return self.finish(status, e),
+        };
+        let http = req.application.health_check.as_ref().map(|c| HttpCheck {
+            scheme: self.config.http.scheme.clone(),
+            fqdn: req.fqdn.to_owned(),
+            port: self.config.http.port,
+            path: c.path.clone(),
+            expect_status: c.expect_status,
+        });
+        let report = {
+            let _permit = deploys.acquire().await;
+            deploy::execute(&host, &built.path, http.as_ref(), &self.config.timings).await
+        };
+        status.last_result = report.result;
+        status.current_system = report.current.as_ref().map(ToString::to_string);
+        status.generation = report.generation;
+        status.changed = report.changed;
+        status
+            .step_seconds
+            .extend(report.steps.iter().map(|(s, t)| (s.label().to_owned(), *t)));
+        let message = report.message.clone();
+        self.finish(status, message)
+    }
+
+    async fn ssh_host(&self, req: &HostRequest<'_>) -> Result<SshHost, String> {
+        let dir = self.config.state_dir.join("known_hosts");
+        tokio::fs::create_dir_all(&dir)
+            .await
+            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+        let known_hosts = dir.join(req.host_name);
+        let line = host::known_hosts_line(req.host_name, &req.address.host_key).map_err(|e| e.to_string())?;
+        tokio::fs::write(&known_hosts, line)
+            .await
+            .map_err(|e| format!("failed to write {}: {e}", known_hosts.display()))?;
+        let target = SshTarget {
+            name: req.host_name.to_owned(),
+            user: req.env.ssh.user.clone(),
+            address: req.address.address.clone(),
+            port: req.address.port,
+            identity_file: PathBuf::from(&req.env.ssh.private_key_file),
+            known_hosts,
+        };
+        let host = SshHost::new(target, self.config.ssh.clone())
+            .map_err(|e| e.to_string())?
+            .with_nix_config(self.config.nix_config.clone());
+        Ok(match &self.config.remote_dir {
+            Some(d) => host.with_remote_dir(d),
+            None => host,
+        })
+    }
+
+    fn finish(&self, mut status: HostDeployStatus, message: String) -> HostDeployStatus {
+        status.message = message;
+        if let Some(m) = &self.metrics {
+            for (step, secs) in &status.step_seconds {
+                m.step(step, *secs);
+            }
+            m.result(status.last_result);
+        }
+        tracing::info!(
+            host = %status.name,
+            result = status.last_result.label(),
+            changed = status.changed,
+            "{}",
+            status.message
+        );
+        status
+    }
+}

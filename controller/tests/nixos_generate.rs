@@ -1,0 +1,206 @@
+//! Generated host configurations: golden files, parsing with Nix and rnix, and escaping round trips
+//! through `nix-instantiate --eval`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use fediversity::api::{Application, Object};
+use fediversity::nixos::{HostConfig, check_syntax, escape, generate};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{Value, json};
+
+/// Nix without a daemon, a network or the `nixbld` group (see the NixOS notes in the README).
+const NIX_CONFIG: &str = "substituters =\nexperimental-features = nix-command\nbuild-users-group =";
+
+/// The hostile setting of the issue: it must arrive as exactly this text.
+const HOSTILE: &str = r#""; ${builtins.readFile "/etc/passwd"} ""#;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+fn require(tool: &str) -> String {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{tool}` is missing: these tests need Nix (Debian package nix-bin); scripts/test.sh installs it"
+    );
+    tool.to_owned()
+}
+
+fn application(name: &str) -> Application {
+    let text = std::fs::read_to_string(repo().join(format!("examples/applications/{name}.yaml"))).unwrap();
+    let docs = fediversity::yaml::parse_documents(&text, &fediversity::yaml::Limits::default()).unwrap();
+    match fediversity::api::parse_object(&docs[0].1).unwrap() {
+        Object::Application(app) => app,
+        other => panic!("examples/applications/{name}.yaml is not an Application: {other:?}"),
+    }
+}
+
+/// The example host of each catalog application, with settings an operator would give.
+fn examples() -> Vec<(&'static str, HostConfig)> {
+    let cases = [
+        (
+            "mastodon",
+            json!({"singleUserMode": false, "registrations": "approval", "maxTootChars": 1000}),
+        ),
+        (
+            "pixelfed",
+            json!({"openRegistration": false, "maxPhotoSizeKiB": 20000}),
+        ),
+        ("peertube", json!({"transcoding": true, "liveStreaming": false})),
+        ("matrix", json!({"enableRegistration": false, "federation": true})),
+        ("mastodon-hostile", json!({"registrations": HOSTILE})),
+    ];
+    cases
+        .into_iter()
+        .map(|(name, settings)| {
+            let app_name = name.split('-').next().unwrap();
+            let app = application(app_name);
+            let config = HostConfig::new(
+                Path::new("/catalog"),
+                &format!("uni-utrecht-{app_name}"),
+                app_name,
+                &format!("{app_name}.social.uu.nl"),
+                &app.spec.nixos_module,
+                Some("social@uu.nl"),
+                settings.as_object().unwrap(),
+            );
+            (name, config)
+        })
+        .collect()
+}
+
+#[test]
+fn generated_configurations_match_their_golden_files() {
+    let dir = repo().join("controller/tests/golden/nixos");
+    for (name, config) in examples() {
+        let text = generate(&config).unwrap();
+        let golden = dir.join(format!("{name}.nix"));
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&golden, &text).unwrap();
+        }
+        let expected = std::fs::read_to_string(&golden)
+            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to write it)", golden.display()));
+        assert_eq!(
+            text, expected,
+            "{name}: run with UPDATE_GOLDEN=1 and review the diff"
+        );
+    }
+}
+
+#[test]
+fn every_generated_configuration_and_catalog_module_parses_with_nix_and_rnix() {
+    let nix = require("nix-instantiate");
+    let scratch = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for (name, config) in examples() {
+        let text = generate(&config).unwrap();
+        check_syntax(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let file = scratch.path().join(format!("{name}.nix"));
+        std::fs::write(&file, text).unwrap();
+        files.push(file);
+    }
+    for module in [
+        "base",
+        "applications/common",
+        "applications/mastodon",
+        "applications/pixelfed",
+    ]
+    .into_iter()
+    .chain(["applications/peertube", "applications/matrix"])
+    {
+        let file = repo().join(format!("nix/{module}.nix"));
+        check_syntax(&std::fs::read_to_string(&file).unwrap()).unwrap_or_else(|e| panic!("{module}: {e}"));
+        files.push(file);
+    }
+    let out = Command::new(&nix)
+        .arg("--parse")
+        .args(&files)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn rnix_reports_a_broken_configuration() {
+    let err = check_syntax("{ a = \"x\" }").unwrap_err();
+    assert!(err.to_string().contains("does not parse"), "{err}");
+}
+
+#[test]
+fn the_hostile_setting_evaluates_to_exactly_its_literal_text() {
+    let nix = require("nix-instantiate");
+    let (_, config) = examples().pop().unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("host.nix");
+    std::fs::write(&file, generate(&config).unwrap()).unwrap();
+    let expr = format!("(import {}).fediversity.mastodon.settings", file.display());
+    let out = Command::new(&nix)
+        .args(["--eval", "--strict", "--json", "-E", &expr])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(value, json!({"registrations": HOSTILE}));
+}
+
+#[test]
+fn arbitrary_strings_come_back_unchanged_from_nix_evaluation() {
+    let nix = require("nix-instantiate");
+    // 64 cases, evaluated in one nix-instantiate call: any Unicode text without NUL, plus text built
+    // from the characters that matter to the Nix lexer.
+    let special = prop::collection::vec(
+        prop::sample::select(vec![
+            "$", "{", "}", "\\", "\"", "'", "''", "\n", "\r", "\t", "${", "$${", "a", "é",
+        ]),
+        0..24,
+    )
+    .prop_map(|parts| parts.concat());
+    let any = "[^\u{0}]{0,40}";
+    let strategy = prop::collection::vec(prop_oneof![any.prop_map(String::from), special], 64);
+    let mut runner = TestRunner::new(Config {
+        cases: 1,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |strings| {
+            let list: Vec<String> = strings.iter().map(|s| escape::string(s).unwrap()).collect();
+            let expr = format!("[ {} ]", list.join(" "));
+            let out = Command::new(&nix)
+                .args(["--eval", "--strict", "--json", "-E", &expr])
+                .env("NIX_CONFIG", NIX_CONFIG)
+                .output()
+                .unwrap();
+            prop_assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let back: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+            prop_assert_eq!(back, strings);
+            Ok(())
+        })
+        .unwrap();
+}
+
+#[test]
+fn settings_with_every_json_type_evaluate_back_to_the_same_json() {
+    let nix = require("nix-instantiate");
+    let settings = json!({
+        "a b": [1, -2, 2.5, "x", null, true, {"with": "${x}"}],
+        "nested": {"list": [], "set": {}, "big": 9_007_199_254_740_993_i64},
+    });
+    let expr = escape::value(&settings).unwrap();
+    let out = Command::new(&nix)
+        .args(["--eval", "--strict", "--json", "-E", &expr])
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let back: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(back, settings);
+}
