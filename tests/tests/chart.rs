@@ -10,13 +10,23 @@ fn helm() -> std::path::PathBuf {
 
 fn render(extra: &[&str]) -> String {
     let chart = repo_root().join("charts/fediversity");
-    let out = run(Command::new(helm()).args(["template", "rel", chart.to_str().unwrap(), "--kube-version", "1.33"]).args(extra));
+    let out = run(Command::new(helm())
+        .args([
+            "template",
+            "rel",
+            chart.to_str().unwrap(),
+            "--kube-version",
+            "1.33",
+        ])
+        .args(extra));
     assert!(out.status.success(), "helm template failed: {}", text(&out));
     String::from_utf8(out.stdout).unwrap()
 }
 
 fn kubernetes_validate(files: &[std::path::PathBuf]) {
-    let out = run(Command::new(tool("KUBERNETES_VALIDATE", "kubernetes-validate")).args(["--strict", "-k", "1.33.0"]).args(files));
+    let out = run(Command::new(tool("KUBERNETES_VALIDATE", "kubernetes-validate"))
+        .args(["--strict", "-k", "1.33.0"])
+        .args(files));
     let report = text(&out);
     assert!(out.status.success(), "kubernetes-validate failed:\n{report}");
     assert!(!report.contains("failed"), "{report}");
@@ -24,7 +34,9 @@ fn kubernetes_validate(files: &[std::path::PathBuf]) {
 
 #[test]
 fn the_chart_passes_helm_lint_strict() {
-    let out = run(Command::new(helm()).args(["lint", "--strict"]).arg(repo_root().join("charts/fediversity")));
+    let out = run(Command::new(helm())
+        .args(["lint", "--strict"])
+        .arg(repo_root().join("charts/fediversity")));
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("0 chart(s) failed"), "{}", text(&out));
 }
@@ -36,14 +48,22 @@ fn rendered_manifests_and_crds_pass_kubernetes_validate_strict() {
     std::fs::write(&defaults, render(&[])).unwrap();
     let everything = dir.path().join("everything.yaml");
     let all_options = [
-        "--set", "proxmox.tokenSecret=placeholder",
-        "--set", "proxmox.caCertificate=placeholder",
-        "--set", "deployKeySecret=deploy-key",
-        "--set", "gitSshSecret=git-ssh",
-        "--set", "apiTokenSecret=api-token",
-        "--set", "persistence.enabled=false",
-        "--set", "serviceMonitor.enabled=false",
-        "--set", "prometheusRule.enabled=false",
+        "--set",
+        "proxmox.tokenSecret=placeholder",
+        "--set",
+        "proxmox.caCertificate=placeholder",
+        "--set",
+        "deployKeySecret=deploy-key",
+        "--set",
+        "gitSshSecret=git-ssh",
+        "--set",
+        "apiTokenSecret=api-token",
+        "--set",
+        "persistence.enabled=false",
+        "--set",
+        "serviceMonitor.enabled=false",
+        "--set",
+        "prometheusRule.enabled=false",
     ];
     std::fs::write(&everything, render(&all_options)).unwrap();
     let mut files = vec![defaults, everything];
@@ -61,30 +81,56 @@ fn the_chart_runs_one_hardened_replica_with_its_state_on_a_kept_volume() {
         .filter_map(|d| yaml_serde::from_str::<serde_json::Value>(d).ok())
         .filter(|d| d.is_object())
         .collect();
-    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).unwrap_or_else(|| panic!("no {kind}"));
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind}"))
+    };
     let deployment = find("Deployment");
     assert_eq!(deployment["spec"]["replicas"], 1);
     assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
     let container = &deployment["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
-    let args: Vec<&str> = container["args"].as_array().unwrap().iter().filter_map(|a| a.as_str()).collect();
-    assert!(args.contains(&"--api-token-file=/run/secrets/fediversity/api/token"), "{args:?}");
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.contains(&"--api-token-file=/run/secrets/fediversity/api/token"),
+        "{args:?}"
+    );
     assert!(args.iter().any(|a| a.starts_with("--source=git+")), "{args:?}");
-    assert_eq!(find("PersistentVolumeClaim")["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    assert_eq!(
+        find("PersistentVolumeClaim")["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
     // The dashboard and the rules in the chart are the files shipped beside it.
-    let dashboard = find("ConfigMap")["data"]["fediversity-controller.json"].as_str().unwrap().to_owned();
-    let shipped = std::fs::read_to_string(repo_root().join("charts/fediversity/files/dashboard.json")).unwrap();
+    let dashboard = find("ConfigMap")["data"]["fediversity-controller.json"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shipped =
+        std::fs::read_to_string(repo_root().join("charts/fediversity/files/dashboard.json")).unwrap();
     assert_eq!(dashboard.trim(), shipped.trim());
-    let rules: serde_json::Value = yaml_serde::from_str(&std::fs::read_to_string(repo_root().join("charts/fediversity/files/alerts.yaml")).unwrap()).unwrap();
+    let rules: serde_json::Value = yaml_serde::from_str(
+        &std::fs::read_to_string(repo_root().join("charts/fediversity/files/alerts.yaml")).unwrap(),
+    )
+    .unwrap();
     assert_eq!(find("PrometheusRule")["spec"], rules);
 }
 
 #[test]
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let promtool = tool("PROMTOOL", "promtool");
-    let out = run(Command::new(&promtool).args(["check", "rules"]).arg(repo_root().join("charts/fediversity/files/alerts.yaml")));
+    let out = run(Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(repo_root().join("charts/fediversity/files/alerts.yaml")));
     assert!(out.status.success(), "{}", text(&out));
-    let out = run(Command::new(&promtool).args(["test", "rules"]).arg(repo_root().join("tests/monitoring/alerts_test.yaml")));
+    let out = run(Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(repo_root().join("tests/monitoring/alerts_test.yaml")));
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
 }

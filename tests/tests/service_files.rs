@@ -6,9 +6,16 @@ use fediversity_e2e::{repo_root, run, text, tool};
 
 #[test]
 fn the_systemd_unit_passes_systemd_analyze_verify() {
-    let unit = std::fs::read_to_string(repo_root().join("deploy/systemd/fediversity-controller.service")).unwrap();
-    assert!(unit.contains("ExecStart=/usr/local/bin/fediversity run"), "the unit runs the daemon");
-    assert!(unit.contains("DynamicUser=yes") && unit.contains("StateDirectory=fediversity"), "a dedicated user and state dir");
+    let unit =
+        std::fs::read_to_string(repo_root().join("deploy/systemd/fediversity-controller.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/fediversity run"),
+        "the unit runs the daemon"
+    );
+    assert!(
+        unit.contains("DynamicUser=yes") && unit.contains("StateDirectory=fediversity"),
+        "a dedicated user and state dir"
+    );
     assert!(unit.contains("Restart=on-failure"));
     // Verify the unit as installed, with stand-ins for the binary and the environment file that a fresh
     // machine does not have.
@@ -19,7 +26,9 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
         .replace("LoadCredential=secrets:/etc/fediversity/secrets", "");
     let path = dir.path().join("fediversity-controller.service");
     std::fs::write(&path, checked).unwrap();
-    let out = run(Command::new(tool("SYSTEMD_ANALYZE", "systemd-analyze")).arg("verify").arg(&path));
+    let out = run(Command::new(tool("SYSTEMD_ANALYZE", "systemd-analyze"))
+        .arg("verify")
+        .arg(&path));
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("Unknown key"), "{}", text(&out));
 }

@@ -33,6 +33,9 @@ pub struct Client {
 impl Client {
     /// A client of the daemon at `server` (`http://HOST:PORT`).
     pub fn new(server: &str) -> Self {
+        // reqwest is built without a default TLS crypto provider: the process uses ring (installing it
+        // twice is harmless).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let server = if server.contains("://") {
             server.to_owned()
         } else {
