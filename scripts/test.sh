@@ -17,6 +17,10 @@ apt_install() {
 
 log "checking test tools"
 command -v git >/dev/null || apt_install git
+if ! command -v /usr/sbin/sshd >/dev/null || ! command -v ssh-keygen >/dev/null; then
+  log "installing openssh-server (the git source is tested over ssh to a loopback sshd)"
+  apt_install openssh-server openssh-client
+fi
 if ! command -v promtool >/dev/null; then
   log "installing prometheus (promtool checks the metrics; the service itself is not started)"
   # Keep Debian's maintainer scripts from starting the packaged service.
