@@ -314,6 +314,20 @@ impl ProviderCore {
             .unwrap_or_default()
     }
 
+    /// Sets the orphaned-VM gauge of one environment from the inventory.
+    fn count_orphans(&self, environment: &str) -> usize {
+        let orphaned = self
+            .all_records()
+            .iter()
+            .filter(|r| r.environment == environment && r.phase == RecordPhase::Orphaned)
+            .count();
+        self.metrics
+            .orphaned
+            .with_label_values(&[environment])
+            .set(i64::try_from(orphaned).unwrap_or(i64::MAX));
+        orphaned
+    }
+
     async fn check(&self, env: RuntimeEnvironment) -> Result<EnvironmentReport, ReconcileError> {
         let Some(spec) = env.spec.proxmox.clone() else {
             return Ok(plan_only_environment(&env));
@@ -396,6 +410,7 @@ impl ProviderCore {
                 warnings.push(format!("cleanup of removed Deployment {deployment}: {e}"));
             }
         }
+        let orphaned = self.count_orphans(&name);
         let template_ok = template.is_some_and(|t| t.template);
         let mut fields = Map::new();
         fields.insert("version".into(), json!(version));
