@@ -257,7 +257,9 @@ pub async fn execute<H: NixHost>(
                 .finish(desired, clock);
         }
     }
-    let confirmed = clock.time(Step::Confirm, confirm(host, http, timings)).await;
+    let confirmed = clock
+        .time(Step::Confirm, confirm(host, http, armed_at, timings))
+        .await;
     match confirmed {
         Confirmation::Healthy => {
             if let Err(e) = clock.time(Step::Confirm, host.disarm_rollback(&id)).await {
@@ -346,8 +348,14 @@ enum Confirmation {
     Lost,
 }
 
-async fn confirm<H: NixHost>(host: &H, http: Option<&HttpCheck>, timings: &DeployTimings) -> Confirmation {
-    let deadline = Instant::now() + timings.confirm_deadline;
+async fn confirm<H: NixHost>(
+    host: &H,
+    http: Option<&HttpCheck>,
+    armed_at: Instant,
+    timings: &DeployTimings,
+) -> Confirmation {
+    // Confirming after the host's own rollback fired would confirm nothing.
+    let deadline = (Instant::now() + timings.confirm_deadline).min(armed_at + timings.rollback_after);
     loop {
         let last = match host.health(http).await {
             Ok(Health::Healthy) => return Confirmation::Healthy,
@@ -387,7 +395,6 @@ async fn roll_back<H: NixHost>(
             };
         }
     }
-    let _ = host.disarm_rollback(id).await;
     match host.current().await {
         Ok(current) if current.as_ref().map(|g| &g.path) == previous.map(|g| &g.path) => Ending {
             result: DeployResult::FailedRolledBack,

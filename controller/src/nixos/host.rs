@@ -366,14 +366,15 @@ impl SshHost {
         )
     }
 
-    /// The rollback script that the timer (or an immediate rollback) runs on the host. Renaming the
-    /// `armed` marker is atomic, so it runs at most once and never after a disarm.
+    /// The rollback script that the timer (or an immediate rollback, with the argument `claimed`) runs
+    /// on the host. Renaming the `armed` marker is atomic, so it runs at most once and never after a
+    /// disarm.
     pub fn rollback_script(&self, id: &str, previous: Option<&Generation>) -> String {
         let d = &self.remote_dir;
         let p = SYSTEM_PROFILE;
         let mut s = format!(
             "#!/bin/sh\n# Rollback of deploy {id}, armed by the Fediversity controller.\n\
-mv {d}/armed-{id} {d}/fired-{id} 2>/dev/null || exit 0\n\
+if [ \"$1\" != claimed ]; then mv {d}/armed-{id} {d}/fired-{id} 2>/dev/null || exit 0; fi\n\
 PATH=/run/current-system/sw/bin:$PATH\n\
 link=$(readlink {p} || true)\n"
         );
@@ -468,14 +469,36 @@ echo system=$(systemctl is-system-running 2>/dev/null || true); fi"
         s
     }
 
-    /// The remote line that disarms the rollback and removes the deploy's files (logs stay).
+    /// The remote line that disarms the rollback and removes the deploy's files (logs stay). It fails
+    /// when the rollback already fired: renaming the `armed` marker is atomic on both sides.
     pub fn disarm_script(&self, id: &str) -> String {
         let d = &self.remote_dir;
         format!(
-            "rm -f {d}/armed-{id}; \
-if [ -d /run/systemd/system ]; then systemctl stop fediversity-rollback-{id}.timer 2>/dev/null || true; fi; \
-if [ -f {d}/watchdog-{id}.pid ]; then kill -- -$(cat {d}/watchdog-{id}.pid) 2>/dev/null || true; fi; \
-rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id} {d}/fired-{id}"
+            "if ! mv {d}/armed-{id} {d}/disarmed-{id} 2>/dev/null; then \
+echo 'the rollback timer fired before the deploy was confirmed' >&2; exit 3; fi; \
+{}; rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id} {d}/disarmed-{id}",
+            self.stop_watchdog(id)
+        )
+    }
+
+    /// Stops the timer or the watchdog of deploy `id` (only ever after claiming the `armed` marker).
+    fn stop_watchdog(&self, id: &str) -> String {
+        let d = &self.remote_dir;
+        format!(
+            "if [ -d /run/systemd/system ]; then systemctl stop fediversity-rollback-{id}.timer 2>/dev/null || true; fi; \
+if [ -f {d}/watchdog-{id}.pid ]; then kill -- -$(cat {d}/watchdog-{id}.pid) 2>/dev/null || true; fi"
+        )
+    }
+
+    /// The remote line of an immediate rollback: claim the `armed` marker, stop the timer, run the
+    /// rollback; if the timer already claimed it, wait for its rollback to finish instead.
+    pub fn roll_back_script(&self, id: &str) -> String {
+        let d = &self.remote_dir;
+        format!(
+            "if mv {d}/armed-{id} {d}/fired-{id} 2>/dev/null; then {}; /bin/sh {d}/rollback-{id}.sh claimed; \
+else i=0; while [ ! -e {d}/rolled-back-{id} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; fi; \
+rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id}",
+            self.stop_watchdog(id)
         )
     }
 
@@ -631,11 +654,9 @@ impl NixHost for SshHost {
 
     async fn roll_back(&self, id: &str) -> Result<(), HostError> {
         check_id(id)?;
-        let script = format!(
-            "if [ -f {d}/rollback-{id}.sh ]; then /bin/sh {d}/rollback-{id}.sh; fi",
-            d = self.remote_dir
-        );
-        self.remote("roll back", &script, None).await.map(drop)
+        self.remote("roll back", &self.roll_back_script(id), None)
+            .await
+            .map(drop)
     }
 
     async fn health(&self, http: Option<&HttpCheck>) -> Result<Health, HostError> {
@@ -790,7 +811,7 @@ else setsid nohup /bin/sh -c 'sleep 90; exec /bin/sh /var/lib/fediversity-deploy
             script,
             format!(
                 "#!/bin/sh\n# Rollback of deploy abc-1, armed by the Fediversity controller.\n\
-mv /var/lib/fediversity-deploy/armed-abc-1 /var/lib/fediversity-deploy/fired-abc-1 2>/dev/null || exit 0\n\
+if [ \"$1\" != claimed ]; then mv /var/lib/fediversity-deploy/armed-abc-1 /var/lib/fediversity-deploy/fired-abc-1 2>/dev/null || exit 0; fi\n\
 PATH=/run/current-system/sw/bin:$PATH\n\
 link=$(readlink /nix/var/nix/profiles/system || true)\n\
 if [ -n \"$link\" ] && [ \"$link\" != system-3-link ]; then\n\
@@ -802,6 +823,20 @@ fi\n\
 echo $? >/var/lib/fediversity-deploy/rolled-back-abc-1\n",
                 path()
             )
+        );
+    }
+
+    #[test]
+    fn an_immediate_rollback_claims_the_marker_and_stops_the_timer_first() {
+        assert_eq!(
+            host().roll_back_script("abc-1"),
+            "if mv /var/lib/fediversity-deploy/armed-abc-1 /var/lib/fediversity-deploy/fired-abc-1 2>/dev/null; then \
+if [ -d /run/systemd/system ]; then systemctl stop fediversity-rollback-abc-1.timer 2>/dev/null || true; fi; \
+if [ -f /var/lib/fediversity-deploy/watchdog-abc-1.pid ]; then kill -- -$(cat /var/lib/fediversity-deploy/watchdog-abc-1.pid) 2>/dev/null || true; fi; \
+/bin/sh /var/lib/fediversity-deploy/rollback-abc-1.sh claimed; \
+else i=0; while [ ! -e /var/lib/fediversity-deploy/rolled-back-abc-1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; fi; \
+rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy/rollback-abc-1.sh \
+/var/lib/fediversity-deploy/activate-abc-1.sh /var/lib/fediversity-deploy/rc-abc-1"
         );
     }
 
@@ -856,14 +891,15 @@ echo http=$(curl --silent --insecure --output /dev/null --max-time 5 --write-out
     }
 
     #[test]
-    fn disarming_stops_the_timer_or_the_watchdog_and_removes_the_files() {
+    fn disarming_fails_once_the_timer_fired_and_otherwise_stops_it_and_removes_the_files() {
         assert_eq!(
             host().disarm_script("abc-1"),
-            "rm -f /var/lib/fediversity-deploy/armed-abc-1; \
+            "if ! mv /var/lib/fediversity-deploy/armed-abc-1 /var/lib/fediversity-deploy/disarmed-abc-1 2>/dev/null; then \
+echo 'the rollback timer fired before the deploy was confirmed' >&2; exit 3; fi; \
 if [ -d /run/systemd/system ]; then systemctl stop fediversity-rollback-abc-1.timer 2>/dev/null || true; fi; \
 if [ -f /var/lib/fediversity-deploy/watchdog-abc-1.pid ]; then kill -- -$(cat /var/lib/fediversity-deploy/watchdog-abc-1.pid) 2>/dev/null || true; fi; \
 rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy/rollback-abc-1.sh \
-/var/lib/fediversity-deploy/activate-abc-1.sh /var/lib/fediversity-deploy/rc-abc-1 /var/lib/fediversity-deploy/fired-abc-1"
+/var/lib/fediversity-deploy/activate-abc-1.sh /var/lib/fediversity-deploy/rc-abc-1 /var/lib/fediversity-deploy/disarmed-abc-1"
         );
     }
 
