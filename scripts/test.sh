@@ -21,6 +21,10 @@ if ! command -v /usr/sbin/sshd >/dev/null || ! command -v ssh-keygen >/dev/null;
   log "installing openssh-server (the git source is tested over ssh to a loopback sshd)"
   apt_install openssh-server openssh-client
 fi
+if ! command -v nix >/dev/null || ! command -v nix-instantiate >/dev/null || ! command -v curl >/dev/null; then
+  log "installing nix-bin and curl (NixOS hosts are converged with real Nix over a loopback sshd; the tests set NIX_CONFIG)"
+  apt_install nix-bin curl
+fi
 if ! command -v promtool >/dev/null; then
   log "installing prometheus (promtool checks the metrics; the service itself is not started)"
   # Keep Debian's maintainer scripts from starting the packaged service.
