@@ -189,6 +189,13 @@ async fn a_bigger_size_grows_the_disk_keeps_cpu_pending_until_restarts_are_allow
         "Retain",
         "fediversity.eu/allow-restart: \"true\"",
     );
+    // Annotations are not spec: they take effect at the next reconcile, which an operator can ask for.
+    wait_for("the annotation to load", LONG, || {
+        (daemon.api("deployments/uni")["metadata"]["annotations"]["fediversity.eu/allow-restart"] == "true")
+            .then_some(())
+    });
+    let (code, out) = daemon.cli(&["reconcile", "deployment", "uni", "--wait", "--timeout", "20s"]);
+    assert_eq!(code, 0, "{out}");
     ready_hosts(&daemon, "uni", 1);
     let vm = sim.vm(vmid).unwrap();
     assert_eq!(vm.config["cores"], "4");
@@ -266,12 +273,17 @@ async fn removing_a_deployment_under_retain_keeps_its_vms_as_orphans_visible_in_
             .is_some_and(Vec::is_empty)
             .then_some(())
     });
-    wait_for("the orphan metric", LONG, || {
-        daemon
-            .metrics()
-            .contains("fediversity_proxmox_vms_orphaned{environment=\"sim\"} 2")
-            .then_some(())
+    let mut last = String::new();
+    let found = (0..200).any(|_| {
+        last = daemon.metrics();
+        let hit = last.contains("fediversity_proxmox_vms_orphaned{environment=\"sim\"} 2");
+        if !hit {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        hit
     });
+    let line: Vec<&str> = last.lines().filter(|l| l.contains("orphaned")).collect();
+    assert!(found, "no orphan metric: {line:?}");
     let (code, out) = daemon.cli(&[
         "reconcile",
         "runtimeenvironment",

@@ -431,6 +431,7 @@ impl Inner {
             }
         };
         let status = response.status();
+        tracing::debug!(op = request.op, path = %request.path, status = status.as_u16(), "proxmox request");
         self.metrics
             .requests
             .with_label_values(&[PROVIDER, request.op, status.as_str()])

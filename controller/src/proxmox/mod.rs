@@ -514,9 +514,9 @@ impl ProviderCore {
             }
         }
         let records = self.records(&name)?;
-        let (statuses, outcomes) = self
-            .run_hosts(&environment, &name, &desired, records, &ctx)
-            .await?;
+        let result = self.run_hosts(&environment, &name, &desired, records, &ctx).await;
+        self.count_orphans(&env_name);
+        let (statuses, outcomes) = result?;
         let waits: Vec<(&'static str, String)> = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -562,7 +562,7 @@ impl ProviderCore {
         } else if waits.iter().all(|(r, _)| *r == reasons::REOBSERVE) {
             Some(Duration::from_millis(200))
         } else if stuck {
-            Some(Duration::from_secs(60))
+            Some(Duration::from_secs(30))
         } else {
             Some(Duration::from_secs(2))
         };
@@ -733,9 +733,9 @@ impl ProviderCore {
                 deletion_policy: policy,
                 allow_restart: false,
             };
-            let (_, outcomes) = self
-                .run_hosts(&environment, deployment, &[], records, &ctx)
-                .await?;
+            let result = self.run_hosts(&environment, deployment, &[], records, &ctx).await;
+            self.count_orphans(&env_name);
+            let (_, outcomes) = result?;
             if let Some(HostOutcome::Waiting { reason, message }) = outcomes
                 .into_iter()
                 .find(|o| matches!(o, HostOutcome::Waiting { .. }))

@@ -150,9 +150,16 @@ impl Daemon {
             .arg(state)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--instance-id", "e2e-controller"])
-            .env("RUST_LOG", std::env::var("E2E_LOG").unwrap_or_else(|_| "error".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_LOG").unwrap_or_else(|_| "error".into()),
+            )
             .stdout(Stdio::null())
-            .stderr(if std::env::var_os("E2E_LOG").is_some() { Stdio::inherit() } else { Stdio::null() })
+            .stderr(if std::env::var_os("E2E_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .spawn()
             .unwrap();
         Self {
