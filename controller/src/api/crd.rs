@@ -36,25 +36,23 @@ fn structural(value: &mut Value) {
         map.remove(key);
     }
     // A single `allOf` (schemars' way to attach a description or nullability to a reference): merge it.
-    if let Some(Value::Array(all)) = map.get("allOf") {
-        if all.len() == 1 {
-            if let Some(Value::Object(inner)) =
-                map.remove("allOf").and_then(|a| a.as_array()?.first().cloned())
-            {
-                for (k, v) in inner {
-                    map.entry(k).or_insert(v);
-                }
-            }
+    if let Some(Value::Array(all)) = map.get("allOf")
+        && all.len() == 1
+        && let Some(Value::Object(inner)) = map.remove("allOf").and_then(|a| a.as_array()?.first().cloned())
+    {
+        for (k, v) in inner {
+            map.entry(k).or_insert(v);
         }
     }
     // Maps keyed by names (`patternProperties` with the name pattern): Kubernetes knows only
     // `additionalProperties`, and names are validated by the controller anyway.
-    if let Some(Value::Object(patterns)) = map.get("patternProperties") {
-        if patterns.len() == 1 && !map.contains_key("properties") {
-            let value_schema = patterns.values().next().cloned().unwrap_or(Value::Bool(true));
-            map.remove("patternProperties");
-            map.insert("additionalProperties".into(), value_schema);
-        }
+    if let Some(Value::Object(patterns)) = map.get("patternProperties")
+        && patterns.len() == 1
+        && !map.contains_key("properties")
+    {
+        let value_schema = patterns.values().next().cloned().unwrap_or(Value::Bool(true));
+        map.remove("patternProperties");
+        map.insert("additionalProperties".into(), value_schema);
     }
     // An enum written as `oneOf` branches of constants (documented unit variants): one string enum.
     if let Some(Value::Array(branches)) = map.get("oneOf") {
