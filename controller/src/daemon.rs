@@ -95,6 +95,11 @@ pub struct RunArgs {
     /// This controller's identity in VM owner tags (default: generated once, kept in the state directory).
     #[arg(long, env = "FEDIVERSITY_INSTANCE_ID")]
     pub instance_id: Option<String>,
+    /// The catalog root that Applications' `nixosModule` paths are relative to (this repository's root
+    /// holds `nix/`). When given, hosts are converged to their NixOS configuration: static hosts, and
+    /// VMs once they have an address. Without it, hosts are only provisioned.
+    #[arg(long, env = "FEDIVERSITY_NIXOS_CATALOG")]
+    pub nixos_catalog: Option<PathBuf>,
 }
 
 fn parse_source(text: &str) -> Result<SourceSpec, String> {
@@ -258,6 +263,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         shutdown_grace,
         provider,
         instance_id,
+        nixos_catalog,
     } = args;
     init_logging(log_format);
     crate::source::spec::check_unique(&sources)?;
@@ -312,12 +318,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
         desired: desired.clone(),
         book: book.clone(),
         metrics: object_metrics,
-        provider: crate::proxmox::build_provider(
-            provider,
-            instance_id.as_deref(),
+        provider: crate::nixos::provider::with_nixos(
+            crate::proxmox::build_provider(
+                provider,
+                instance_id.as_deref(),
+                &state_dir,
+                &store,
+                &desired,
+                &registry,
+            )?,
+            nixos_catalog.as_deref(),
             &state_dir,
             &store,
             &desired,
+            &book,
             &registry,
         )?,
         trigger: trigger.clone(),

@@ -121,6 +121,22 @@ pub struct HostStatus {
     /// When that system was activated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_at: Option<Timestamp>,
+    /// The NixOS system store path it should run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_system: Option<String>,
+    /// The generation of its system profile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
+    /// The outcome of the last NixOS deploy: `Applied`, `FailedRolledBack`, `UnconfirmedRolledBack`,
+    /// `Unreachable` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_result: Option<String>,
+    /// What the last NixOS deploy did or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Milliseconds per step of the last NixOS deploy (`build`, `inspect`, `copy`, `activate`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub step_millis: BTreeMap<String, u64>,
 }
 
 impl Validate for DeploymentSpec {

@@ -162,6 +162,9 @@ pub struct SshSpec {
     /// The file holding the public key that cloud-init installs on new VMs (default: the private key's `.pub`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public_key_file: Option<String>,
+    /// The SSH port of new VMs (static hosts give their own).
+    #[serde(default = "default_ssh_port")]
+    pub port: u16,
 }
 
 fn default_ssh_user() -> String {

@@ -7,6 +7,7 @@ pub mod escape;
 pub mod generate;
 pub mod host;
 pub mod metrics;
+pub mod provider;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -62,17 +62,26 @@ in
 
 /// The catalog entry the lab deploys: its settings pick the stand-in's activation behaviour.
 pub fn application(name: &str) -> Application {
-    let text = format!(
-        "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: {{ name: {name} }}\nspec:\n  \
-displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: {{ small: {{ cores: 1, memoryMiB: 256, diskGiB: 1 }} }}\n  \
-settings:\n    type: object\n    additionalProperties: false\n    properties:\n      \
-activation: {{ type: string, enum: [ok, fail, cut] }}\n      message: {{ type: string }}\n  \
-healthCheck: {{ path: /health }}\n"
-    );
-    match parse(&text) {
+    match parse(&application_yaml(name, true)) {
         Object::Application(a) => a,
         other => panic!("not an Application: {other:?}"),
     }
+}
+
+/// The YAML of the lab's catalog entry `name`, with or without its HTTP health check.
+pub fn application_yaml(name: &str, health_check: bool) -> String {
+    format!(
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: {{ name: {name} }}\nspec:\n  \
+displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: {{ small: {{ cores: 1, memoryMiB: 256, diskGiB: 1 }} }}\n  \
+settings:\n    type: object\n    additionalProperties: false\n    properties:\n      \
+activation: {{ type: string, enum: [ok, fail, cut] }}\n      message: {{ type: string }}\n\
+{}",
+        if health_check {
+            "  healthCheck: { path: /health }\n"
+        } else {
+            ""
+        }
+    )
 }
 
 fn parse(text: &str) -> Object {
@@ -208,8 +217,17 @@ impl Lab {
 
     /// A RuntimeEnvironment whose static hosts are `hosts`.
     pub fn environment(&self, hosts: &[&TestHost]) -> RuntimeEnvironment {
+        let text = self.environment_yaml("lab", hosts);
+        match parse(&text) {
+            Object::RuntimeEnvironment(e) => e,
+            other => panic!("not a RuntimeEnvironment: {other:?}"),
+        }
+    }
+
+    /// The YAML of a RuntimeEnvironment named `name` whose static hosts are `hosts`.
+    pub fn environment_yaml(&self, name: &str, hosts: &[&TestHost]) -> String {
         let mut text = format!(
-            "apiVersion: fediversity.eu/v1alpha1\nkind: RuntimeEnvironment\nmetadata: {{ name: lab }}\nspec:\n  \
+            "apiVersion: fediversity.eu/v1alpha1\nkind: RuntimeEnvironment\nmetadata: {{ name: {name} }}\nspec:\n  \
 ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  staticHosts:\n",
             self.path().join("id_ed25519").display(),
             self.path().join("nixpkgs").display()
@@ -220,10 +238,12 @@ ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  staticHos
                 h.name, h.address, h.port, h.host_key
             ));
         }
-        match parse(&text) {
-            Object::RuntimeEnvironment(e) => e,
-            other => panic!("not a RuntimeEnvironment: {other:?}"),
-        }
+        text
+    }
+
+    /// The catalog root (its `nix/` holds the lab's modules).
+    pub fn catalog(&self) -> PathBuf {
+        self.path().join("catalog")
     }
 
     /// Starts a host named `name`.
@@ -298,6 +318,9 @@ impl TestHost {
         std::fs::create_dir_all(root.join("nix/var/nix")).unwrap();
         std::fs::create_dir_all(root.join("nix/store")).unwrap();
         std::fs::create_dir_all("/run/sshd").unwrap();
+        // The deploy files' default folder, private to the host like its /nix.
+        std::fs::create_dir_all(root.join("deploy-files")).unwrap();
+        std::fs::create_dir_all(fediversity::nixos::host::DEFAULT_REMOTE_DIR).unwrap();
         let key = root.join("ssh_host_ed25519_key");
         run(
             "ssh-keygen",
@@ -319,8 +342,10 @@ AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\n",
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
             .arg(format!(
-                "mount --bind {} /nix && exec /usr/sbin/sshd -D -e -f /nix/var/sshd_config",
-                root.join("nix").display()
+                "mount --bind {} /nix && mount --bind {} {} && exec /usr/sbin/sshd -D -e -f /nix/var/sshd_config",
+                root.join("nix").display(),
+                root.join("deploy-files").display(),
+                fediversity::nixos::host::DEFAULT_REMOTE_DIR
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

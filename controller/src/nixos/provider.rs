@@ -1,0 +1,399 @@
+//! Makes a Deployment's hosts run NixOS: wraps the infrastructure provider and deploys onto static
+//! hosts, and onto VMs once the infrastructure reports their address.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::{
+    ConditionStatus, Deployment, EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
+    Timestamp, condition_types,
+};
+use crate::reconcile::deployment::PlannedHost;
+use crate::reconcile::{EnvironmentReport, Provider, ProviderCondition, ProviderReport};
+use crate::runtime::{BoxFuture, ReconcileError};
+use crate::state::{DesiredState, StatusBook};
+use crate::store::Store;
+
+use super::command::{self, CommandSpec};
+use super::{DeployResult, HostAddress, HostDeployStatus, HostRequest, NixosDeployer};
+
+/// How soon a Deployment whose hosts did not all converge is looked at again.
+pub const NOT_CONVERGED_RETRY: Duration = Duration::from_secs(60);
+
+/// Where the first host key seen of a new VM is recorded in the store's inventory.
+pub fn host_key_inventory_id(environment: &str, host: &str) -> String {
+    format!("nixos-host-key/{environment}/{host}")
+}
+
+/// The static host a planned host runs on: the `staticHosts` entry whose name is the host's name,
+/// `<deployment>-<application>`. Matching by name (not by order) keeps a host on its machine when
+/// applications are added or removed.
+pub fn static_host_for<'a>(
+    env: &'a RuntimeEnvironment,
+    host: &PlannedHost,
+) -> Option<&'a crate::api::StaticHost> {
+    env.spec
+        .static_hosts
+        .iter()
+        .find(|s| s.name.as_str() == host.name)
+}
+
+/// A provider that adds NixOS convergence to an infrastructure provider.
+pub struct NixosProvider {
+    inner: Arc<dyn Provider>,
+    deployer: Arc<NixosDeployer>,
+    desired: Arc<DesiredState>,
+    book: Option<Arc<StatusBook>>,
+    store: Option<Arc<Store>>,
+}
+
+impl NixosProvider {
+    /// Wraps `inner`; events go to `book`, first-seen VM host keys to `store`.
+    pub fn new(
+        inner: Arc<dyn Provider>,
+        deployer: Arc<NixosDeployer>,
+        desired: Arc<DesiredState>,
+        book: Option<Arc<StatusBook>>,
+        store: Option<Arc<Store>>,
+    ) -> Self {
+        Self {
+            inner,
+            deployer,
+            desired,
+            book,
+            store,
+        }
+    }
+
+    fn handle(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            deployer: self.deployer.clone(),
+            desired: self.desired.clone(),
+            book: self.book.clone(),
+            store: self.store.clone(),
+        }
+    }
+
+    fn application(&self, name: &str) -> Option<crate::api::Application> {
+        let key = ObjectKey {
+            kind: Kind::Application,
+            name: crate::api::Name::new(name),
+        };
+        match self.desired.get(&key).map(|d| d.object().clone()) {
+            Some(Object::Application(app)) => Some(app),
+            _ => None,
+        }
+    }
+
+    /// The pinned key of a VM: recorded on first sight (`ssh-keyscan`), never replaced silently.
+    async fn vm_host_key(&self, env: &str, host: &str, address: &str, port: u16) -> Result<String, String> {
+        let id = host_key_inventory_id(env, host);
+        if let Some(store) = &self.store
+            && let Ok(Some(key)) = store.inventory::<String>(&id)
+        {
+            return Ok(key);
+        }
+        let key = scan_host_key(address, port).await?;
+        if let Some(store) = &self.store {
+            store
+                .put_inventory(&id, &key)
+                .map_err(|e| format!("failed to record the host key of {host}: {e}"))?;
+        }
+        Ok(key)
+    }
+
+    async fn deploy_hosts(
+        &self,
+        deployment: &Deployment,
+        env: &RuntimeEnvironment,
+        hosts: &[PlannedHost],
+        addresses: &BTreeMap<String, Result<HostAddress, String>>,
+        base: &[HostStatus],
+    ) -> ProviderReport {
+        let email = deployment.spec.initial_user.as_ref().map(|u| u.email.clone());
+        let mut tasks = tokio::task::JoinSet::new();
+        for host in hosts {
+            let Some(Ok(address)) = addresses.get(&host.name).cloned() else {
+                continue;
+            };
+            let Some(app) = self.application(host.application.as_str()) else {
+                continue;
+            };
+            let settings = deployment
+                .spec
+                .applications
+                .get(&host.application)
+                .map(|c| c.settings.clone())
+                .unwrap_or_default();
+            let (deployer, env, host, email) =
+                (self.deployer.clone(), env.clone(), host.clone(), email.clone());
+            tasks.spawn(async move {
+                let status = deployer
+                    .converge(&HostRequest {
+                        environment: env.metadata.name.as_str(),
+                        env: &env.spec,
+                        host_name: &host.name,
+                        application_name: host.application.as_str(),
+                        application: &app.spec,
+                        fqdn: &host.fqdn,
+                        settings: &settings,
+                        admin_email: email.as_deref(),
+                        address: &address,
+                    })
+                    .await;
+                (address, status)
+            });
+        }
+        let mut results: BTreeMap<String, (HostAddress, HostDeployStatus)> = BTreeMap::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok((address, status)) = joined {
+                results.insert(status.name.clone(), (address, status));
+            }
+        }
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: deployment.metadata.name.clone(),
+        };
+        let mut statuses = Vec::new();
+        let mut problems = Vec::new();
+        for host in hosts {
+            let mut status = base
+                .iter()
+                .find(|h| h.name == host.name)
+                .cloned()
+                .unwrap_or_else(|| HostStatus {
+                    name: host.name.clone(),
+                    ..HostStatus::default()
+                });
+            match (addresses.get(&host.name), results.get(&host.name)) {
+                (Some(Ok(_)), Some((address, r))) => {
+                    status.address = Some(address.address.clone());
+                    status.phase = if r.last_result == DeployResult::Applied {
+                        "Ready".into()
+                    } else {
+                        r.last_result.label().into()
+                    };
+                    status.system = r.current_system.clone();
+                    status.desired_system = r.desired_system.clone();
+                    status.generation = r.generation;
+                    status.last_result = Some(r.last_result.label().into());
+                    status.message = Some(r.message.clone());
+                    status.step_millis =
+                        r.step_seconds
+                            .iter()
+                            .fold(BTreeMap::new(), |mut m, (step, secs)| {
+                                *m.entry(step.clone()).or_insert(0) += (secs * 1000.0).round() as u64;
+                                m
+                            });
+                    if r.changed && r.last_result == DeployResult::Applied {
+                        status.activated_at = Some(Timestamp::now());
+                    }
+                    if let Some(book) = &self.book
+                        && (r.changed || r.last_result != DeployResult::Applied)
+                    {
+                        let type_ = if r.last_result == DeployResult::Applied {
+                            EventType::Normal
+                        } else {
+                            EventType::Warning
+                        };
+                        book.record(
+                            &key,
+                            type_,
+                            r.last_result.label(),
+                            format!("{}: {}", host.name, r.message),
+                        );
+                    }
+                    if r.last_result != DeployResult::Applied {
+                        problems.push(format!("{}: {}", host.name, r.message));
+                    }
+                }
+                (Some(Err(why)), _) => {
+                    status.phase = "Unassigned".into();
+                    status.message = Some(why.clone());
+                    problems.push(format!("{}: {why}", host.name));
+                }
+                (Some(Ok(_)), None) => {
+                    status.phase = "Failed".into();
+                    problems.push(format!("{}: the deploy did not finish", host.name));
+                }
+                (None, _) => {}
+            }
+            statuses.push(status);
+        }
+        let converged = problems.is_empty();
+        let configured = ProviderCondition {
+            type_: condition_types::CONFIGURED,
+            status: if converged {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
+            reason: if converged { "Applied" } else { "NotApplied" },
+            message: if converged {
+                format!("{} host(s) run their NixOS configuration", statuses.len())
+            } else {
+                problems.join("; ")
+            },
+        };
+        ProviderReport {
+            converged,
+            message: configured.message.clone(),
+            hosts: Some(statuses),
+            conditions: vec![configured],
+            retry_after: (!converged).then_some(NOT_CONVERGED_RETRY),
+        }
+    }
+
+    async fn converge_owned(
+        self,
+        deployment: Deployment,
+        env: RuntimeEnvironment,
+        hosts: Vec<PlannedHost>,
+    ) -> Result<ProviderReport, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            let env_name = env.metadata.name.to_string();
+            let addresses = hosts
+                .iter()
+                .map(|h| {
+                    let address = static_host_for(&env, h)
+                        .map(|s| HostAddress {
+                            address: s.address.clone(),
+                            port: s.port,
+                            host_key: s.host_key.clone(),
+                        })
+                        .ok_or_else(|| {
+                            format!(
+                                "RuntimeEnvironment {env_name} has no static host named {}: add one to spec.staticHosts",
+                                h.name
+                            )
+                        });
+                    (h.name.clone(), address)
+                })
+                .collect();
+            return Ok(self
+                .deploy_hosts(&deployment, &env, &hosts, &addresses, &[])
+                .await);
+        }
+        let report = self.inner.converge(&deployment, &env, &hosts).await?;
+        let Some(vm_hosts) = report.hosts.clone() else {
+            return Ok(report);
+        };
+        if !report.converged {
+            return Ok(report);
+        }
+        // Every VM exists and has an address: make it run its configuration.
+        let port = env.spec.ssh.port;
+        let mut addresses = BTreeMap::new();
+        for h in &vm_hosts {
+            if let Some(address) = &h.address {
+                let key = self
+                    .vm_host_key(env.metadata.name.as_str(), &h.name, address, port)
+                    .await
+                    .map(|host_key| HostAddress {
+                        address: address.clone(),
+                        port,
+                        host_key,
+                    });
+                addresses.insert(h.name.clone(), key);
+            }
+        }
+        let mut nixos = self
+            .deploy_hosts(&deployment, &env, &hosts, &addresses, &vm_hosts)
+            .await;
+        nixos.conditions.extend(report.conditions);
+        Ok(nixos)
+    }
+}
+
+/// Wraps the daemon's provider with NixOS convergence when a catalog is given (its state under
+/// `state_dir/nixos`, its metrics in `registry`); returns `inner` unchanged otherwise.
+pub fn with_nixos(
+    inner: Arc<dyn Provider>,
+    catalog: Option<&std::path::Path>,
+    state_dir: &std::path::Path,
+    store: &Arc<Store>,
+    desired: &Arc<DesiredState>,
+    book: &Arc<StatusBook>,
+    registry: &prometheus::Registry,
+) -> Result<Arc<dyn Provider>, prometheus::Error> {
+    let Some(catalog) = catalog else {
+        return Ok(inner);
+    };
+    let metrics = super::DeployMetrics::register(registry)?;
+    let config = super::DeployerConfig::new(&state_dir.join("nixos"), catalog);
+    tracing::info!(catalog = %catalog.display(), "NixOS convergence enabled");
+    Ok(Arc::new(NixosProvider::new(
+        inner,
+        Arc::new(NixosDeployer::new(config, Some(metrics))),
+        desired.clone(),
+        Some(book.clone()),
+        Some(store.clone()),
+    )))
+}
+
+/// The host's ed25519 key as `ssh-keyscan` sees it (`ssh-ed25519 AAAA…`).
+pub async fn scan_host_key(address: &str, port: u16) -> Result<String, String> {
+    let spec = CommandSpec::new(
+        "ssh-keyscan",
+        [
+            "-T".to_owned(),
+            "5".to_owned(),
+            "-t".to_owned(),
+            "ed25519".to_owned(),
+            "-p".to_owned(),
+            port.to_string(),
+            address.to_owned(),
+        ],
+        Duration::from_secs(15),
+    );
+    let out = command::run_ok(&spec)
+        .await
+        .map_err(|e| format!("failed to read the host key of {address}: {e}"))?;
+    out.stdout
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let mut words = l.split_whitespace().skip(1);
+            Some(format!("{} {}", words.next()?, words.next()?))
+        })
+        .ok_or_else(|| format!("{address}:{port} presented no ed25519 host key"))
+}
+
+impl Provider for NixosProvider {
+    fn check_environment(
+        &self,
+        env: &RuntimeEnvironment,
+    ) -> BoxFuture<Result<EnvironmentReport, ReconcileError>> {
+        self.inner.check_environment(env)
+    }
+
+    fn converge(
+        &self,
+        deployment: &Deployment,
+        env: &RuntimeEnvironment,
+        hosts: &[PlannedHost],
+    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        let this = self.handle();
+        let (deployment, env, hosts) = (deployment.clone(), env.clone(), hosts.to_vec());
+        Box::pin(this.converge_owned(deployment, env, hosts))
+    }
+
+    fn cleanup(&self, deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {
+        self.inner.cleanup(deployment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_key_of_a_vm_is_kept_under_its_environment_and_name() {
+        assert_eq!(
+            host_key_inventory_id("ams", "uni-mastodon"),
+            "nixos-host-key/ams/uni-mastodon"
+        );
+    }
+}
