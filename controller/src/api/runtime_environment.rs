@@ -243,6 +243,18 @@ pub struct RuntimeEnvironmentStatus {
     /// How many VMs carry this controller's owner tag.
     #[serde(default)]
     pub vms_owned: u32,
+    /// How many VMs are kept (`deletionPolicy: Retain`) after their host left its Deployment.
+    #[serde(default)]
+    pub vms_orphaned: u32,
+    /// Whether the template VM exists and is a template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_present: Option<bool>,
+    /// Whether the API is reached without certificate verification or over plain HTTP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// Things an operator should know (verification off, nodes offline, cleanup problems).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 fn check_token_id(value: &str) -> Result<(), String> {
