@@ -32,3 +32,19 @@ fn the_systemd_unit_passes_systemd_analyze_verify() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!text(&out).contains("Unknown key"), "{}", text(&out));
 }
+
+#[test]
+fn the_nixos_module_and_package_parse_with_real_nix() {
+    for file in ["nix/module.nix", "nix/package.nix"] {
+        let path = repo_root().join(file);
+        let out = run(Command::new(tool("NIX_INSTANTIATE", "nix-instantiate"))
+            .env("NIX_CONFIG", "build-users-group =\nsubstituters =")
+            .arg("--parse")
+            .arg(&path));
+        assert!(out.status.success(), "{file}: {}", text(&out));
+    }
+    let module = std::fs::read_to_string(repo_root().join("nix/module.nix")).unwrap();
+    for option in ["services.fediversity-controller", "DynamicUser = true", "StateDirectory = \"fediversity\""] {
+        assert!(module.contains(option), "nix/module.nix lacks {option}");
+    }
+}
