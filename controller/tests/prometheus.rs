@@ -1,13 +1,15 @@
-//! A real Prometheus scrapes a daemon that runs the examples: every dashboard panel query and every alert
-//! rule's expression returns data, and the rules load.
+//! A real Prometheus scrapes a daemon that converges Deployments on a simulated Proxmox cluster: every
+//! dashboard panel query and every alert rule's expression returns data, and the rules load.
 
 mod common;
+mod proxmox_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{copy_examples, free_port, http_get, start, wait_for};
+use common::{free_port, http_get, wait_for};
+use proxmox_support::{Daemon, Folder, endpoint, sim, state_dir};
 use serde_json::Value;
 
 struct Prometheus(Child);
@@ -72,13 +74,31 @@ fn without_threshold(expr: &str) -> String {
     expr.to_owned()
 }
 
-#[test]
-fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheus() {
-    let source = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    copy_examples(source.path());
-    let daemon = start(source.path(), state.path());
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheus() {
+    let sim = sim(fediversity_testbed::SimConfig::new().latency_scale(0.0)).await;
+    let folder = Folder::new(&endpoint(&sim), "");
+    folder.write_deployment("uni", &["mastodon: {}", "pixelfed: {}"], "Retain", "");
+    let state = state_dir();
+    let daemon = tokio::task::spawn_blocking({
+        let (source, state) = (folder.dir.path().to_path_buf(), state.path().to_path_buf());
+        move || Daemon::start(&source, &state)
+    })
+    .await
+    .unwrap();
+    let server_of_daemon = daemon.server.clone();
+    tokio::task::spawn_blocking(move || {
+        wait_for("the Deployment to become Ready", Duration::from_secs(30), || {
+            let (_, body) = http_get(&server_of_daemon, "/api/v1/deployments/uni")?;
+            body.contains("\"reason\":\"Succeeded\"").then_some(())
+        })
+    })
+    .await
+    .unwrap();
+    tokio::task::spawn_blocking(move || scrape_and_check(&daemon)).await.unwrap();
+}
 
+fn scrape_and_check(daemon: &Daemon) {
     let dir = tempfile::tempdir().unwrap();
     let rules = repo().join("charts/fediversity/files/alerts.yaml");
     let config = format!(
