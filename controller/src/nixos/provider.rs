@@ -210,7 +210,11 @@ impl NixosProvider {
                     }
                 }
                 (Some(Err(why)), _) => {
-                    status.phase = "Unassigned".into();
+                    status.phase = if env.spec.proxmox.is_some() {
+                        DeployResult::Unreachable.label().into()
+                    } else {
+                        "Unassigned".into()
+                    };
                     status.message = Some(why.clone());
                     problems.push(format!("{}: {why}", host.name));
                 }

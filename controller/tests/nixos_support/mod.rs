@@ -72,7 +72,7 @@ pub fn application(name: &str) -> Application {
 pub fn application_yaml(name: &str, health_check: bool) -> String {
     format!(
         "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: {{ name: {name} }}\nspec:\n  \
-displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: {{ small: {{ cores: 1, memoryMiB: 256, diskGiB: 1 }} }}\n  \
+displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: {{ small: {{ cores: 1, memoryMiB: 512, diskGiB: 10 }} }}\n  \
 settings:\n    type: object\n    additionalProperties: false\n    properties:\n      \
 activation: {{ type: string, enum: [ok, fail, cut] }}\n      message: {{ type: string }}\n\
 {}",
@@ -115,7 +115,8 @@ pub fn require_tools() {
     }
 }
 
-fn free_port() -> u16 {
+/// A TCP port free on loopback right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -246,9 +247,15 @@ ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  staticHos
         self.path().join("catalog")
     }
 
-    /// Starts a host named `name`.
+    /// Starts a host named `name` on the next free loopback address.
     pub fn host(&self, name: &str) -> TestHost {
-        TestHost::start(self.path(), name)
+        let address = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
+        TestHost::start(self.path(), name, &address, free_port())
+    }
+
+    /// Starts a host named `name` on `address:port` (e.g. an address a simulated VM reports).
+    pub fn host_at(&self, name: &str, address: &str, port: u16) -> TestHost {
+        TestHost::start(self.path(), name, address, port)
     }
 }
 
@@ -313,7 +320,7 @@ pub struct TestHost {
 }
 
 impl TestHost {
-    fn start(lab: &Path, name: &str) -> Self {
+    fn start(lab: &Path, name: &str, address: &str, port: u16) -> Self {
         let root = lab.join(format!("host-{name}"));
         std::fs::create_dir_all(root.join("nix/var/nix")).unwrap();
         std::fs::create_dir_all(root.join("nix/store")).unwrap();
@@ -328,8 +335,7 @@ impl TestHost {
         );
         let public = std::fs::read_to_string(root.join("ssh_host_ed25519_key.pub")).unwrap();
         let host_key = public.split_whitespace().take(2).collect::<Vec<_>>().join(" ");
-        let address = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
-        let port = free_port();
+        let address = address.to_owned();
         let config = format!(
             "Port {port}\nListenAddress {address}\nHostKey {}\nPidFile /nix/var/sshd.pid\n\
 PermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
