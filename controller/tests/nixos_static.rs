@@ -94,4 +94,19 @@ alpha: { settings: { message: hello } }\n    beta: { settings: { message: world 
         alpha.settings_json(hosts[0]["system"].as_str().unwrap())["alpha"]["settings"]["message"],
         "hello"
     );
+    // Each host counted once per pass (a later no-op pass may already have run).
+    let metrics = http_get(&daemon.server, "/metrics").unwrap().1;
+    let sample = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let applied = sample("fediversity_nixos_deploy_results_total{result=\"Applied\"}");
+    assert!(applied >= 2 && applied % 2 == 0, "{applied}");
+    assert!(
+        sample("fediversity_nixos_deploy_seconds_count{step=\"copy\"}") == 2,
+        "copied once per host"
+    );
 }

@@ -318,3 +318,31 @@ impl NixosDeployer {
         status
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_and_deploys_are_capped_per_environment() {
+        let deployer = NixosDeployer::new(
+            DeployerConfig::new(Path::new("/state"), Path::new("/catalog")),
+            None,
+        );
+        let (builds, deploys) = deployer.caps("ams", 2);
+        assert_eq!((builds.available_permits(), deploys.available_permits()), (2, 2));
+        let held = deploys.clone().try_acquire_many_owned(2).unwrap();
+        let (_, same) = deployer.caps("ams", 2);
+        assert!(same.try_acquire().is_err(), "a third deploy in ams waits");
+        let (_, other) = deployer.caps("utrecht", 1);
+        assert!(other.try_acquire().is_ok(), "another environment has its own cap");
+        drop(held);
+        assert_eq!(same.available_permits(), 2);
+    }
+
+    #[test]
+    fn a_broken_expression_is_caught_before_anything_runs() {
+        assert!(check_syntax("{ a = 1; }").is_ok());
+        assert!(check_syntax("{ a = ; }").is_err());
+    }
+}
