@@ -14,7 +14,9 @@ use fediversity::state::DesiredState;
 use fediversity::store::Store;
 use fediversity_testbed::{SimConfig, Simulator};
 
+/// Hosts under `cargo bench`; `cargo test --all-targets` runs this as a quick smoke test with fewer.
 const HOSTS: usize = 1000;
+const SMOKE_HOSTS: usize = 50;
 const BATCH: usize = 50;
 
 fn object(text: &str) -> Object {
@@ -66,7 +68,12 @@ spec:
         unreachable!("the fixture is an Application")
     };
     let apps: BTreeMap<Name, Application> = [(Name::new("mastodon"), app)].into();
-    let deployments: Vec<Deployment> = (0..HOSTS)
+    let hosts = if std::env::args().any(|a| a == "--bench") {
+        HOSTS
+    } else {
+        SMOKE_HOSTS
+    };
+    let deployments: Vec<Deployment> = (0..hosts)
         .map(|i| {
             let Object::Deployment(d) = object(&format!(
                 "apiVersion: fediversity.eu/v1alpha1
@@ -149,7 +156,7 @@ spec:
     }
     let resync = sim.stats();
     println!(
-        "no-op resync of {converged}/{HOSTS} converged hosts: {} Proxmox requests in {:.1?} ({:?})",
+        "no-op resync of {converged}/{hosts} converged hosts: {} Proxmox requests in {:.1?} ({:?})",
         resync.total,
         started.elapsed(),
         resync.by_route

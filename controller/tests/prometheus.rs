@@ -95,7 +95,9 @@ async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_pro
     })
     .await
     .unwrap();
-    tokio::task::spawn_blocking(move || scrape_and_check(&daemon)).await.unwrap();
+    tokio::task::spawn_blocking(move || scrape_and_check(&daemon))
+        .await
+        .unwrap();
 }
 
 fn scrape_and_check(daemon: &Daemon) {

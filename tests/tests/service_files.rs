@@ -44,7 +44,11 @@ fn the_nixos_module_and_package_parse_with_real_nix() {
         assert!(out.status.success(), "{file}: {}", text(&out));
     }
     let module = std::fs::read_to_string(repo_root().join("nix/module.nix")).unwrap();
-    for option in ["services.fediversity-controller", "DynamicUser = true", "StateDirectory = \"fediversity\""] {
+    for option in [
+        "services.fediversity-controller",
+        "DynamicUser = true",
+        "StateDirectory = \"fediversity\"",
+    ] {
         assert!(module.contains(option), "nix/module.nix lacks {option}");
     }
 }
