@@ -7,30 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, api, copy_examples, http_get, start, wait_for};
+use common::{api, cli, copy_examples, http_get, ready, start, wait_for};
 use serde_json::Value;
-
-fn ready(object: &Value) -> Option<(String, String)> {
-    let condition = object["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")?;
-    Some((
-        condition["status"].as_str()?.to_owned(),
-        condition["reason"].as_str()?.to_owned(),
-    ))
-}
-
-fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .args(args)
-        .args(["--server", &daemon.server])
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
 
 #[test]
 fn the_daemon_converges_a_folder_and_follows_edits_additions_and_deletions() {

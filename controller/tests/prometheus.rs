@@ -1,15 +1,13 @@
 //! A real Prometheus scrapes a daemon that converges Deployments on a simulated Proxmox cluster: every
 //! dashboard panel query and every alert rule's expression returns data, and the rules load.
 
-mod common;
 mod proxmox_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, http_get, wait_for};
-use proxmox_support::{Daemon, Folder, endpoint, sim, state_dir};
+use proxmox_support::{Daemon, Folder, endpoint, free_port, http_get, sim, state_dir, wait_for};
 use serde_json::Value;
 
 struct Prometheus(Child);

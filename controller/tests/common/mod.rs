@@ -31,31 +31,67 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn start(source: &Path, state: &Path) -> Daemon {
+/// Starts `fediversity run ARGS --listen 127.0.0.1:PORT` on a free port, without waiting.
+pub fn spawn(args: &[std::ffi::OsString]) -> Daemon {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .args(["run", "--source"])
-        .arg(source)
-        .arg("--state-dir")
-        .arg(state)
+        .arg("run")
+        .args(args)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        // The examples name clusters that do not exist: plan only.
-        .args(["--provider", "plan-only"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let daemon = Daemon {
+    Daemon {
         child,
         server: format!("127.0.0.1:{port}"),
-    };
+    }
+}
+
+/// Starts the daemon on one source folder with the plan-only provider (the examples name clusters
+/// that do not exist) and waits until it is ready.
+pub fn start(source: &Path, state: &Path) -> Daemon {
+    let args = [
+        "--source".as_ref(),
+        source.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+    ];
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(|a| a.to_os_string()).collect();
+    args.extend(["--provider", "plan-only"].map(Into::into));
+    let daemon = spawn(&args);
     wait_for("the daemon to become ready", Duration::from_secs(20), || {
         http_get(&daemon.server, "/readyz")
             .is_some_and(|(code, _)| code == 200)
             .then_some(())
     });
     daemon
+}
+
+/// The Ready condition's status and reason.
+pub fn ready(object: &Value) -> Option<(String, String)> {
+    let condition = object["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Ready")?;
+    Some((
+        condition["status"].as_str()?.to_owned(),
+        condition["reason"].as_str()?.to_owned(),
+    ))
+}
+
+/// Runs the CLI against the daemon; returns the exit code and stdout + stderr.
+pub fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args(args)
+        .args(["--server", &daemon.server])
+        .env_remove("FEDIVERSITY_TOKEN_FILE")
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
 }
 
 /// A minimal HTTP/1.0 GET over a raw socket: the test needs no HTTP client of its own.

@@ -2,25 +2,20 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fediversity_testbed::{SimConfig, SimHandle, Simulator};
+
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::{free_port, http_get, wait_for};
 use serde_json::Value;
 
 pub const TOKEN_ID: &str = "ci@pve!ctl";
 pub const SECRET: &str = "00000000-0000-4000-8000-000000000001";
 pub const TEMPLATE: u32 = 9000;
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A simulated cluster with our template and foreign VMs at 1000 and 1003 (inside our VMID range).
 pub async fn sim(config: SimConfig) -> SimHandle {
@@ -199,36 +194,6 @@ impl Daemon {
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
         text.push_str(&String::from_utf8_lossy(&out.stderr));
         (out.status.code().unwrap_or(-1), text)
-    }
-}
-
-pub fn http_get(server: &str, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(server).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {server}\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    Some((code, body))
-}
-
-#[track_caller]
-pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out after {limit:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -8,28 +8,19 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-pub use crate::common::{Daemon, api, copy_examples, free_port, http_get, wait_for};
+pub use crate::common::{Daemon, api, cli, copy_examples, free_port, http_get, ready, wait_for};
 
 /// Starts the daemon with `args` (besides state directory, listen address and provider) and waits until
 /// `/healthz` answers (not `/readyz`: some tests start it with a source that cannot load).
 pub fn start_with(args: &[String], state: &Path) -> Daemon {
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .arg("run")
-        .args(args)
-        .arg("--state-dir")
-        .arg(state)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--provider", "plan-only"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon {
-        child,
-        server: format!("127.0.0.1:{port}"),
-    };
+    let mut all: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    all.extend([
+        "--state-dir".into(),
+        state.as_os_str().to_os_string(),
+        "--provider".into(),
+        "plan-only".into(),
+    ]);
+    let daemon = crate::common::spawn(&all);
     wait_for("the daemon to answer", Duration::from_secs(20), || {
         http_get(&daemon.server, "/healthz").map(|_| ())
     });
@@ -43,31 +34,6 @@ pub fn wait_ready(daemon: &Daemon) {
             .is_some_and(|(code, _)| code == 200)
             .then_some(())
     });
-}
-
-/// Runs the CLI against the daemon; returns the exit code and stdout + stderr.
-pub fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .args(args)
-        .args(["--server", &daemon.server])
-        .env_remove("FEDIVERSITY_TOKEN_FILE")
-        .output()
-        .unwrap();
-    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
-    text.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), text)
-}
-
-/// The Ready condition's status and reason.
-pub fn ready(object: &Value) -> Option<(String, String)> {
-    let condition = object["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == "Ready")?;
-    Some((
-        condition["status"].as_str()?.to_owned(),
-        condition["reason"].as_str()?.to_owned(),
-    ))
 }
 
 /// One source's status from the API.
