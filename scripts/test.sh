@@ -8,6 +8,9 @@ log() { printf '\n==> %s\n' "$*"; }
 
 apt_updated=0
 apt_install() {
+  # Test tools are run by the tests themselves: keep Debian's maintainer scripts from starting the
+  # packaged services (sshd on port 22, prometheus, nix-daemon).
+  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi
   if [ "$apt_updated" = 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     apt_updated=1
@@ -27,8 +30,6 @@ if ! command -v nix >/dev/null || ! command -v nix-instantiate >/dev/null || ! c
 fi
 if ! command -v promtool >/dev/null; then
   log "installing prometheus (promtool checks the metrics; the service itself is not started)"
-  # Keep Debian's maintainer scripts from starting the packaged service.
-  if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; fi
   apt_install prometheus
 fi
 if ! python3 -c 'import proxmoxer, requests' 2>/dev/null; then
