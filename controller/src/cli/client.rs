@@ -65,6 +65,36 @@ impl Client {
         }
     }
 
+    /// Posts to `trigger` (which answers with a `requestedAt` token); with `wait`, then polls `watch`
+    /// until the field at the JSON pointer `handled` holds that token, and returns what `watch` then shows. `what` names the
+    /// request in the time-out error. Without `wait` it returns `None` at once.
+    pub async fn request_and_wait(
+        &self,
+        trigger: &str,
+        watch: &str,
+        handled: &str,
+        wait: Option<std::time::Duration>,
+        what: &str,
+    ) -> Result<Option<Value>, ClientError> {
+        let requested = self.post(trigger).await?;
+        let token = requested["requestedAt"].as_str().unwrap_or_default().to_owned();
+        let Some(timeout) = wait else { return Ok(None) };
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let value = self.get(watch).await?;
+            if value.pointer(handled).and_then(Value::as_str) == Some(token.as_str()) {
+                return Ok(Some(value));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(ClientError::Api(format!(
+                    "{what} was not handled within {}s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
     /// `GET /api/v1/PATH`.
     pub async fn get(&self, path: &str) -> Result<Value, ClientError> {
         self.send(self.http.get(format!("{}/api/v1/{path}", self.server)))

@@ -1,6 +1,6 @@
 //! The subcommands that talk to a running daemon: `get`, `describe`, `events`, `reconcile`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -309,31 +309,21 @@ pub async fn reconcile(
     wait: Option<Duration>,
 ) -> Result<(String, bool), ClientError> {
     let path = format!("{}/{name}", kind.plural());
-    let requested = client.post(&format!("{path}/reconcile")).await?;
-    let token = requested["requestedAt"].as_str().unwrap_or_default().to_owned();
-    let Some(timeout) = wait else {
+    let what = format!("{kind}/{name}: the reconcile (is the object suspended or the daemon busy?)");
+    let handled = "/status/lastHandledReconcileAt";
+    let Some(object) = client
+        .request_and_wait(&format!("{path}/reconcile"), &path, handled, wait, &what)
+        .await?
+    else {
         return Ok((format!("{kind}/{name}: reconcile requested\n"), true));
     };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let object = client.get(&path).await?;
-        if object["status"]["lastHandledReconcileAt"].as_str() == Some(token.as_str()) {
-            let ready = output::condition(&object, "Ready");
-            let is_ready = ready.is_some_and(|c| c["status"] == "True");
-            let reason = ready.map_or("-".into(), |c| cell(&c["reason"]));
-            let message = ready.map_or(String::new(), |c| cell(&c["message"]));
-            let verdict = if is_ready { "Ready" } else { "not Ready" };
-            return Ok((
-                format!("{kind}/{name}: reconciled, {verdict} ({reason}): {message}\n"),
-                is_ready,
-            ));
-        }
-        if Instant::now() >= deadline {
-            return Err(ClientError::Api(format!(
-                "{kind}/{name}: the reconcile was not handled within {}s (is the object suspended or the daemon busy?)",
-                timeout.as_secs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let ready = output::condition(&object, "Ready");
+    let is_ready = ready.is_some_and(|c| c["status"] == "True");
+    let reason = ready.map_or("-".into(), |c| cell(&c["reason"]));
+    let message = ready.map_or(String::new(), |c| cell(&c["message"]));
+    let verdict = if is_ready { "Ready" } else { "not Ready" };
+    Ok((
+        format!("{kind}/{name}: reconciled, {verdict} ({reason}): {message}\n"),
+        is_ready,
+    ))
 }

@@ -2,7 +2,7 @@
 //! sources: `get sources` and `reconcile source`.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -233,35 +233,26 @@ pub async fn reconcile_source(
     name: &str,
     wait: Option<Duration>,
 ) -> Result<(String, bool), ClientError> {
-    let requested = client.post(&format!("sources/{name}/reconcile")).await?;
-    let token = requested["requestedAt"].as_str().unwrap_or_default().to_owned();
-    let Some(timeout) = wait else {
+    let what = format!("source/{name}: the fetch");
+    let handled = "/lastHandledReconcileAt";
+    let watch = format!("sources/{name}");
+    let Some(source) = client
+        .request_and_wait(&format!("sources/{name}/reconcile"), &watch, handled, wait, &what)
+        .await?
+    else {
         return Ok((format!("source/{name}: fetch requested\n"), true));
     };
-    let deadline = Instant::now() + timeout;
-    loop {
-        let source = client.get(&format!("sources/{name}")).await?;
-        if source["lastHandledReconcileAt"].as_str() == Some(token.as_str()) {
-            let revision = cell(&source["revision"]);
-            return Ok(match source["lastError"].as_str() {
-                Some(error) => (format!("source/{name}: fetch failed: {error}\n"), false),
-                None => match source["pruneBlocked"]["message"].as_str() {
-                    Some(held) => (
-                        format!("source/{name}: at {revision}; removals held back: {held}\n"),
-                        false,
-                    ),
-                    None => (format!("source/{name}: applied {revision}\n"), true),
-                },
-            });
-        }
-        if Instant::now() >= deadline {
-            return Err(ClientError::Api(format!(
-                "source/{name}: the fetch was not handled within {}s",
-                timeout.as_secs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let revision = cell(&source["revision"]);
+    Ok(match source["lastError"].as_str() {
+        Some(error) => (format!("source/{name}: fetch failed: {error}\n"), false),
+        None => match source["pruneBlocked"]["message"].as_str() {
+            Some(held) => (
+                format!("source/{name}: at {revision}; removals held back: {held}\n"),
+                false,
+            ),
+            None => (format!("source/{name}: applied {revision}\n"), true),
+        },
+    })
 }
 
 /// The name of the source that owns an object, from its annotations.
