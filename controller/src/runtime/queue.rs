@@ -466,23 +466,26 @@ impl Scheduler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const SECOND: Duration = Duration::from_secs(1);
 
-    fn key(name: &str) -> ObjectKey {
+    /// Shared with the runner's tests.
+    pub(crate) fn key(name: &str) -> ObjectKey {
         ObjectKey::new(Kind::Deployment, name)
     }
 
-    fn transient() -> Result<Action, ReconcileError> {
+    /// Shared with the runner's tests.
+    pub(crate) fn transient() -> Result<Action, ReconcileError> {
         Err(ReconcileError::Transient {
             reason: "Test",
             message: "try again".to_owned(),
         })
     }
 
-    fn terminal() -> Result<Action, ReconcileError> {
+    /// Shared with the runner's tests.
+    pub(crate) fn terminal() -> Result<Action, ReconcileError> {
         Err(ReconcileError::Terminal {
             reason: "Test",
             message: "cannot work".to_owned(),

@@ -512,6 +512,7 @@ mod tests {
 
     use super::*;
     use crate::runtime::BoxFuture;
+    use crate::runtime::queue::tests::{key, terminal, transient};
     use crate::runtime::queue::{ExponentialBackoff, RateLimit};
 
     const SECOND: Duration = Duration::from_secs(1);
@@ -632,26 +633,8 @@ mod tests {
         }
     }
 
-    fn key(name: &str) -> ObjectKey {
-        ObjectKey::new(Kind::Deployment, name)
-    }
-
     fn app(name: &str) -> ObjectKey {
         ObjectKey::new(Kind::Application, name)
-    }
-
-    fn transient() -> Result<Action, ReconcileError> {
-        Err(ReconcileError::Transient {
-            reason: "Test",
-            message: "try again".to_owned(),
-        })
-    }
-
-    fn terminal() -> Result<Action, ReconcileError> {
-        Err(ReconcileError::Terminal {
-            reason: "Test",
-            message: "cannot work".to_owned(),
-        })
     }
 
     /// Deterministic settings: no jitter, no rate limit, 60 s timeout, 30 s grace.

@@ -212,20 +212,16 @@ impl Cluster {
             .filter(|(k, _)| !CONTROL_PARAMS.contains(k))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        let deletes: Vec<String> = params
-            .get("delete")
-            .map(formats::split_list)
-            .into_iter()
-            .flatten()
-            .map(str::to_string)
-            .collect();
-        let reverts: Vec<String> = params
-            .get("revert")
-            .map(formats::split_list)
-            .into_iter()
-            .flatten()
-            .map(str::to_string)
-            .collect();
+        let list = |name: &str| -> Vec<String> {
+            params
+                .get(name)
+                .map(formats::split_list)
+                .into_iter()
+                .flatten()
+                .map(str::to_string)
+                .collect()
+        };
+        let (deletes, reverts) = (list("delete"), list("revert"));
         if changes.is_empty() && deletes.is_empty() && reverts.is_empty() {
             return Err(ApiError::internal("no options specified"));
         }
