@@ -34,6 +34,10 @@ impl DeployMetrics {
             ),
             &["result"],
         )?;
+        // Every result exists at 0 from the start, so that rate() and increase() see it before it happens.
+        for result in every_result() {
+            results.with_label_values(&[result.label()]);
+        }
         registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(results.clone()))?;
         Ok(Self { seconds, results })
@@ -48,6 +52,19 @@ impl DeployMetrics {
     pub fn result(&self, result: DeployResult) {
         self.results.with_label_values(&[result.label()]).inc();
     }
+}
+
+/// Every `DeployResult`, in order. The match makes a new variant fail to compile until it is given
+/// an arm, which places it in the chain.
+fn every_result() -> Vec<DeployResult> {
+    let next = |result: &DeployResult| match *result {
+        DeployResult::Applied => Some(DeployResult::FailedRolledBack),
+        DeployResult::FailedRolledBack => Some(DeployResult::UnconfirmedRolledBack),
+        DeployResult::UnconfirmedRolledBack => Some(DeployResult::Unreachable),
+        DeployResult::Unreachable => Some(DeployResult::Failed),
+        DeployResult::Failed => None,
+    };
+    std::iter::successors(Some(DeployResult::Applied), next).collect()
 }
 
 #[cfg(test)]
@@ -69,6 +86,36 @@ mod tests {
         );
         assert!(
             text.contains("fediversity_nixos_deploy_results_total{result=\"FailedRolledBack\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_result_is_exported_at_zero_before_any_deploy() {
+        let registry = Registry::new();
+        DeployMetrics::register(&registry).unwrap();
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&registry.gather())
+            .unwrap();
+        let results = every_result();
+        assert_eq!(results.len(), 5, "{results:?}");
+        for label in [
+            "Applied",
+            "FailedRolledBack",
+            "UnconfirmedRolledBack",
+            "Unreachable",
+            "Failed",
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "fediversity_nixos_deploy_results_total{{result=\"{label}\"}} 0\n"
+                )),
+                "{label}: {text}"
+            );
+        }
+        assert_eq!(
+            text.matches("fediversity_nixos_deploy_results_total{").count(),
+            5,
             "{text}"
         );
     }
