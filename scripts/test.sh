@@ -72,3 +72,6 @@ cargo deny --log-level error check licenses bans sources
 log "cargo test"
 cargo test --workspace --all-targets --locked
 cargo test --workspace --doc --locked
+
+log "the README's first command: cargo run -- demo (debug build, so no extra compile)"
+cargo run --locked --quiet -- demo --listen 127.0.0.1:0 --timeout 60s

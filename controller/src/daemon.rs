@@ -245,8 +245,27 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(
     Ok(collector)
 }
 
+/// What a program that runs the daemon inside itself (the demo) changes about it. The default is the
+/// daemon as `fediversity run` runs it.
+#[derive(Default)]
+pub struct Embedding {
+    /// Drives the shutdown instead of SIGTERM and SIGINT.
+    pub shutdown: Option<watch::Receiver<ShutdownState>>,
+    /// Receives the address the API listens on, once it does.
+    pub bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+    /// How NixOS systems are built and hosts reached (SSH and `nix build` by default).
+    pub nixos_transport: crate::nixos::Transport,
+    /// Deadlines and poll interval of NixOS deploys, when not the defaults.
+    pub nixos_timings: Option<crate::nixos::DeployTimings>,
+}
+
 /// Runs the daemon until it is stopped; returns the exit code (0 after a clean drain).
 pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
+    run_embedded(args, Embedding::default()).await
+}
+
+/// Runs the daemon with `embedding`'s changes until it is stopped; returns the exit code.
+pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result<i32> {
     let RunArgs {
         sources,
         poll_interval,
@@ -327,8 +346,14 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
                 &desired,
                 &registry,
             )?,
-            nixos_catalog.as_deref(),
-            &state_dir,
+            nixos_catalog.as_deref().map(|catalog| {
+                let mut config = crate::nixos::DeployerConfig::new(&state_dir.join("nixos"), catalog);
+                config.transport = embedding.nixos_transport.clone();
+                if let Some(timings) = &embedding.nixos_timings {
+                    config.timings = timings.clone();
+                }
+                config
+            }),
             &store,
             &desired,
             &book,
@@ -340,7 +365,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let handle = runner.handle();
     let _ = handle_cell.set(handle.clone());
 
-    let shutdown = on_signals().context("cannot install signal handlers")?;
+    let shutdown = match embedding.shutdown {
+        Some(shutdown) => shutdown,
+        None => on_signals().context("cannot install signal handlers")?,
+    };
 
     // Sources: the configured ones, then the API's. Each sends its snapshots to the feed.
     let (updates, updates_rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
@@ -423,7 +451,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<i32> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    tracing::info!(address = %listener.local_addr()?, "serving the API, /metrics, /healthz and /readyz");
+    let bound = listener.local_addr()?;
+    tracing::info!(address = %bound, "serving the API, /metrics, /healthz and /readyz");
+    if let Some(tx) = embedding.bound {
+        let _ = tx.send(bound);
+    }
     let mut http_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
         let stop = async move {

@@ -23,7 +23,7 @@ fn validate_passes_on_the_shipped_examples() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
-        stdout.contains("valid: 7 objects (2 RuntimeEnvironment, 4 Application, 1 Deployment)"),
+        stdout.contains("valid: 10 objects (3 RuntimeEnvironment, 4 Application, 3 Deployment)"),
         "{stdout}"
     );
 }

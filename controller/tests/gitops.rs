@@ -416,7 +416,7 @@ fn two_sources_split_the_objects_and_one_defined_twice_is_an_error_on_both() {
 
     // The operators' repository now also defines an Application of the provider's catalog.
     std::fs::copy(
-        common::examples().join("applications/mastodon.yaml"),
+        common::examples().join("quickstart/applications/mastodon.yaml"),
         ops_repo.work().join("tenants/mastodon.yaml"),
     )
     .unwrap();

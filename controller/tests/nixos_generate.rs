@@ -34,11 +34,12 @@ fn require(tool: &str) -> String {
 }
 
 fn application(name: &str) -> Application {
-    let text = std::fs::read_to_string(repo().join(format!("examples/applications/{name}.yaml"))).unwrap();
+    let text = std::fs::read_to_string(repo().join(format!("examples/quickstart/applications/{name}.yaml")))
+        .unwrap();
     let docs = fediversity::yaml::parse_documents(&text, &fediversity::yaml::Limits::default()).unwrap();
     match fediversity::api::parse_object(&docs[0].1).unwrap() {
         Object::Application(app) => app,
-        other => panic!("examples/applications/{name}.yaml is not an Application: {other:?}"),
+        other => panic!("examples/quickstart/applications/{name}.yaml is not an Application: {other:?}"),
     }
 }
 

@@ -1,13 +1,14 @@
-//! A real Prometheus scrapes a daemon that converges Deployments on a simulated Proxmox cluster: every
-//! dashboard panel query and every alert rule's expression returns data, and the rules load.
+//! A real Prometheus scrapes `fediversity demo`, the daemon running the quickstart on a simulated
+//! Proxmox cluster and simulated NixOS hosts: every dashboard panel query and every alert rule's
+//! expression returns data, and the rules load.
 
-mod proxmox_support;
+mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use proxmox_support::{Daemon, Folder, endpoint, free_port, http_get, sim, state_dir, wait_for};
+use common::{Demo, free_port, http_get, repo_root, sigterm, wait_exit, wait_for};
 use serde_json::Value;
 
 struct Prometheus(Child);
@@ -17,10 +18,6 @@ impl Drop for Prometheus {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn prometheus_binary() -> PathBuf {
@@ -72,39 +69,28 @@ fn without_threshold(expr: &str) -> String {
     expr.to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheus() {
-    let sim = sim(fediversity_testbed::SimConfig::new().latency_scale(0.0)).await;
-    let folder = Folder::new(&endpoint(&sim), "");
-    folder.write_deployment("uni", &["mastodon: {}", "pixelfed: {}"], "Retain", "");
-    let state = state_dir();
-    let daemon = tokio::task::spawn_blocking({
-        let (source, state) = (folder.dir.path().to_path_buf(), state.path().to_path_buf());
-        move || Daemon::start(&source, &state)
-    })
-    .await
-    .unwrap();
-    let server_of_daemon = daemon.server.clone();
-    tokio::task::spawn_blocking(move || {
-        wait_for("the Deployment to become Ready", Duration::from_secs(30), || {
-            let (_, body) = http_get(&server_of_daemon, "/api/v1/deployments/uni")?;
-            body.contains("\"reason\":\"Succeeded\"").then_some(())
-        })
-    })
-    .await
-    .unwrap();
-    tokio::task::spawn_blocking(move || scrape_and_check(&daemon))
-        .await
-        .unwrap();
+#[test]
+fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheus() {
+    // The quickstart on the simulations: VMs on the simulated cluster, NixOS deploys on simulated hosts.
+    let mut demo = Demo::spawn(&["--latency-scale", "0.05"]);
+    demo.wait_line("All 7 objects are Ready", 0, Duration::from_secs(60));
+    scrape_and_check(&demo.server);
+    sigterm(&demo.child);
+    assert_eq!(
+        wait_exit(&mut demo.child, Duration::from_secs(20)),
+        0,
+        "{}",
+        demo.output()
+    );
 }
 
-fn scrape_and_check(daemon: &Daemon) {
+fn scrape_and_check(target: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let rules = repo().join("charts/fediversity/files/alerts.yaml");
+    let rules = repo_root().join("charts/fediversity/files/alerts.yaml");
     let config = format!(
         "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nrule_files: [{}]\nscrape_configs:\n  - job_name: fediversity\n    static_configs: [{{ targets: ['{}'] }}]\n",
         rules.display(),
-        daemon.server
+        target
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let port = free_port();
@@ -136,7 +122,7 @@ fn scrape_and_check(daemon: &Daemon) {
     assert_eq!(query(&server, "up{job=\"fediversity\"}")[0]["value"][1], "1");
 
     let dashboard: Value = serde_json::from_str(
-        &std::fs::read_to_string(repo().join("charts/fediversity/files/dashboard.json")).unwrap(),
+        &std::fs::read_to_string(repo_root().join("charts/fediversity/files/dashboard.json")).unwrap(),
     )
     .unwrap();
     let mut checked = 0;
@@ -151,7 +137,7 @@ fn scrape_and_check(daemon: &Daemon) {
             checked += 1;
         }
     }
-    assert!(checked >= 14, "only {checked} panel queries");
+    assert!(checked >= 20, "only {checked} panel queries");
 
     let rule_file: Value = yaml_serde::from_str(&std::fs::read_to_string(&rules).unwrap()).unwrap();
     for rule in rule_file["groups"][0]["rules"].as_array().unwrap() {

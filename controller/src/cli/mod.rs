@@ -1,6 +1,8 @@
 //! The `fediversity` command line: argument parsing and one module per group of subcommands.
 
 mod client;
+#[cfg(feature = "demo")]
+mod demo;
 mod output;
 mod remote;
 mod validate;
@@ -39,6 +41,10 @@ pub struct ServerArgs {
 pub enum Command {
     /// Runs the controller daemon: watches the sources and reconciles until stopped (SIGTERM drains).
     Run(Box<crate::daemon::RunArgs>),
+    /// Runs the quickstart against a simulated Proxmox VE cluster and simulated NixOS hosts, shows the
+    /// progress, and exits once everything is Ready. Touches nothing real.
+    #[cfg(feature = "demo")]
+    Demo(Box<demo::DemoArgs>),
     /// Checks YAML files or folders of objects; prints every problem; exits 1 if there is any.
     Validate {
         /// Files or folders (searched recursively for *.yaml and *.yml; hidden ones are skipped).
@@ -177,6 +183,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Run(args) => crate::daemon::run(*args).await,
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => demo::run(*args).await,
         Command::Validate { paths, quiet } => Ok(validate::run(&paths, quiet, &mut std::io::stdout())?),
         Command::Crds { output_dir: None } => {
             print!("{}", crate::api::crd::all_yaml());

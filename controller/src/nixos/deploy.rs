@@ -205,6 +205,10 @@ pub async fn execute<H: NixHost>(
         }
         Plan::Switch { previous, .. } => previous,
     };
+    crate::reconcile::progress::report(format!(
+        "{}: copying, activating and checking {desired}",
+        host.name()
+    ));
     if let Err(e) = clock.time(Step::Copy, host.copy_closure(desired)).await {
         return report(failure_result(&e), current.as_ref(), false, e.to_string(), clock);
     }

@@ -8,6 +8,7 @@ pub mod generate;
 pub mod host;
 pub mod metrics;
 pub mod provider;
+pub mod simulated;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,6 +59,16 @@ impl Default for HttpTarget {
     }
 }
 
+/// How the deployer builds systems and reaches hosts.
+#[derive(Debug, Clone, Default)]
+pub enum Transport {
+    /// `nix build` on this machine and OpenSSH to the hosts: the real thing.
+    #[default]
+    Ssh,
+    /// Simulated builds and hosts ([`simulated::Fleet`]): nothing is built and no machine is contacted.
+    Simulated(Arc<simulated::Fleet>),
+}
+
 /// Settings of the deployer that are not per environment.
 #[derive(Debug, Clone)]
 pub struct DeployerConfig {
@@ -77,6 +88,8 @@ pub struct DeployerConfig {
     pub remote_dir: Option<String>,
     /// Extra Nix configuration (`NIX_CONFIG`) for every `nix` the deployer runs.
     pub nix_config: Option<String>,
+    /// How systems are built and hosts reached.
+    pub transport: Transport,
 }
 
 impl DeployerConfig {
@@ -91,6 +104,7 @@ impl DeployerConfig {
             http: HttpTarget::default(),
             remote_dir: None,
             nix_config: None,
+            transport: Transport::Ssh,
         }
     }
 }
@@ -238,7 +252,10 @@ impl NixosDeployer {
         };
         let built = {
             let _permit = builds.acquire().await;
-            self.builder.build(req.host_name, &text, &settings).await
+            match &self.config.transport {
+                Transport::Ssh => self.builder.build(req.host_name, &text, &settings).await,
+                Transport::Simulated(fleet) => Ok(fleet.build(req.host_name, &text).await),
+            }
         };
         let built = match built {
             Ok(b) => b,
@@ -247,10 +264,6 @@ impl NixosDeployer {
         status.rebuilt = built.rebuilt;
         status.desired_system = Some(built.path.to_string());
         status.step_seconds.push(("build".into(), built.seconds));
-        let host = match self.ssh_host(req).await {
-            Ok(h) => h,
-            Err(e) => return self.finish(status, e),
-        };
         let http = req.application.health_check.as_ref().map(|c| HttpCheck {
             scheme: self.config.http.scheme.clone(),
             fqdn: req.fqdn.to_owned(),
@@ -258,9 +271,25 @@ impl NixosDeployer {
             path: c.path.clone(),
             expect_status: c.expect_status,
         });
-        let report = {
-            let _permit = deploys.acquire().await;
-            deploy::execute(&host, &built.path, http.as_ref(), &self.config.timings).await
+        let timings = &self.config.timings;
+        let report = match &self.config.transport {
+            Transport::Ssh => {
+                let host = match self.ssh_host(req).await {
+                    Ok(h) => h,
+                    Err(e) => return self.finish(status, e),
+                };
+                let _permit = deploys.acquire().await;
+                deploy::execute(&host, &built.path, http.as_ref(), timings).await
+            }
+            Transport::Simulated(fleet) => {
+                let address = req.address;
+                let host = match fleet.connect(req.host_name, &address.address, &address.host_key) {
+                    Ok(h) => h,
+                    Err(e) => return self.finish(status, e.to_string()),
+                };
+                let _permit = deploys.acquire().await;
+                deploy::execute(&host, &built.path, http.as_ref(), timings).await
+            }
         };
         status.last_result = report.result;
         status.current_system = report.current.as_ref().map(ToString::to_string);
@@ -271,6 +300,14 @@ impl NixosDeployer {
             .extend(report.steps.iter().map(|(s, t)| (s.label().to_owned(), *t)));
         let message = report.message.clone();
         self.finish(status, message)
+    }
+
+    /// The SSH host key the host at `address` presents now (recorded on first sight of a new VM).
+    pub async fn scan_host_key(&self, address: &str, port: u16) -> Result<String, String> {
+        match &self.config.transport {
+            Transport::Ssh => provider::scan_host_key(address, port).await,
+            Transport::Simulated(fleet) => Ok(fleet.host_key(address)),
+        }
     }
 
     async fn ssh_host(&self, req: &HostRequest<'_>) -> Result<SshHost, String> {

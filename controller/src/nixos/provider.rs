@@ -95,7 +95,7 @@ impl NixosProvider {
         {
             return Ok(key);
         }
-        let key = scan_host_key(address, port).await?;
+        let key = self.deployer.scan_host_key(address, port).await?;
         if let Some(store) = &self.store {
             store
                 .put_inventory(&id, &key)
@@ -129,7 +129,8 @@ impl NixosProvider {
                 .unwrap_or_default();
             let (deployer, env, host, email) =
                 (self.deployer.clone(), env.clone(), host.clone(), email.clone());
-            tasks.spawn(async move {
+            let sink = crate::reconcile::progress::current();
+            tasks.spawn(crate::reconcile::progress::within(sink, async move {
                 let status = deployer
                     .converge(&HostRequest {
                         environment: env.metadata.name.as_str(),
@@ -144,7 +145,7 @@ impl NixosProvider {
                     })
                     .await;
                 (address, status)
-            });
+            }));
         }
         let mut results: BTreeMap<String, (HostAddress, HostDeployStatus)> = BTreeMap::new();
         while let Some(joined) = tasks.join_next().await {
@@ -311,23 +312,21 @@ impl NixosProvider {
     }
 }
 
-/// Wraps the daemon's provider with NixOS convergence when a catalog is given (its state under
-/// `state_dir/nixos`, its metrics in `registry`); returns `inner` unchanged otherwise.
+/// Wraps the daemon's provider with NixOS convergence when the deployer is configured (its metrics in
+/// `registry`); returns `inner` unchanged otherwise.
 pub fn with_nixos(
     inner: Arc<dyn Provider>,
-    catalog: Option<&std::path::Path>,
-    state_dir: &std::path::Path,
+    config: Option<super::DeployerConfig>,
     store: &Arc<Store>,
     desired: &Arc<DesiredState>,
     book: &Arc<StatusBook>,
     registry: &prometheus::Registry,
 ) -> Result<Arc<dyn Provider>, prometheus::Error> {
-    let Some(catalog) = catalog else {
+    let Some(config) = config else {
         return Ok(inner);
     };
     let metrics = super::DeployMetrics::register(registry)?;
-    let config = super::DeployerConfig::new(&state_dir.join("nixos"), catalog);
-    tracing::info!(catalog = %catalog.display(), "NixOS convergence enabled");
+    tracing::info!(catalog = %config.catalog_root.display(), "NixOS convergence enabled");
     Ok(Arc::new(NixosProvider::new(
         inner,
         Arc::new(NixosDeployer::new(config, Some(metrics))),

@@ -235,7 +235,34 @@ impl HostRun<'_> {
         Ok(HostOutcome::Done)
     }
 
+    /// What `step` does, in words for the Deployment's status while it runs (`None`: not worth saying).
+    fn describe(&self, step: &Step) -> Option<String> {
+        let host = self
+            .desired
+            .map(|h| h.name.as_str())
+            .or(self.record.as_ref().map(|r| r.name.as_str()))?;
+        let vm = self
+            .record
+            .as_ref()
+            .map_or_else(|| "its VM".to_owned(), |r| format!("VM {}", r.vmid));
+        let what = match step {
+            Step::Allocate => "reserving a VMID and cloning the template".to_owned(),
+            Step::Clone { vmid } => format!("cloning the template into VM {vmid}"),
+            Step::Configure => format!("configuring {vm} (size, network, cloud-init)"),
+            Step::Resize { gib } => format!("growing the disk of {vm} to {gib} GiB"),
+            Step::Start => format!("starting {vm}"),
+            Step::Restart => format!("restarting {vm} to apply pending changes"),
+            Step::AwaitAgent => format!("waiting for {vm} to boot and report its address"),
+            Step::Destroy => format!("destroying {vm}"),
+            _ => return None,
+        };
+        Some(format!("{host}: {what}"))
+    }
+
     async fn step(&mut self, step: &Step) -> Result<HostOutcome, LifecycleError> {
+        if let Some(what) = self.describe(step) {
+            crate::reconcile::progress::report(what);
+        }
         let env = self.env;
         match step {
             Step::FollowTask { upid } => {

@@ -2,6 +2,7 @@
 
 pub mod deployment;
 pub mod metrics;
+pub mod progress;
 pub mod provider;
 pub mod settings;
 
@@ -163,7 +164,11 @@ async fn reconcile_present(
             fields: Map::new(),
             conditions: Vec::new(),
         }),
-        Object::Deployment(dep) => reconcile_deployment(ctx, key, desired, dep, old.as_ref()).await,
+        Object::Deployment(dep) => {
+            progress_sink(ctx, key, desired.generation)
+                .scope(reconcile_deployment(ctx, key, desired, dep, old.as_ref()))
+                .await
+        }
     };
     let suspended = matches!(desired.object(), Object::Deployment(d) if d.spec.suspend);
     let mut status = match old.clone() {
@@ -261,6 +266,48 @@ async fn reconcile_present(
         },
     );
     result.map(|done| done.action)
+}
+
+/// Shows the steps of a running reconcile: `Reconciling` is True with the step as its message, and an
+/// object that is not Ready says why it is not yet (rather than a stale reason). Each step is an event.
+fn progress_sink(ctx: &Context, key: &ObjectKey, generation: u64) -> progress::Sink {
+    let (book, key) = (ctx.book.clone(), key.clone());
+    progress::Sink::new(move |message| {
+        use ConditionStatus::{False, True};
+        let old = book.status(&key);
+        let mut conditions = conditions_of(old.as_ref());
+        let mut status = match old.as_ref() {
+            Some(Value::Object(map)) => map.clone(),
+            _ => Map::new(),
+        };
+        let progressing = reasons::PROGRESSING;
+        set_condition(
+            &mut conditions,
+            condition(
+                condition_types::RECONCILING,
+                True,
+                progressing,
+                message,
+                generation,
+            ),
+        );
+        if ready_status(old.as_ref()) != True {
+            set_condition(
+                &mut conditions,
+                condition(condition_types::READY, False, progressing, message, generation),
+            );
+            set_condition(
+                &mut conditions,
+                condition(condition_types::STALLED, False, progressing, "", generation),
+            );
+        }
+        status.insert(
+            "conditions".into(),
+            serde_json::to_value(&conditions).unwrap_or(Value::Null),
+        );
+        book.put_status(&key, Value::Object(status));
+        book.record(&key, EventType::Normal, progressing, message);
+    })
 }
 
 async fn reconcile_deployment(

@@ -135,12 +135,104 @@ pub fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
 }
 
+/// Copies the example environments, the catalog and the example Deployments (not the quickstart's).
 pub fn copy_examples(to: &Path) {
-    for entry in ["environments", "applications", "deployments"] {
+    for (from, entry) in [
+        ("environments", "environments"),
+        ("quickstart/applications", "applications"),
+        ("deployments", "deployments"),
+    ] {
         std::fs::create_dir_all(to.join(entry)).unwrap();
-        for file in std::fs::read_dir(examples().join(entry)).unwrap() {
+        for file in std::fs::read_dir(examples().join(from)).unwrap() {
             let file = file.unwrap().path();
             std::fs::copy(&file, to.join(entry).join(file.file_name().unwrap())).unwrap();
         }
+    }
+}
+
+/// The repository's root, where `fediversity demo` finds `examples/quickstart` and the catalog.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Sends SIGTERM to `child`.
+pub fn sigterm(child: &Child) {
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits up to `limit` for `child` to exit; its exit code.
+pub fn wait_exit(child: &mut Child, limit: Duration) -> i32 {
+    wait_for("the process to exit", limit, || {
+        child.try_wait().unwrap().map(|s| s.code().unwrap_or(-1))
+    })
+}
+
+/// `fediversity demo --keep-running` from the repository's root, its output collected line by line;
+/// killed when dropped.
+pub struct Demo {
+    /// The process.
+    pub child: Child,
+    /// Its API's `HOST:PORT`.
+    pub server: String,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Demo {
+    /// Starts the demo with `args` added (its work folder, its latency scale).
+    pub fn spawn(args: &[&str]) -> Self {
+        use std::io::BufRead;
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+            .current_dir(repo_root())
+            .args(["demo", "--keep-running", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            server: format!("127.0.0.1:{port}"),
+            lines,
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits for a line containing `text` after the first `after` lines; returns its index.
+    #[track_caller]
+    pub fn wait_line(&self, text: &str, after: usize, limit: Duration) -> usize {
+        wait_for(&format!("the demo to print `{text}`"), limit, || {
+            let lines = self.lines.lock().unwrap();
+            lines
+                .iter()
+                .enumerate()
+                .skip(after)
+                .find(|(_, l)| l.contains(text))
+                .map(|(i, _)| i)
+        })
     }
 }
