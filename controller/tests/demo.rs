@@ -149,6 +149,23 @@ fn a_broken_quickstart_is_refused_with_its_file_and_line_and_nothing_starts() {
 }
 
 #[test]
+fn a_work_dir_holding_other_files_is_refused_and_left_as_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    std::fs::write(dir.path().join("state/precious"), "keep me").unwrap();
+    let (code, output) = demo(&repo_root(), &["--work-dir", &dir.path().display().to_string()]);
+    assert_ne!(code, 0, "{output}");
+    assert!(
+        output.contains("neither empty nor an earlier demo's folder"),
+        "{output}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state/precious")).unwrap(),
+        "keep me"
+    );
+}
+
+#[test]
 fn outside_the_repository_the_demo_says_where_to_run_it() {
     let dir = tempfile::tempdir().unwrap();
     let (code, output) = demo(dir.path(), &[]);

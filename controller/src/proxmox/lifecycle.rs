@@ -251,7 +251,9 @@ impl HostRun<'_> {
             Step::Configure => format!("configuring {vm} (size, network, cloud-init)"),
             Step::Resize { gib } => format!("growing the disk of {vm} to {gib} GiB"),
             Step::Start => format!("starting {vm}"),
-            Step::Restart => format!("restarting {vm} to apply pending changes"),
+            Step::Restart if self.record.as_ref().is_some_and(|r| !r.pending.is_empty()) => {
+                format!("restarting {vm} to apply pending changes")
+            }
             Step::AwaitAgent => format!("waiting for {vm} to boot and report its address"),
             Step::Destroy => format!("destroying {vm}"),
             _ => return None,

@@ -33,6 +33,8 @@ use progress::Progress;
 const POLL: Duration = Duration::from_millis(200);
 /// The longest the demo stays silent while waiting.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The file that marks a folder as the demo's own, which a later run may clear.
+const MARKER: &str = ".fediversity-demo";
 /// The addresses the simulated cluster's guest agents report (a documentation-free private range).
 const ADDRESS_POOL: &str = "10.80.0.0/16";
 
@@ -90,6 +92,21 @@ impl WorkDir {
                 true,
             ),
         };
+        // Only a new, empty or earlier demo folder is cleared: never a folder that holds anything else.
+        let marker = root.join(MARKER);
+        let empty = std::fs::read_dir(&root).map_or(true, |mut entries| entries.next().is_none());
+        if !empty && !marker.exists() {
+            bail!(
+                "{} is neither empty nor an earlier demo's folder: give --work-dir a new or empty folder",
+                root.display()
+            );
+        }
+        std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
+        std::fs::write(
+            &marker,
+            "A folder of `fediversity demo`: the demo clears it on its next run.\n",
+        )
+        .with_context(|| format!("cannot write {}", marker.display()))?;
         // Every run starts from scratch: the simulated cluster is new, so is the state.
         for sub in ["source", "secrets", "state"] {
             let path = root.join(sub);
@@ -314,6 +331,13 @@ async fn watch_progress(
             return Watched::DaemonEnded;
         }
         let seen = look(client).await;
+        if seen.is_none() && last_line.elapsed() >= HEARTBEAT {
+            say(started, "the controller's API does not answer yet");
+            last_line = Instant::now();
+        }
+        if seen.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
+            return Watched::TimedOut(vec!["the controller's API did not answer".to_owned()]);
+        }
         if let Some((objects, hosts, events)) = &seen {
             for line in progress.update(objects, hosts, events) {
                 say(started, &line);
