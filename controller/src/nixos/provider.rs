@@ -104,6 +104,20 @@ impl NixosProvider {
         Ok(key)
     }
 
+    /// The hosts in the Deployment's last recorded status.
+    fn previous_hosts(&self, deployment: &Deployment) -> Vec<HostStatus> {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: deployment.metadata.name.clone(),
+        };
+        self.book
+            .as_ref()
+            .and_then(|book| book.status(&key))
+            .and_then(|status| status.get("hosts").cloned())
+            .and_then(|hosts| serde_json::from_value(hosts).ok())
+            .unwrap_or_default()
+    }
+
     async fn deploy_hosts(
         &self,
         deployment: &Deployment,
@@ -281,11 +295,14 @@ impl NixosProvider {
                 .deploy_hosts(&deployment, &env, &hosts, &addresses, &[])
                 .await);
         }
-        let report = self.inner.converge(&deployment, &env, &hosts).await?;
+        let mut report = self.inner.converge(&deployment, &env, &hosts).await?;
         let Some(vm_hosts) = report.hosts.clone() else {
             return Ok(report);
         };
         if !report.converged {
+            if let Some(hosts) = report.hosts.as_mut() {
+                carry_nixos_fields(&self.previous_hosts(&deployment), hosts);
+            }
             return Ok(report);
         }
         // Every VM exists and has an address: make it run its configuration.
@@ -309,6 +326,30 @@ impl NixosProvider {
             .await;
         nixos.conditions.extend(report.conditions);
         Ok(nixos)
+    }
+}
+
+/// The phase of a host whose VM is up but which has not run its NixOS configuration yet.
+pub const PROVISIONED: &str = "Provisioned";
+
+/// While some VMs are still coming up, the infrastructure reports the hosts without their NixOS side:
+/// keep what was known of each host's system, and call a VM whose configuration was never applied
+/// `Provisioned` rather than `Ready`.
+pub fn carry_nixos_fields(previous: &[HostStatus], hosts: &mut [HostStatus]) {
+    for host in hosts {
+        let before = previous.iter().find(|p| p.name == host.name);
+        if let Some(before) = before {
+            host.system.clone_from(&before.system);
+            host.desired_system.clone_from(&before.desired_system);
+            host.generation = before.generation;
+            host.activated_at.clone_from(&before.activated_at);
+            host.last_result.clone_from(&before.last_result);
+            host.step_millis.clone_from(&before.step_millis);
+        }
+        let applied = before.and_then(|b| b.last_result.as_deref()) == Some(DeployResult::Applied.label());
+        if host.phase == "Ready" && !applied {
+            host.phase = PROVISIONED.into();
+        }
     }
 }
 
@@ -391,6 +432,37 @@ impl Provider for NixosProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn host(name: &str, phase: &str) -> HostStatus {
+        HostStatus {
+            name: name.into(),
+            phase: phase.into(),
+            ..HostStatus::default()
+        }
+    }
+
+    #[test]
+    fn while_vms_come_up_known_systems_are_kept_and_an_unconfigured_vm_is_not_called_ready() {
+        let mut running = host("uni-mastodon", "Ready");
+        running.system = Some("/nix/store/abc-nixos-system-uni-mastodon".into());
+        running.generation = Some(3);
+        running.last_result = Some("Applied".into());
+        let previous = [running];
+        let mut now = [
+            host("uni-mastodon", "Ready"),
+            host("uni-pixelfed", "Ready"),
+            host("uni-peertube", "WaitingForAgent"),
+        ];
+        carry_nixos_fields(&previous, &mut now);
+        assert_eq!(now[0].phase, "Ready");
+        assert_eq!(now[0].generation, Some(3));
+        assert_eq!(
+            now[0].system.as_deref(),
+            Some("/nix/store/abc-nixos-system-uni-mastodon")
+        );
+        assert_eq!(now[1].phase, PROVISIONED, "its configuration was never applied");
+        assert_eq!(now[2].phase, "WaitingForAgent");
+    }
 
     #[test]
     fn the_host_key_of_a_vm_is_kept_under_its_environment_and_name() {
