@@ -594,100 +594,122 @@ impl ProviderCore {
             .await
             .map_err(|e| api_error(&env_name, &e))?;
         let plans = plan::plan(desired, &vms, &records, ctx);
+        // Hosts are independent: they run at once, within the environment's cap on operations in
+        // flight; VMID allocation is serialised by the environment itself.
+        let runs = plans
+            .into_iter()
+            .map(|first| self.run_host(environment, deployment, desired, &records, ctx, first));
         let mut statuses = Vec::new();
         let mut outcomes = Vec::new();
         let mut first_error = None;
-        for first in plans {
-            let host = desired.iter().find(|h| h.application == first.application);
-            let mut record = records
-                .iter()
-                .find(|r| r.application == first.application)
-                .cloned();
-            let mut hplan = first;
-            let mut outcome = HostOutcome::Done;
-            let mut running;
-            let mut error = None;
-            for round in 0..4 {
-                if round > 0 {
-                    let vms = match environment.observe(Duration::ZERO).await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            error = Some(api_error(&env_name, &e));
-                            break;
-                        }
-                    };
-                    hplan = match host {
-                        Some(h) => plan::plan_host(h, record.as_ref(), &vms, ctx),
-                        None => match &record {
-                            Some(r) => plan::plan_removal(r, &vms, ctx),
-                            None => break,
-                        },
-                    };
-                    running = hplan
-                        .vm
-                        .as_ref()
-                        .is_some_and(|(id, _)| vms.iter().any(|v| v.vmid == *id && v.running));
-                } else {
-                    running = hplan
-                        .vm
-                        .as_ref()
-                        .is_some_and(|(id, _)| vms.iter().any(|v| v.vmid == *id && v.running));
-                }
-                if !hplan.duplicates.is_empty() {
-                    tracing::warn!(deployment, host = %hplan.name, duplicates = ?hplan.duplicates, "more than one VM of ours carries this host's name; only one is managed, the others are left alone");
-                }
-                let mut run = lifecycle::HostRun {
-                    env: environment,
-                    store: &self.store,
-                    deployment,
-                    desired: host,
-                    ctx,
-                    record: record.clone(),
-                    running,
-                };
-                let result = run.run(&hplan).await;
-                record = run.record.clone();
-                match result {
-                    Ok(HostOutcome::Waiting {
-                        reason: reasons::REOBSERVE,
-                        ..
-                    }) if round < 3 => continue,
-                    Ok(o) => {
-                        outcome = o;
-                        break;
-                    }
-                    Err(e) => {
-                        error = Some(lifecycle_error(&env_name, &e));
-                        break;
-                    }
-                }
-            }
+        for (status, outcome, error) in futures_util::future::join_all(runs).await {
             if let Some(e) = error {
                 first_error.get_or_insert(e);
             }
-            if let Some(h) = host {
-                let phase = match (&outcome, &record) {
-                    (_, None) => "Pending".to_owned(),
-                    (HostOutcome::Done, Some(r)) if r.address.is_some() => "Ready".to_owned(),
-                    (HostOutcome::Waiting { reason, .. }, _) => (*reason).to_owned(),
-                    (_, Some(r)) if r.phase == RecordPhase::Creating => "Creating".to_owned(),
-                    _ => "Provisioning".to_owned(),
-                };
-                statuses.push(HostStatus {
-                    name: h.name.clone(),
-                    phase,
-                    vmid: record.as_ref().map(|r| r.vmid),
-                    node: record.as_ref().map(|r| r.node.clone()),
-                    address: record.as_ref().and_then(|r| r.address.clone()),
-                    ..HostStatus::default()
-                });
-            }
+            statuses.extend(status);
             outcomes.push(outcome);
         }
         if let Some(e) = first_error {
             return Err(e);
         }
         Ok((statuses, outcomes))
+    }
+
+    /// Runs one host's plan, observing and planning again after each task (up to four rounds); returns
+    /// its status (none for a host being removed), its outcome and the error that stopped it.
+    async fn run_host(
+        &self,
+        environment: &Environment,
+        deployment: &str,
+        desired: &[DesiredVm],
+        records: &[VmRecord],
+        ctx: &PlanContext,
+        first: plan::HostPlan,
+    ) -> (Option<HostStatus>, HostOutcome, Option<ReconcileError>) {
+        let env_name = &environment.name;
+        let host = desired.iter().find(|h| h.application == first.application);
+        let mut record = records
+            .iter()
+            .find(|r| r.application == first.application)
+            .cloned();
+        let mut hplan = first;
+        let mut outcome = HostOutcome::Done;
+        let mut error = None;
+        for round in 0..4 {
+            let vms = match environment
+                .observe(if round == 0 {
+                    lifecycle::LISTING_MAX_AGE
+                } else {
+                    Duration::ZERO
+                })
+                .await
+            {
+                Ok(v) => v,
+                Err(e) => {
+                    error = Some(api_error(env_name, &e));
+                    break;
+                }
+            };
+            if round > 0 {
+                hplan = match host {
+                    Some(h) => plan::plan_host(h, record.as_ref(), &vms, ctx),
+                    None => match &record {
+                        Some(r) => plan::plan_removal(r, &vms, ctx),
+                        None => break,
+                    },
+                };
+            }
+            let running = hplan
+                .vm
+                .as_ref()
+                .is_some_and(|(id, _)| vms.iter().any(|v| v.vmid == *id && v.running));
+            if !hplan.duplicates.is_empty() {
+                tracing::warn!(deployment, host = %hplan.name, duplicates = ?hplan.duplicates, "more than one VM of ours carries this host's name; only one is managed, the others are left alone");
+            }
+            let mut run = lifecycle::HostRun {
+                env: environment,
+                store: &self.store,
+                deployment,
+                desired: host,
+                ctx,
+                record: record.clone(),
+                running,
+            };
+            let result = run.run(&hplan).await;
+            record = run.record.clone();
+            match result {
+                Ok(HostOutcome::Waiting {
+                    reason: reasons::REOBSERVE,
+                    ..
+                }) if round < 3 => continue,
+                Ok(o) => {
+                    outcome = o;
+                    break;
+                }
+                Err(e) => {
+                    error = Some(lifecycle_error(env_name, &e));
+                    break;
+                }
+            }
+        }
+        let status = host.map(|h| {
+            let phase = match (&outcome, &record) {
+                (_, None) => "Pending".to_owned(),
+                (HostOutcome::Done, Some(r)) if r.address.is_some() => "Ready".to_owned(),
+                (HostOutcome::Waiting { reason, .. }, _) => (*reason).to_owned(),
+                (_, Some(r)) if r.phase == RecordPhase::Creating => "Creating".to_owned(),
+                _ => "Provisioning".to_owned(),
+            };
+            HostStatus {
+                name: h.name.clone(),
+                phase,
+                vmid: record.as_ref().map(|r| r.vmid),
+                node: record.as_ref().map(|r| r.node.clone()),
+                address: record.as_ref().and_then(|r| r.address.clone()),
+                ..HostStatus::default()
+            }
+        });
+        (status, outcome, error)
     }
 
     /// Removes (or orphans) every VM recorded for a Deployment that is gone, by its recorded policy.
