@@ -51,7 +51,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = super::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Real-world durations (clones, boots, builds, copies, activations) are multiplied by this.
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value = "0.2", value_parser = parse_scale)]
     pub latency_scale: f64,
     /// Keeps the controller and the simulations running once everything is Ready, until Ctrl-C.
     #[arg(long)]
@@ -63,6 +63,16 @@ pub struct DemoArgs {
     /// after a successful run.
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+}
+
+/// A latency scale: a number from 0 (instant) to 10.
+fn parse_scale(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(scale) if (0.0..=10.0).contains(&scale) => Ok(scale),
+        _ => Err(format!(
+            "`{text}` is not a latency scale: give a number from 0 (instant) to 10 (1 is real-world)"
+        )),
+    }
 }
 
 /// The daemon's flags, parsed like `fediversity run`'s.
@@ -607,4 +617,19 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         );
     }
     Ok(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_latency_scale_is_a_number_from_zero_to_ten() {
+        assert_eq!(parse_scale("0.2"), Ok(0.2));
+        assert_eq!(parse_scale("0"), Ok(0.0));
+        for bad in ["-1", "NaN", "11", "fast"] {
+            let e = parse_scale(bad).unwrap_err();
+            assert!(e.contains(bad) && e.contains("from 0"), "{e}");
+        }
+    }
 }
