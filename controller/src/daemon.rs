@@ -115,12 +115,18 @@ pub fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-fn init_logging(format: LogFormat) {
+/// Sends logs at `RUST_LOG`'s level (default `info`) to `writer`, without colours when `plain`; a no-op
+/// when logging is already set up (the demo logs to its own file before it starts the daemon).
+pub fn init_logging<W>(format: LogFormat, writer: W, plain: bool)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
+    let builder = if plain { builder.with_ansi(false) } else { builder };
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -284,7 +290,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         instance_id,
         nixos_catalog,
     } = args;
-    init_logging(log_format);
+    init_logging(log_format, std::io::stderr, false);
     crate::source::spec::check_unique(&sources)?;
     let token = api_token_file.as_deref().map(read_token).transpose()?;
     let store = Arc::new(Store::open(&state_dir)?);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{api, cli, copy_examples, http_get, ready, start, wait_for};
+use common::{api, cli, copy_examples, http_get, ready, sigterm, start, wait_exit, wait_for};
 use serde_json::Value;
 
 #[test]
@@ -167,26 +167,8 @@ fn the_daemon_converges_a_folder_and_follows_edits_additions_and_deletions() {
     );
 
     // SIGTERM drains and exits 0.
-    let pid = daemon.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit within 10 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
+    sigterm(&daemon.child);
+    assert_eq!(wait_exit(&mut daemon.child, Duration::from_secs(10)), 0);
 }
 
 #[test]
@@ -263,15 +245,8 @@ fn an_object_deleted_while_the_daemon_was_down_is_cleaned_up_on_restart() {
             .to_string()
             .contains("uni-utrecht")
     );
-    let pid = daemon.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert_eq!(daemon.child.wait().unwrap().code(), Some(0));
+    sigterm(&daemon.child);
+    assert_eq!(wait_exit(&mut daemon.child, Duration::from_secs(10)), 0);
 
     std::fs::remove_file(source.path().join("deployments/uni-utrecht.yaml")).unwrap();
     let daemon = start(source.path(), state.path());

@@ -598,7 +598,7 @@ impl ProviderCore {
         // flight; VMID allocation is serialised by the environment itself.
         let runs = plans
             .into_iter()
-            .map(|first| self.run_host(environment, deployment, desired, &records, ctx, first));
+            .map(|first| self.run_host(environment, deployment, desired, &records, ctx, &vms, first));
         let mut statuses = Vec::new();
         let mut outcomes = Vec::new();
         let mut first_error = None;
@@ -615,8 +615,10 @@ impl ProviderCore {
         Ok((statuses, outcomes))
     }
 
-    /// Runs one host's plan, observing and planning again after each task (up to four rounds); returns
-    /// its status (none for a host being removed), its outcome and the error that stopped it.
+    /// Runs one host's plan (made from the listing `listed`), observing and planning again after each
+    /// task (up to four rounds); returns its status (none for a host being removed), its outcome and the
+    /// error that stopped it.
+    #[allow(clippy::too_many_arguments)] // reason: the pieces of one Deployment's run, borrowed from run_hosts
     async fn run_host(
         &self,
         environment: &Environment,
@@ -624,6 +626,7 @@ impl ProviderCore {
         desired: &[DesiredVm],
         records: &[VmRecord],
         ctx: &PlanContext,
+        listed: &Arc<Vec<client::VmResource>>,
         first: plan::HostPlan,
     ) -> (Option<HostStatus>, HostOutcome, Option<ReconcileError>) {
         let env_name = &environment.name;
@@ -635,22 +638,16 @@ impl ProviderCore {
         let mut hplan = first;
         let mut outcome = HostOutcome::Done;
         let mut error = None;
+        let mut vms = listed.clone();
         for round in 0..4 {
-            let vms = match environment
-                .observe(if round == 0 {
-                    lifecycle::LISTING_MAX_AGE
-                } else {
-                    Duration::ZERO
-                })
-                .await
-            {
-                Ok(v) => v,
-                Err(e) => {
-                    error = Some(api_error(env_name, &e));
-                    break;
-                }
-            };
             if round > 0 {
+                vms = match environment.observe(Duration::ZERO).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        error = Some(api_error(env_name, &e));
+                        break;
+                    }
+                };
                 hplan = match host {
                     Some(h) => plan::plan_host(h, record.as_ref(), &vms, ctx),
                     None => match &record {

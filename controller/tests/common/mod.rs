@@ -132,7 +132,7 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
 }
 
 pub fn examples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    repo_root().join("examples")
 }
 
 /// Copies the example environments, the catalog and the example Deployments (not the quickstart's).

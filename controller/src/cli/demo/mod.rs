@@ -393,13 +393,7 @@ async fn print_tables(client: &Client) {
 
 fn init_log(path: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .with_writer(std::sync::Mutex::new(file))
-        .try_init();
+    crate::daemon::init_logging(crate::daemon::LogFormat::Text, std::sync::Mutex::new(file), true);
     Ok(())
 }
 
@@ -482,7 +476,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
     .context("cannot build the controller's settings")?
     .run;
     let (stop_tx, stop_rx) = watch::channel(ShutdownState::Running);
-    let stop_tx = Arc::new(stop_tx);
     let mut signals = on_signals().context("cannot install signal handlers")?;
     {
         let stop_tx = stop_tx.clone();

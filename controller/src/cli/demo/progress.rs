@@ -60,21 +60,17 @@ fn shorten(text: &str) -> String {
 }
 
 fn object_state(object: &Value) -> String {
-    let ready = output::condition(object, "Ready");
-    let word = match ready {
-        _ if is_ready(object) => "Ready".to_owned(),
-        Some(c) => c["reason"].as_str().unwrap_or("Unknown").to_owned(),
-        None => "Pending".to_owned(),
-    };
-    if ready.is_none() {
+    let Some(ready) = output::condition(object, "Ready") else {
         return "Pending            not reconciled yet".to_owned();
-    }
+    };
+    let word = if is_ready(object) {
+        "Ready"
+    } else {
+        ready["reason"].as_str().unwrap_or("Unknown")
+    };
     // While a reconcile runs, its current step says more than the last outcome.
     let reconciling = output::condition(object, "Reconciling").filter(|c| c["status"] == "True");
-    let message = reconciling
-        .or(ready)
-        .and_then(|c| c["message"].as_str())
-        .unwrap_or("");
+    let message = reconciling.unwrap_or(ready)["message"].as_str().unwrap_or("");
     format!("{word:<18} {}", shorten(message))
 }
 
