@@ -290,3 +290,48 @@ async fn the_watcher_publishes_a_new_snapshot_when_a_file_changes() {
     drop(rx);
     task.abort();
 }
+
+#[tokio::test]
+async fn an_unchanged_folder_is_scanned_once_and_not_again_by_its_own_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    fixtures::write_tree(dir.path(), 200, 20).unwrap();
+    let source = source(dir.path());
+    let scans = source.scan_counter();
+    let (rx, task) = source.watch(Duration::from_millis(50), Duration::from_secs(3600));
+    assert_eq!(rx.borrow().objects.len(), 200);
+    // Each scan opens every folder it walks; were opens taken for changes, this would be dozens of scans.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after_rest = scans.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        after_rest, 1,
+        "scans of an unchanged folder over 2 s (only the first load)"
+    );
+    // Reading the files from outside is not a change either.
+    for entry in std::fs::read_dir(dir.path().join("single")).unwrap() {
+        std::fs::read(entry.unwrap().path()).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scans.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "scans after another process read every file"
+    );
+    // A real change still gets exactly one more scan after the burst settles.
+    std::fs::write(
+        dir.path().join("single").join("new.yaml"),
+        fixtures::deployment_yaml("new", "env-0", 1),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while scans.load(std::sync::atomic::Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scans.load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "scans after one new file"
+    );
+    drop(rx);
+    task.abort();
+}

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -80,6 +81,20 @@ pub struct DirSource {
     limits: Limits,
     cache: HashMap<PathBuf, CachedFile>,
     display_base: Option<PathBuf>,
+    scans: Arc<AtomicU64>,
+}
+
+/// Whether a file-system event can change what the source loads. Reads and opens cannot: the scan itself
+/// opens every watched folder, so treating them as changes would make each scan start the next one.
+fn is_change(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode};
+    match event.kind {
+        // A file closed after writing is a finished save; every other access is someone reading.
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 impl DirSource {
@@ -90,7 +105,13 @@ impl DirSource {
             limits,
             cache: HashMap::new(),
             display_base: None,
+            scans: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// A counter of the scans this source has made (each a walk of its folders), shared with the caller.
+    pub fn scan_counter(&self) -> Arc<AtomicU64> {
+        self.scans.clone()
     }
 
     /// Names files relative to `base` in objects and problems (a git checkout names them as in the
@@ -110,6 +131,7 @@ impl DirSource {
     /// Loads the current state. With `full`, every file is re-read; otherwise only files whose size or
     /// modification time changed (a file whose content is unchanged keeps its objects as they were).
     pub fn scan(&mut self, full: bool) -> Snapshot {
+        self.scans.fetch_add(1, Ordering::Relaxed);
         let mut files = Vec::new();
         for root in &self.roots {
             match collect_files(root) {
@@ -236,8 +258,15 @@ impl DirSource {
         let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel::<()>();
         let watcher = {
             use notify::Watcher;
-            let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-                let _ = events_tx.send(());
+            let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                // An error (an overflowing queue, say) may hide a change: rescan to be sure.
+                let relevant = match &event {
+                    Ok(event) => is_change(event),
+                    Err(_) => true,
+                };
+                if relevant {
+                    let _ = events_tx.send(());
+                }
             });
             if let Ok(w) = watcher.as_mut() {
                 for root in &self.roots {
