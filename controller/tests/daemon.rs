@@ -221,6 +221,22 @@ fn metrics_pass_promtool_and_carry_the_controller_runtime_names() {
     ] {
         assert!(scrape.contains(series), "missing `{series}` in the scrape");
     }
+    // Every reconcile so far converged and scheduled its resync: counted as a success, never a retry.
+    let value = |series: &str| -> f64 {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no value for `{series}` in the scrape"))
+    };
+    assert!(
+        value("controller_runtime_reconcile_total{controller=\"deployment\",result=\"success\"}") >= 1.0,
+        "a Ready Deployment's reconcile is counted as a success"
+    );
+    assert_eq!(
+        value("workqueue_retries_total{controller=\"deployment\",name=\"deployment\"}"),
+        0.0,
+        "a resync after success is not a retry"
+    );
 }
 
 fn which(tool: &str) -> Option<PathBuf> {

@@ -39,11 +39,12 @@ pub fn controller_name(kind: Kind) -> &'static str {
 /// The `result` label of `controller_runtime_reconcile_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ResultLabel {
-    /// Converged; waits for a change or the resync.
+    /// Converged (or progressing without error), whether it waits for a change or for a scheduled
+    /// resync: a resync is not a retry.
     Success,
     /// Failed (transient, terminal, timeout or panic).
     Error,
-    /// Asked to run again after a set delay (`Action::Requeue` or a `Waiting` error).
+    /// Waiting for a dependency, asked to run again after a set delay; not a failure.
     RequeueAfter,
 }
 

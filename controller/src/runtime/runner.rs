@@ -414,11 +414,14 @@ impl Workers {
         if let Some(metrics) = &self.shared.metrics {
             let label = match (&result, detail) {
                 (_, Some(_)) => ResultLabel::Error,
-                (Ok(Action::Requeue(_)) | Err(_), None) => ResultLabel::RequeueAfter,
-                (Ok(Action::AwaitChange), None) => ResultLabel::Success,
+                // Converged: a scheduled resync is no retry, as in controller-runtime's periodic sync.
+                (Ok(_), None) => ResultLabel::Success,
+                // Waiting for a dependency: asked to come back later, not a failure.
+                (Err(_), None) => ResultLabel::RequeueAfter,
             };
             metrics.finished(run.key.kind, took, label, detail);
-            if finished.retry_after.is_some_and(|d| !d.is_zero()) {
+            // Retries are failures run again after a backoff; terminal failures are not retried.
+            if detail.is_some() && finished.retry_after.is_some_and(|d| !d.is_zero()) {
                 metrics.retried(run.key.kind);
             }
         }
@@ -1068,6 +1071,14 @@ mod tests {
                 Step::Return(Ok(Action::Requeue(3600 * SECOND))),
             ],
         );
+        fake.script(
+            &key("waiting"),
+            [Step::Return(Err(ReconcileError::Waiting {
+                reason: "DependencyNotReady",
+                message: "waiting for a dependency".into(),
+                retry_after: 3600 * SECOND,
+            }))],
+        );
         fake.script(&app("broken"), [Step::Return(terminal())]);
         fake.script(&app("crash"), [Step::Panic, Step::Return(terminal())]);
         let h = start(
@@ -1092,7 +1103,13 @@ mod tests {
             "series exist from the start"
         );
 
-        for k in [key("slow"), key("flaky"), app("broken"), app("crash")] {
+        for k in [
+            key("slow"),
+            key("flaky"),
+            key("waiting"),
+            app("broken"),
+            app("crash"),
+        ] {
             h.handle.enqueue(k);
         }
         h.handle.set_ready();
@@ -1115,9 +1132,17 @@ mod tests {
                 &[("controller", controller), ("result", result)],
             )
         };
-        assert_eq!(result("deployment", "success"), Some(1.0));
-        assert_eq!(result("deployment", "error"), Some(1.0));
-        assert_eq!(result("deployment", "requeue_after"), Some(1.0));
+        assert_eq!(
+            result("deployment", "success"),
+            Some(2.0),
+            "slow, and flaky's second run that schedules its resync"
+        );
+        assert_eq!(result("deployment", "error"), Some(1.0), "flaky's first run");
+        assert_eq!(
+            result("deployment", "requeue_after"),
+            Some(1.0),
+            "waiting on a dependency"
+        );
         assert_eq!(
             result("application", "error"),
             Some(3.0),
@@ -1130,14 +1155,14 @@ mod tests {
             Some(2.0)
         );
         assert_eq!(m("controller_runtime_reconcile_panics_total", &a), Some(1.0));
-        assert_eq!(m("controller_runtime_reconcile_time_seconds", &d), Some(3.0));
-        assert_eq!(m("workqueue_work_duration_seconds", &dq), Some(3.0));
-        assert_eq!(m("workqueue_adds_total", &dq), Some(3.0));
-        assert_eq!(m("workqueue_queue_duration_seconds", &dq), Some(3.0));
+        assert_eq!(m("controller_runtime_reconcile_time_seconds", &d), Some(4.0));
+        assert_eq!(m("workqueue_work_duration_seconds", &dq), Some(4.0));
+        assert_eq!(m("workqueue_adds_total", &dq), Some(4.0));
+        assert_eq!(m("workqueue_queue_duration_seconds", &dq), Some(4.0));
         assert_eq!(
             m("workqueue_retries_total", &dq),
-            Some(2.0),
-            "the backoff retry and the requeue"
+            Some(1.0),
+            "flaky's backoff retry only: neither the resync nor the wait is a retry"
         );
         assert_eq!(m("controller_runtime_active_workers", &d), Some(0.0));
         assert_eq!(m("workqueue_unfinished_work_seconds", &dq), Some(0.0));
