@@ -60,6 +60,7 @@ async fn main() {
         metrics: Arc::new(ObjectMetrics::register(&registry).expect("metrics")),
         provider: Arc::new(PlanOnly),
         trigger,
+        waiters: Default::default(),
     });
     let queue = QueueConfig {
         rate_limit: rate.map(|per_second| fediversity::runtime::RateLimit {

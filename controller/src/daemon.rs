@@ -366,6 +366,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             &registry,
         )?,
         trigger: trigger.clone(),
+        waiters: Default::default(),
     });
     let runner = Runner::new(Arc::new(Dispatcher::new(ctx)), config, Some(runtime_metrics));
     let handle = runner.handle();

@@ -102,6 +102,47 @@ pub fn write_tree(root: &Path, count: usize, per_file: usize) -> std::io::Result
     Ok(files)
 }
 
+/// Writes `count` objects the way a provider's repository holds them: one RuntimeEnvironment (`env-0`), the
+/// four catalog Applications, and `count - 5` Deployments that use them, half as one file each in
+/// `single/`, half as files of `per_file` documents in `multi/`. Returns the files written.
+pub fn write_catalog_tree(root: &Path, count: usize, per_file: usize) -> std::io::Result<Vec<PathBuf>> {
+    let single = root.join("single");
+    let multi = root.join("multi");
+    std::fs::create_dir_all(&single)?;
+    std::fs::create_dir_all(&multi)?;
+    let mut files = Vec::new();
+    let mut write = |path: PathBuf, text: String| -> std::io::Result<()> {
+        std::fs::write(&path, text)?;
+        files.push(path);
+        Ok(())
+    };
+    write(root.join("environment.yaml"), environment_yaml("env-0"))?;
+    for app in ["mastodon", "pixelfed", "peertube", "matrix"] {
+        write(root.join(format!("{app}.yaml")), application_yaml(app))?;
+    }
+    let deployments = count.saturating_sub(5);
+    let half = deployments / 2;
+    for i in 0..half {
+        let name = format!("deploy-{i:05}");
+        write(
+            single.join(format!("{name}.yaml")),
+            deployment_yaml(&name, "env-0", 500),
+        )?;
+    }
+    let per_file = per_file.max(1);
+    let mut i = half;
+    while i < deployments {
+        let mut text = String::new();
+        for j in i..(i + per_file).min(deployments) {
+            text.push_str("---\n");
+            text.push_str(&deployment_yaml(&format!("deploy-{j:05}"), "env-0", 500));
+        }
+        write(multi.join(format!("batch-{i:05}.yaml")), text)?;
+        i += per_file;
+    }
+    Ok(files)
+}
+
 /// A figure from `/proc/self/status` in KiB (`VmHWM:` is the peak resident set, `VmRSS:` the current
 /// one), for benchmarks; 0 where the file does not exist.
 pub fn proc_status_kib(field: &str) -> u64 {

@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod progress;
 pub mod provider;
 pub mod settings;
+pub mod waiters;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +41,8 @@ pub struct Context {
     pub provider: Arc<dyn Provider>,
     /// Wakes an object now.
     pub trigger: Trigger,
+    /// Deployments waiting on a RuntimeEnvironment or Application, woken when it turns Ready.
+    pub waiters: waiters::Waiters,
 }
 
 /// The successful outcome of one kind's reconcile.
@@ -250,9 +253,11 @@ async fn reconcile_present(
             EventType::Warning
         };
         ctx.book.record(key, type_, reason, message);
+        // Only objects that found this one missing or not Ready are woken: one already past it has
+        // nothing to do, and waking it would reconcile every Deployment twice on a cold start.
         if ready_now == ConditionStatus::True && key.kind != Kind::Deployment {
-            for dependent in ctx.desired.dependents(key) {
-                (ctx.trigger)(&dependent);
+            for waiter in ctx.waiters.take(key) {
+                (ctx.trigger)(&waiter);
             }
         }
     }
@@ -317,9 +322,16 @@ async fn reconcile_deployment(
     dep: &crate::api::Deployment,
     old: Option<&Value>,
 ) -> Result<Converged, ReconcileError> {
-    let _ = key;
-    let applications = deployment::resolve(dep, &ctx.desired, |k| is_ready(&ctx.book, k))?;
-    let hosts = deployment::plan(dep, &applications)?;
+    let resolved = deployment::resolve(dep, &ctx.desired, |k| is_ready(&ctx.book, k))
+        .and_then(|applications| Ok((deployment::plan(dep, &applications)?, applications)));
+    let (hosts, _applications) = match resolved {
+        Ok(resolved) => resolved,
+        Err(waiting @ ReconcileError::Waiting { .. }) => {
+            wait_for_dependencies(ctx, key, dep);
+            return Err(waiting);
+        }
+        Err(e) => return Err(e),
+    };
     let env_key = ObjectKey {
         kind: Kind::RuntimeEnvironment,
         name: dep.spec.runtime_environment.clone(),
@@ -371,6 +383,42 @@ async fn reconcile_deployment(
         fields,
         conditions: report.conditions,
     })
+}
+
+/// Records `key` as waiting on the first dependency it lacks (a missing Application, or a RuntimeEnvironment
+/// that is missing or not Ready), so that it is woken when that one turns Ready. Should everything have
+/// turned Ready since it looked, it wakes itself: a dependency takes its waiters only after its Ready
+/// status is written, so no wake-up is lost between the two.
+fn wait_for_dependencies(ctx: &Context, key: &ObjectKey, dep: &crate::api::Deployment) {
+    let env = ObjectKey {
+        kind: Kind::RuntimeEnvironment,
+        name: dep.spec.runtime_environment.clone(),
+    };
+    let satisfied = |env: &ObjectKey| {
+        let missing_application = dep.spec.applications.keys().find(|name| {
+            let app = ObjectKey {
+                kind: Kind::Application,
+                name: (*name).clone(),
+            };
+            ctx.desired.get(&app).is_none()
+        });
+        match missing_application {
+            Some(name) => Err(ObjectKey {
+                kind: Kind::Application,
+                name: name.clone(),
+            }),
+            None if !is_ready(&ctx.book, env) => Err(env.clone()),
+            None => Ok(()),
+        }
+    };
+    // Wait on the first thing missing; when it turns Ready the reconcile looks again, and waits on the
+    // next one if there is one.
+    if let Err(dependency) = satisfied(&env) {
+        ctx.waiters.wait(&dependency, key);
+        if satisfied(&env).is_ok() {
+            (ctx.trigger)(key);
+        }
+    }
 }
 
 async fn cleanup(ctx: &Context, key: &ObjectKey) -> Result<Action, ReconcileError> {

@@ -293,7 +293,10 @@ impl Scheduler {
         }
     }
 
-    /// Takes the earliest due key that is not running and whose kind `may_start`, spending a rate token.
+    /// Takes a due key that is not running and whose kind `may_start`, spending a rate token: the earliest
+    /// of the first kind in dependency order (RuntimeEnvironment, Application, Deployment) that has one.
+    /// Dependencies go first so that a cold start finds them Ready when their dependents run, instead of
+    /// reconciling every dependent once to wait and once more when woken.
     pub fn pop_due(&mut self, now: Instant, mut may_start: impl FnMut(Kind) -> bool) -> Pop {
         let mut best: Option<(Slot, &ObjectKey)> = None;
         for (kind, queue) in &self.queues {
@@ -303,10 +306,9 @@ impl Scheduler {
             let candidate = queue
                 .range(..=(now, u64::MAX))
                 .find(|(_, key)| self.keys.get(*key).is_none_or(|s| s.run.is_none()));
-            if let Some((slot, key)) = candidate
-                && best.is_none_or(|(best_slot, _)| *slot < best_slot)
-            {
+            if let Some((slot, key)) = candidate {
                 best = Some((*slot, key));
+                break;
             }
         }
         let Some((slot, key)) = best else {
@@ -564,17 +566,28 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn due_keys_come_out_in_due_order_across_kinds() {
+    fn due_dependencies_come_out_before_due_deployments_each_kind_in_due_order() {
         let t0 = Instant::now();
         let mut s = scheduler(t0);
-        let app = ObjectKey::new(Kind::Application, "app");
-        s.enqueue(key("late"), t0 + 2 * SECOND);
-        s.enqueue(app.clone(), t0 + SECOND);
+        let app = |n: &str| ObjectKey::new(Kind::Application, n);
+        let env = ObjectKey::new(Kind::RuntimeEnvironment, "env");
         s.enqueue(key("early"), t0);
+        s.enqueue(key("late"), t0 + 2 * SECOND);
+        s.enqueue(app("second"), t0 + 2 * SECOND);
+        s.enqueue(app("first"), t0 + SECOND);
+        s.enqueue(env.clone(), t0 + 3 * SECOND);
+        s.enqueue(app("not-yet"), t0 + 10 * SECOND);
         let now = t0 + 3 * SECOND;
-        assert_eq!(pop(&mut s, now), Some(key("early")));
-        assert_eq!(pop(&mut s, now), Some(app));
+        assert_eq!(pop(&mut s, now), Some(env));
+        assert_eq!(pop(&mut s, now), Some(app("first")));
+        assert_eq!(pop(&mut s, now), Some(app("second")));
+        assert_eq!(
+            pop(&mut s, now),
+            Some(key("early")),
+            "a key not yet due does not hold others"
+        );
         assert_eq!(pop(&mut s, now), Some(key("late")));
+        assert_eq!(pop(&mut s, now), None);
     }
 
     #[test]
