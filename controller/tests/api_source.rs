@@ -229,7 +229,11 @@ fn a_suspended_deployment_is_not_reconciled_and_shows_as_suspended() {
         (api(&daemon, "deployments/uni-utrecht")["status"]["observedGeneration"] == 1).then_some(())
     });
     let series = "fediversity_suspend_status{kind=\"Deployment\",name=\"uni-utrecht\"}";
-    assert_eq!(metric(&daemon, series), Some(0.0));
+    wait_for(
+        "the Ready Deployment's series to go",
+        Duration::from_secs(10),
+        || metric(&daemon, series).is_none().then_some(()),
+    );
 
     // Suspended, and changed at the same time: the change is not reconciled.
     let text = std::fs::read_to_string(&deployment).unwrap();
@@ -269,5 +273,9 @@ fn a_suspended_deployment_is_not_reconciled_and_shows_as_suspended() {
         Duration::from_secs(10),
         || (api(&daemon, "deployments/uni-utrecht")["status"]["observedGeneration"] == 3).then_some(()),
     );
-    assert_eq!(metric(&daemon, series), Some(0.0));
+    wait_for(
+        "the resumed Deployment's series to go",
+        Duration::from_secs(10),
+        || metric(&daemon, series).is_none().then_some(()),
+    );
 }

@@ -180,8 +180,16 @@ fn metrics_pass_promtool_and_carry_the_controller_runtime_names() {
     wait_for("the Deployment to become Ready", Duration::from_secs(10), || {
         (ready(&api(&daemon, "deployments/uni-utrecht")).map(|r| r.0) == Some("True".into())).then_some(())
     });
-    let (code, scrape) = http_get(&daemon.server, "/metrics").unwrap();
-    assert_eq!(code, 200);
+    // Metrics are observed just after the status is written: wait for the count to show it.
+    let scrape = wait_for(
+        "the Ready Deployment in the metrics",
+        Duration::from_secs(10),
+        || {
+            let (code, scrape) = http_get(&daemon.server, "/metrics")?;
+            (code == 200 && scrape.contains("fediversity_objects{kind=\"Deployment\",ready=\"True\"} 1"))
+                .then_some(scrape)
+        },
+    );
 
     let promtool = which("promtool")
         .expect("promtool is missing: scripts/test.sh installs it (Debian package prometheus)");
@@ -214,13 +222,18 @@ fn metrics_pass_promtool_and_carry_the_controller_runtime_names() {
         "workqueue_retries_total{",
         "workqueue_unfinished_work_seconds{",
         "workqueue_longest_running_processor_seconds{",
-        "fediversity_resource_info{kind=\"Deployment\",name=\"uni-utrecht\",ready=\"True\",revision=",
-        "fediversity_reconcile_condition{kind=\"Deployment\",name=\"uni-utrecht\",status=\"True\",type=\"Ready\"} 1",
+        "fediversity_objects{kind=\"Deployment\",ready=\"True\"} 1",
+        "fediversity_objects{kind=\"Deployment\",ready=\"False\"} 0",
         "fediversity_source_last_applied_timestamp_seconds ",
         "process_resident_memory_bytes ",
     ] {
         assert!(scrape.contains(series), "missing `{series}` in the scrape");
     }
+    // A Ready object is counted, and has no series of its own: those are for objects needing attention.
+    assert!(
+        !scrape.contains("name=\"uni-utrecht\""),
+        "a healthy Deployment has no per-object series"
+    );
     // Every reconcile so far converged and scheduled its resync: counted as a success, never a retry.
     let value = |series: &str| -> f64 {
         scrape
