@@ -578,7 +578,16 @@ struct Tracked {
 /// together are applied together; nothing is applied before every source has loaded once.
 async fn feed(mut feed: Feed, mut shutdown: watch::Receiver<ShutdownState>) {
     let mut first = true;
-    let mut tracked = vec![Tracked::default(); feed.set.members().len()];
+    // What the store already holds of each source is not written again at start.
+    let mut tracked: Vec<Tracked> = feed
+        .set
+        .members()
+        .iter()
+        .map(|member| Tracked {
+            record: feed.store.inventory(&record_id(&member.name)).ok().flatten(),
+            ..Tracked::default()
+        })
+        .collect();
     for member in feed.set.members() {
         feed.metrics.fetch_failures.with_label_values(&[&member.name]);
         feed.metrics

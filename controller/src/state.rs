@@ -479,9 +479,12 @@ impl StatusBook {
     }
 }
 
-/// How long the writer waits after a first write for others to join its commit. Status is rebuilt by
-/// the next reconcile after a crash, so this costs no safety; it caps commits (and fsyncs) at ~50/s.
-const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(20);
+/// How long the writer waits after a first write for others to join its commit. Status and events are
+/// served from memory and rebuilt by the next reconcile after a crash (what guards an external action,
+/// such as a clone intent, is written directly, not here), so this costs no safety; it caps commits (and
+/// fsyncs) at ~5/s, so that a paced pass over many objects commits a few large batches rather than a
+/// small one every few milliseconds.
+const BATCH_LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Most writes committed in one transaction.
 const MAX_BATCH: usize = 4096;
 

@@ -16,7 +16,7 @@ use crate::yaml::{FieldPath, Limits};
 
 /// How long the source waits for a burst of file events to settle before it reloads (an editor's save is
 /// often several events within a few milliseconds).
-pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(150);
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
 /// How often everything is re-read even without change events, as a safety net for missed events
 /// (network file systems, overflowing inotify queues).
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(60);
