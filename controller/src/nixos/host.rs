@@ -7,7 +7,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::command::{self, CommandError, CommandSpec, Output};
-use super::escape::shell_words;
+use super::escape::{shell_word, shell_words};
 
 /// The system profile of a NixOS host.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
@@ -442,9 +442,15 @@ echo $? >{d}/rc-{id}.tmp && mv {d}/rc-{id}.tmp {d}/rc-{id}\n"
     /// The remote line of the health checks: `systemctl is-system-running` where systemd runs, then
     /// the HTTP check with curl against the host's own web server.
     pub fn health_script(http: Option<&HttpCheck>) -> String {
-        let mut s = "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+        // A system that names its ready units is judged by them alone: a unit waiting on DNS or
+        // ACME (which makes the whole system `degraded`) is no reason to roll back.
+        let units = super::readiness::READY_UNITS_ON_HOST;
+        let mut s = format!(
+            "if [ -f {units} ] && command -v systemctl >/dev/null 2>&1; then \
+for u in $(cat {units}); do echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
 echo system=$(systemctl is-system-running 2>/dev/null || true); fi"
-            .to_owned();
+        );
         if let Some(h) = http {
             let url = format!("{}://{}:{}{}", h.scheme, h.fqdn, h.port, h.path);
             let resolve = format!("{}:{}:127.0.0.1", h.fqdn, h.port);
@@ -550,6 +556,43 @@ rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id
             stderr: command::tail(stderr),
         }
     }
+}
+
+impl SshHost {
+    /// The remote line that writes stdin to the secret `file` under `dir`: the folder root-owned and
+    /// traversable (0711), the file created root-only, given its owner (when that user exists yet:
+    /// otherwise systemd-tmpfiles does it on activation) and mode, filled, then moved into place.
+    pub fn put_secret_script(dir: &str, file: &super::secrets::SecretFile) -> String {
+        let d = shell_word(dir.trim_end_matches('/'));
+        let name = shell_word(&file.name);
+        let owner = shell_word(&format!("{}:{}", file.owner, file.group));
+        let mode = shell_word(&file.mode);
+        format!(
+            "set -e; umask 077; mkdir -p {d}; chown root:root {d}; chmod 0711 {d}; \
+t=$(mktemp {d}/.{name}.XXXXXX); chown {owner} \"$t\" 2>/dev/null || true; chmod {mode} \"$t\"; \
+cat > \"$t\"; mv -f \"$t\" {d}/{name}"
+        )
+    }
+
+    /// Writes `content` (on stdin, never in an argument) as the secret `file` under `dir`.
+    pub async fn put_secret(
+        &self,
+        dir: &str,
+        file: &super::secrets::SecretFile,
+        content: Vec<u8>,
+    ) -> Result<(), HostError> {
+        self.remote(
+            "deliver a secret",
+            &Self::put_secret_script(dir, file),
+            Some(content),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+fn none_if_empty(s: &str) -> &str {
+    if s.is_empty() { "not known to systemd" } else { s }
 }
 
 fn parse_link(link: &str) -> Option<u32> {
@@ -665,7 +708,11 @@ impl NixHost for SshHost {
             .await?;
         let mut problems = Vec::new();
         for line in out.stdout.lines() {
-            if let Some(state) = line.strip_prefix("system=") {
+            if let Some((unit, state)) = line.strip_prefix("unit=").and_then(|l| l.rsplit_once(':')) {
+                if state.trim() != "active" {
+                    problems.push(format!("{unit} is {}", none_if_empty(state.trim())));
+                }
+            } else if let Some(state) = line.strip_prefix("system=") {
                 // `offline` is what a host without a running systemd manager answers.
                 if !matches!(state.trim(), "running" | "offline" | "") {
                     problems.push(format!("systemctl is-system-running: {}", state.trim()));
@@ -883,7 +930,9 @@ echo $? >/var/lib/fediversity-deploy/rc-abc-1.tmp && mv /var/lib/fediversity-dep
         };
         assert_eq!(
             SshHost::health_script(Some(&check)),
-            "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+            "if [ -f /run/current-system/etc/fediversity/ready-units ] && command -v systemctl >/dev/null 2>&1; then \
+for u in $(cat /run/current-system/etc/fediversity/ready-units); do echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
 echo system=$(systemctl is-system-running 2>/dev/null || true); fi; \
 echo http=$(curl --silent --insecure --output /dev/null --max-time 5 --write-out '%{http_code}' \
 --resolve mastodon.social.uu.nl:443:127.0.0.1 https://mastodon.social.uu.nl:443/health || true)"
