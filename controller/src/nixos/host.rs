@@ -574,6 +574,18 @@ cat > \"$t\"; mv -f \"$t\" {d}/{name}"
         )
     }
 
+    /// Reads the one-time password of the operator's first account from `file` on the host and
+    /// deletes it there: it can be fetched once, and then only the operator has it.
+    pub async fn take_first_password(&self, file: &str) -> Result<String, HostError> {
+        let f = shell_word(file);
+        let script = format!(
+            "if [ -s {f} ]; then cat {f} && rm -f {f}; else echo 'no first password waits on this host: it was \
+fetched already, or the account is not created yet (see fediversity-first-account.service)' >&2; exit 3; fi"
+        );
+        let out = self.remote("fetch the first password", &script, None).await?;
+        Ok(out.stdout.trim_end().to_owned())
+    }
+
     /// Writes `content` (on stdin, never in an argument) as the secret `file` under `dir`.
     pub async fn put_secret(
         &self,

@@ -29,6 +29,10 @@ pub use generate::{HostConfig, HostEnvironment, generate};
 pub use host::{HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, StorePath};
 pub use metrics::DeployMetrics;
 
+/// Where a host keeps the one-time password of the operator's first account (the default of the
+/// catalog's `fediversity.firstAccount.passwordFile`).
+pub const FIRST_PASSWORD_FILE: &str = "/var/lib/fediversity-first-account/password";
+
 /// Why a host's configuration is not valid Nix (checked in process before anything runs).
 #[derive(Debug, Error)]
 #[error("the generated configuration does not parse: {0}")]
