@@ -279,6 +279,7 @@ fn modules() -> Vec<PathBuf> {
         nix.join("environment.nix"),
         nix.join("proxmox-guest.nix"),
         nix.join("module.nix"),
+        nix.join("template-config.nix"),
     ];
     for app in ["mastodon", "pixelfed", "peertube", "matrix"] {
         files.push(nix.join(format!("applications/{app}.nix")));
