@@ -313,4 +313,45 @@ mod tests {
             "failed to write settings as Nix: a string contains a NUL character, which Nix strings cannot hold"
         );
     }
+
+    #[test]
+    fn a_vm_imports_the_guest_module_and_a_static_host_does_not() {
+        let vm = generate(&host(json!({}))).unwrap();
+        assert!(vm.contains("(/. + \"/catalog/nix/proxmox-guest.nix\")"), "{vm}");
+        let mut h = host(json!({}));
+        h.platform_module = None;
+        let static_host = generate(&h).unwrap();
+        assert!(!static_host.contains("proxmox-guest"), "{static_host}");
+    }
+
+    #[test]
+    fn the_acme_email_is_the_environments_else_the_first_accounts_else_an_error() {
+        let mut h = host(json!({}));
+        assert!(generate(&h).unwrap().contains("email = \"social@uu.nl\";"));
+        h.environment.acme_email = Some("hostmaster@uu.nl".into());
+        assert!(generate(&h).unwrap().contains("email = \"hostmaster@uu.nl\";"));
+        h.environment.acme_email = None;
+        h.admin_email = None;
+        let err = generate(&h).unwrap_err();
+        assert!(matches!(err, GenerateError::NoAcmeEmail));
+        assert!(err.to_string().contains("spec.acme.email"), "{err}");
+    }
+
+    #[test]
+    fn secrets_appear_as_host_paths_only() {
+        let mut h = host(json!({}));
+        h.environment.smtp = Some(crate::api::SmtpSpec {
+            host: "smtp.uu.nl".into(),
+            port: 587,
+            user: Some("u".into()),
+            password_file: Some("/controller/only/smtp".into()),
+            from: "noreply@uu.nl".into(),
+        });
+        let text = generate(&h).unwrap();
+        assert!(
+            text.contains("passwordFile = \"/var/lib/fediversity-secrets/smtp-password\";"),
+            "{text}"
+        );
+        assert!(!text.contains("/controller/only/smtp"), "{text}");
+    }
 }

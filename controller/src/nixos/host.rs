@@ -603,6 +603,40 @@ fetched already, or the account is not created yet (see fediversity-first-accoun
     }
 }
 
+/// What the health script printed, judged: the ready units (when the system names them) or the
+/// system's state, and the HTTP check.
+pub fn judge_health(stdout: &str, http: Option<&HttpCheck>) -> Health {
+    let mut problems = Vec::new();
+    for line in stdout.lines() {
+        if let Some((unit, state)) = line.strip_prefix("unit=").and_then(|l| l.rsplit_once(':')) {
+            if state.trim() != "active" {
+                problems.push(format!("{unit} is {}", none_if_empty(state.trim())));
+            }
+        } else if let Some(state) = line.strip_prefix("system=") {
+            // `offline` is what a host without a running systemd manager answers.
+            if !matches!(state.trim(), "running" | "offline" | "") {
+                problems.push(format!("systemctl is-system-running: {}", state.trim()));
+            }
+        } else if let Some(code) = line.strip_prefix("http=") {
+            let expected = http.map_or(200, |h| h.expect_status);
+            if code.trim() != expected.to_string() {
+                problems.push(format!(
+                    "HTTP check answered {} (expected {expected})",
+                    code.trim()
+                ));
+            }
+        }
+    }
+    if http.is_some() && !stdout.contains("http=") {
+        problems.push("the HTTP check printed nothing".into());
+    }
+    if problems.is_empty() {
+        Health::Healthy
+    } else {
+        Health::NotYet(problems.join("; "))
+    }
+}
+
 fn none_if_empty(s: &str) -> &str {
     if s.is_empty() { "not known to systemd" } else { s }
 }
@@ -718,35 +752,7 @@ impl NixHost for SshHost {
         let out = self
             .remote("run the health checks", &Self::health_script(http), None)
             .await?;
-        let mut problems = Vec::new();
-        for line in out.stdout.lines() {
-            if let Some((unit, state)) = line.strip_prefix("unit=").and_then(|l| l.rsplit_once(':')) {
-                if state.trim() != "active" {
-                    problems.push(format!("{unit} is {}", none_if_empty(state.trim())));
-                }
-            } else if let Some(state) = line.strip_prefix("system=") {
-                // `offline` is what a host without a running systemd manager answers.
-                if !matches!(state.trim(), "running" | "offline" | "") {
-                    problems.push(format!("systemctl is-system-running: {}", state.trim()));
-                }
-            } else if let Some(code) = line.strip_prefix("http=") {
-                let expected = http.map_or(200, |h| h.expect_status);
-                if code.trim() != expected.to_string() {
-                    problems.push(format!(
-                        "HTTP check answered {} (expected {expected})",
-                        code.trim()
-                    ));
-                }
-            }
-        }
-        if http.is_some() && !out.stdout.contains("http=") {
-            problems.push("the HTTP check printed nothing".into());
-        }
-        Ok(if problems.is_empty() {
-            Health::Healthy
-        } else {
-            Health::NotYet(problems.join("; "))
-        })
+        Ok(judge_health(&out.stdout, http))
     }
 
     async fn disarm_rollback(&self, id: &str) -> Result<(), HostError> {
@@ -1001,5 +1007,35 @@ rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy
             "h1 ssh-ed25519 AAAAC3Nz\n"
         );
         assert!(known_hosts_line("h1", "ssh-ed25519 AAAA\nevil").is_err());
+    }
+
+    #[test]
+    fn named_ready_units_decide_and_a_degraded_system_waiting_on_acme_does_not() {
+        // The system names its units: `systemctl is-system-running` (degraded by acme-*) is not asked.
+        let ready = "unit=mastodon-web.service:active\nunit=nginx.service:active\nhttp=200\n";
+        let check = HttpCheck {
+            scheme: "https".into(),
+            fqdn: "m.example".into(),
+            port: 443,
+            path: "/health".into(),
+            expect_status: 200,
+        };
+        assert_eq!(judge_health(ready, Some(&check)), Health::Healthy);
+        let starting = "unit=mastodon-web.service:activating\nunit=nginx.service:active\nhttp=502\n";
+        assert_eq!(
+            judge_health(starting, Some(&check)),
+            Health::NotYet(
+                "mastodon-web.service is activating; HTTP check answered 502 (expected 200)".into()
+            )
+        );
+        assert_eq!(
+            judge_health("unit=gone.service:\n", None),
+            Health::NotYet("gone.service is not known to systemd".into())
+        );
+        // Without named units, the whole system's state still counts.
+        assert!(matches!(
+            judge_health("system=degraded\n", None),
+            Health::NotYet(_)
+        ));
     }
 }
