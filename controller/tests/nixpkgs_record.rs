@@ -387,6 +387,28 @@ fn an_option_missing_from_the_record_and_an_unset_required_one_are_both_reported
 }
 
 #[test]
+fn a_host_without_the_guest_module_lacks_its_root_file_system_and_boot_loader() {
+    let record = record();
+    let own = own_options();
+    let nix = repo().join("nix");
+    let walk = walk_files(&[
+        repo().join("controller/tests/golden/nixos/mastodon.nix"),
+        nix.join("base.nix"),
+        nix.join("environment.nix"),
+        nix.join("applications/mastodon.nix"),
+    ]);
+    let found = problems(&walk, &own, &record, true);
+    for required in ["fileSystems.\"/\".device", "boot.loader.grub.device"] {
+        assert!(
+            found
+                .iter()
+                .any(|p| p.contains(&format!("`{required}` is required"))),
+            "{required}: {found:?}"
+        );
+    }
+}
+
+#[test]
 fn every_fact_names_its_nixpkgs_file_commit_and_type() {
     let record = record();
     let mut seen = BTreeMap::new();

@@ -4,7 +4,7 @@
 # a machine with KVM and nixpkgs:
 #
 #   nix-build nix/tests/mastodon.nix --arg pkgs 'import <nixpkgs> { }'
-{ pkgs, application, settings, healthPath }:
+{ pkgs, application, settings, healthPath, extraScript ? "" }:
 let
   domain = "${application}.fediversity.test";
 in
@@ -67,5 +67,6 @@ pkgs.testers.runNixOSTest {
 
       with subtest("the secrets folder is root-owned and traversable only"):
           machine.succeed("test \"$(stat -c %U:%a ${cfg.environment.secretsDir})\" = root:711")
-    '';
+    ''
+    + extraScript;
 }
