@@ -1,7 +1,10 @@
 # The base of every host the Fediversity controller manages: SSH for the controller, Nix settings,
-# nginx defaults, ACME terms and the tools the controller's health checks use.
+# nginx defaults, ACME and what the environment provides (./environment.nix), and the tools the
+# controller's health checks use. A VM also imports ./proxmox-guest.nix (the generated host says so).
 { lib, pkgs, ... }:
 {
+  imports = [ ./environment.nix ];
+
   services.openssh = {
     enable = true;
     settings = {
@@ -29,6 +32,7 @@
     recommendedOptimisation = lib.mkDefault true;
   };
 
+  # The account e-mail (and the CA) come from the RuntimeEnvironment: see ./environment.nix.
   security.acme.acceptTerms = true;
 
   system.stateVersion = lib.mkDefault "25.05";

@@ -8,10 +8,12 @@
 #     sources = [ "git+ssh://git@git.example.net/provider/desired-state.git#main" ];
 #     environmentFile = "/run/secrets/fediversity-controller.env";
 #   };
-{ config, lib, ... }:
+{ config, lib, pkgs, ... }:
 
 let
   cfg = config.services.fediversity-controller;
+  # systemd expands `%` specifiers and `$` variables even inside quotes: double them.
+  systemdEscape = lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ];
 in
 {
   options.services.fediversity-controller = {
@@ -50,6 +52,15 @@ in
       '';
     };
 
+    trustedNixUser = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Make the controller's user a trusted Nix user, which the Nix daemon requires before it uses
+        the environment's remote builders and substituters for that user's builds.
+      '';
+    };
+
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
@@ -58,29 +69,44 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    # A fixed system user rather than DynamicUser: Nix's `trusted-users` needs a name that exists.
+    users.users.fediversity = {
+      isSystemUser = true;
+      group = "fediversity";
+      home = "/var/lib/fediversity";
+    };
+    users.groups.fediversity = { };
+
+    nix.settings.trusted-users = lib.mkIf cfg.trustedNixUser [ "fediversity" ];
+
     systemd.services.fediversity-controller = {
       description = "Fediversity controller";
       wantedBy = [ "multi-user.target" ];
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
-      path = [ config.nix.package config.programs.ssh.package ];
+      # git for `git+…` sources, ssh for hosts and git over SSH, nix for builds and copies.
+      path = [ config.nix.package config.programs.ssh.package pkgs.git ];
       environment = {
         FEDIVERSITY_STATE_DIR = "/var/lib/fediversity";
+        # Nix and git write under HOME and XDG_CACHE_HOME; ProtectSystem=strict leaves only these.
+        HOME = "/var/lib/fediversity";
+        XDG_CACHE_HOME = "/var/cache/fediversity";
         FEDIVERSITY_LISTEN = cfg.listen;
         FEDIVERSITY_LOG_FORMAT = cfg.logFormat;
         RUST_LOG = lib.mkDefault "info";
       };
       serviceConfig = {
-        ExecStart = lib.escapeShellArgs (
+        ExecStart = systemdEscape (lib.escapeShellArgs (
           [ "${cfg.package}/bin/fediversity" "run" ]
           ++ lib.concatMap (source: [ "--source" source ]) cfg.sources
           ++ cfg.extraArgs
-        );
+        ));
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
         Restart = "on-failure";
         RestartSec = "5s";
         TimeoutStopSec = "45s";
-        DynamicUser = true;
+        User = "fediversity";
+        Group = "fediversity";
         StateDirectory = "fediversity";
         StateDirectoryMode = "0700";
         CacheDirectory = "fediversity";

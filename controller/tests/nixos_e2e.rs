@@ -135,7 +135,8 @@ async fn an_activation_that_kills_sshd_is_rolled_back_by_the_hosts_own_timer() {
     let lab = Lab::new();
     let alpha = lab.host("alpha");
     let env = lab.environment(&[&alpha]);
-    let deployer = lab.deployer(Duration::from_secs(5));
+    // Long enough for the good deploy to be confirmed on a loaded machine (SSH round trips ~1 s each).
+    let deployer = lab.deployer(Duration::from_secs(12));
     let app = application("alpha");
     let good = deploy(&deployer, &env, &alpha, &app, json!({"activation": "ok"})).await;
     assert_eq!(good.last_result, DeployResult::Applied, "{}", good.message);

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use fediversity::api::{Application, Object};
-use fediversity::nixos::{HostConfig, check_syntax, escape, generate};
+use fediversity::api::{Application, Object, ObjectStorageSpec, SmtpSpec};
+use fediversity::nixos::{HostConfig, HostEnvironment, check_syntax, escape, generate};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{Value, json};
@@ -43,6 +43,30 @@ fn application(name: &str) -> Application {
     }
 }
 
+/// The controller's public key, as root's configuration declares it.
+const ROOT_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFediversityControllerKeyForGoldenFiles";
+
+/// What the example environment provides: an ACME account, an SMTP relay and object storage.
+fn environment() -> HostEnvironment {
+    HostEnvironment {
+        acme_email: Some("hostmaster@uu.nl".into()),
+        smtp: Some(SmtpSpec {
+            host: "smtp.uu.nl".into(),
+            port: 587,
+            user: Some("fediversity".into()),
+            password_file: Some("/etc/fediversity/smtp-password".into()),
+            from: "noreply@social.uu.nl".into(),
+        }),
+        object_storage: Some(ObjectStorageSpec {
+            endpoint: "https://s3.uu.nl".into(),
+            bucket: "social-media".into(),
+            region: None,
+            credentials_file: "/etc/fediversity/s3.env".into(),
+        }),
+        ..HostEnvironment::default()
+    }
+}
+
 /// The example host of each catalog application, with settings an operator would give.
 fn examples() -> Vec<(&'static str, HostConfig)> {
     let cases = [
@@ -63,7 +87,7 @@ fn examples() -> Vec<(&'static str, HostConfig)> {
         .map(|(name, settings)| {
             let app_name = name.split('-').next().unwrap();
             let app = application(app_name);
-            let config = HostConfig::new(
+            let mut config = HostConfig::new(
                 Path::new("/catalog"),
                 &format!("uni-utrecht-{app_name}"),
                 app_name,
@@ -72,6 +96,8 @@ fn examples() -> Vec<(&'static str, HostConfig)> {
                 Some("social@uu.nl"),
                 settings.as_object().unwrap(),
             );
+            config.environment = environment();
+            config.root_keys = vec![ROOT_KEY.into()];
             (name, config)
         })
         .collect()
@@ -109,6 +135,8 @@ fn every_generated_configuration_and_catalog_module_parses_with_nix_and_rnix() {
     }
     for module in [
         "base",
+        "environment",
+        "proxmox-guest",
         "applications/common",
         "applications/mastodon",
         "applications/pixelfed",

@@ -44,7 +44,7 @@ async fn vms_from_the_simulator_run_their_nixos_systems_and_the_deployment_becom
             "apiVersion: fediversity.eu/v1alpha1\nkind: RuntimeEnvironment\nmetadata: {{ name: sim }}\nspec:\n  \
 proxmox:\n    endpoint: {}\n    credentials: {{ tokenId: \"{TOKEN_ID}\", secretFile: {} }}\n    nodes: [pve]\n    \
 template: {{ vmid: {} }}\n    storage: local-lvm\n    bridge: vmbr0\n    vmidRange: {{ start: 1000, end: 1099 }}\n  \
-ssh: {{ user: root, privateKeyFile: {}, port: {port} }}\n  nix: {{ nixpkgs: {} }}\n",
+ssh: {{ user: root, privateKeyFile: {}, port: {port} }}\n  nix: {{ nixpkgs: {} }}\n  acme: {{ email: acme@lab.example }}\n",
             endpoint(&sim),
             secret.display(),
             proxmox_support::TEMPLATE,

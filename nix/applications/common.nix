@@ -14,7 +14,7 @@ name: settingsOptions: {
   adminEmail = lib.mkOption {
     type = lib.types.nullOr lib.types.str;
     default = null;
-    description = "The address of the first account and of ACME registration.";
+    description = "The e-mail address of the operator's first account (created on first start).";
   };
 
   settings = lib.mkOption {

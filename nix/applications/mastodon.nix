@@ -1,7 +1,10 @@
 # Mastodon, on nixpkgs' `services.mastodon` with local PostgreSQL and Redis, behind nginx with ACME.
-{ config, lib, ... }:
+# Mail goes through the environment's SMTP relay; the operator's first account is created once.
+{ config, lib, pkgs, ... }:
 let
   cfg = config.fediversity.mastodon;
+  env = config.fediversity.environment;
+  first = config.fediversity.firstAccount;
   inherit (lib) mkIf mkOption types;
   registrationsCommand = {
     open = "open";
@@ -37,11 +40,30 @@ in
       streamingProcesses = 1;
       database.createLocally = true;
       redis.createLocally = true;
-      smtp.fromAddress = "notifications@${cfg.domain}";
+      smtp =
+        if env.smtp != null then
+          {
+            # The relay replaces the local Postfix nixpkgs sets up by default.
+            createLocally = false;
+            host = env.smtp.host;
+            port = env.smtp.port;
+            fromAddress = env.smtp.from;
+            authenticate = env.smtp.user != null;
+            user = env.smtp.user;
+            passwordFile = env.smtp.passwordFile;
+          }
+        else
+          { fromAddress = "notifications@${cfg.domain}"; };
       extraConfig = {
         SINGLE_USER_MODE = lib.boolToString cfg.settings.singleUserMode;
         MAX_TOOT_CHARS = toString cfg.settings.maxTootChars;
       };
+    };
+
+    # mastodon-init-dirs, running as mastodon, reads the password into Mastodon's own secrets file.
+    fediversity.secretFiles.smtp-password = mkIf (env.smtp != null && env.smtp.passwordFile != null) {
+      owner = "mastodon";
+      group = "mastodon";
     };
 
     # The registrations mode lives in Mastodon's database: set it once the schema exists.
@@ -55,6 +77,39 @@ in
       script = "mastodon-tootctl settings registrations ${registrationsCommand.${cfg.settings.registrations}}";
     };
 
-    security.acme.defaults.email = mkIf (cfg.adminEmail != null) cfg.adminEmail;
+    fediversity.firstAccount.enable = cfg.adminEmail != null;
+
+    # The operator's account, once: tootctl prints its password on stdout, which goes to a root-only
+    # file instead of the journal; `fediversity first-password` fetches it once and deletes it.
+    systemd.services.fediversity-first-account = mkIf (cfg.adminEmail != null) {
+      description = "Create the operator's first Mastodon account";
+      after = [ "mastodon-init-db.service" ];
+      requires = [ "mastodon-init-db.service" ];
+      wantedBy = [ "multi-user.target" ];
+      unitConfig.ConditionPathExists = "!${first.passwordFile}.done";
+      serviceConfig = {
+        Type = "oneshot";
+        UMask = "0077";
+        StandardOutput = "null";
+      };
+      path = [ "/run/current-system/sw" pkgs.gnused ];
+      script = ''
+        out=$(mastodon-tootctl accounts create admin --email ${lib.escapeShellArg cfg.adminEmail} --confirmed --role Owner)
+        printf '%s\n' "$out" | sed -n 's/^New password: //p' > ${first.passwordFile}.new
+        mv ${first.passwordFile}.new ${first.passwordFile}
+        touch ${first.passwordFile}.done
+      '';
+    };
+
+    fediversity.readiness = {
+      units = [
+        "mastodon-web.service"
+        "mastodon-streaming-1.service"
+        "mastodon-sidekiq-all.service"
+        "nginx.service"
+      ];
+      # The first start precompiles assets and loads the schema.
+      firstDeploySeconds = 1200;
+    };
   };
 }

@@ -3,6 +3,7 @@
 mod application;
 pub mod crd;
 mod deployment;
+mod environment_services;
 mod meta;
 mod runtime_environment;
 mod time;

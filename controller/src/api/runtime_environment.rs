@@ -5,6 +5,7 @@ use std::collections::BTreeSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::environment_services::{AcmeSpec, ObjectStorageSpec, SmtpSpec};
 use super::meta::{Condition, Name};
 use super::validate::{self, Problems, Validate};
 use crate::yaml::FieldPath;
@@ -32,6 +33,15 @@ pub struct RuntimeEnvironmentSpec {
     /// Politeness limits towards this environment.
     #[serde(default)]
     pub limits: EnvironmentLimits,
+    /// The ACME account for the hosts' certificates (else the Deployment's `initialUser` e-mail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeSpec>,
+    /// The SMTP relay the applications send mail through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp: Option<SmtpSpec>,
+    /// S3-compatible storage for media, for the applications that can use it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object_storage: Option<ObjectStorageSpec>,
 }
 
 /// How to reach and use a Proxmox VE cluster.
@@ -336,6 +346,13 @@ impl Validate for RuntimeEnvironmentSpec {
                 "give the nixpkgs to build with, e.g. `github:NixOS/nixpkgs/nixos-25.05`",
             );
         }
+        super::environment_services::validate(
+            self.acme.as_ref(),
+            self.smtp.as_ref(),
+            self.object_storage.as_ref(),
+            path,
+            problems,
+        );
         if self.limits.max_concurrent_operations == 0 {
             problems.push(
                 &path.key("limits").key("maxConcurrentOperations"),

@@ -54,6 +54,10 @@ pub enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Prints the one-time password of the operator's first account on a host, once: it is read over
+    /// SSH (the controller's key, the host key the controller pinned) and deleted on the host. Give it
+    /// to the operator, who changes it at first login.
+    FirstPassword(Box<FirstPasswordArgs>),
     /// Prints the Kubernetes CustomResourceDefinitions of the three kinds, or writes one file per kind.
     Crds {
         /// Writes `fediversity.eu_<plural>.yaml` files into this folder instead of printing.
@@ -186,6 +190,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo::run(*args).await,
         Command::Validate { paths, quiet } => Ok(validate::run(&paths, quiet, &mut std::io::stdout())?),
+        Command::FirstPassword(args) => first_password(*args).await,
         Command::Crds { output_dir: None } => {
             print!("{}", crate::api::crd::all_yaml());
             Ok(0)
@@ -323,5 +328,61 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["fediversity", "get", "pods"]).is_err());
+    }
+}
+
+/// Where a host's first password is and how to reach the host.
+#[derive(Debug, clap::Args)]
+pub struct FirstPasswordArgs {
+    /// The host's name (`<deployment>-<application>`), as `fediversity get hosts` lists it.
+    pub host: String,
+    /// The host's address.
+    #[arg(long)]
+    pub address: String,
+    /// Its SSH port.
+    #[arg(long, default_value_t = 22)]
+    pub port: u16,
+    /// The login user.
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// The controller's SSH private key (the RuntimeEnvironment's `ssh.privateKeyFile`).
+    #[arg(long)]
+    pub identity: PathBuf,
+    /// The controller's state folder: its `known_hosts/<host>` pins the host's key.
+    #[arg(long, default_value = "/var/lib/fediversity")]
+    pub state_dir: PathBuf,
+    /// Where the host keeps the password (the catalog's `fediversity.firstAccount.passwordFile`).
+    #[arg(long, default_value = crate::nixos::FIRST_PASSWORD_FILE)]
+    pub password_file: String,
+}
+
+async fn first_password(args: FirstPasswordArgs) -> anyhow::Result<i32> {
+    let known_hosts = args.state_dir.join("known_hosts").join(&args.host);
+    if !known_hosts.exists() {
+        eprintln!(
+            "error: {} does not exist: the controller has not pinned the key of host `{}` yet",
+            known_hosts.display(),
+            args.host
+        );
+        return Ok(1);
+    }
+    let target = crate::nixos::SshTarget {
+        name: args.host.clone(),
+        user: args.user,
+        address: args.address,
+        port: args.port,
+        identity_file: args.identity,
+        known_hosts,
+    };
+    let host = crate::nixos::SshHost::new(target, crate::nixos::SshTimeouts::default())?;
+    match host.take_first_password(&args.password_file).await {
+        Ok(password) => {
+            println!("{password}");
+            Ok(0)
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", args.host);
+            Ok(1)
+        }
     }
 }

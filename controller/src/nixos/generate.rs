@@ -22,6 +22,95 @@ pub enum GenerateError {
     /// A catalog path is not absolute after joining it to the catalog root.
     #[error("the module path `{0}` is not absolute")]
     RelativeModule(String),
+    /// Nobody gave the ACME account's e-mail address, which nixpkgs' ACME module requires.
+    #[error(
+        "no e-mail address for the ACME account: give the RuntimeEnvironment `spec.acme.email` \
+(or the Deployment an `initialUser`)"
+    )]
+    NoAcmeEmail,
+}
+
+/// The folder on hosts the controller writes secret files into (root-owned, 0711).
+pub const DEFAULT_SECRETS_DIR: &str = "/var/lib/fediversity-secrets";
+/// The secret file of the SMTP relay's password, under the secrets folder.
+pub const SMTP_PASSWORD: &str = "smtp-password";
+/// The secret file of the object storage's credentials, under the secrets folder.
+pub const OBJECT_STORAGE_CREDENTIALS: &str = "object-storage-credentials";
+
+/// What the RuntimeEnvironment provides to a host, as the host sees it: secrets are paths on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEnvironment {
+    /// Where the controller writes secret files on the host.
+    pub secrets_dir: String,
+    /// The ACME account's e-mail address.
+    pub acme_email: Option<String>,
+    /// The ACME directory URL, when not the default CA.
+    pub acme_server: Option<String>,
+    /// The SMTP relay.
+    pub smtp: Option<crate::api::SmtpSpec>,
+    /// Object storage.
+    pub object_storage: Option<crate::api::ObjectStorageSpec>,
+}
+
+impl Default for HostEnvironment {
+    fn default() -> Self {
+        Self {
+            secrets_dir: DEFAULT_SECRETS_DIR.into(),
+            acme_email: None,
+            acme_server: None,
+            smtp: None,
+            object_storage: None,
+        }
+    }
+}
+
+impl HostEnvironment {
+    /// The host-side path of the secret file `name`.
+    pub fn secret_path(&self, name: &str) -> String {
+        format!("{}/{name}", self.secrets_dir.trim_end_matches('/'))
+    }
+
+    /// The `fediversity.environment` value: every secret replaced by its path on the host.
+    fn to_value(&self, acme_email: &str) -> Value {
+        let mut env = Map::new();
+        env.insert("secretsDir".into(), Value::String(self.secrets_dir.clone()));
+        let mut acme = Map::new();
+        acme.insert("email".into(), Value::String(acme_email.to_owned()));
+        if let Some(server) = &self.acme_server {
+            acme.insert("server".into(), Value::String(server.clone()));
+        }
+        env.insert("acme".into(), Value::Object(acme));
+        if let Some(smtp) = &self.smtp {
+            let mut m = Map::new();
+            m.insert("host".into(), Value::String(smtp.host.clone()));
+            m.insert("port".into(), Value::from(smtp.port));
+            if let Some(user) = &smtp.user {
+                m.insert("user".into(), Value::String(user.clone()));
+            }
+            if smtp.password_file.is_some() {
+                m.insert(
+                    "passwordFile".into(),
+                    Value::String(self.secret_path(SMTP_PASSWORD)),
+                );
+            }
+            m.insert("from".into(), Value::String(smtp.from.clone()));
+            env.insert("smtp".into(), Value::Object(m));
+        }
+        if let Some(storage) = &self.object_storage {
+            let mut m = Map::new();
+            m.insert("endpoint".into(), Value::String(storage.endpoint.clone()));
+            m.insert("bucket".into(), Value::String(storage.bucket.clone()));
+            if let Some(region) = &storage.region {
+                m.insert("region".into(), Value::String(region.clone()));
+            }
+            m.insert(
+                "credentialsFile".into(),
+                Value::String(self.secret_path(OBJECT_STORAGE_CREDENTIALS)),
+            );
+            env.insert("objectStorage".into(), Value::Object(m));
+        }
+        Value::Object(env)
+    }
 }
 
 /// Everything that decides one host's configuration.
@@ -35,12 +124,19 @@ pub struct HostConfig {
     pub fqdn: String,
     /// The catalog's base module (SSH, Nix settings, firewall) as an absolute path.
     pub base_module: PathBuf,
+    /// The ground of the machine (`nix/proxmox-guest.nix` for a VM cloned from the template); none
+    /// for a static host, whose own configuration has it.
+    pub platform_module: Option<PathBuf>,
     /// The Application's `nixosModule` as an absolute path.
     pub module: PathBuf,
     /// The e-mail address of the first account and of ACME registration.
     pub admin_email: Option<String>,
     /// The operator's settings, already checked against the Application's schema.
     pub settings: Map<String, Value>,
+    /// What the environment provides (ACME, SMTP, object storage, the secrets folder).
+    pub environment: HostEnvironment,
+    /// The SSH public keys root accepts (the controller's), declared in the system.
+    pub root_keys: Vec<String>,
 }
 
 impl HostConfig {
@@ -60,12 +156,18 @@ impl HostConfig {
             application: application.to_owned(),
             fqdn: fqdn.to_owned(),
             base_module: catalog_root.join("nix/base.nix"),
+            platform_module: Some(catalog_root.join(PROXMOX_GUEST_MODULE)),
             module: catalog_root.join(nixos_module),
             admin_email: admin_email.map(str::to_owned),
             settings: settings.clone(),
+            environment: HostEnvironment::default(),
+            root_keys: Vec::new(),
         }
     }
 }
+
+/// The catalog's module for VMs cloned from the project's Proxmox template, relative to the catalog.
+pub const PROXMOX_GUEST_MODULE: &str = "nix/proxmox-guest.nix";
 
 fn esc(field: &str, s: &str) -> Result<String, GenerateError> {
     escape::string(s).map_err(|source| GenerateError::Escape {
@@ -95,12 +197,36 @@ pub fn generate(host: &HostConfig) -> Result<String, GenerateError> {
     out.push_str("# Do not edit: it is written again whenever the Deployment changes.\n");
     out.push_str("{\n  imports = [\n");
     out.push_str(&format!("    {}\n", module_path(&host.base_module)?));
+    if let Some(platform) = &host.platform_module {
+        out.push_str(&format!("    {}\n", module_path(platform)?));
+    }
     out.push_str(&format!("    {}\n", module_path(&host.module)?));
     out.push_str("  ];\n\n");
     out.push_str(&format!(
         "  networking.hostName = {};\n\n",
         esc("host name", &host.host_name)?
     ));
+    let acme_email = host
+        .environment
+        .acme_email
+        .as_deref()
+        .or(host.admin_email.as_deref())
+        .ok_or(GenerateError::NoAcmeEmail)?;
+    let mut environment = String::new();
+    escape::write_value(&mut environment, &host.environment.to_value(acme_email), 1).map_err(|source| {
+        GenerateError::Escape {
+            field: "environment".into(),
+            source,
+        }
+    })?;
+    out.push_str(&format!("  fediversity.environment = {environment};\n\n"));
+    let mut keys = String::new();
+    let keys_value = Value::Array(host.root_keys.iter().cloned().map(Value::String).collect());
+    escape::write_value(&mut keys, &keys_value, 1).map_err(|source| GenerateError::Escape {
+        field: "ssh public key".into(),
+        source,
+    })?;
+    out.push_str(&format!("  fediversity.rootAuthorizedKeys = {keys};\n\n"));
     let app = escape::attr_name(&host.application).map_err(|source| GenerateError::Escape {
         field: "application".into(),
         source,
@@ -186,5 +312,46 @@ mod tests {
             err.to_string(),
             "failed to write settings as Nix: a string contains a NUL character, which Nix strings cannot hold"
         );
+    }
+
+    #[test]
+    fn a_vm_imports_the_guest_module_and_a_static_host_does_not() {
+        let vm = generate(&host(json!({}))).unwrap();
+        assert!(vm.contains("(/. + \"/catalog/nix/proxmox-guest.nix\")"), "{vm}");
+        let mut h = host(json!({}));
+        h.platform_module = None;
+        let static_host = generate(&h).unwrap();
+        assert!(!static_host.contains("proxmox-guest"), "{static_host}");
+    }
+
+    #[test]
+    fn the_acme_email_is_the_environments_else_the_first_accounts_else_an_error() {
+        let mut h = host(json!({}));
+        assert!(generate(&h).unwrap().contains("email = \"social@uu.nl\";"));
+        h.environment.acme_email = Some("hostmaster@uu.nl".into());
+        assert!(generate(&h).unwrap().contains("email = \"hostmaster@uu.nl\";"));
+        h.environment.acme_email = None;
+        h.admin_email = None;
+        let err = generate(&h).unwrap_err();
+        assert!(matches!(err, GenerateError::NoAcmeEmail));
+        assert!(err.to_string().contains("spec.acme.email"), "{err}");
+    }
+
+    #[test]
+    fn secrets_appear_as_host_paths_only() {
+        let mut h = host(json!({}));
+        h.environment.smtp = Some(crate::api::SmtpSpec {
+            host: "smtp.uu.nl".into(),
+            port: 587,
+            user: Some("u".into()),
+            password_file: Some("/controller/only/smtp".into()),
+            from: "noreply@uu.nl".into(),
+        });
+        let text = generate(&h).unwrap();
+        assert!(
+            text.contains("passwordFile = \"/var/lib/fediversity-secrets/smtp-password\";"),
+            "{text}"
+        );
+        assert!(!text.contains("/controller/only/smtp"), "{text}");
     }
 }

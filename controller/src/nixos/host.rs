@@ -7,7 +7,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use super::command::{self, CommandError, CommandSpec, Output};
-use super::escape::shell_words;
+use super::escape::{shell_word, shell_words};
 
 /// The system profile of a NixOS host.
 pub const SYSTEM_PROFILE: &str = "/nix/var/nix/profiles/system";
@@ -442,9 +442,15 @@ echo $? >{d}/rc-{id}.tmp && mv {d}/rc-{id}.tmp {d}/rc-{id}\n"
     /// The remote line of the health checks: `systemctl is-system-running` where systemd runs, then
     /// the HTTP check with curl against the host's own web server.
     pub fn health_script(http: Option<&HttpCheck>) -> String {
-        let mut s = "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+        // A system that names its ready units is judged by them alone: a unit waiting on DNS or
+        // ACME (which makes the whole system `degraded`) is no reason to roll back.
+        let units = super::readiness::READY_UNITS_ON_HOST;
+        let mut s = format!(
+            "if [ -f {units} ] && command -v systemctl >/dev/null 2>&1; then \
+for u in $(cat {units}); do echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
 echo system=$(systemctl is-system-running 2>/dev/null || true); fi"
-            .to_owned();
+        );
         if let Some(h) = http {
             let url = format!("{}://{}:{}{}", h.scheme, h.fqdn, h.port, h.path);
             let resolve = format!("{}:{}:127.0.0.1", h.fqdn, h.port);
@@ -550,6 +556,89 @@ rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id
             stderr: command::tail(stderr),
         }
     }
+}
+
+impl SshHost {
+    /// The remote line that writes stdin to the secret `file` under `dir`: the folder root-owned and
+    /// traversable (0711), the file created root-only, given its owner (when that user exists yet:
+    /// otherwise systemd-tmpfiles does it on activation) and mode, filled, then moved into place.
+    pub fn put_secret_script(dir: &str, file: &super::secrets::SecretFile) -> String {
+        let d = shell_word(dir.trim_end_matches('/'));
+        let name = shell_word(&file.name);
+        let owner = shell_word(&format!("{}:{}", file.owner, file.group));
+        let mode = shell_word(&file.mode);
+        format!(
+            "set -e; umask 077; mkdir -p {d}; chown root:root {d}; chmod 0711 {d}; \
+t=$(mktemp {d}/.{name}.XXXXXX); chown {owner} \"$t\" 2>/dev/null || true; chmod {mode} \"$t\"; \
+cat > \"$t\"; mv -f \"$t\" {d}/{name}"
+        )
+    }
+
+    /// Reads the one-time password of the operator's first account from `file` on the host and
+    /// deletes it there: it can be fetched once, and then only the operator has it.
+    pub async fn take_first_password(&self, file: &str) -> Result<String, HostError> {
+        let f = shell_word(file);
+        let script = format!(
+            "if [ -s {f} ]; then cat {f} && rm -f {f}; else echo 'no first password waits on this host: it was \
+fetched already, or the account is not created yet (see fediversity-first-account.service)' >&2; exit 3; fi"
+        );
+        let out = self.remote("fetch the first password", &script, None).await?;
+        Ok(out.stdout.trim_end().to_owned())
+    }
+
+    /// Writes `content` (on stdin, never in an argument) as the secret `file` under `dir`.
+    pub async fn put_secret(
+        &self,
+        dir: &str,
+        file: &super::secrets::SecretFile,
+        content: Vec<u8>,
+    ) -> Result<(), HostError> {
+        self.remote(
+            "deliver a secret",
+            &Self::put_secret_script(dir, file),
+            Some(content),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+/// What the health script printed, judged: the ready units (when the system names them) or the
+/// system's state, and the HTTP check.
+pub fn judge_health(stdout: &str, http: Option<&HttpCheck>) -> Health {
+    let mut problems = Vec::new();
+    for line in stdout.lines() {
+        if let Some((unit, state)) = line.strip_prefix("unit=").and_then(|l| l.rsplit_once(':')) {
+            if state.trim() != "active" {
+                problems.push(format!("{unit} is {}", none_if_empty(state.trim())));
+            }
+        } else if let Some(state) = line.strip_prefix("system=") {
+            // `offline` is what a host without a running systemd manager answers.
+            if !matches!(state.trim(), "running" | "offline" | "") {
+                problems.push(format!("systemctl is-system-running: {}", state.trim()));
+            }
+        } else if let Some(code) = line.strip_prefix("http=") {
+            let expected = http.map_or(200, |h| h.expect_status);
+            if code.trim() != expected.to_string() {
+                problems.push(format!(
+                    "HTTP check answered {} (expected {expected})",
+                    code.trim()
+                ));
+            }
+        }
+    }
+    if http.is_some() && !stdout.contains("http=") {
+        problems.push("the HTTP check printed nothing".into());
+    }
+    if problems.is_empty() {
+        Health::Healthy
+    } else {
+        Health::NotYet(problems.join("; "))
+    }
+}
+
+fn none_if_empty(s: &str) -> &str {
+    if s.is_empty() { "not known to systemd" } else { s }
 }
 
 fn parse_link(link: &str) -> Option<u32> {
@@ -663,31 +752,7 @@ impl NixHost for SshHost {
         let out = self
             .remote("run the health checks", &Self::health_script(http), None)
             .await?;
-        let mut problems = Vec::new();
-        for line in out.stdout.lines() {
-            if let Some(state) = line.strip_prefix("system=") {
-                // `offline` is what a host without a running systemd manager answers.
-                if !matches!(state.trim(), "running" | "offline" | "") {
-                    problems.push(format!("systemctl is-system-running: {}", state.trim()));
-                }
-            } else if let Some(code) = line.strip_prefix("http=") {
-                let expected = http.map_or(200, |h| h.expect_status);
-                if code.trim() != expected.to_string() {
-                    problems.push(format!(
-                        "HTTP check answered {} (expected {expected})",
-                        code.trim()
-                    ));
-                }
-            }
-        }
-        if http.is_some() && !out.stdout.contains("http=") {
-            problems.push("the HTTP check printed nothing".into());
-        }
-        Ok(if problems.is_empty() {
-            Health::Healthy
-        } else {
-            Health::NotYet(problems.join("; "))
-        })
+        Ok(judge_health(&out.stdout, http))
     }
 
     async fn disarm_rollback(&self, id: &str) -> Result<(), HostError> {
@@ -883,7 +948,9 @@ echo $? >/var/lib/fediversity-deploy/rc-abc-1.tmp && mv /var/lib/fediversity-dep
         };
         assert_eq!(
             SshHost::health_script(Some(&check)),
-            "if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
+            "if [ -f /run/current-system/etc/fediversity/ready-units ] && command -v systemctl >/dev/null 2>&1; then \
+for u in $(cat /run/current-system/etc/fediversity/ready-units); do echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
+elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
 echo system=$(systemctl is-system-running 2>/dev/null || true); fi; \
 echo http=$(curl --silent --insecure --output /dev/null --max-time 5 --write-out '%{http_code}' \
 --resolve mastodon.social.uu.nl:443:127.0.0.1 https://mastodon.social.uu.nl:443/health || true)"
@@ -940,5 +1007,35 @@ rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy
             "h1 ssh-ed25519 AAAAC3Nz\n"
         );
         assert!(known_hosts_line("h1", "ssh-ed25519 AAAA\nevil").is_err());
+    }
+
+    #[test]
+    fn named_ready_units_decide_and_a_degraded_system_waiting_on_acme_does_not() {
+        // The system names its units: `systemctl is-system-running` (degraded by acme-*) is not asked.
+        let ready = "unit=mastodon-web.service:active\nunit=nginx.service:active\nhttp=200\n";
+        let check = HttpCheck {
+            scheme: "https".into(),
+            fqdn: "m.example".into(),
+            port: 443,
+            path: "/health".into(),
+            expect_status: 200,
+        };
+        assert_eq!(judge_health(ready, Some(&check)), Health::Healthy);
+        let starting = "unit=mastodon-web.service:activating\nunit=nginx.service:active\nhttp=502\n";
+        assert_eq!(
+            judge_health(starting, Some(&check)),
+            Health::NotYet(
+                "mastodon-web.service is activating; HTTP check answered 502 (expected 200)".into()
+            )
+        );
+        assert_eq!(
+            judge_health("unit=gone.service:\n", None),
+            Health::NotYet("gone.service is not known to systemd".into())
+        );
+        // Without named units, the whole system's state still counts.
+        assert!(matches!(
+            judge_health("system=degraded\n", None),
+            Health::NotYet(_)
+        ));
     }
 }

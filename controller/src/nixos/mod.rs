@@ -8,6 +8,8 @@ pub mod generate;
 pub mod host;
 pub mod metrics;
 pub mod provider;
+pub mod readiness;
+pub mod secrets;
 pub mod simulated;
 
 use std::collections::HashMap;
@@ -23,9 +25,13 @@ use crate::api::{ApplicationSpec, RuntimeEnvironmentSpec};
 
 pub use build::{BuildSettings, Builder, NixpkgsSource};
 pub use deploy::{DeployReport, DeployResult, DeployTimings, Step};
-pub use generate::{HostConfig, generate};
+pub use generate::{HostConfig, HostEnvironment, generate};
 pub use host::{HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, StorePath};
 pub use metrics::DeployMetrics;
+
+/// Where a host keeps the one-time password of the operator's first account (the default of the
+/// catalog's `fediversity.firstAccount.passwordFile`).
+pub const FIRST_PASSWORD_FILE: &str = "/var/lib/fediversity-first-account/password";
 
 /// Why a host's configuration is not valid Nix (checked in process before anything runs).
 #[derive(Debug, Error)]
@@ -86,6 +92,8 @@ pub struct DeployerConfig {
     pub http: HttpTarget,
     /// Where deploy files live on hosts (default [`host::DEFAULT_REMOTE_DIR`]).
     pub remote_dir: Option<String>,
+    /// Where secret files live on hosts (default [`generate::DEFAULT_SECRETS_DIR`]).
+    pub secrets_dir: Option<String>,
     /// Extra Nix configuration (`NIX_CONFIG`) for every `nix` the deployer runs.
     pub nix_config: Option<String>,
     /// How systems are built and hosts reached.
@@ -103,6 +111,7 @@ impl DeployerConfig {
             build_timeout: Duration::from_secs(3600),
             http: HttpTarget::default(),
             remote_dir: None,
+            secrets_dir: None,
             nix_config: None,
             transport: Transport::Ssh,
         }
@@ -211,7 +220,7 @@ impl NixosDeployer {
         if let Some((name, message)) = problems.first() {
             return Err(format!("settings.{name}: {message}"));
         }
-        let config = HostConfig::new(
+        let mut config = HostConfig::new(
             &self.config.catalog_root,
             req.host_name,
             req.application_name,
@@ -220,9 +229,39 @@ impl NixosDeployer {
             req.admin_email,
             req.settings,
         );
+        if req
+            .env
+            .static_hosts
+            .iter()
+            .any(|h| h.name.as_str() == req.host_name)
+        {
+            // An existing machine: its own configuration has its file systems and boot loader.
+            config.platform_module = None;
+        }
+        config.environment = self.host_environment(req.env);
+        config.root_keys = match (secrets::public_key(&req.env.ssh), &self.config.transport) {
+            (Ok(key), _) => vec![key],
+            (Err(e), Transport::Ssh) => return Err(e.to_string()),
+            (Err(_), Transport::Simulated(_)) => Vec::new(),
+        };
         let text = generate(&config).map_err(|e| e.to_string())?;
         check_syntax(&text).map_err(|e| e.to_string())?;
         Ok(text)
+    }
+
+    /// What the environment provides to its hosts, as the hosts see it.
+    pub fn host_environment(&self, env: &RuntimeEnvironmentSpec) -> HostEnvironment {
+        HostEnvironment {
+            secrets_dir: self
+                .config
+                .secrets_dir
+                .clone()
+                .unwrap_or_else(|| generate::DEFAULT_SECRETS_DIR.into()),
+            acme_email: env.acme.as_ref().map(|a| a.email.clone()),
+            acme_server: env.acme.as_ref().and_then(|a| a.server.clone()),
+            smtp: env.smtp.clone(),
+            object_storage: env.object_storage.clone(),
+        }
     }
 
     /// Converges one host and reports what it runs. Failures are results, never panics.
@@ -271,7 +310,9 @@ impl NixosDeployer {
             path: c.path.clone(),
             expect_status: c.expect_status,
         });
-        let timings = &self.config.timings;
+        // The system says how long its first start may take and which units mean "ready".
+        let readiness = readiness::Readiness::of_system(Path::new(built.path.as_str()));
+        let timings = &readiness.timings(&self.config.timings);
         let report = match &self.config.transport {
             Transport::Ssh => {
                 let host = match self.ssh_host(req).await {
@@ -279,6 +320,15 @@ impl NixosDeployer {
                     Err(e) => return self.finish(status, e),
                 };
                 let _permit = deploys.acquire().await;
+                let environment = self.host_environment(req.env);
+                let started = std::time::Instant::now();
+                match secrets::deliver(&host, Path::new(built.path.as_str()), req.env, &environment).await {
+                    Ok(0) => {}
+                    Ok(_) => status
+                        .step_seconds
+                        .push(("secrets".into(), started.elapsed().as_secs_f64())),
+                    Err(e) => return self.finish(status, format!("{}: {e}", req.host_name)),
+                }
                 deploy::execute(&host, &built.path, http.as_ref(), timings).await
             }
             Transport::Simulated(fleet) => {

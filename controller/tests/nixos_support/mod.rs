@@ -25,7 +25,21 @@ const STAND_IN_NIXOS: &str = r#"{ configuration, system ? builtins.currentSystem
 let
   module = import configuration;
   host = module.networking.hostName;
-  app = builtins.head (builtins.attrValues module.fediversity);
+  # The application's option set: what is left besides what the environment provides.
+  app = builtins.head (builtins.attrValues
+    (builtins.removeAttrs module.fediversity [ "environment" "rootAuthorizedKeys" ]));
+  env = module.fediversity.environment or { };
+  # What the catalog's environment.nix publishes: the secret files the system reads, as whom.
+  secretFiles =
+    (if env ? smtp && env.smtp ? passwordFile then [ "smtp-password" ] else [ ])
+    ++ (if env ? objectStorage then [ "object-storage-credentials" ] else [ ]);
+  secretsJson = builtins.toJSON (map (name: {
+    inherit name;
+    owner = "nobody";
+    group = "nogroup";
+    mode = "0440";
+    path = "${env.secretsDir}/${name}";
+  }) secretFiles);
   behaviour = app.settings.activation or "ok";
   switch = ''
     #!/bin/sh
@@ -45,13 +59,15 @@ let
     inherit system switch;
     builder = "/bin/sh";
     args = [ "-c" ''
-      /bin/mkdir -p $out/bin $out/etc
+      /bin/mkdir -p $out/bin $out/etc/fediversity
       /bin/cp "$configJsonPath" $out/etc/fediversity.json
+      /bin/cp "$secretsJsonPath" $out/etc/fediversity/secrets.json
       /bin/cp "$switchPath" $out/bin/switch-to-configuration
       /bin/chmod 555 $out/bin/switch-to-configuration
     '' ];
     configJson = builtins.toJSON module.fediversity;
-    passAsFile = [ "configJson" "switch" ];
+    inherit secretsJson;
+    passAsFile = [ "configJson" "secretsJson" "switch" ];
   };
 in
 {
@@ -59,6 +75,9 @@ in
   system = toplevel;
 }
 "#;
+
+/// Where the lab's hosts keep secret files (inside their own `/nix`).
+pub const SECRETS_DIR: &str = "/nix/var/fediversity-secrets";
 
 /// The catalog entry the lab deploys: its settings pick the stand-in's activation behaviour.
 pub fn application(name: &str) -> Application {
@@ -212,6 +231,8 @@ impl Lab {
             port: self.http_port,
         };
         config.remote_dir = Some("/nix/var/fediversity-deploy".into());
+        // Private to each host like its /nix (the rest of the file system is the machine's own).
+        config.secrets_dir = Some(SECRETS_DIR.into());
         config.nix_config = Some(NIX_CONFIG.into());
         NixosDeployer::new(config, None)
     }
@@ -229,7 +250,7 @@ impl Lab {
     pub fn environment_yaml(&self, name: &str, hosts: &[&TestHost]) -> String {
         let mut text = format!(
             "apiVersion: fediversity.eu/v1alpha1\nkind: RuntimeEnvironment\nmetadata: {{ name: {name} }}\nspec:\n  \
-ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  staticHosts:\n",
+ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  acme: {{ email: acme@lab.example }}\n  staticHosts:\n",
             self.path().join("id_ed25519").display(),
             self.path().join("nixpkgs").display()
         );

@@ -3,10 +3,34 @@
 {
   imports = [
     (/. + "/catalog/nix/base.nix")
+    (/. + "/catalog/nix/proxmox-guest.nix")
     (/. + "/catalog/nix/applications/mastodon.nix")
   ];
 
   networking.hostName = "uni-utrecht-mastodon";
+
+  fediversity.environment = {
+    acme = {
+      email = "hostmaster@uu.nl";
+    };
+    objectStorage = {
+      bucket = "social-media";
+      credentialsFile = "/var/lib/fediversity-secrets/object-storage-credentials";
+      endpoint = "https://s3.uu.nl";
+    };
+    secretsDir = "/var/lib/fediversity-secrets";
+    smtp = {
+      from = "noreply@social.uu.nl";
+      host = "smtp.uu.nl";
+      passwordFile = "/var/lib/fediversity-secrets/smtp-password";
+      port = 587;
+      user = "fediversity";
+    };
+  };
+
+  fediversity.rootAuthorizedKeys = [
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFediversityControllerKeyForGoldenFiles"
+  ];
 
   fediversity.mastodon = {
     enable = true;
