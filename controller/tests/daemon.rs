@@ -297,3 +297,44 @@ fn an_object_deleted_while_the_daemon_was_down_is_cleaned_up_on_restart() {
             .is_empty()
     );
 }
+
+#[test]
+fn a_restart_with_nothing_changed_leaves_the_store_file_as_it_was() {
+    let source = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    copy_examples(source.path());
+    let objects = |daemon: &common::Daemon| {
+        ["runtimeenvironments", "applications", "deployments"]
+            .iter()
+            .map(|kind| api(daemon, kind)["items"].as_array().map_or(0, Vec::len))
+            .sum::<usize>()
+    };
+    // Every object reconciled (counted in the metrics, whatever the status the store gave it).
+    let reconciled = |daemon: &common::Daemon| {
+        let (_, scrape) = http_get(&daemon.server, "/metrics").unwrap_or_default();
+        scrape
+            .lines()
+            .filter(|l| l.starts_with("controller_runtime_reconcile_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut daemon = start(source.path(), state.path());
+        wait_for("every object reconciled", Duration::from_secs(20), || {
+            let count = objects(&daemon);
+            (count > 0 && reconciled(&daemon) >= count as f64).then_some(())
+        });
+        // Let the status writer's last batch go out before stopping.
+        std::thread::sleep(Duration::from_millis(500));
+        sigterm(&daemon.child);
+        assert_eq!(wait_exit(&mut daemon.child, Duration::from_secs(10)), 0);
+        runs.push(std::fs::read(state.path().join("state.redb")).unwrap());
+    }
+    assert!(
+        runs[0] == runs[1],
+        "the store file changed over a restart with nothing changed ({} bytes, then {})",
+        runs[0].len(),
+        runs[1].len()
+    );
+}

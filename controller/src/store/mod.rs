@@ -168,25 +168,40 @@ impl Store {
             redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
             other => dberr(other),
         })?;
-        let txn = db.begin_write().map_err(dberr)?;
-        {
-            let mut meta = txn.open_table(META).map_err(dberr)?;
-            let found = meta.get("format_version").map_err(dberr)?.map(|v| v.value());
-            match found {
-                Some(found) if found > FORMAT_VERSION => {
-                    return Err(StoreError::NewerFormat { path, found });
-                }
-                Some(_) => {}
-                None => {
+        // A store that already has its format and every table is opened without a write: a restart
+        // with nothing changed leaves the file as it was.
+        let complete = {
+            let txn = db.begin_read().map_err(dberr)?;
+            let found = match txn.open_table(META) {
+                Ok(meta) => meta.get("format_version").map_err(dberr)?.map(|v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(dberr(e)),
+            };
+            if let Some(found) = found
+                && found > FORMAT_VERSION
+            {
+                return Err(StoreError::NewerFormat { path, found });
+            }
+            found.is_some()
+                && txn.open_table(OBJECTS).is_ok()
+                && txn.open_table(STATUS).is_ok()
+                && txn.open_table(EVENTS).is_ok()
+                && txn.open_table(INVENTORY).is_ok()
+        };
+        if !complete {
+            let txn = db.begin_write().map_err(dberr)?;
+            {
+                let mut meta = txn.open_table(META).map_err(dberr)?;
+                if meta.get("format_version").map_err(dberr)?.is_none() {
                     meta.insert("format_version", FORMAT_VERSION).map_err(dberr)?;
                 }
+                txn.open_table(OBJECTS).map_err(dberr)?;
+                txn.open_table(STATUS).map_err(dberr)?;
+                txn.open_table(EVENTS).map_err(dberr)?;
+                txn.open_table(INVENTORY).map_err(dberr)?;
             }
-            txn.open_table(OBJECTS).map_err(dberr)?;
-            txn.open_table(STATUS).map_err(dberr)?;
-            txn.open_table(EVENTS).map_err(dberr)?;
-            txn.open_table(INVENTORY).map_err(dberr)?;
+            txn.commit().map_err(dberr)?;
         }
-        txn.commit().map_err(dberr)?;
         Ok(Self { db, path })
     }
 
