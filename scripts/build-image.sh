@@ -62,6 +62,9 @@ install -d -m 0750 -o $uid -g $uid "\$1$state_dir"
 install -d -m 0755 -o $uid -g $uid "\$1/nix" "\$1/nix/store" "\$1/nix/var" "\$1/nix/var/nix"
 install -d -m 0755 "\$1/etc/nix"
 printf '%s\n' '# Single-user Nix for the controller: no build users, no sandbox (a container has no user namespaces to give).' 'build-users-group =' 'sandbox = false' > "\$1/etc/nix/nix.conf"
+# No password ageing (every account is locked): the root filesystem does not depend on the day it was made.
+sed -i 's/^\([^:]*:[^:]*\):[0-9]*:/\1::/' "\$1/etc/shadow"
+rm -f "\$1"/etc/passwd- "\$1"/etc/group- "\$1"/etc/shadow- "\$1"/etc/gshadow-
 rm -f "\$1"/var/cache/debconf/*-old "\$1"/var/lib/dpkg/*-old "\$1"/var/cache/ldconfig/aux-cache
 rm -rf "\$1"/var/log/* "\$1"/var/cache/apt/* "\$1"/var/lib/apt/lists/*
 EOF
