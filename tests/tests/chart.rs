@@ -134,3 +134,40 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("SUCCESS"), "{}", text(&out));
 }
+
+#[test]
+fn the_chart_runs_the_image_that_scripts_build_image_sh_builds_as_its_user() {
+    let manifests = render(&[]);
+    let docs: Vec<serde_json::Value> = manifests
+        .split("\n---")
+        .filter_map(|d| yaml_serde::from_str::<serde_json::Value>(d).ok())
+        .filter(|d| d.is_object())
+        .collect();
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .expect("a Deployment");
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    // The chart's appVersion is the controller's version, the tag the build script gives the image.
+    assert_eq!(
+        container["image"],
+        format!("fediversity-controller:{}", env!("CARGO_PKG_VERSION"))
+    );
+    let script = std::fs::read_to_string(repo_root().join("scripts/build-image.sh")).unwrap();
+    let image_uid = script
+        .lines()
+        .find_map(|l| l.strip_prefix("uid="))
+        .expect("scripts/build-image.sh sets uid=");
+    assert_eq!(pod["securityContext"]["runAsUser"].to_string(), image_uid);
+    assert_eq!(pod["securityContext"]["runAsGroup"].to_string(), image_uid);
+    // Nix builds need a writable /nix although the root filesystem is read-only.
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["mountPath"].as_str())
+        .collect();
+    assert!(mounts.contains(&"/nix"), "{mounts:?}");
+    assert!(mounts.contains(&"/var/lib/fediversity"), "{mounts:?}");
+}
