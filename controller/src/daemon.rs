@@ -309,6 +309,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         &["version"],
     )?;
     registry.register(Box::new(build_info.clone()))?;
+    registry.register(Box::new(store.commit_counter()))?;
     build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
 
     let desired = Arc::new(DesiredState::default());

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// A database operation failed.
     #[error("store operation failed: {0}")]
     Database(#[source] Box<redb::Error>),
+    /// The store's own metric cannot be made.
+    #[error("cannot create the store's metric: {0}")]
+    Metric(#[from] prometheus::Error),
     /// A stored value cannot be read back.
     #[error("stored value for {key} is unreadable: {source}")]
     Decode {
@@ -136,6 +139,7 @@ pub fn canonical_hash(value: &serde_json::Value) -> String {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    commits: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for Store {
@@ -202,7 +206,22 @@ impl Store {
             }
             txn.commit().map_err(dberr)?;
         }
-        Ok(Self { db, path })
+        let commits = prometheus::IntCounter::new(
+            "fediversity_store_commits_total",
+            "Write transactions committed to the embedded store since start.",
+        )?;
+        Ok(Self { db, path, commits })
+    }
+
+    /// The counter of write transactions committed since the store was opened, for the metrics registry.
+    pub fn commit_counter(&self) -> prometheus::IntCounter {
+        self.commits.clone()
+    }
+
+    fn commit(&self, txn: redb::WriteTransaction) -> Result<(), StoreError> {
+        txn.commit().map_err(dberr)?;
+        self.commits.inc();
+        Ok(())
     }
 
     /// The store file.
@@ -252,7 +271,7 @@ impl Store {
             }
         }
         if wrote {
-            txn.commit().map_err(dberr)?;
+            self.commit(txn)?;
         } else {
             txn.abort().map_err(dberr)?;
         }
@@ -297,7 +316,7 @@ impl Store {
             !same
         };
         if changed {
-            txn.commit().map_err(dberr)?;
+            self.commit(txn)?;
         } else {
             txn.abort().map_err(dberr)?;
         }
@@ -392,7 +411,7 @@ impl Store {
                 }
             }
         }
-        txn.commit().map_err(dberr)
+        self.commit(txn)
     }
 
     /// Every stored status, by object.
@@ -428,7 +447,7 @@ impl Store {
             .map_err(dberr)?
             .insert(id, encode(entry).as_slice())
             .map_err(dberr)?;
-        txn.commit().map_err(dberr)
+        self.commit(txn)
     }
 
     /// One inventory entry.
@@ -464,7 +483,7 @@ impl Store {
             .map_err(dberr)?
             .remove(id)
             .map_err(dberr)?;
-        txn.commit().map_err(dberr)
+        self.commit(txn)
     }
 
     #[cfg(test)]
@@ -474,7 +493,7 @@ impl Store {
             .map_err(dberr)?
             .insert("format_version", version)
             .map_err(dberr)?;
-        txn.commit().map_err(dberr)
+        self.commit(txn)
     }
 }
 
