@@ -160,12 +160,25 @@ impl DesiredState {
         failure: Option<String>,
         store: &Store,
     ) -> Result<Changes, StoreError> {
-        let hashes: Vec<(ObjectKey, String)> = merged
-            .objects
-            .iter()
-            .map(|(key, o)| (key.clone(), canonical_hash(&o.sourced.loaded.object.spec_json())))
-            .collect();
-        let generations = store.observe_specs(hashes.iter().map(|(k, h)| (k, h.clone())))?;
+        // An object the source handed over as the very same value as last time (an unchanged file's
+        // objects are shared, not re-read) keeps its generation: only new or re-read objects are hashed
+        // and looked up in the store, so an edit of one file among 10,000 costs that file's objects.
+        let mut generations: BTreeMap<ObjectKey, u64> = BTreeMap::new();
+        let mut hashes: Vec<(ObjectKey, String)> = Vec::new();
+        {
+            let inner = self.read();
+            for (key, o) in &merged.objects {
+                match inner.objects.get(key) {
+                    Some(held) if Arc::ptr_eq(&held.sourced, &o.sourced) => {
+                        generations.insert(key.clone(), held.generation);
+                    }
+                    _ => hashes.push((key.clone(), canonical_hash(&o.sourced.loaded.object.spec_json()))),
+                }
+            }
+        }
+        if !hashes.is_empty() {
+            generations.extend(store.observe_specs(hashes.iter().map(|(k, h)| (k, h.clone())))?);
+        }
         let mut inner = self.write();
         let mut changes = Changes::default();
         let mut next = BTreeMap::new();
