@@ -339,32 +339,34 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             }
         })
     };
+    let installation = crate::installation::installation_id(&store, &state_dir, instance_id.as_deref())?;
+    let infrastructure = crate::nixos::provider::with_nixos(
+        crate::proxmox::build_provider(
+            provider,
+            Some(&installation),
+            &state_dir,
+            &store,
+            &desired,
+            &registry,
+        )?,
+        nixos_catalog.as_deref().map(|catalog| {
+            let mut config = crate::nixos::DeployerConfig::new(&state_dir.join("nixos"), catalog);
+            config.transport = embedding.nixos_transport.clone();
+            if let Some(timings) = &embedding.nixos_timings {
+                config.timings = timings.clone();
+            }
+            config
+        }),
+        &store,
+        &desired,
+        &book,
+        &registry,
+    )?;
     let ctx = Arc::new(Context {
         desired: desired.clone(),
         book: book.clone(),
         metrics: object_metrics,
-        provider: crate::nixos::provider::with_nixos(
-            crate::proxmox::build_provider(
-                provider,
-                instance_id.as_deref(),
-                &state_dir,
-                &store,
-                &desired,
-                &registry,
-            )?,
-            nixos_catalog.as_deref().map(|catalog| {
-                let mut config = crate::nixos::DeployerConfig::new(&state_dir.join("nixos"), catalog);
-                config.transport = embedding.nixos_transport.clone();
-                if let Some(timings) = &embedding.nixos_timings {
-                    config.timings = timings.clone();
-                }
-                config
-            }),
-            &store,
-            &desired,
-            &book,
-            &registry,
-        )?,
+        provider: crate::dns::with_dns(infrastructure, installation, &store, &desired, &book, &registry)?,
         trigger: trigger.clone(),
     });
     let runner = Runner::new(Arc::new(Dispatcher::new(ctx)), config, Some(runtime_metrics));
