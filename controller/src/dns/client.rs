@@ -116,6 +116,10 @@ fn client_error(server: &str, e: &hickory_client::ClientError, signed: bool) -> 
             server: server.to_owned(),
             why: io.to_string(),
         },
+        ClientErrorKind::Timeout => DnsError::Unreachable {
+            server: server.to_owned(),
+            why: format!("no answer within {}s", TIMEOUT.as_secs()),
+        },
         _ if signed => DnsError::Rejected {
             server: server.to_owned(),
             why: "the answer was not signed with our key".into(),
@@ -367,39 +371,48 @@ impl HickoryResolver {
 
     async fn lookup(server: DnsServer, text: String) -> Result<Vec<IpAddr>, DnsError> {
         let label = label(&server);
-        let owner = name(&text, &label)?;
         let addr = socket_address(&server).await?;
         let mut client = connect(addr, None, &label).await?;
-        let mut found = Addresses::default();
-        for kind in [HickoryType::A, HickoryType::AAAA] {
-            let response = client
-                .query(owner.clone(), DNSClass::IN, kind)
-                .await
-                .map_err(|e| client_error(&label, &e, false))?;
-            match response.response_code() {
-                ResponseCode::NoError | ResponseCode::NXDomain => {}
-                code => {
-                    return Err(DnsError::Server {
-                        server: label,
-                        why: code.to_string(),
-                    });
+        let mut current = name(&text, &label)?;
+        // A recursive resolver answers with the whole CNAME chain; an authoritative server stops at
+        // the edge of its zone. Follow the chain either way, a bounded number of steps.
+        for _ in 0..MAX_CNAME_STEPS {
+            let mut found = Vec::new();
+            let mut next = None;
+            for kind in [HickoryType::A, HickoryType::AAAA] {
+                let response = client
+                    .query(current.clone(), DNSClass::IN, kind)
+                    .await
+                    .map_err(|e| client_error(&label, &e, false))?;
+                match response.response_code() {
+                    ResponseCode::NoError | ResponseCode::NXDomain => {}
+                    code => {
+                        return Err(DnsError::Server {
+                            server: label,
+                            why: code.to_string(),
+                        });
+                    }
+                }
+                for record in response.answers() {
+                    match record.data() {
+                        RData::A(a) => found.push(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => found.push(IpAddr::V6(a.0)),
+                        RData::CNAME(target) => next = Some(target.0.clone()),
+                        _ => {}
+                    }
                 }
             }
-            // The answer holds the CNAME chain and the addresses at its end.
-            found = Addresses::of(
-                found
-                    .all()
-                    .into_iter()
-                    .chain(response.answers().iter().filter_map(|r| match r.data() {
-                        RData::A(a) => Some(IpAddr::V4(a.0)),
-                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                        _ => None,
-                    })),
-            );
+            match next {
+                Some(target) if found.is_empty() => current = target,
+                _ => return Ok(Addresses::of(found).all()),
+            }
         }
-        Ok(found.all())
+        Ok(Vec::new())
     }
 }
+
+/// The longest CNAME chain followed when checking an operator's name.
+const MAX_CNAME_STEPS: usize = 8;
 
 impl Resolver for HickoryResolver {
     fn resolve(&self, name: &str) -> BoxFuture<Result<Vec<IpAddr>, DnsError>> {

@@ -412,7 +412,7 @@ impl Core {
                     for t in &targets {
                         if let Some(e) = entries.get_mut(&t.host) {
                             e.state = "Failed".into();
-                            e.message = Some(error.to_string());
+                            e.message = Some(format!("{error} (next attempt in {}s)", wait.as_secs()));
                         }
                     }
                     retry = Some(wait);
@@ -461,7 +461,15 @@ impl Core {
                         }
                     }
                     match failure {
-                        Some(e) => retry = Some(self.record_failure(env_name, &e)),
+                        Some(e) => {
+                            let wait = self.record_failure(env_name, &e);
+                            retry = Some(wait);
+                            for entry in entries.values_mut().filter(|e| e.state == "Failed") {
+                                if let Some(m) = entry.message.as_mut() {
+                                    m.push_str(&format!(" (next attempt in {}s)", wait.as_secs()));
+                                }
+                            }
+                        }
                         None => self.record_success(env_name),
                     }
                     // Names not tried after a failure say so.
