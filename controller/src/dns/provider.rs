@@ -27,6 +27,9 @@ use crate::store::Store;
 pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// The longest wait between attempts on a failing DNS server.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How soon a name held by someone else (or a host without a publishable address) is looked at again:
+/// a person has to act, so there is no point in asking the server more often.
+pub const CONFLICT_RETRY: Duration = Duration::from_secs(60);
 /// How soon the operator's names are checked again while they do not resolve to the hosts.
 pub const DNS_READY_RETRY: Duration = Duration::from_secs(15);
 
@@ -558,7 +561,7 @@ impl Core {
             } else {
                 format!("{}; DNS: {}", report.message, problems.join("; "))
             };
-            report.retry_after = sooner(report.retry_after, retry.unwrap_or(BACKOFF_BASE));
+            report.retry_after = sooner(report.retry_after, retry.unwrap_or(CONFLICT_RETRY));
         } else if dns_ready == ConditionStatus::False && report.converged {
             report.converged = false;
             report.message = dns_message;
