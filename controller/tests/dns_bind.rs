@@ -281,8 +281,48 @@ async fn a_host_gets_its_name_follows_its_address_and_loses_it_when_destroyed() 
     assert_eq!(code, 0, "{hosts}");
     assert!(hosts.contains("DNS NAME") && hosts.contains(NAME), "{hosts}");
     assert_eq!(metric(daemon, "created"), 1);
+    let metrics = daemon.metrics();
+    let sample = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_default()
+    };
+    let (sum, count) = (
+        sample("fediversity_dns_update_duration_seconds_sum "),
+        sample("fediversity_dns_update_duration_seconds_count "),
+    );
+    assert!(count >= 1.0);
+    eprintln!("read and update of one name: {:.1} ms", sum / count * 1000.0);
     let events = daemon.api("events?kind=Deployment&name=uni");
     assert!(events.to_string().contains("DNSRecordCreated"), "{events}");
+
+    // A host destroyed while its Deployment stays: pixelfed is disabled (deletionPolicy Delete).
+    let pixelfed = "uni-pixelfed.hosting.test.";
+    rig.folder.write_deployment(
+        "uni",
+        &["mastodon: { size: small }", "pixelfed: { size: small }"],
+        "Delete",
+        "",
+    );
+    wait_for("pixelfed's name to answer dig", LONG, || {
+        (bind.dig(pixelfed, "A").len() == 1).then_some(())
+    });
+    rig.folder.write_deployment(
+        "uni",
+        &["mastodon: { size: small }", "pixelfed: { enabled: false }"],
+        "Delete",
+        "",
+    );
+    wait_for("pixelfed's name to be gone", LONG, || {
+        (bind.dig(pixelfed, "A").is_empty() && bind.dig(pixelfed, "TXT").is_empty()).then_some(())
+    });
+    assert_eq!(
+        bind.dig(NAME, "A"),
+        vec![address.clone()],
+        "mastodon keeps its name"
+    );
+    assert_eq!(metric(daemon, "deleted"), 1);
 
     // Address change: the environment now publishes the host behind NAT at another address.
     let nat = format!("    addressSource: Nat\n    nat: {{ \"{address}\": 198.51.100.77 }}\n");
@@ -303,7 +343,7 @@ async fn a_host_gets_its_name_follows_its_address_and_loses_it_when_destroyed() 
     wait_for("the VM to be destroyed", LONG, || {
         our_vms(&rig.sim).is_empty().then_some(())
     });
-    assert_eq!(metric(daemon, "deleted"), 1);
+    assert_eq!(metric(daemon, "deleted"), 2);
     assert!(!bind.log().contains("update failed"), "{}", bind.log());
 }
 
