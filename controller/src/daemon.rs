@@ -263,6 +263,8 @@ pub struct Embedding {
     pub nixos_transport: crate::nixos::Transport,
     /// Deadlines and poll interval of NixOS deploys, when not the defaults.
     pub nixos_timings: Option<crate::nixos::DeployTimings>,
+    /// Where DNS names are kept, instead of the RFC 2136 server `spec.dns` names.
+    pub dns_zones: Option<Arc<crate::dns::ZoneFactory>>,
 }
 
 /// Runs the daemon until it is stopped; returns the exit code (0 after a clean drain).
@@ -366,7 +368,15 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         desired: desired.clone(),
         book: book.clone(),
         metrics: object_metrics,
-        provider: crate::dns::with_dns(infrastructure, installation, &store, &desired, &book, &registry)?,
+        provider: crate::dns::with_dns(
+            infrastructure,
+            installation,
+            &store,
+            &desired,
+            &book,
+            &registry,
+            embedding.dns_zones.clone(),
+        )?,
         trigger: trigger.clone(),
     });
     let runner = Runner::new(Arc::new(Dispatcher::new(ctx)), config, Some(runtime_metrics));

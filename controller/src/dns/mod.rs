@@ -8,6 +8,7 @@
 //! someone else makes the server refuse the update, and it is reported rather than overwritten.
 
 pub mod client;
+pub mod memory;
 pub mod metrics;
 pub mod plan;
 pub mod provider;
@@ -17,9 +18,10 @@ use std::net::IpAddr;
 use crate::runtime::BoxFuture;
 
 pub use client::{HickoryResolver, HickoryZone};
+pub use memory::MemoryZone;
 pub use metrics::DnsMetrics;
 pub use plan::{Addresses, Change, ChangeKind, Decision, Observed, decide, owner_txt};
-pub use provider::{DnsProvider, with_dns};
+pub use provider::{DnsProvider, ZoneFactory, with_dns};
 
 /// Why a DNS request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -344,10 +344,20 @@ impl Core {
         let mut targets = Vec::new();
         for host in planned {
             let name = host_name(&host.name, &spec.zone);
+            // A VM's address as the infrastructure reports it; a static host's from its spec.
             let address = hosts
                 .iter()
                 .find(|h| h.name == host.name)
-                .and_then(|h| h.address.clone());
+                .and_then(|h| h.address.clone())
+                .or_else(|| {
+                    env.spec
+                        .proxmox
+                        .is_none()
+                        .then(|| {
+                            crate::nixos::provider::static_host_for(env, host).map(|s| s.address.clone())
+                        })
+                        .flatten()
+                });
             let mut entry = DnsRecordStatus {
                 host: host.name.clone(),
                 name: name.clone(),
@@ -494,10 +504,13 @@ impl Core {
             .map(|r| format!("{}: {}", r.name, r.message.clone().unwrap_or_default()))
             .collect();
         let published = problems.is_empty();
+        let waiting = records.iter().filter(|r| r.state == "WaitingForAddress").count();
         report.conditions.push(ProviderCondition {
             type_: condition_types::DNS_PUBLISHED,
-            status: ready(published),
-            reason: if published {
+            status: ready(published && waiting == 0),
+            reason: if published && waiting > 0 {
+                "WaitingForAddress"
+            } else if published {
                 "Published"
             } else if records.iter().any(|r| r.state == "Conflict") {
                 "DNSConflict"
@@ -767,7 +780,8 @@ impl Provider for DnsProvider {
     }
 }
 
-/// Wraps the daemon's provider with DNS names (its metrics in `registry`).
+/// Wraps the daemon's provider with DNS names (its metrics in `registry`); `zones` replaces the
+/// RFC 2136 client (the demo's in-memory zone).
 pub fn with_dns(
     inner: Arc<dyn Provider>,
     installation: String,
@@ -775,16 +789,30 @@ pub fn with_dns(
     desired: &Arc<DesiredState>,
     book: &Arc<StatusBook>,
     registry: &prometheus::Registry,
+    zones: Option<Arc<ZoneFactory>>,
 ) -> Result<Arc<dyn Provider>, prometheus::Error> {
     let metrics = DnsMetrics::register(registry)?;
-    Ok(Arc::new(DnsProvider::new(
-        inner,
-        installation,
-        store.clone(),
-        desired.clone(),
-        Some(book.clone()),
-        metrics,
-    )))
+    let provider = match zones {
+        None => DnsProvider::new(
+            inner,
+            installation,
+            store.clone(),
+            desired.clone(),
+            Some(book.clone()),
+            metrics,
+        ),
+        Some(zones) => DnsProvider::with_clients(
+            inner,
+            installation,
+            store.clone(),
+            desired.clone(),
+            Some(book.clone()),
+            metrics,
+            Box::new(move |spec| zones(spec)),
+            Box::new(|server| Arc::new(HickoryResolver::new(server)) as Arc<dyn Resolver>),
+        ),
+    };
+    Ok(Arc::new(provider))
 }
 
 #[cfg(test)]
