@@ -548,3 +548,78 @@ fn the_rig_finds_bind_and_dig() {
         assert!(Path::new(&tool(name)).is_file());
     }
 }
+
+fn zone_spec(bind: &Bind) -> fediversity::api::DnsSpec {
+    fediversity::api::DnsSpec {
+        zone: ZONE.into(),
+        server: fediversity::api::DnsServer {
+            host: "127.0.0.1".into(),
+            port: bind.port,
+        },
+        tsig: fediversity::api::TsigSpec {
+            key_name: "fediversity-key".into(),
+            algorithm: fediversity::api::TsigAlgorithm::HmacSha256,
+            secret_file: bind.key_file(),
+        },
+        ttl: 60,
+        address_source: fediversity::api::AddressSource::GuestAgent,
+        nat: Default::default(),
+        resolver: None,
+    }
+}
+
+#[tokio::test]
+async fn a_change_made_by_someone_else_after_our_read_is_refused_by_the_server_not_overwritten() {
+    use fediversity::dns::{Addresses, Applied, Decision, HickoryZone, ZoneClient, decide, owner_txt};
+    let bind = Bind::start();
+    let zone = HickoryZone::new(&zone_spec(&bind)).unwrap();
+    let owner = owner_txt("installation", "uni");
+    let ip = |a: &str| Addresses::of([a.parse().unwrap()]);
+
+    // Claimed by us.
+    let seen = zone.observe(NAME).await.unwrap();
+    let Decision::Apply(_, claim) = decide(NAME, Some(&ip("192.0.2.10")), &seen, &owner, 60) else {
+        panic!("a free name is claimed")
+    };
+    assert_eq!(zone.apply(&claim).await.unwrap(), Applied::Done);
+    assert_eq!(bind.dig(NAME, "A"), vec!["192.0.2.10"]);
+
+    // We read it and plan a move; meanwhile someone else changes the address.
+    let seen = zone.observe(NAME).await.unwrap();
+    assert!(seen.txt.contains(&owner));
+    let Decision::Apply(_, update) = decide(NAME, Some(&ip("192.0.2.11")), &seen, &owner, 60) else {
+        panic!("an address change is an update")
+    };
+    bind.nsupdate(&format!(
+        "update delete {NAME} A\nupdate add {NAME} 60 A 203.0.113.50"
+    ));
+    let applied = zone.apply(&update).await.unwrap();
+    assert!(
+        matches!(&applied, Applied::PrerequisiteFailed(code) if code.contains("NXRRSET")),
+        "{applied:?}"
+    );
+    assert_eq!(bind.dig(NAME, "A"), vec!["203.0.113.50"], "their change stands");
+
+    // The same holds for a claim raced by someone else, and for a removal.
+    let other = "uni-pixelfed.hosting.test.";
+    let Decision::Apply(_, claim) = decide(other, Some(&ip("192.0.2.12")), &Default::default(), &owner, 60)
+    else {
+        panic!()
+    };
+    bind.nsupdate(&format!("update add {other} 60 A 203.0.113.51"));
+    let applied = zone.apply(&claim).await.unwrap();
+    assert!(
+        matches!(&applied, Applied::PrerequisiteFailed(code) if code.contains("YXDOMAIN")),
+        "{applied:?}"
+    );
+    assert_eq!(bind.dig(other, "A"), vec!["203.0.113.51"]);
+    assert!(bind.dig(other, "TXT").is_empty());
+    let Decision::Apply(_, removal) = decide(NAME, None, &seen, &owner, 60) else {
+        panic!()
+    };
+    assert!(matches!(
+        zone.apply(&removal).await.unwrap(),
+        Applied::PrerequisiteFailed(_)
+    ));
+    assert_eq!(bind.dig(NAME, "A"), vec!["203.0.113.50"], "not removed");
+}

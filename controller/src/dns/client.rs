@@ -178,7 +178,7 @@ impl HickoryZone {
         DnsError::ZoneNotServed {
             server: label(&self.server),
             zone: self.zone.trim_end_matches('.').to_owned(),
-            why: code.to_string(),
+            why: mnemonic(code),
         }
     }
 
@@ -203,7 +203,7 @@ impl HickoryZone {
                 code => {
                     return Err(DnsError::Server {
                         server,
-                        why: code.to_string(),
+                        why: mnemonic(code),
                     });
                 }
             }
@@ -241,19 +241,24 @@ impl HickoryZone {
             code @ (ResponseCode::YXDomain
             | ResponseCode::YXRRSet
             | ResponseCode::NXRRSet
-            | ResponseCode::NXDomain) => Ok(Applied::PrerequisiteFailed(code.to_string())),
+            | ResponseCode::NXDomain) => Ok(Applied::PrerequisiteFailed(mnemonic(code))),
             // A bad signature never gets here: its unsigned answer fails the exchange itself.
             code @ (ResponseCode::NotZone | ResponseCode::NotAuth) => Err(self.zone_error(code)),
             code @ ResponseCode::Refused => Err(DnsError::Rejected {
                 server,
-                why: code.to_string(),
+                why: mnemonic(code),
             }),
             code => Err(DnsError::Server {
                 server,
-                why: code.to_string(),
+                why: mnemonic(code),
             }),
         }
     }
+}
+
+/// A response code as `nsupdate` prints it: `NXRRSET`, `REFUSED`, `NOTAUTH`.
+fn mnemonic(code: ResponseCode) -> String {
+    format!("{code:?}").to_uppercase()
 }
 
 fn txt_text(txt: &TXT) -> String {
@@ -389,7 +394,7 @@ impl HickoryResolver {
                     code => {
                         return Err(DnsError::Server {
                             server: label,
-                            why: code.to_string(),
+                            why: mnemonic(code),
                         });
                     }
                 }
