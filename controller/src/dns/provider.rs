@@ -439,6 +439,17 @@ impl Core {
                         let (state, message) = match outcome {
                             Outcome::Published => ("Published", None),
                             Outcome::Removed => continue,
+                            Outcome::Foreign(why) if target.desired.is_none() => {
+                                // A gone host's name that is not ours (any more): left alone, forgotten.
+                                let _ = self.store.remove_inventory(&inventory_id(dep, &target.host));
+                                self.event(
+                                    dep,
+                                    EventType::Warning,
+                                    "DNSConflict",
+                                    format!("{}: not removed: {why}", target.name),
+                                );
+                                continue;
+                            }
                             Outcome::Foreign(why) => ("Conflict", Some(why)),
                             Outcome::Failed(e) => {
                                 let message = e.to_string();
