@@ -7,11 +7,13 @@
 //! use; update and delete: our TXT and the address sets are exactly as seen), so a concurrent change by
 //! someone else makes the server refuse the update, and it is reported rather than overwritten.
 
+pub mod backoff;
 pub mod client;
 pub mod memory;
 pub mod metrics;
 pub mod plan;
 pub mod provider;
+pub mod ready;
 
 use std::net::IpAddr;
 

@@ -2,20 +2,20 @@
 //! address once it has one, removes the name when the host is destroyed, keeps it while the VM is
 //! retained, and checks that the operator's names lead to the hosts (`DNSReady`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::time::Instant;
 
+use super::backoff::Gates;
 use super::plan::{Addresses, Decision, Rdata, decide, owner_txt};
 use super::{Applied, DnsError, DnsMetrics, HickoryResolver, HickoryZone, Resolver, ZoneClient, host_name};
 use crate::api::{
     AddressSource, ConditionStatus, DeletionPolicy, Deployment, DnsRecordStatus, DnsSpec, DnsStatus,
-    EventType, HostStatus, Kind, Object, ObjectKey, OperatorRecord, RuntimeEnvironment, condition_types,
+    EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, condition_types,
 };
 use crate::reconcile::deployment::PlannedHost;
 use crate::reconcile::{EnvironmentReport, Provider, ProviderCondition, ProviderReport};
@@ -23,21 +23,11 @@ use crate::runtime::{BoxFuture, ReconcileError};
 use crate::state::{DesiredState, StatusBook};
 use crate::store::Store;
 
-/// The first wait after a failed exchange with a DNS server; it doubles with every further failure.
-pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
-/// The longest wait between attempts on a failing DNS server.
-pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// How soon a name held by someone else (or a host without a publishable address) is looked at again:
 /// a person has to act, so there is no point in asking the server more often.
 pub const CONFLICT_RETRY: Duration = Duration::from_secs(60);
 /// How soon the operator's names are checked again while they do not resolve to the hosts.
 pub const DNS_READY_RETRY: Duration = Duration::from_secs(15);
-
-/// How long to leave a DNS server alone after `failures` failed exchanges in a row.
-pub fn backoff(failures: u32) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)
-}
 
 /// Builds the zone client of an environment's `spec.dns`.
 pub type ZoneFactory = dyn Fn(&DnsSpec) -> Result<Arc<dyn ZoneClient>, DnsError> + Send + Sync;
@@ -58,13 +48,6 @@ pub struct NameRecord {
 
 fn inventory_id(deployment: &str, host: &str) -> String {
     format!("dns/{deployment}/{host}")
-}
-
-/// The backoff state of one environment's DNS server.
-struct Gate {
-    failures: u32,
-    until: Instant,
-    last: DnsError,
 }
 
 /// One name to converge.
@@ -97,7 +80,7 @@ struct Core {
     installation: String,
     zones: Box<ZoneFactory>,
     resolvers: Box<ResolverFactory>,
-    gates: Mutex<HashMap<String, Gate>>,
+    gates: Gates,
 }
 
 impl DnsProvider {
@@ -123,6 +106,7 @@ impl DnsProvider {
     }
 
     /// As [`DnsProvider::new`], with the zone clients and resolvers from the given factories.
+    // Each argument is a distinct collaborator; a builder would only rename them.
     #[allow(clippy::too_many_arguments)]
     pub fn with_clients(
         inner: Arc<dyn Provider>,
@@ -144,7 +128,7 @@ impl DnsProvider {
                 installation,
                 zones,
                 resolvers,
-                gates: Mutex::new(HashMap::new()),
+                gates: Gates::default(),
             }),
         }
     }
@@ -189,43 +173,16 @@ impl Core {
         serde_json::from_value(status.get("dns")?.clone()).ok()
     }
 
-    /// Whether the environment's server may be contacted now; otherwise the last error and the wait.
     fn gate(&self, environment: &str) -> Result<(), (DnsError, Duration)> {
-        let gates = self
-            .gates
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match gates.get(environment) {
-            Some(gate) if gate.until > Instant::now() => {
-                Err((gate.last.clone(), gate.until - Instant::now()))
-            }
-            _ => Ok(()),
-        }
+        self.gates.check(environment)
     }
 
     fn record_failure(&self, environment: &str, error: &DnsError) -> Duration {
-        let mut gates = self
-            .gates
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let failures = gates.get(environment).map_or(0, |g| g.failures) + 1;
-        let wait = backoff(failures);
-        gates.insert(
-            environment.to_owned(),
-            Gate {
-                failures,
-                until: Instant::now() + wait,
-                last: error.clone(),
-            },
-        );
-        wait
+        self.gates.failed(environment, error)
     }
 
     fn record_success(&self, environment: &str) {
-        self.gates
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(environment);
+        self.gates.succeeded(environment);
     }
 
     /// Converges one name: read, decide, apply (guarded). Counts and times it.
@@ -507,7 +464,8 @@ impl Core {
             },
         }
 
-        let operator = self.check_operator_names(spec, planned, &entries).await;
+        let resolver = spec.resolver.as_ref().map(|r| (self.resolvers)(r));
+        let operator = super::ready::operator_records(resolver.as_deref(), planned, &entries).await;
         let records: Vec<DnsRecordStatus> = entries.values().cloned().collect();
         let problems: Vec<String> = records
             .iter()
@@ -591,91 +549,6 @@ impl Core {
             report.message = dns_message;
             report.retry_after = sooner(report.retry_after, DNS_READY_RETRY);
         }
-    }
-
-    /// The records the operator must set, and whether they resolve to the hosts (`DNSReady`).
-    async fn check_operator_names(
-        &self,
-        spec: &DnsSpec,
-        planned: &[PlannedHost],
-        entries: &BTreeMap<String, DnsRecordStatus>,
-    ) -> (Vec<OperatorRecord>, (ConditionStatus, &'static str, String)) {
-        let resolver = spec.resolver.as_ref().map(|r| (self.resolvers)(r));
-        let mut records = Vec::new();
-        let mut missing = Vec::new();
-        let mut failures = Vec::new();
-        let mut waiting = false;
-        for host in planned {
-            let Some(entry) = entries.get(&host.name) else {
-                continue;
-            };
-            let name = format!("{}.", host.fqdn);
-            let mut record = OperatorRecord {
-                name: name.clone(),
-                type_: "CNAME".into(),
-                value: entry.name.clone(),
-                at_apex: entry
-                    .addresses
-                    .iter()
-                    .map(|a| {
-                        let kind = if a.contains(':') { "AAAA" } else { "A" };
-                        format!("{kind} {a}")
-                    })
-                    .collect(),
-                resolves: None,
-            };
-            if entry.state != "Published" {
-                waiting = true;
-            } else if let Some(resolver) = &resolver {
-                let want: Vec<IpAddr> = entry.addresses.iter().filter_map(|a| a.parse().ok()).collect();
-                match resolver.resolve(&name).await {
-                    Ok(found) => {
-                        let ok = !want.is_empty() && want.iter().all(|a| found.contains(a));
-                        record.resolves = Some(ok);
-                        if !ok {
-                            missing.push(format!("{name} CNAME {}", entry.name));
-                        }
-                    }
-                    Err(e) => failures.push(format!("{name}: {e}")),
-                }
-            }
-            records.push(record);
-        }
-        let condition = if resolver.is_none() {
-            (
-                ConditionStatus::Unknown,
-                "NotChecked",
-                "spec.dns.resolver is not set: the operator's names are not checked".to_owned(),
-            )
-        } else if !failures.is_empty() {
-            (
-                ConditionStatus::Unknown,
-                "ResolverFailed",
-                format!("the resolver could not be asked: {}", failures.join("; ")),
-            )
-        } else if !missing.is_empty() {
-            (
-                ConditionStatus::False,
-                "OperatorRecordsMissing",
-                format!(
-                    "waiting for the operator's DNS: set {} at your domain (an A record with the host's address where a CNAME is impossible, at a zone apex)",
-                    missing.join(", ")
-                ),
-            )
-        } else if waiting || records.is_empty() {
-            (
-                ConditionStatus::Unknown,
-                "WaitingForNames",
-                "the hosts' names are not all published yet".to_owned(),
-            )
-        } else {
-            (
-                ConditionStatus::True,
-                "Resolving",
-                format!("{} operator name(s) resolve to their hosts", records.len()),
-            )
-        };
-        (records, condition)
     }
 
     /// Removes (or keeps, under `Retain`) the names of a Deployment that is gone.
@@ -830,13 +703,6 @@ pub fn with_dns(
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_wait_after_failures_doubles_from_five_seconds_up_to_five_minutes() {
-        let waits: Vec<u64> = (1..=8).map(|n| backoff(n).as_secs()).collect();
-        assert_eq!(waits, vec![5, 10, 20, 40, 80, 160, 300, 300]);
-        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
-    }
-
     fn spec(source: AddressSource, nat: &[(&str, &str)]) -> DnsSpec {
         DnsSpec {
             zone: "hosting.test".into(),
@@ -877,40 +743,5 @@ mod tests {
             "192.0.2.7"
         );
         assert!(public_address(&direct, "host.example.org").is_err());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_failing_server_is_left_alone_until_its_backoff_has_passed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let provider = DnsProvider::new(
-            Arc::new(crate::reconcile::PlanOnly),
-            "id".into(),
-            store,
-            Arc::new(DesiredState::default()),
-            None,
-            DnsMetrics::unregistered().unwrap(),
-        );
-        let core = &provider.core;
-        let error = DnsError::Unreachable {
-            server: "127.0.0.1:53".into(),
-            why: "no answer".into(),
-        };
-        assert!(core.gate("env").is_ok());
-        assert_eq!(core.record_failure("env", &error), Duration::from_secs(5));
-        let (last, wait) = core.gate("env").unwrap_err();
-        assert_eq!(last, error);
-        assert_eq!(wait, Duration::from_secs(5));
-        tokio::time::advance(Duration::from_secs(4)).await;
-        assert!(core.gate("env").is_err(), "still closed after 4 s");
-        tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(core.gate("env").is_ok(), "open after 5 s");
-        assert_eq!(core.record_failure("env", &error), Duration::from_secs(10));
-        core.record_success("env");
-        assert!(core.gate("env").is_ok());
-        assert!(
-            core.gate("other").is_ok(),
-            "one environment's failures do not close another's"
-        );
     }
 }
