@@ -280,6 +280,12 @@ async fn a_host_gets_its_name_follows_its_address_and_loses_it_when_destroyed() 
     let (code, hosts) = daemon.cli(&["get", "hosts"]);
     assert_eq!(code, 0, "{hosts}");
     assert!(hosts.contains("DNS NAME") && hosts.contains(NAME), "{hosts}");
+    let (code, described) = daemon.cli(&["describe", "deployment", "uni"]);
+    assert_eq!(code, 0, "{described}");
+    assert!(
+        described.contains(&format!("Set at your domain:\n  {OPERATOR_NAME} CNAME {NAME}")),
+        "{described}"
+    );
     assert_eq!(metric(daemon, "created"), 1);
     let metrics = daemon.metrics();
     let sample = |name: &str| {
