@@ -277,6 +277,8 @@ async fn a_host_gets_its_name_follows_its_address_and_loses_it_when_destroyed() 
     assert_eq!(operator["value"], NAME);
     assert_eq!(operator["atApex"][0], format!("A {address}"));
     assert_eq!(condition(&d, "DNSReady").unwrap().1, "NotChecked");
+    let env = daemon.api("runtimeenvironments/sim");
+    assert!(!env["status"]["warnings"].to_string().contains("DNS"), "{env}");
     let (code, hosts) = daemon.cli(&["get", "hosts"]);
     assert_eq!(code, 0, "{hosts}");
     assert!(hosts.contains("DNS NAME") && hosts.contains(NAME), "{hosts}");
@@ -454,6 +456,13 @@ async fn a_wrong_tsig_key_is_a_clear_error_that_backs_off_without_a_retry_storm(
         record_state(&d)
     );
     assert!(bind.dig(NAME, "A").is_empty());
+    let env = rig.daemon.api("runtimeenvironments/sim");
+    assert!(
+        env["status"]["warnings"]
+            .to_string()
+            .contains("DNS: the DNS server 127.0.0.1:"),
+        "the environment shows the refusal too: {env}"
+    );
     assert!(
         bind.log().contains("fediversity-key"),
         "the server names the key: {}",
@@ -510,6 +519,13 @@ async fn a_zone_the_server_does_not_serve_is_named_in_status() {
         "{message}"
     );
     assert!(bind.dig("uni-mastodon.elsewhere.test.", "A").is_empty());
+    let env = rig.daemon.api("runtimeenvironments/sim");
+    assert!(
+        env["status"]["warnings"]
+            .to_string()
+            .contains("does not serve the zone elsewhere.test"),
+        "{env}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -312,6 +312,9 @@ pub fn update_message(zone: &Name, owner: &Name, change: &Change) -> Message {
             Prerequisite::NameNotInUse => {
                 message.add_pre_requisite(empty(owner, HickoryType::ANY, DNSClass::NONE));
             }
+            Prerequisite::NameInUse => {
+                message.add_pre_requisite(empty(owner, HickoryType::ANY, DNSClass::ANY));
+            }
             Prerequisite::RrsetAbsent(kind) => {
                 message.add_pre_requisite(empty(owner, record_type(*kind), DNSClass::NONE));
             }

@@ -92,6 +92,9 @@ impl MemoryZone {
         for prerequisite in &change.prerequisites {
             let failed = match prerequisite {
                 Prerequisite::NameNotInUse => (!current.is_empty()).then_some("YXDOMAIN"),
+                // The apex always holds its SOA, which this zone does not model.
+                Prerequisite::NameInUse if change.name == self.zone => None,
+                Prerequisite::NameInUse => current.is_empty().then_some("NXDOMAIN"),
                 Prerequisite::RrsetAbsent(t) => (!of(*t).is_empty()).then_some("YXRRSET"),
                 Prerequisite::RrsetEquals(t, values) => {
                     (of(*t) != values.iter().collect::<BTreeSet<_>>()).then_some("NXRRSET")

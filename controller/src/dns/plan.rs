@@ -110,6 +110,8 @@ impl fmt::Display for RecordType {
 pub enum Prerequisite {
     /// §2.4.5: no record of any type exists at the name.
     NameNotInUse,
+    /// §2.4.4: some record exists at the name (the zone's apex always has its SOA).
+    NameInUse,
     /// §2.4.2: the RRset of this type holds exactly these values.
     RrsetEquals(RecordType, Vec<Rdata>),
     /// §2.4.3: no record of this type exists at the name.
@@ -224,6 +226,18 @@ pub fn decide(
                 ],
             ),
         ),
+    }
+}
+
+/// A signed update that changes nothing: it only asks the server whether the zone's apex exists. The
+/// server checks the signature and that it serves the zone, so this tells a wrong key or zone before any
+/// host needs a name.
+pub fn probe(zone: &str) -> Change {
+    Change {
+        name: format!("{}.", zone.trim_end_matches('.')),
+        prerequisites: vec![Prerequisite::NameInUse],
+        operations: Vec::new(),
+        ttl: 0,
     }
 }
 

@@ -185,6 +185,30 @@ impl Core {
         self.gates.succeeded(environment);
     }
 
+    /// Sends the environment's server a signed update that changes nothing, so that a wrong key, a server that does not
+    /// answer or a zone it does not serve shows on the environment before any host needs a name.
+    async fn probe(&self, environment: &str, spec: &DnsSpec) -> Option<String> {
+        if let Err((error, wait)) = self.gate(environment) {
+            return Some(format!("{error} (next attempt in {}s)", wait.as_secs().max(1)));
+        }
+        let result = match (self.zones)(spec) {
+            // Any answer to the signed no-op (even a failed prerequisite) means key and zone are right.
+            Ok(zone) => zone.apply(&super::plan::probe(&spec.zone)).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => {
+                self.record_success(environment);
+                None
+            }
+            Err(error) => {
+                self.metrics.result(error.metric_label());
+                let wait = self.record_failure(environment, &error);
+                Some(format!("{error} (next attempt in {}s)", wait.as_secs()))
+            }
+        }
+    }
+
     /// Converges one name: read, decide, apply (guarded). Counts and times it.
     async fn sync_name(
         &self,
@@ -633,7 +657,22 @@ impl Provider for DnsProvider {
         &self,
         env: &RuntimeEnvironment,
     ) -> BoxFuture<Result<EnvironmentReport, ReconcileError>> {
-        self.inner.check_environment(env)
+        let inner = self.inner.check_environment(env);
+        let (core, env) = (self.core.clone(), env.clone());
+        Box::pin(async move {
+            let mut report = inner.await?;
+            if let Some(spec) = &env.spec.dns
+                && let Some(problem) = core.probe(env.metadata.name.as_str(), spec).await
+            {
+                let mut warnings = match report.fields.remove("warnings") {
+                    Some(Value::Array(list)) => list,
+                    _ => Vec::new(),
+                };
+                warnings.push(Value::String(format!("DNS: {problem}")));
+                report.fields.insert("warnings".into(), Value::Array(warnings));
+            }
+            Ok(report)
+        })
     }
 
     fn converge(
