@@ -191,7 +191,7 @@ impl HickoryZone {
             let response = client
                 .query(owner.clone(), DNSClass::IN, kind)
                 .await
-                .map_err(|e| client_error(&server, &e, true))?;
+                .map_err(|e| client_error(&server, &e, false))?;
             match response.response_code() {
                 ResponseCode::NoError | ResponseCode::NXDomain if response.authoritative() => {}
                 ResponseCode::NoError
