@@ -28,6 +28,10 @@ if ! command -v nix >/dev/null || ! command -v nix-instantiate >/dev/null || ! c
   log "installing nix-bin and curl (NixOS hosts are converged with real Nix over a loopback sshd; the tests set NIX_CONFIG)"
   apt_install nix-bin curl
 fi
+if ! command -v /usr/sbin/named >/dev/null || ! command -v dig >/dev/null || ! command -v nsupdate >/dev/null; then
+  log "installing bind9 and bind9-dnsutils (host names are published to a loopback named and checked with dig)"
+  apt_install bind9 bind9-dnsutils
+fi
 if ! command -v promtool >/dev/null; then
   log "installing prometheus (promtool checks the metrics; the service itself is not started)"
   apt_install prometheus

@@ -263,6 +263,8 @@ pub struct Embedding {
     pub nixos_transport: crate::nixos::Transport,
     /// Deadlines and poll interval of NixOS deploys, when not the defaults.
     pub nixos_timings: Option<crate::nixos::DeployTimings>,
+    /// Where DNS names are kept, instead of the RFC 2136 server `spec.dns` names.
+    pub dns_zones: Option<Arc<crate::dns::ZoneFactory>>,
 }
 
 /// Runs the daemon until it is stopped; returns the exit code (0 after a clean drain).
@@ -340,31 +342,41 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             }
         })
     };
+    let installation = crate::installation::installation_id(&store, &state_dir, instance_id.as_deref())?;
+    let infrastructure = crate::nixos::provider::with_nixos(
+        crate::proxmox::build_provider(
+            provider,
+            Some(&installation),
+            &state_dir,
+            &store,
+            &desired,
+            &registry,
+        )?,
+        nixos_catalog.as_deref().map(|catalog| {
+            let mut config = crate::nixos::DeployerConfig::new(&state_dir.join("nixos"), catalog);
+            config.transport = embedding.nixos_transport.clone();
+            if let Some(timings) = &embedding.nixos_timings {
+                config.timings = timings.clone();
+            }
+            config
+        }),
+        &store,
+        &desired,
+        &book,
+        &registry,
+    )?;
     let ctx = Arc::new(Context {
         desired: desired.clone(),
         book: book.clone(),
         metrics: object_metrics,
-        provider: crate::nixos::provider::with_nixos(
-            crate::proxmox::build_provider(
-                provider,
-                instance_id.as_deref(),
-                &state_dir,
-                &store,
-                &desired,
-                &registry,
-            )?,
-            nixos_catalog.as_deref().map(|catalog| {
-                let mut config = crate::nixos::DeployerConfig::new(&state_dir.join("nixos"), catalog);
-                config.transport = embedding.nixos_transport.clone();
-                if let Some(timings) = &embedding.nixos_timings {
-                    config.timings = timings.clone();
-                }
-                config
-            }),
+        provider: crate::dns::with_dns(
+            infrastructure,
+            installation,
             &store,
             &desired,
             &book,
             &registry,
+            embedding.dns_zones.clone(),
         )?,
         trigger: trigger.clone(),
         waiters: Default::default(),

@@ -3,8 +3,10 @@
 pub mod api;
 pub mod cli;
 pub mod daemon;
+pub mod dns;
 pub mod fixtures;
 pub mod http;
+pub mod installation;
 pub mod load;
 pub mod nixos;
 pub mod proxmox;

@@ -73,6 +73,23 @@ fn the_demo_brings_the_quickstart_to_ready_shows_its_progress_and_exits_zero() {
     let hosts = table(&output, "HOSTS");
     assert_eq!(hosts.len(), 4, "{output}");
     assert!(hosts.iter().all(|row| row.contains(" Ready ")), "{hosts:#?}");
+    // Every host has its name in the provider's zone, and each operator is told what to set.
+    assert!(
+        hosts.iter().all(|row| row.contains(".hosting.example.")),
+        "{hosts:#?}"
+    );
+    for host in ["dorpshuis-zuid-mastodon", "open-archief-peertube"] {
+        assert!(
+            output.contains(&format!("  {host}.hosting.example. A 10.80.")),
+            "no A record of {host} in:\n{output}"
+        );
+    }
+    assert!(
+        output.contains(
+            "  mastodon.social.dorpshuis-zuid.example. CNAME dorpshuis-zuid-mastodon.hosting.example."
+        ),
+        "{output}"
+    );
     assert!(
         table(&output, "RUNTIME ENVIRONMENTS")[0].contains(" True "),
         "{output}"

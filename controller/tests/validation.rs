@@ -333,3 +333,70 @@ fn one_invalid_document_does_not_hide_the_valid_ones() {
     assert_eq!(snapshot.errors.len(), 1);
     assert_eq!(snapshot.errors[0].document, Some(1));
 }
+
+const DNS: &str = "  dns:
+    zone: hosting.example
+    server: { host: 127.0.0.1, port: 5353 }
+    tsig: { keyName: fediversity-key, secretFile: /run/secrets/tsig }
+";
+
+#[test]
+fn a_dns_section_with_defaults_is_valid() {
+    let env = format!("{ENV}{DNS}");
+    assert_eq!(problems(&[("env.yaml", &env)]), vec![]);
+}
+
+#[test]
+fn a_tsig_secret_pasted_where_its_file_belongs_is_refused_without_echoing_it() {
+    let env = format!("{ENV}{DNS}").replace("secretFile: /run/secrets/tsig", "secretFile: c2VjcmV0c2VjcmV0");
+    let found = problems(&[("env.yaml", &env)]);
+    assert_one(
+        &found,
+        "env.yaml",
+        21,
+        "spec.dns.tsig.secretFile",
+        "absolute path to a file",
+    );
+    assert!(
+        !found[0].to_string().contains("c2VjcmV0"),
+        "the secret leaked: {}",
+        found[0]
+    );
+}
+
+#[test]
+fn an_unknown_tsig_algorithm_is_refused() {
+    let env = format!("{ENV}{DNS}").replace("keyName: fediversity-key,", "keyName: k, algorithm: hmac-md5,");
+    let found = problems(&[("env.yaml", &env)]);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    assert!(found[0].to_string().contains("hmac-sha256"), "{}", found[0]);
+}
+
+#[test]
+fn nat_addresses_must_be_ips_and_come_with_the_nat_source() {
+    let env = format!("{ENV}{DNS}    addressSource: Nat\n    nat: {{ \"10.0.0.5\": public-host }}\n");
+    let found = problems(&[("env.yaml", &env)]);
+    assert_one(
+        &found,
+        "env.yaml",
+        23,
+        "spec.dns.nat[\"10.0.0.5\"]",
+        "`public-host` is not an IP address",
+    );
+    let env = format!("{ENV}{DNS}    addressSource: Nat\n");
+    let found = problems(&[("env.yaml", &env)]);
+    assert_one(
+        &found,
+        "env.yaml",
+        22,
+        "spec.dns.addressSource",
+        "map each private address",
+    );
+}
+
+#[test]
+fn a_dns_zone_that_is_not_a_domain_is_refused() {
+    let env = format!("{ENV}{DNS}").replace("zone: hosting.example", "zone: hosting_example");
+    let found = problems(&[("env.yaml", &env)]);
+    assert_one(&found, "env.yaml", 19, "spec.dns.zone", "not a valid domain name");
+}

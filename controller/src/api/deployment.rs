@@ -95,6 +95,60 @@ pub struct DeploymentStatus {
     /// The source revision last tried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempted_revision: Option<String>,
+    /// The names kept in the provider's zone, and the records the operator must set at their domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The names the controller keeps for a Deployment's hosts, and what the operator must set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsStatus {
+    /// The provider's zone.
+    pub zone: String,
+    /// One entry per host name the controller manages.
+    #[serde(default)]
+    pub records: Vec<DnsRecordStatus>,
+    /// The records the operator must set at their own domain.
+    #[serde(default)]
+    pub operator_records: Vec<OperatorRecord>,
+}
+
+/// One managed name in the provider's zone.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DnsRecordStatus {
+    /// The host, `<deployment>-<application>`.
+    pub host: String,
+    /// The fully qualified name, `<deployment>-<application>.<zone>.`.
+    pub name: String,
+    /// The addresses its A/AAAA records hold (or should hold).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// `Published`, `WaitingForAddress`, `Conflict`, `Failed` or `Retained`.
+    pub state: String,
+    /// Why it is not published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// A record the operator sets at their own domain so that it leads to a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OperatorRecord {
+    /// The operator's name, e.g. `mastodon.social.uu.nl.`.
+    pub name: String,
+    /// `CNAME`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Where it points: the host's name in the provider's zone.
+    pub value: String,
+    /// What to set instead where a CNAME is impossible (at a zone apex): `A <address>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub at_apex: Vec<String>,
+    /// Whether the name resolves to the host through the environment's resolver (unset: not checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolves: Option<bool>,
 }
 
 /// What is known of one host of a Deployment.
@@ -115,6 +169,9 @@ pub struct HostStatus {
     /// Its IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
+    /// Its name in the provider's DNS zone, `<deployment>-<application>.<zone>.`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
     /// The NixOS system store path it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,

@@ -190,6 +190,10 @@ pub mod condition_types {
     pub const CONFIGURED: &str = "Configured";
     /// Every health check passes.
     pub const HEALTHY: &str = "Healthy";
+    /// Every host's name in the provider's zone holds its address.
+    pub const DNS_PUBLISHED: &str = "DNSPublished";
+    /// The operator's names resolve to their hosts.
+    pub const DNS_READY: &str = "DNSReady";
 }
 
 /// The reasons the controller gives, in CamelCase.

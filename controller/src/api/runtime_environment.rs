@@ -1,6 +1,6 @@
 //! `RuntimeEnvironment`: where deployments run — a Proxmox VE cluster and/or existing NixOS machines.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,9 @@ pub struct RuntimeEnvironmentSpec {
     /// S3-compatible storage for media, for the applications that can use it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object_storage: Option<ObjectStorageSpec>,
+    /// Names for hosts in the provider's DNS zone, kept over RFC 2136 dynamic update with TSIG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsSpec>,
 }
 
 /// How to reach and use a Proxmox VE cluster.
@@ -231,6 +234,89 @@ impl Default for EnvironmentLimits {
     }
 }
 
+/// The provider's DNS zone, where every host gets `<deployment>-<application>.<zone>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DnsSpec {
+    /// The zone, e.g. `hosting.example` (without the trailing dot).
+    pub zone: String,
+    /// The primary server that accepts dynamic updates for the zone.
+    pub server: DnsServer,
+    /// The TSIG key that signs updates; the secret is read from a file.
+    pub tsig: TsigSpec,
+    /// The TTL of the records, in seconds.
+    #[serde(default = "default_dns_ttl")]
+    pub ttl: u32,
+    /// Where a host's public address comes from: `GuestAgent` (the address the VM reports, or a static
+    /// host's address) or `Nat` (that address translated through `nat`).
+    #[serde(default)]
+    pub address_source: AddressSource,
+    /// With `addressSource: Nat`: each private address and the public address it is reached at.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub nat: BTreeMap<String, String>,
+    /// A recursive resolver through which the operators' names are checked (condition `DNSReady`).
+    /// Without it, the operators' names are not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<DnsServer>,
+}
+
+fn default_dns_ttl() -> u32 {
+    300
+}
+
+/// A DNS server's address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DnsServer {
+    /// Its IP address or host name.
+    pub host: String,
+    /// Its port.
+    #[serde(default = "default_dns_port")]
+    pub port: u16,
+}
+
+fn default_dns_port() -> u16 {
+    53
+}
+
+/// A TSIG key (RFC 8945) shared with the DNS server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TsigSpec {
+    /// The key's name, as the server knows it (e.g. `fediversity-key`).
+    pub key_name: String,
+    /// The HMAC algorithm.
+    #[serde(default)]
+    pub algorithm: TsigAlgorithm,
+    /// The file holding the base64 secret, alone or as the `key` clause `tsig-keygen` writes.
+    pub secret_file: String,
+}
+
+/// The TSIG algorithms the controller signs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum TsigAlgorithm {
+    /// HMAC-SHA256 (the default, and what `tsig-keygen` creates).
+    #[default]
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+    /// HMAC-SHA384.
+    #[serde(rename = "hmac-sha384")]
+    HmacSha384,
+    /// HMAC-SHA512.
+    #[serde(rename = "hmac-sha512")]
+    HmacSha512,
+}
+
+/// Where a host's public address comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum AddressSource {
+    /// The address the guest agent reports (or a static host's address) is public.
+    #[default]
+    GuestAgent,
+    /// Hosts sit behind NAT: the reported address is translated through `nat`.
+    Nat,
+}
+
 /// What the controller observed of an environment.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -358,6 +444,78 @@ impl Validate for RuntimeEnvironmentSpec {
                 &path.key("limits").key("maxConcurrentOperations"),
                 "must be at least 1",
             );
+        }
+        if let Some(dns) = &self.dns {
+            dns.validate(&path.key("dns"), problems);
+        }
+    }
+}
+
+impl Validate for DnsSpec {
+    fn validate(&self, path: &FieldPath, problems: &mut Problems) {
+        problems.check(&path.key("zone"), validate::domain(&self.zone));
+        self.server.validate(&path.key("server"), problems);
+        if let Some(resolver) = &self.resolver {
+            resolver.validate(&path.key("resolver"), problems);
+        }
+        let tsig = path.key("tsig");
+        let key = self.tsig.key_name.trim_end_matches('.');
+        if validate::domain(key).is_err() && validate::dns_label(key).is_err() {
+            problems.push(
+                &tsig.key("keyName"),
+                format!(
+                    "`{}` is not a valid key name: give the name the server knows the key by, e.g. `fediversity-key`",
+                    self.tsig.key_name
+                ),
+            );
+        }
+        problems.check(
+            &tsig.key("secretFile"),
+            validate::secret_file(&self.tsig.secret_file),
+        );
+        if !(1..=MAX_DNS_TTL).contains(&self.ttl) {
+            problems.push(
+                &path.key("ttl"),
+                format!("must be from 1 to {MAX_DNS_TTL} seconds"),
+            );
+        }
+        match self.address_source {
+            AddressSource::GuestAgent if !self.nat.is_empty() => problems.push(
+                &path.key("nat"),
+                "`nat` is used only with `addressSource: Nat`: set that, or remove `nat`",
+            ),
+            AddressSource::Nat if self.nat.is_empty() => problems.push(
+                &path.key("addressSource"),
+                "with `addressSource: Nat`, give `nat`: map each private address to its public one, e.g. `{ \"10.0.0.5\": \"203.0.113.5\" }`",
+            ),
+            _ => {}
+        }
+        for (private, public) in &self.nat {
+            let at = path.key("nat").key(private);
+            if private.parse::<std::net::IpAddr>().is_err() {
+                problems.push(&at, format!("`{private}` is not an IP address"));
+            }
+            if public.parse::<std::net::IpAddr>().is_err() {
+                problems.push(&at, format!("`{public}` is not an IP address"));
+            }
+        }
+    }
+}
+
+/// The longest TTL accepted (one week): longer ones make moves slow to take effect.
+pub const MAX_DNS_TTL: u32 = 604_800;
+
+impl Validate for DnsServer {
+    fn validate(&self, path: &FieldPath, problems: &mut Problems) {
+        let host = self.host.as_str();
+        if host.parse::<std::net::IpAddr>().is_err() && validate::domain(host).is_err() {
+            problems.push(
+                &path.key("host"),
+                format!("`{host}` is not an IP address or host name"),
+            );
+        }
+        if self.port == 0 {
+            problems.push(&path.key("port"), "the port must be from 1 to 65535");
         }
     }
 }

@@ -124,7 +124,15 @@ fn rows(target: Target, items: &[Value]) -> (Vec<&'static str>, Vec<Vec<String>>
         ),
         Target::Sources => (Vec::new(), Vec::new()),
         Target::Hosts => (
-            vec!["NAME", "DEPLOYMENT", "PHASE", "VMID", "NODE", "ADDRESS"],
+            vec![
+                "NAME",
+                "DEPLOYMENT",
+                "PHASE",
+                "VMID",
+                "NODE",
+                "ADDRESS",
+                "DNS NAME",
+            ],
             items
                 .iter()
                 .map(|h| {
@@ -135,6 +143,7 @@ fn rows(target: Target, items: &[Value]) -> (Vec<&'static str>, Vec<Vec<String>>
                         cell(&h["vmid"]),
                         cell(&h["node"]),
                         cell(&h["address"]),
+                        cell(&h["dnsName"]),
                     ]
                 })
                 .collect(),
@@ -249,6 +258,23 @@ pub async fn describe(client: &Client, kind: Kind, name: &str) -> Result<String,
             .collect();
         for line in output::table(&["NAME", "PHASE", "VMID", "NODE", "ADDRESS"], &rows).lines() {
             out.push_str(&format!("  {line}\n"));
+        }
+    }
+    if let Some(records) = object["status"]["dns"]["operatorRecords"].as_array()
+        && !records.is_empty()
+    {
+        out.push_str("Set at your domain:\n");
+        for r in records {
+            let apex = r["atApex"]
+                .as_array()
+                .map(|a| a.iter().map(cell).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "  {} {} {}   (at a zone apex: {apex})\n",
+                cell(&r["name"]),
+                cell(&r["type"]),
+                cell(&r["value"])
+            ));
         }
     }
     out.push_str("Events:\n");

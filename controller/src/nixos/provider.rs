@@ -262,6 +262,7 @@ impl NixosProvider {
             hosts: Some(statuses),
             conditions: vec![configured],
             retry_after: (!converged).then_some(NOT_CONVERGED_RETRY),
+            fields: serde_json::Map::new(),
         }
     }
 

@@ -572,6 +572,7 @@ impl ProviderCore {
             hosts: Some(statuses),
             conditions: vec![provisioned],
             retry_after,
+            fields: Map::new(),
         })
     }
 

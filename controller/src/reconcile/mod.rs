@@ -367,6 +367,7 @@ async fn reconcile_deployment(
         })
         .collect();
     fields.insert("endpoints".into(), Value::Object(endpoints));
+    fields.extend(report.fields);
     if !report.converged {
         return Ok(Converged {
             action: Action::Requeue(report.retry_after.unwrap_or(Duration::from_secs(10))),

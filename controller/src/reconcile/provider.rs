@@ -36,6 +36,8 @@ pub struct ProviderReport {
     pub conditions: Vec<ProviderCondition>,
     /// When to look again while not converged.
     pub retry_after: Option<Duration>,
+    /// Further status fields to set (e.g. `dns`).
+    pub fields: Map<String, Value>,
 }
 
 /// What a provider found when checking an environment.
@@ -100,6 +102,7 @@ pub fn plan_only_report(hosts: &[PlannedHost]) -> ProviderReport {
         hosts: None,
         conditions: Vec::new(),
         retry_after: None,
+        fields: Map::new(),
     }
 }
 

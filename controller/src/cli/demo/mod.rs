@@ -21,8 +21,11 @@ use tokio::sync::watch;
 use super::client::Client;
 use super::output::Format;
 use super::remote::{self, Target};
-use crate::api::{Kind, Object, RuntimeEnvironment, TlsSpec};
+use crate::api::{
+    AddressSource, DnsServer, DnsSpec, Kind, Object, RuntimeEnvironment, TlsSpec, TsigAlgorithm, TsigSpec,
+};
 use crate::daemon::{Embedding, RunArgs};
+use crate::dns::{MemoryZone, ZoneClient};
 use crate::nixos::{DeployTimings, Transport, simulated::Fleet};
 use crate::runtime::shutdown::{ShutdownState, on_signals};
 use crate::source::dir::DirSource;
@@ -33,6 +36,8 @@ use progress::Progress;
 const POLL: Duration = Duration::from_millis(200);
 /// The longest the demo stays silent while waiting.
 const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The provider's zone in the demo: kept in memory, inside the demo's process.
+const DEMO_ZONE: &str = "hosting.example";
 /// The file that marks a folder as the demo's own, which a later run may clear.
 const MARKER: &str = ".fediversity-demo";
 /// The addresses the simulated cluster's guest agents report (a documentation-free private range).
@@ -249,6 +254,34 @@ fn write_working_copy(
     }
     env.spec.ssh.private_key_file = key_file.display().to_string();
     env.spec.ssh.public_key_file = None;
+    if env.spec.dns.is_none() {
+        let tsig_file = secrets.join("tsig.key");
+        // A random secret in the form `tsig-keygen` writes; the in-memory zone never checks it.
+        let secret = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            fastrand::u128(..).to_le_bytes(),
+        );
+        write_private(
+            &tsig_file,
+            &format!("key \"fediversity-demo\" {{\n\talgorithm hmac-sha256;\n\tsecret \"{secret}\";\n}};\n"),
+        )?;
+        env.spec.dns = Some(DnsSpec {
+            zone: DEMO_ZONE.into(),
+            server: DnsServer {
+                host: "127.0.0.1".into(),
+                port: 53,
+            },
+            tsig: TsigSpec {
+                key_name: "fediversity-demo".into(),
+                algorithm: TsigAlgorithm::HmacSha256,
+                secret_file: tsig_file.display().to_string(),
+            },
+            ttl: 300,
+            address_source: AddressSource::GuestAgent,
+            nat: std::collections::BTreeMap::new(),
+            resolver: None,
+        });
+    }
 
     let mut pending = vec![quickstart.to_owned()];
     while let Some(dir) = pending.pop() {
@@ -391,6 +424,46 @@ async fn print_tables(client: &Client) {
     }
 }
 
+/// The names published in the demo's zone, and what each operator must set at their own domain.
+async fn print_dns(client: &Client, zone: &MemoryZone) {
+    println!(
+        "\nDNS: the zone {DEMO_ZONE}, kept in memory by the demo (with `spec.dns` naming a real server, the same\nguarded changes go to it as TSIG-signed RFC 2136 updates):"
+    );
+    for record in zone.records() {
+        println!("  {record}");
+    }
+    let Ok(list) = client.get("deployments").await else {
+        return;
+    };
+    for d in list["items"].as_array().into_iter().flatten() {
+        let records = d["status"]["dns"]["operatorRecords"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if records.is_empty() {
+            continue;
+        }
+        println!(
+            "The operator of Deployment {} sets at their domain:",
+            d["metadata"]["name"].as_str().unwrap_or("?")
+        );
+        for r in records {
+            let apex: Vec<&str> = r["atApex"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            println!(
+                "  {} CNAME {}   (at a zone apex instead: {})",
+                r["name"].as_str().unwrap_or("?"),
+                r["value"].as_str().unwrap_or("?"),
+                apex.join(", ")
+            );
+        }
+    }
+}
+
 fn init_log(path: &Path) -> anyhow::Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     crate::daemon::init_logging(crate::daemon::LogFormat::Text, std::sync::Mutex::new(file), true);
@@ -487,6 +560,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
         });
     }
     let fleet = Arc::new(Fleet::new(args.latency_scale));
+    let zone = Arc::new(MemoryZone::new(DEMO_ZONE));
     let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
     let timings = DeployTimings {
         poll_interval: Duration::from_secs(2)
@@ -501,6 +575,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
             bound: Some(bound_tx),
             nixos_transport: Transport::Simulated(fleet),
             nixos_timings: Some(timings),
+            dns_zones: Some({
+                let zone = zone.clone();
+                Arc::new(move |_: &DnsSpec| Ok(zone.clone() as Arc<dyn ZoneClient>))
+            }),
         },
     ));
     let address = tokio::select! {
@@ -542,6 +620,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<i32> {
                 sim.vms().iter().filter(|v| !v.template).count(),
             );
             print_tables(&client).await;
+            print_dns(&client, &zone).await;
             println!(
                 "\nThe controller's API:       http://{address}/api/v1   (try: fediversity get hosts --server {address})"
             );
