@@ -146,6 +146,7 @@ struct SourceMetrics {
     fetch_duration: HistogramVec,
     prune_blocked: IntGaugeVec,
     source_errors: IntGaugeVec,
+    stale: IntGaugeVec,
 }
 
 impl SourceMetrics {
@@ -235,6 +236,16 @@ impl SourceMetrics {
                     Opts::new(
                         "fediversity_source_problems",
                         "Problems in each source's newest snapshot, duplicates across sources included.",
+                    ),
+                    &["source"],
+                )?,
+            )?,
+            stale: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fediversity_source_stale",
+                        "1 when a source has not loaded successfully for more than three of its intervals.",
                     ),
                     &["source"],
                 )?,
@@ -381,6 +392,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     let mut members = Vec::new();
     let mut infos = Vec::new();
     let mut baselines: Vec<Option<Baseline>> = Vec::new();
+    let mut intervals: Vec<Option<Duration>> = Vec::new();
     let mut requests = std::collections::BTreeMap::new();
     let mut tasks = Vec::new();
     for (index, spec) in sources.iter().enumerate() {
@@ -390,11 +402,17 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         match &spec.location {
             Location::Dir(path) => {
                 baselines.push(None);
-                let (snapshots, watcher) = DirSource::new(vec![path.clone()], Limits::default())
-                    .watch(crate::source::dir::DEFAULT_DEBOUNCE, rescan);
+                intervals.push(Some(rescan));
+                let dir = DirSource::new(vec![path.clone()], Limits::default());
+                let loaded_at = dir.loaded_at();
+                let (snapshots, watcher) = dir.watch(crate::source::dir::DEFAULT_DEBOUNCE, rescan);
                 tasks.push(watcher);
                 tasks.push(tokio::spawn(bridge(
-                    index,
+                    Bridge {
+                        index,
+                        loaded_at,
+                        every: rescan,
+                    },
                     snapshots,
                     request_rx,
                     updates.clone(),
@@ -413,6 +431,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
                     limits: Limits::default(),
                 });
                 let interval = spec.interval.unwrap_or(poll_interval);
+                intervals.push(Some(interval));
                 tasks.push(source.run(index, interval, baseline, updates.clone(), request_rx));
             }
         }
@@ -434,6 +453,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     members.push((API_SOURCE.to_owned(), api_guards, api_record));
     infos.push(("api", "/api/v1".to_owned()));
     baselines.push(None);
+    intervals.push(None);
     let _ = updates.send(Update {
         source: api_index,
         snapshot: Some(Arc::new(api_source.snapshot())),
@@ -477,6 +497,8 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             set,
             infos,
             baselines,
+            intervals,
+            started: crate::api::Timestamp::now(),
             desired: desired.clone(),
             store: store.clone(),
             book: book.clone(),
@@ -512,39 +534,78 @@ fn record_id(name: &str) -> String {
     format!("source:{name}")
 }
 
-/// Forwards a directory source's snapshots to the feed; a fetch request re-sends the current one (a
-/// folder is watched, so it is always current).
-async fn bridge(
+/// Which directory source a bridge forwards, and how it tells the source's health.
+struct Bridge {
+    /// The source's index.
     index: usize,
+    /// When the source last completed a scan (seconds since the epoch; 0: never).
+    loaded_at: Arc<std::sync::atomic::AtomicU64>,
+    /// How often the health is reported (the rescan interval).
+    every: Duration,
+}
+
+/// Forwards a directory source's snapshots to the feed; a fetch request re-sends the current one (a
+/// folder is watched, so it is always current). Every `every`, it also reports when the source last
+/// completed a scan, so that a scan that no longer completes shows as a stale source.
+async fn bridge(
+    bridge: Bridge,
     mut snapshots: watch::Receiver<Arc<crate::source::Snapshot>>,
     mut requests: tokio::sync::mpsc::UnboundedReceiver<String>,
     updates: tokio::sync::mpsc::UnboundedSender<Update>,
 ) {
+    let Bridge {
+        index,
+        loaded_at,
+        every,
+    } = bridge;
     let mut token = None;
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    let mut send_snapshot = true;
     loop {
-        let snapshot = snapshots.borrow_and_update().clone();
-        let fetch = Fetch {
-            at: crate::api::Timestamp::now(),
-            seconds: 0.0,
-            ok: snapshot.is_complete(),
-        };
-        let update = Update {
-            source: index,
-            snapshot: Some(snapshot),
-            fetch: Some(fetch),
-            token: token.take(),
-            done: None,
+        let update = if send_snapshot {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let fetch = Fetch {
+                at: crate::api::Timestamp::now(),
+                seconds: 0.0,
+                ok: snapshot.is_complete(),
+            };
+            Update {
+                source: index,
+                snapshot: Some(snapshot),
+                fetch: Some(fetch),
+                token: token.take(),
+                done: None,
+            }
+        } else {
+            let at = loaded_at.load(std::sync::atomic::Ordering::Relaxed);
+            let complete = snapshots.borrow().is_complete();
+            Update {
+                source: index,
+                fetch: Some(Fetch {
+                    at: if at == 0 {
+                        crate::api::Timestamp::now()
+                    } else {
+                        crate::api::Timestamp::from_unix(at)
+                    },
+                    seconds: 0.0,
+                    ok: at != 0 && complete,
+                }),
+                ..Update::default()
+            }
         };
         if updates.send(update).is_err() {
             return;
         }
-        tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return },
+        send_snapshot = tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return } else { true },
             request = requests.recv() => match request {
-                Some(t) => token = Some(t),
+                Some(t) => { token = Some(t); true }
                 None => return,
             },
-        }
+            _ = beat.tick() => false,
+        };
     }
 }
 
@@ -556,6 +617,10 @@ struct Feed {
     infos: Vec<(&'static str, String)>,
     /// The force-push base of each git source, by index.
     baselines: Vec<Option<Baseline>>,
+    /// How often each source is expected to load (none for the API's), by index.
+    intervals: Vec<Option<Duration>>,
+    /// When the feed started (a source that never loaded is stale counted from here).
+    started: crate::api::Timestamp,
     desired: Arc<DesiredState>,
     store: Arc<Store>,
     book: Arc<StatusBook>,
@@ -571,6 +636,7 @@ struct Tracked {
     handled: Option<String>,
     record: Option<Record>,
     info: Option<[String; 3]>,
+    stale: bool,
 }
 
 /// Applies the sources' snapshots to the desired state and wakes what changed. Updates that arrive
@@ -618,10 +684,21 @@ async fn feed(mut feed: Feed, mut shutdown: watch::Receiver<ShutdownState>) {
                 }
             }
             if let Some(snapshot) = &update.snapshot {
+                let (before, failed_before) = {
+                    let member = &feed.set.members()[index];
+                    (member.errors.clone(), member.failure.clone())
+                };
                 if let Some(failure) = &snapshot.failure {
                     feed.metrics.failures.inc();
                     feed.metrics.fetch_failures.with_label_values(&[&name]).inc();
-                    tracing::error!(source = %name, %failure, "the source failed; keeping its objects, pruning nothing");
+                    if failed_before.as_ref() != Some(failure) {
+                        tracing::error!(source = %name, %failure, "the source failed; keeping its objects, pruning nothing");
+                    }
+                } else {
+                    if let Some(failure) = failed_before {
+                        tracing::info!(source = %name, %failure, "the source loads again");
+                    }
+                    report_problems(&feed.book, &name, &before, snapshot);
                 }
                 let newly = feed.set.update(index, snapshot);
                 if !newly.is_empty() {
@@ -664,6 +741,58 @@ async fn feed(mut feed: Feed, mut shutdown: watch::Receiver<ShutdownState>) {
     }
 }
 
+/// Logs each problem of a source's new snapshot once when it appears and once when it clears, and
+/// records it as an event on the objects defined in the file concerned (a file that never loaded has
+/// none: the log says it).
+fn report_problems(
+    book: &StatusBook,
+    source: &str,
+    before: &[crate::load::Diagnostic],
+    snapshot: &crate::source::Snapshot,
+) {
+    use std::collections::BTreeSet;
+    let old: BTreeSet<String> = before.iter().map(ToString::to_string).collect();
+    let new: BTreeSet<String> = snapshot.errors.iter().map(ToString::to_string).collect();
+    let objects_of = |file: &std::path::Path| -> Vec<ObjectKey> {
+        snapshot
+            .objects
+            .iter()
+            .filter(|(_, o)| o.loaded.file == file)
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    for problem in &snapshot.errors {
+        let text = problem.to_string();
+        if old.contains(&text) {
+            continue;
+        }
+        tracing::warn!(source, "source problem: {text}");
+        for key in objects_of(&problem.file) {
+            book.record(
+                &key,
+                crate::api::EventType::Warning,
+                "SourceProblem",
+                format!("source `{source}`: {text}"),
+            );
+        }
+    }
+    for problem in before {
+        let text = problem.to_string();
+        if new.contains(&text) {
+            continue;
+        }
+        tracing::info!(source, "source problem cleared: {text}");
+        for key in objects_of(&problem.file) {
+            book.record(
+                &key,
+                crate::api::EventType::Normal,
+                "SourceProblemCleared",
+                format!("source `{source}`: no longer: {text}"),
+            );
+        }
+    }
+}
+
 /// Merges the sources, applies the result, wakes what changed and remembers each source in the store.
 async fn apply(feed: &mut Feed, first: &mut bool) {
     let merged = Arc::new(feed.set.merge());
@@ -700,11 +829,6 @@ async fn apply(feed: &mut Feed, first: &mut bool) {
     metrics
         .last_applied
         .set(i64::try_from(crate::api::Timestamp::now().unix()).unwrap_or(0));
-    if !changes.changed.is_empty() || !changes.removed.is_empty() {
-        for problem in &merged.errors {
-            tracing::warn!(revision = %merged.revision, "{problem}");
-        }
-    }
     tracing::info!(
         revision = %merged.revision,
         objects = merged.objects.len(),
@@ -768,6 +892,28 @@ fn report(feed: &Feed, tracked: &mut [Tracked]) {
             member.revision.clone().unwrap_or_default(),
         ];
         let track = &mut tracked[index];
+        let stale = feed.intervals.get(index).copied().flatten().and_then(|interval| {
+            let since = track.last_fetch.unwrap_or(feed.started);
+            let age = crate::api::Timestamp::now().unix().saturating_sub(since.unix());
+            let limit = 3 * interval.as_secs().max(1);
+            (age > limit).then(|| {
+                format!(
+                    "has not loaded successfully for {age} s, more than three of its {} s intervals; the \
+                     objects in force stay, but changes are not picked up (see lastError, errors and the logs)",
+                    interval.as_secs().max(1)
+                )
+            })
+        });
+        feed.metrics
+            .stale
+            .with_label_values(&[name])
+            .set(i64::from(stale.is_some()));
+        match (&stale, track.stale) {
+            (Some(why), false) => tracing::warn!(source = name, "the source is stale: it {why}"),
+            (None, true) => tracing::info!(source = name, "the source is no longer stale"),
+            _ => {}
+        }
+        track.stale = stale.is_some();
         if track.info.as_ref() != Some(&info) {
             if let Some(old) = &track.info {
                 let _ = feed
@@ -810,6 +956,7 @@ fn report(feed: &Feed, tracked: &mut [Tracked]) {
                 objects: member.held.iter().map(ToString::to_string).collect(),
             }),
             last_handled_reconcile_at: track.handled.clone(),
+            stale,
         });
     }
     feed.desired.set_sources(statuses);

@@ -172,3 +172,89 @@ fn a_file_replaced_by_a_dangling_link_a_fifo_or_a_device_keeps_its_objects_stale
     assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
     assert!(!snapshot.objects[&key("a")].stale);
 }
+
+mod common;
+
+fn events_with(daemon: &common::Daemon, reason: &str) -> Vec<serde_json::Value> {
+    common::api(daemon, "events")["items"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+#[test]
+fn the_daemon_reports_a_problem_once_when_it_appears_and_once_when_it_clears_and_a_failing_source_turns_stale()
+ {
+    let outer = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let root = outer.path().join("objects");
+    std::fs::create_dir_all(&root).unwrap();
+    let file = root.join("d.yaml");
+    let good = fixtures::deployment_yaml("a", "env", 1);
+    std::fs::write(&file, &good).unwrap();
+    let args: Vec<std::ffi::OsString> = vec![
+        "--source".into(),
+        root.clone().into(),
+        "--state-dir".into(),
+        state.path().into(),
+        "--provider".into(),
+        "plan-only".into(),
+        "--rescan".into(),
+        "1s".into(),
+    ];
+    let daemon = common::spawn(&args);
+    common::wait_for("the daemon to become ready", Duration::from_secs(20), || {
+        common::http_get(&daemon.server, "/readyz")
+            .is_some_and(|(code, _)| code == 200)
+            .then_some(())
+    });
+
+    // Nothing else changes: the file becomes a FIFO. The object stays (stale), and the problem is evented.
+    std::fs::remove_file(&file).unwrap();
+    mkfifo(&file);
+    let event = common::wait_for("a SourceProblem event", Duration::from_secs(10), || {
+        events_with(&daemon, "SourceProblem").into_iter().next()
+    });
+    assert_eq!(event["object"]["name"], "a", "{event}");
+    assert!(event["message"].as_str().unwrap().contains("FIFO"), "{event}");
+    let object = common::api(&daemon, "deployments/a");
+    assert!(
+        object["metadata"]["annotations"]["fediversity.eu/source"]
+            .as_str()
+            .unwrap()
+            .contains("stale"),
+        "{object}"
+    );
+    // Several rescans later, still one event per problem.
+    std::thread::sleep(Duration::from_millis(2500));
+    let problems = events_with(&daemon, "SourceProblem").len();
+    assert_eq!(problems, 2, "the FIFO and the kept objects, once each");
+
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, &good).unwrap();
+    common::wait_for("SourceProblemCleared events", Duration::from_secs(10), || {
+        (events_with(&daemon, "SourceProblemCleared").len() == 2).then_some(())
+    });
+
+    // The whole folder goes away: the source fails, and after three intervals it is stale.
+    std::fs::rename(&root, outer.path().join("gone")).unwrap();
+    let stale = common::wait_for("the source to turn stale", Duration::from_secs(15), || {
+        let sources = common::api(&daemon, "sources");
+        sources["items"][0]["stale"].as_str().map(str::to_owned)
+    });
+    assert!(stale.contains("three of its 1 s intervals"), "{stale}");
+    let (_, metrics) = common::http_get(&daemon.server, "/metrics").unwrap();
+    assert!(
+        metrics.contains("fediversity_source_stale{source=\"objects\"} 1"),
+        "{metrics}"
+    );
+    assert!(common::api(&daemon, "deployments/a")["metadata"]["name"] == "a");
+    std::fs::rename(outer.path().join("gone"), &root).unwrap();
+    common::wait_for("the source to be fresh again", Duration::from_secs(15), || {
+        let sources = common::api(&daemon, "sources");
+        sources["items"][0]["stale"].is_null().then_some(())
+    });
+}

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -124,6 +125,7 @@ pub struct DirSource {
     limits: Limits,
     cache: HashMap<PathBuf, CachedFile>,
     display_base: Option<PathBuf>,
+    loaded_at: Arc<AtomicU64>,
 }
 
 impl DirSource {
@@ -134,7 +136,14 @@ impl DirSource {
             limits,
             cache: HashMap::new(),
             display_base: None,
+            loaded_at: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// When a scan last completed, in seconds since the epoch (0: never), shared with whoever watches
+    /// the source's health: a scan that no longer completes shows as this time growing old.
+    pub fn loaded_at(&self) -> Arc<AtomicU64> {
+        self.loaded_at.clone()
     }
 
     /// Names files relative to `base` in objects and problems (a git checkout names them as in the
@@ -174,7 +183,10 @@ impl DirSource {
             self.refresh(file, refused.as_deref(), full);
         }
         let files: Vec<PathBuf> = files.into_iter().map(|(path, _)| path).collect();
-        self.assemble(&files)
+        let snapshot = self.assemble(&files);
+        self.loaded_at
+            .store(crate::api::Timestamp::now().unix(), Ordering::Relaxed);
+        snapshot
     }
 
     fn refresh(&mut self, file: &Path, refused: Option<&str>, full: bool) {
