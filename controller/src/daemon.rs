@@ -302,6 +302,20 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         nixos_catalog,
     } = args;
     init_logging(log_format, std::io::stderr, false);
+    // Every path flag is resolved once, against the folder the daemon starts in: git and nix run in
+    // other folders, where a relative path would name something else.
+    let absolute = |path: PathBuf| -> anyhow::Result<PathBuf> {
+        std::path::absolute(&path).with_context(|| format!("cannot resolve the path {}", path.display()))
+    };
+    let state_dir = absolute(state_dir)?;
+    let api_token_file = api_token_file.map(absolute).transpose()?;
+    let nixos_catalog = nixos_catalog.map(absolute).transpose()?;
+    let mut sources = sources;
+    for spec in &mut sources {
+        if let Location::Dir(path) = &mut spec.location {
+            *path = absolute(std::mem::take(path))?;
+        }
+    }
     crate::source::spec::check_unique(&sources)?;
     let token = api_token_file.as_deref().map(read_token).transpose()?;
     let store = Arc::new(Store::open(&state_dir)?);
