@@ -302,6 +302,8 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         nixos_catalog,
     } = args;
     init_logging(log_format, std::io::stderr, false);
+    let open_files = crate::http::serve::raise_open_files_limit();
+    let serve_limits = crate::http::serve::ServeLimits::for_descriptors(open_files);
     // Every path flag is resolved once, against the folder the daemon starts in: git and nix run in
     // other folders, where a relative path would name something else.
     let absolute = |path: PathBuf| -> anyhow::Result<PathBuf> {
@@ -475,19 +477,22 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     });
     let set = SourceSet::new(members);
 
-    let api = crate::http::router(crate::http::ApiState {
-        desired: desired.clone(),
-        book: book.clone(),
-        registry: registry.clone(),
-        trigger,
-        writes: Arc::new(crate::http::Writes {
-            token,
-            api: tokio::sync::Mutex::new(api_source),
-            api_index,
-            updates: updates.clone(),
-            requests,
-        }),
-    });
+    let api = crate::http::router(
+        crate::http::ApiState {
+            desired: desired.clone(),
+            book: book.clone(),
+            registry: registry.clone(),
+            trigger,
+            writes: Arc::new(crate::http::Writes {
+                token,
+                api: tokio::sync::Mutex::new(api_source),
+                api_index,
+                updates: updates.clone(),
+                requests,
+            }),
+        },
+        &serve_limits,
+    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -501,7 +506,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         let stop = async move {
             let _ = http_shutdown.wait_for(|s| *s == ShutdownState::Aborting).await;
         };
-        axum::serve(listener, api).with_graceful_shutdown(stop).await
+        crate::http::serve::serve(listener, api, serve_limits, stop).await;
     });
     drop(updates);
 

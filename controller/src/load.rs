@@ -82,6 +82,10 @@ impl FileLoad {
     }
 }
 
+/// The largest object, as JSON: Kubernetes caps objects near 1.5 MiB too. Every API response that lists
+/// objects stays proportional to this, and an object this large is already far past any real need.
+pub const MAX_OBJECT_BYTES: usize = 1536 * 1024;
+
 /// Loads the objects of a file's text. `file` is only used to name the file in problems.
 pub fn load_text(file: &Path, text: &str, limits: &Limits) -> FileLoad {
     let documents = match yaml::parse_documents(text, limits) {
@@ -92,6 +96,22 @@ pub fn load_text(file: &Path, text: &str, limits: &Limits) -> FileLoad {
     let mut seen: HashSet<ObjectKey> = HashSet::new();
     for (index, root) in documents {
         match api::parse_object(&root) {
+            Ok(object) if object.json_size() > MAX_OBJECT_BYTES => {
+                load.broken.push(Some(object.key()));
+                load.problems.push(Diagnostic {
+                    file: file.into(),
+                    document: Some(index),
+                    line: root.mark.line,
+                    column: root.mark.column,
+                    path: None,
+                    message: format!(
+                        "{} is {} bytes as JSON, more than the limit of {MAX_OBJECT_BYTES} bytes (1.5 MiB); \
+                         keep large data (notes, certificates, files) out of the object",
+                        object.key(),
+                        object.json_size()
+                    ),
+                });
+            }
             Ok(object) => {
                 let key = object.key();
                 if seen.insert(key.clone()) {

@@ -201,6 +201,28 @@ impl Object {
         value.unwrap_or(serde_json::Value::Null)
     }
 
+    /// How many bytes the object takes as JSON (what the API serves), counted without building it.
+    pub fn json_size(&self) -> usize {
+        /// Counts what is written.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        let _ = match self {
+            Object::RuntimeEnvironment(o) => serde_json::to_writer(&mut count, o),
+            Object::Application(o) => serde_json::to_writer(&mut count, o),
+            Object::Deployment(o) => serde_json::to_writer(&mut count, o),
+        };
+        count.0
+    }
+
     /// The whole object as JSON.
     pub fn to_json(&self) -> serde_json::Value {
         let value = match self {

@@ -118,6 +118,9 @@ pub enum Command {
         /// How long --wait waits.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
+        /// The file holding the API token (needed when the daemon has one).
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Where the daemon is.
         #[command(flatten)]
         server: ServerArgs,
@@ -247,10 +250,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             wait,
             with_source,
             timeout,
+            token_file,
             server,
         } => {
             let wait = wait.then_some(timeout);
-            let client = client::Client::new(&server.server);
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
             let (message, ready) = match kind {
                 ReconcileTarget::Source => write::reconcile_source(&client, &name, wait).await?,
                 ReconcileTarget::Kind(kind) => {
