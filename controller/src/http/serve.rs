@@ -24,8 +24,8 @@ pub struct ServeLimits {
     pub request_timeout: Duration,
     /// The most connections held at once; beyond it, new ones wait in the listen queue.
     pub max_connections: usize,
-    /// The most API requests (`/api/…`) handled at once; beyond it, a request is answered 503 at once.
-    /// Health checks and metrics do not count.
+    /// The most API requests (`/api/…`) handled at once, bodies included; beyond it, a request waits up
+    /// to 10 s for a slot, then is answered 503. Health checks and metrics do not count.
     pub max_requests: usize,
     /// The largest request header block.
     pub max_header_bytes: usize,
@@ -96,6 +96,9 @@ impl Guard {
     }
 }
 
+/// How long an API request waits for a slot when `max_requests` are in flight.
+const QUEUE_WAIT: Duration = Duration::from_secs(10);
+
 fn refuse(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
@@ -114,10 +117,12 @@ pub async fn guard(
             "requests from web browsers are refused: use the fediversity CLI or an HTTP client",
         );
     }
-    let _permit = if request.uri().path().starts_with("/api/") {
-        match guard.requests.clone().try_acquire_owned() {
-            Ok(permit) => Some(permit),
-            Err(_) => {
+    let permit = if request.uri().path().starts_with("/api/") {
+        // Waits a moment for a slot rather than failing a burst at once; the wait holds no more than
+        // the connection.
+        match tokio::time::timeout(QUEUE_WAIT, guard.requests.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Some(permit),
+            _ => {
                 let mut response = refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "too many requests in flight; try again in a moment",
@@ -131,9 +136,22 @@ pub async fn guard(
     } else {
         None
     };
-    match tokio::time::timeout(guard.timeout, next.run(request)).await {
+    let response = match tokio::time::timeout(guard.timeout, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => refuse(StatusCode::REQUEST_TIMEOUT, "the request took too long"),
+        Err(_) => return refuse(StatusCode::REQUEST_TIMEOUT, "the request took too long"),
+    };
+    match permit {
+        // The slot is held until the body is written: a streamed list counts until its end.
+        Some(permit) => {
+            use futures_util::StreamExt as _;
+            let (parts, body) = response.into_parts();
+            let body = body.into_data_stream().map(move |chunk| {
+                let _held = &permit;
+                chunk
+            });
+            Response::from_parts(parts, axum::body::Body::from_stream(body))
+        }
+        None => response,
     }
 }
 
