@@ -28,14 +28,22 @@ pub struct Diagnostic {
 impl fmt::Display for Diagnostic {
     /// `FILE:LINE:COLUMN: document N: FIELD: MESSAGE`, with the document counted from 1.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: ", self.file.display(), self.line, self.column)?;
+        // Names and messages may carry what a file holds: control characters are shown escaped.
+        let file = self.file.display().to_string();
+        write!(
+            f,
+            "{}:{}:{}: ",
+            crate::text::one_line(&file),
+            self.line,
+            self.column
+        )?;
         if let Some(document) = self.document {
             write!(f, "document {}: ", document + 1)?;
         }
         if let Some(path) = self.path.as_ref().filter(|p| !p.is_root()) {
-            write!(f, "{path}: ")?;
+            write!(f, "{}: ", crate::text::one_line(&path.to_string()))?;
         }
-        f.write_str(&self.message)
+        f.write_str(&crate::text::one_line(&self.message))
     }
 }
 

@@ -219,20 +219,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             print!(
                 "{}",
-                remote::get(
-                    &client::Client::new(&server.server),
-                    kind,
-                    name.as_deref(),
-                    output
+                crate::text::escape(
+                    &remote::get(
+                        &client::Client::new(&server.server),
+                        kind,
+                        name.as_deref(),
+                        output
+                    )
+                    .await?
                 )
-                .await?
             );
             Ok(0)
         }
         Command::Describe { kind, name, server } => {
             print!(
                 "{}",
-                remote::describe(&client::Client::new(&server.server), kind, &name).await?
+                crate::text::escape(
+                    &remote::describe(&client::Client::new(&server.server), kind, &name).await?
+                )
             );
             Ok(0)
         }
@@ -240,7 +244,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let object = kind.zip(name.as_deref());
             print!(
                 "{}",
-                remote::events(&client::Client::new(&server.server), object).await?
+                crate::text::escape(&remote::events(&client::Client::new(&server.server), object).await?)
             );
             Ok(0)
         }
@@ -264,12 +268,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         && source != crate::source::spec::API_SOURCE
                     {
                         let (message, _) = write::reconcile_source(&client, &source, Some(timeout)).await?;
-                        print!("{message}");
+                        print!("{}", crate::text::escape(&message));
                     }
                     remote::reconcile(&client, kind, &name, wait).await?
                 }
             };
-            print!("{message}");
+            print!("{}", crate::text::escape(&message));
             Ok(if ready { 0 } else { 1 })
         }
         Command::Apply {
@@ -280,7 +284,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let writer = write::Writer::new(&server.server, token_file.as_deref())?;
             let (name, text) = write::read_input(&file)?;
             let (out, code) = writer.apply(&name, text).await?;
-            print!("{out}");
+            print!("{}", crate::text::escape(&out));
             Ok(code)
         }
         Command::Delete {
@@ -290,7 +294,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             server,
         } => {
             let writer = write::Writer::new(&server.server, token_file.as_deref())?;
-            print!("{}", writer.delete(kind, &name).await?);
+            print!("{}", crate::text::escape(&writer.delete(kind, &name).await?));
             Ok(0)
         }
     }

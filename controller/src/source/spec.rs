@@ -93,8 +93,13 @@ pub fn redact(url: &str) -> String {
         Some(at) => {
             let user = &authority[..at];
             let user = user.split(':').next().unwrap_or_default();
+            let scheme = url[..scheme_end].to_ascii_lowercase();
+            // Over http(s), a user name alone is often a token (`https://TOKEN@host`): hidden too. An ssh
+            // user (`git@`) names an account, not a secret.
             let hidden = if authority[..at].contains(':') {
                 format!("{user}:***")
+            } else if scheme.contains("http") {
+                "***".to_owned()
             } else {
                 user.to_owned()
             };
