@@ -234,3 +234,47 @@ fn an_object_over_one_and_a_half_mebibytes_is_refused_and_lists_stay_whole() {
         .collect();
     assert_eq!(names, ["big", "web"]);
 }
+
+#[test]
+fn the_daemon_raises_its_open_files_limit_to_the_hard_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("objects")).unwrap();
+    let port = free_port();
+    // Started as systemd starts services: a soft limit of 1,024 below a higher hard one.
+    let child = Command::new("prlimit")
+        .arg("--nofile=1024:")
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_fediversity"))
+        .arg("run")
+        .arg("--source")
+        .arg(dir.path().join("objects"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "--provider",
+            "plan-only",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("prlimit (util-linux) is missing");
+    let daemon = Daemon {
+        child,
+        server: format!("127.0.0.1:{port}"),
+    };
+    wait_for("the daemon to answer", Duration::from_secs(20), || {
+        http_get(&daemon.server, "/healthz").map(|_| ())
+    });
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.child.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers.len(), 2, "{line}");
+    assert_eq!(numbers[0], numbers[1], "the soft limit is the hard one: {line}");
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+    if hard.is_none_or(|h| h > 1024) {
+        assert_ne!(numbers[0], "1024", "{line}");
+    }
+}
