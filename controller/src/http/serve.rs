@@ -96,6 +96,15 @@ impl Guard {
     }
 }
 
+/// Stops a task when dropped (the timer that frees a request's slot, once its body is gone).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// How long an API request waits for a slot when `max_requests` are in flight.
 const QUEUE_WAIT: Duration = Duration::from_secs(10);
 
@@ -141,12 +150,23 @@ pub async fn guard(
         Err(_) => return refuse(StatusCode::REQUEST_TIMEOUT, "the request took too long"),
     };
     match permit {
-        // The slot is held until the body is written: a streamed list counts until its end.
+        // The slot is held until the body is written (a streamed list counts until its end), but never
+        // longer than the request timeout: a client that stops reading cannot keep it.
         Some(permit) => {
             use futures_util::StreamExt as _;
+            let slot = Arc::new(std::sync::Mutex::new(Some(permit)));
+            let release = Arc::downgrade(&slot);
+            let timer = AbortOnDrop(tokio::spawn(async move {
+                tokio::time::sleep(guard.timeout).await;
+                if let Some(slot) = release.upgrade() {
+                    slot.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                }
+            }));
             let (parts, body) = response.into_parts();
             let body = body.into_data_stream().map(move |chunk| {
-                let _held = &permit;
+                let _held = (&slot, &timer);
                 chunk
             });
             Response::from_parts(parts, axum::body::Body::from_stream(body))
