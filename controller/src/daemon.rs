@@ -146,6 +146,7 @@ struct SourceMetrics {
     fetch_duration: HistogramVec,
     prune_blocked: IntGaugeVec,
     source_errors: IntGaugeVec,
+    stale: IntGaugeVec,
 }
 
 impl SourceMetrics {
@@ -239,6 +240,16 @@ impl SourceMetrics {
                     &["source"],
                 )?,
             )?,
+            stale: register(
+                registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "fediversity_source_stale",
+                        "1 when a source has not loaded successfully for more than three of its intervals.",
+                    ),
+                    &["source"],
+                )?,
+            )?,
         })
     }
 }
@@ -293,6 +304,22 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         nixos_catalog,
     } = args;
     init_logging(log_format, std::io::stderr, false);
+    let open_files = crate::http::serve::raise_open_files_limit();
+    let serve_limits = crate::http::serve::ServeLimits::for_descriptors(open_files);
+    // Every path flag is resolved once, against the folder the daemon starts in: git and nix run in
+    // other folders, where a relative path would name something else.
+    let absolute = |path: PathBuf| -> anyhow::Result<PathBuf> {
+        std::path::absolute(&path).with_context(|| format!("cannot resolve the path {}", path.display()))
+    };
+    let state_dir = absolute(state_dir)?;
+    let api_token_file = api_token_file.map(absolute).transpose()?;
+    let nixos_catalog = nixos_catalog.map(absolute).transpose()?;
+    let mut sources = sources;
+    for spec in &mut sources {
+        if let Location::Dir(path) = &mut spec.location {
+            *path = absolute(std::mem::take(path))?;
+        }
+    }
     crate::source::spec::check_unique(&sources)?;
     let token = api_token_file.as_deref().map(read_token).transpose()?;
     let store = Arc::new(Store::open(&state_dir)?);
@@ -395,6 +422,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     let mut members = Vec::new();
     let mut infos = Vec::new();
     let mut baselines: Vec<Option<Baseline>> = Vec::new();
+    let mut intervals: Vec<Option<Duration>> = Vec::new();
     let mut requests = std::collections::BTreeMap::new();
     let mut tasks = Vec::new();
     for (index, spec) in sources.iter().enumerate() {
@@ -404,11 +432,17 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         match &spec.location {
             Location::Dir(path) => {
                 baselines.push(None);
-                let (snapshots, watcher) = DirSource::new(vec![path.clone()], Limits::default())
-                    .watch(crate::source::dir::DEFAULT_DEBOUNCE, rescan);
+                intervals.push(Some(rescan));
+                let dir = DirSource::new(vec![path.clone()], Limits::default());
+                let loaded_at = dir.loaded_at();
+                let (snapshots, watcher) = dir.watch(crate::source::dir::DEFAULT_DEBOUNCE, rescan);
                 tasks.push(watcher);
                 tasks.push(tokio::spawn(bridge(
-                    index,
+                    Bridge {
+                        index,
+                        loaded_at,
+                        every: rescan,
+                    },
                     snapshots,
                     request_rx,
                     updates.clone(),
@@ -427,6 +461,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
                     limits: Limits::default(),
                 });
                 let interval = spec.interval.unwrap_or(poll_interval);
+                intervals.push(Some(interval));
                 tasks.push(source.run(index, interval, baseline, updates.clone(), request_rx));
             }
         }
@@ -448,6 +483,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     members.push((API_SOURCE.to_owned(), api_guards, api_record));
     infos.push(("api", "/api/v1".to_owned()));
     baselines.push(None);
+    intervals.push(None);
     let _ = updates.send(Update {
         source: api_index,
         snapshot: Some(Arc::new(api_source.snapshot())),
@@ -455,19 +491,22 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     });
     let set = SourceSet::new(members);
 
-    let api = crate::http::router(crate::http::ApiState {
-        desired: desired.clone(),
-        book: book.clone(),
-        registry: registry.clone(),
-        trigger,
-        writes: Arc::new(crate::http::Writes {
-            token,
-            api: tokio::sync::Mutex::new(api_source),
-            api_index,
-            updates: updates.clone(),
-            requests,
-        }),
-    });
+    let api = crate::http::router(
+        crate::http::ApiState {
+            desired: desired.clone(),
+            book: book.clone(),
+            registry: registry.clone(),
+            trigger,
+            writes: Arc::new(crate::http::Writes {
+                token,
+                api: tokio::sync::Mutex::new(api_source),
+                api_index,
+                updates: updates.clone(),
+                requests,
+            }),
+        },
+        &serve_limits,
+    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
@@ -481,7 +520,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         let stop = async move {
             let _ = http_shutdown.wait_for(|s| *s == ShutdownState::Aborting).await;
         };
-        axum::serve(listener, api).with_graceful_shutdown(stop).await
+        crate::http::serve::serve(listener, api, serve_limits, stop).await;
     });
     drop(updates);
 
@@ -491,6 +530,8 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             set,
             infos,
             baselines,
+            intervals,
+            started: crate::api::Timestamp::now(),
             desired: desired.clone(),
             store: store.clone(),
             book: book.clone(),
@@ -526,39 +567,78 @@ fn record_id(name: &str) -> String {
     format!("source:{name}")
 }
 
-/// Forwards a directory source's snapshots to the feed; a fetch request re-sends the current one (a
-/// folder is watched, so it is always current).
-async fn bridge(
+/// Which directory source a bridge forwards, and how it tells the source's health.
+struct Bridge {
+    /// The source's index.
     index: usize,
+    /// When the source last completed a scan (seconds since the epoch; 0: never).
+    loaded_at: Arc<std::sync::atomic::AtomicU64>,
+    /// How often the health is reported (the rescan interval).
+    every: Duration,
+}
+
+/// Forwards a directory source's snapshots to the feed; a fetch request re-sends the current one (a
+/// folder is watched, so it is always current). Every `every`, it also reports when the source last
+/// completed a scan, so that a scan that no longer completes shows as a stale source.
+async fn bridge(
+    bridge: Bridge,
     mut snapshots: watch::Receiver<Arc<crate::source::Snapshot>>,
     mut requests: tokio::sync::mpsc::UnboundedReceiver<String>,
     updates: tokio::sync::mpsc::UnboundedSender<Update>,
 ) {
+    let Bridge {
+        index,
+        loaded_at,
+        every,
+    } = bridge;
     let mut token = None;
+    let mut beat = tokio::time::interval(every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    beat.tick().await;
+    let mut send_snapshot = true;
     loop {
-        let snapshot = snapshots.borrow_and_update().clone();
-        let fetch = Fetch {
-            at: crate::api::Timestamp::now(),
-            seconds: 0.0,
-            ok: snapshot.is_complete(),
-        };
-        let update = Update {
-            source: index,
-            snapshot: Some(snapshot),
-            fetch: Some(fetch),
-            token: token.take(),
-            done: None,
+        let update = if send_snapshot {
+            let snapshot = snapshots.borrow_and_update().clone();
+            let fetch = Fetch {
+                at: crate::api::Timestamp::now(),
+                seconds: 0.0,
+                ok: snapshot.is_complete(),
+            };
+            Update {
+                source: index,
+                snapshot: Some(snapshot),
+                fetch: Some(fetch),
+                token: token.take(),
+                done: None,
+            }
+        } else {
+            let at = loaded_at.load(std::sync::atomic::Ordering::Relaxed);
+            let complete = snapshots.borrow().is_complete();
+            Update {
+                source: index,
+                fetch: Some(Fetch {
+                    at: if at == 0 {
+                        crate::api::Timestamp::now()
+                    } else {
+                        crate::api::Timestamp::from_unix(at)
+                    },
+                    seconds: 0.0,
+                    ok: at != 0 && complete,
+                }),
+                ..Update::default()
+            }
         };
         if updates.send(update).is_err() {
             return;
         }
-        tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { return },
+        send_snapshot = tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return } else { true },
             request = requests.recv() => match request {
-                Some(t) => token = Some(t),
+                Some(t) => { token = Some(t); true }
                 None => return,
             },
-        }
+            _ = beat.tick() => false,
+        };
     }
 }
 
@@ -570,6 +650,10 @@ struct Feed {
     infos: Vec<(&'static str, String)>,
     /// The force-push base of each git source, by index.
     baselines: Vec<Option<Baseline>>,
+    /// How often each source is expected to load (none for the API's), by index.
+    intervals: Vec<Option<Duration>>,
+    /// When the feed started (a source that never loaded is stale counted from here).
+    started: crate::api::Timestamp,
     desired: Arc<DesiredState>,
     store: Arc<Store>,
     book: Arc<StatusBook>,
@@ -585,6 +669,7 @@ struct Tracked {
     handled: Option<String>,
     record: Option<Record>,
     info: Option<[String; 3]>,
+    stale: bool,
 }
 
 /// Applies the sources' snapshots to the desired state and wakes what changed. Updates that arrive
@@ -641,10 +726,21 @@ async fn feed(mut feed: Feed, mut shutdown: watch::Receiver<ShutdownState>) {
                 }
             }
             if let Some(snapshot) = &update.snapshot {
+                let (before, failed_before) = {
+                    let member = &feed.set.members()[index];
+                    (member.errors.clone(), member.failure.clone())
+                };
                 if let Some(failure) = &snapshot.failure {
                     feed.metrics.failures.inc();
                     feed.metrics.fetch_failures.with_label_values(&[&name]).inc();
-                    tracing::error!(source = %name, %failure, "the source failed; keeping its objects, pruning nothing");
+                    if failed_before.as_ref() != Some(failure) {
+                        tracing::error!(source = %name, %failure, "the source failed; keeping its objects, pruning nothing");
+                    }
+                } else {
+                    if let Some(failure) = failed_before {
+                        tracing::info!(source = %name, %failure, "the source loads again");
+                    }
+                    report_problems(&feed.book, &name, &before, snapshot);
                 }
                 let newly = feed.set.update(index, snapshot);
                 if !newly.is_empty() {
@@ -687,6 +783,58 @@ async fn feed(mut feed: Feed, mut shutdown: watch::Receiver<ShutdownState>) {
     }
 }
 
+/// Logs each problem of a source's new snapshot once when it appears and once when it clears, and
+/// records it as an event on the objects defined in the file concerned (a file that never loaded has
+/// none: the log says it).
+fn report_problems(
+    book: &StatusBook,
+    source: &str,
+    before: &[crate::load::Diagnostic],
+    snapshot: &crate::source::Snapshot,
+) {
+    use std::collections::BTreeSet;
+    let old: BTreeSet<String> = before.iter().map(ToString::to_string).collect();
+    let new: BTreeSet<String> = snapshot.errors.iter().map(ToString::to_string).collect();
+    let objects_of = |file: &std::path::Path| -> Vec<ObjectKey> {
+        snapshot
+            .objects
+            .iter()
+            .filter(|(_, o)| o.loaded.file == file)
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    for problem in &snapshot.errors {
+        let text = problem.to_string();
+        if old.contains(&text) {
+            continue;
+        }
+        tracing::warn!(source, "source problem: {text}");
+        for key in objects_of(&problem.file) {
+            book.record(
+                &key,
+                crate::api::EventType::Warning,
+                "SourceProblem",
+                format!("source `{source}`: {text}"),
+            );
+        }
+    }
+    for problem in before {
+        let text = problem.to_string();
+        if new.contains(&text) {
+            continue;
+        }
+        tracing::info!(source, "source problem cleared: {text}");
+        for key in objects_of(&problem.file) {
+            book.record(
+                &key,
+                crate::api::EventType::Normal,
+                "SourceProblemCleared",
+                format!("source `{source}`: no longer: {text}"),
+            );
+        }
+    }
+}
+
 /// Merges the sources, applies the result, wakes what changed and remembers each source in the store.
 async fn apply(feed: &mut Feed, first: &mut bool) {
     let merged = Arc::new(feed.set.merge());
@@ -723,11 +871,6 @@ async fn apply(feed: &mut Feed, first: &mut bool) {
     metrics
         .last_applied
         .set(i64::try_from(crate::api::Timestamp::now().unix()).unwrap_or(0));
-    if !changes.changed.is_empty() || !changes.removed.is_empty() {
-        for problem in &merged.errors {
-            tracing::warn!(revision = %merged.revision, "{problem}");
-        }
-    }
     tracing::info!(
         revision = %merged.revision,
         objects = merged.objects.len(),
@@ -791,6 +934,28 @@ fn report(feed: &Feed, tracked: &mut [Tracked]) {
             member.revision.clone().unwrap_or_default(),
         ];
         let track = &mut tracked[index];
+        let stale = feed.intervals.get(index).copied().flatten().and_then(|interval| {
+            let since = track.last_fetch.unwrap_or(feed.started);
+            let age = crate::api::Timestamp::now().unix().saturating_sub(since.unix());
+            let limit = 3 * interval.as_secs().max(1);
+            (age > limit).then(|| {
+                format!(
+                    "has not loaded successfully for {age} s, more than three of its {} s intervals; the \
+                     objects in force stay, but changes are not picked up (see lastError, errors and the logs)",
+                    interval.as_secs().max(1)
+                )
+            })
+        });
+        feed.metrics
+            .stale
+            .with_label_values(&[name])
+            .set(i64::from(stale.is_some()));
+        match (&stale, track.stale) {
+            (Some(why), false) => tracing::warn!(source = name, "the source is stale: it {why}"),
+            (None, true) => tracing::info!(source = name, "the source is no longer stale"),
+            _ => {}
+        }
+        track.stale = stale.is_some();
         if track.info.as_ref() != Some(&info) {
             if let Some(old) = &track.info {
                 let _ = feed
@@ -833,6 +998,7 @@ fn report(feed: &Feed, tracked: &mut [Tracked]) {
                 objects: member.held.iter().map(ToString::to_string).collect(),
             }),
             last_handled_reconcile_at: track.handled.clone(),
+            stale,
         });
     }
     feed.desired.set_sources(statuses);

@@ -15,4 +15,5 @@ pub mod runtime;
 pub mod source;
 pub mod state;
 pub mod store;
+pub mod text;
 pub mod yaml;

@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
     match fediversity::cli::run(cli).await {
         Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", fediversity::text::escape(&format!("{e:#}")));
             std::process::ExitCode::FAILURE
         }
     }

@@ -100,6 +100,10 @@ pub struct SourceStatus {
     pub prune_blocked: Option<PruneBlocked>,
     /// The token of the last on-demand fetch that was handled.
     pub last_handled_reconcile_at: Option<String>,
+    /// Set when the source has not loaded successfully for more than three of its intervals (its
+    /// objects in force stay, but edits are not picked up): why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stale: Option<String>,
 }
 
 #[derive(Default)]

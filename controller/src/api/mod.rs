@@ -202,6 +202,28 @@ impl Object {
         value.unwrap_or(serde_json::Value::Null)
     }
 
+    /// How many bytes the object takes as JSON (what the API serves), counted without building it.
+    pub fn json_size(&self) -> usize {
+        /// Counts what is written.
+        struct Count(usize);
+        impl std::io::Write for Count {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0 += buf.len();
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut count = Count(0);
+        let _ = match self {
+            Object::RuntimeEnvironment(o) => serde_json::to_writer(&mut count, o),
+            Object::Application(o) => serde_json::to_writer(&mut count, o),
+            Object::Deployment(o) => serde_json::to_writer(&mut count, o),
+        };
+        count.0
+    }
+
     /// The whole object as JSON.
     pub fn to_json(&self) -> serde_json::Value {
         let value = match self {
@@ -337,11 +359,115 @@ pub fn parse_object(root: &Node) -> Result<Object, Vec<FieldProblem>> {
     if !header.is_empty() {
         return Err(header);
     }
-    match kind {
-        Some(Kind::RuntimeEnvironment) => read(root).map(Object::RuntimeEnvironment),
-        Some(Kind::Application) => read(root).map(Object::Application),
-        Some(Kind::Deployment) => read(root).map(Object::Deployment),
-        None => Err(Vec::new()),
+    let Some(kind) = kind else {
+        return Err(Vec::new());
+    };
+    let read = match kind {
+        Kind::RuntimeEnvironment => read(root).map(Object::RuntimeEnvironment),
+        Kind::Application => read(root).map(Object::Application),
+        Kind::Deployment => read(root).map(Object::Deployment),
+    };
+    read.map_err(|mut problems| {
+        // Reading stops at the first problem: every other missing field is found by the schema.
+        for missing in missing_fields(kind, root) {
+            if !problems
+                .iter()
+                .any(|p| p.path == missing.path && p.message == missing.message)
+            {
+                problems.push(missing);
+            }
+        }
+        problems
+    })
+}
+
+/// Every required field missing anywhere in `root`, by the kind's JSON schema.
+fn missing_fields(kind: Kind, root: &Node) -> Vec<FieldProblem> {
+    let schema = json_schema(kind);
+    let defs = schema.get("$defs").cloned().unwrap_or_default();
+    let mut out = Vec::new();
+    walk_required(&schema, &defs, root, &FieldPath::root(), &mut out, 0);
+    out
+}
+
+/// The schema `schema` stands for: a `$ref` followed, an optional value's non-null branch taken. `None`
+/// for a choice between several shapes (nothing can be said of its fields).
+fn resolve_schema<'a>(
+    mut schema: &'a serde_json::Value,
+    defs: &'a serde_json::Value,
+) -> Option<&'a serde_json::Value> {
+    for _ in 0..8 {
+        if let Some(reference) = schema.get("$ref").and_then(serde_json::Value::as_str) {
+            schema = defs.get(reference.strip_prefix("#/$defs/")?)?;
+            continue;
+        }
+        if let Some(any) = schema.get("anyOf").and_then(serde_json::Value::as_array) {
+            let mut shapes = any
+                .iter()
+                .filter(|v| v.get("type").and_then(serde_json::Value::as_str) != Some("null"));
+            match (shapes.next(), shapes.next()) {
+                (Some(only), None) => {
+                    schema = only;
+                    continue;
+                }
+                _ => return None,
+            }
+        }
+        return Some(schema);
+    }
+    None
+}
+
+fn walk_required(
+    schema: &serde_json::Value,
+    defs: &serde_json::Value,
+    node: &Node,
+    path: &FieldPath,
+    out: &mut Vec<FieldProblem>,
+    depth: usize,
+) {
+    if depth > 32 {
+        return;
+    }
+    let Some(schema) = resolve_schema(schema, defs) else {
+        return;
+    };
+    match &node.value {
+        NodeValue::Mapping(entries) => {
+            for name in schema
+                .get("required")
+                .and_then(serde_json::Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_str)
+            {
+                if node.get(name).is_none() {
+                    out.push(FieldProblem {
+                        mark: node.mark,
+                        path: path.clone(),
+                        message: format!("missing required field `{name}`"),
+                    });
+                }
+            }
+            for (key, value) in entries {
+                let Some(key) = key.as_str() else { continue };
+                let field = schema
+                    .get("properties")
+                    .and_then(|p| p.get(key))
+                    .or_else(|| schema.get("additionalProperties").filter(|a| a.is_object()));
+                if let Some(field) = field {
+                    walk_required(field, defs, value, &path.key(key), out, depth + 1);
+                }
+            }
+        }
+        NodeValue::Sequence(items) => {
+            if let Some(item) = schema.get("items") {
+                for (i, value) in items.iter().enumerate() {
+                    walk_required(item, defs, value, &path.index(i), out, depth + 1);
+                }
+            }
+        }
+        NodeValue::Scalar { .. } => {}
     }
 }
 

@@ -393,9 +393,29 @@ impl Validate for RuntimeEnvironmentSpec {
                     &at.key("address"),
                     "give an IP address or DNS name without spaces",
                 );
+            } else if host.address.starts_with('-')
+                || !host
+                    .address
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]%_".contains(&b))
+            {
+                problems.push(
+                    &at.key("address"),
+                    format!(
+                        "`{}` is not an IP address or DNS name: it may hold only letters, digits, `.`, `-`, `:`, \
+                         `[`, `]`, `%` and `_`, and must not start with `-` (ssh would read it as an option)",
+                        crate::text::one_line(&host.address)
+                    ),
+                );
             }
-            let key_ok = host.host_key.split_whitespace().count() >= 2
-                && (host.host_key.starts_with("ssh-") || host.host_key.starts_with("ecdsa-"));
+            let mut words = host.host_key.split_whitespace();
+            let key_ok = !host.host_key.contains(|c: char| c.is_control())
+                && matches!(words.next(), Some(t) if t.starts_with("ssh-") || t.starts_with("ecdsa-") || t.starts_with("sk-"))
+                && words.next().is_some_and(|k| {
+                    !k.is_empty()
+                        && k.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+                });
             if !key_ok {
                 problems.push(
                     &at.key("hostKey"),
@@ -415,6 +435,7 @@ impl Validate for RuntimeEnvironmentSpec {
             problems.check(&ssh.key("publicKeyFile"), validate::absolute_path(public));
         }
         if self.ssh.user.is_empty()
+            || self.ssh.user.starts_with('-')
             || !self
                 .ssh
                 .user
@@ -423,7 +444,11 @@ impl Validate for RuntimeEnvironmentSpec {
         {
             problems.push(
                 &ssh.key("user"),
-                format!("`{}` is not a valid user name", self.ssh.user),
+                format!(
+                    "`{}` is not a valid user name: use letters, digits, `_`, `-` and `.`, not starting with \
+                     `-` (ssh would read it as an option)",
+                    crate::text::one_line(&self.ssh.user)
+                ),
             );
         }
         if self.nix.nixpkgs.trim().is_empty() {

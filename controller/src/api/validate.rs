@@ -161,8 +161,10 @@ pub fn relative_nix_path(value: &str) -> Result<(), String> {
 /// An `https://host[:port]` (or explicitly insecure `http://`) API endpoint without a path.
 pub fn endpoint(value: &str) -> Result<(), String> {
     let bad = |why: &str| {
+        // The endpoint may carry a password (`https://root:PASSWORD@host`): it is never echoed.
         Err(format!(
-            "`{value}` is not a valid endpoint: {why} (e.g. `https://pve1.example.net:8006`)"
+            "`{}` is not a valid endpoint: {why} (e.g. `https://pve1.example.net:8006`)",
+            crate::source::spec::redact(value)
         ))
     };
     let Some((scheme, rest)) = value.split_once("://") else {
@@ -172,7 +174,10 @@ pub fn endpoint(value: &str) -> Result<(), String> {
         return bad("the scheme must be `https` (or `http` for a test cluster)");
     }
     let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.contains(['/', '?', '#', '@']) {
+    if authority.contains('@') {
+        return bad("credentials do not belong in the URL: give them under `credentials`, from files");
+    }
+    if authority.contains(['/', '?', '#']) {
         return bad("give only the scheme, host and port: the controller adds `/api2/json` itself");
     }
     let (host, port) = match authority.rsplit_once(':') {

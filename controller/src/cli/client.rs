@@ -28,6 +28,7 @@ pub enum ClientError {
 pub struct Client {
     server: String,
     http: reqwest::Client,
+    token: Option<String>,
 }
 
 impl Client {
@@ -44,7 +45,15 @@ impl Client {
         Self {
             server: server.trim_end_matches('/').to_owned(),
             http: reqwest::Client::new(),
+            token: None,
         }
+    }
+
+    /// The same client, sending `token` as its bearer token on requests that trigger something.
+    #[must_use]
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
     }
 
     async fn send(&self, request: reqwest::RequestBuilder) -> Result<Value, ClientError> {
@@ -103,7 +112,11 @@ impl Client {
 
     /// `POST /api/v1/PATH`.
     pub async fn post(&self, path: &str) -> Result<Value, ClientError> {
-        self.send(self.http.post(format!("{}/api/v1/{path}", self.server)))
-            .await
+        let request = self.http.post(format!("{}/api/v1/{path}", self.server));
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        self.send(request).await
     }
 }

@@ -122,6 +122,9 @@ pub enum Command {
         /// How long --wait waits.
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         timeout: Duration,
+        /// The file holding the API token (needed when the daemon has one).
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Where the daemon is.
         #[command(flatten)]
         server: ServerArgs,
@@ -221,20 +224,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             print!(
                 "{}",
-                remote::get(
-                    &client::Client::new(&server.server),
-                    kind,
-                    name.as_deref(),
-                    output
+                crate::text::escape(
+                    &remote::get(
+                        &client::Client::new(&server.server),
+                        kind,
+                        name.as_deref(),
+                        output
+                    )
+                    .await?
                 )
-                .await?
             );
             Ok(0)
         }
         Command::Describe { kind, name, server } => {
             print!(
                 "{}",
-                remote::describe(&client::Client::new(&server.server), kind, &name).await?
+                crate::text::escape(
+                    &remote::describe(&client::Client::new(&server.server), kind, &name).await?
+                )
             );
             Ok(0)
         }
@@ -242,7 +249,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let object = kind.zip(name.as_deref());
             print!(
                 "{}",
-                remote::events(&client::Client::new(&server.server), object).await?
+                crate::text::escape(&remote::events(&client::Client::new(&server.server), object).await?)
             );
             Ok(0)
         }
@@ -252,10 +259,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             wait,
             with_source,
             timeout,
+            token_file,
             server,
         } => {
             let wait = wait.then_some(timeout);
-            let client = client::Client::new(&server.server);
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
             let (message, ready) = match kind {
                 ReconcileTarget::Source => write::reconcile_source(&client, &name, wait).await?,
                 ReconcileTarget::Kind(kind) => {
@@ -264,12 +273,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                         && source != crate::source::spec::API_SOURCE
                     {
                         let (message, _) = write::reconcile_source(&client, &source, Some(timeout)).await?;
-                        print!("{message}");
+                        print!("{}", crate::text::escape(&message));
                     }
                     remote::reconcile(&client, kind, &name, wait).await?
                 }
             };
-            print!("{message}");
+            print!("{}", crate::text::escape(&message));
             Ok(if ready { 0 } else { 1 })
         }
         Command::Apply {
@@ -280,7 +289,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let writer = write::Writer::new(&server.server, token_file.as_deref())?;
             let (name, text) = write::read_input(&file)?;
             let (out, code) = writer.apply(&name, text).await?;
-            print!("{out}");
+            print!("{}", crate::text::escape(&out));
             Ok(code)
         }
         Command::Delete {
@@ -290,7 +299,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             server,
         } => {
             let writer = write::Writer::new(&server.server, token_file.as_deref())?;
-            print!("{}", writer.delete(kind, &name).await?);
+            print!("{}", crate::text::escape(&writer.delete(kind, &name).await?));
             Ok(0)
         }
     }

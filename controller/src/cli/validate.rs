@@ -10,7 +10,7 @@ use crate::yaml::Limits;
 pub fn run(paths: &[PathBuf], quiet: bool, out: &mut impl Write) -> std::io::Result<i32> {
     let snapshot = DirSource::new(paths.to_vec(), Limits::default()).scan(true);
     if let Some(failure) = &snapshot.failure {
-        writeln!(out, "error: {failure}")?;
+        writeln!(out, "error: {}", crate::text::escape(failure))?;
         return Ok(1);
     }
     for problem in &snapshot.errors {

@@ -189,6 +189,8 @@ pub fn sources_table(list: &Value) -> String {
         .map(|s| {
             let status = if let Some(error) = s["lastError"].as_str() {
                 format!("Failed: {error}")
+            } else if s["stale"].is_string() {
+                "Stale: not loaded for over three intervals".into()
             } else if let Some(blocked) = s["pruneBlocked"].as_object() {
                 format!(
                     "PruneBlocked ({}): {} object(s) kept",

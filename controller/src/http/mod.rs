@@ -1,5 +1,6 @@
 //! The daemon's HTTP surface: health, readiness, Prometheus metrics and the JSON status API.
 
+pub mod serve;
 pub mod view;
 pub mod write;
 
@@ -34,8 +35,8 @@ pub struct ApiState {
 
 pub use write::Writes;
 
-/// The routes.
-pub fn router(state: ApiState) -> Router {
+/// The routes, behind the request guard of `limits` (see [`serve::guard`]).
+pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -51,6 +52,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            serve::Guard::new(limits),
+            serve::guard,
         ))
         .with_state(state)
 }
@@ -107,15 +112,35 @@ async fn list(State(state): State<ApiState>, Path(segment): Path<String>) -> Res
         )))
         .into_response(),
         Ok(Resource::Kind(kind)) => {
-            let items = state
-                .desired
-                .list(Some(kind))
-                .iter()
-                .map(|d| view::object(d, &state.book))
-                .collect();
-            axum::Json(view::list(items)).into_response()
+            let book = state.book.clone();
+            stream_list(state.desired.list(Some(kind)), move |d| view::object(d, &book))
         }
     }
+}
+
+/// A Kubernetes-style list written one item at a time: each item is rendered only when the client has
+/// taken the previous one, so a request holds one object's JSON at a time, not a copy of the whole list.
+fn stream_list<T: Send + 'static>(items: Vec<T>, render: impl Fn(&T) -> Value + Send + 'static) -> Response {
+    use axum::body::{Body, Bytes};
+    let head = std::iter::once(Bytes::from_static(
+        br#"{"apiVersion":"v1","kind":"List","items":["#,
+    ));
+    let body = items.into_iter().enumerate().map(move |(i, item)| {
+        let mut chunk = if i == 0 { Vec::new() } else { vec![b','] };
+        // Serializing a JSON value into memory cannot fail.
+        let _ = serde_json::to_writer(&mut chunk, &render(&item));
+        Bytes::from(chunk)
+    });
+    let tail = std::iter::once(Bytes::from_static(b"]}"));
+    let chunks = head
+        .chain(body)
+        .chain(tail)
+        .map(Ok::<Bytes, std::convert::Infallible>);
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(futures_util::stream::iter(chunks)),
+    )
+        .into_response()
 }
 
 async fn one(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {
@@ -175,7 +200,14 @@ async fn source(State(state): State<ApiState>) -> Response {
     .into_response()
 }
 
-async fn reconcile(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {
+async fn reconcile(
+    State(state): State<ApiState>,
+    Path((segment, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(response) = write::authorize_trigger(&state.writes, &headers) {
+        return *response;
+    }
     let kind = match resource(&segment) {
         Ok(Resource::Kind(kind)) => kind,
         Ok(Resource::Hosts) => {

@@ -66,6 +66,16 @@ fn authorize(writes: &Writes, headers: &HeaderMap) -> Result<(), Box<Response>> 
     }
 }
 
+/// Checks the bearer token of a request that triggers something (a reconcile, a fetch): needed when the
+/// daemon has a token, allowed without one otherwise (triggers change nothing by themselves).
+pub(super) fn authorize_trigger(writes: &Writes, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    if writes.token.is_some() {
+        authorize(writes, headers)
+    } else {
+        Ok(())
+    }
+}
+
 fn unauthorized(message: &str) -> Response {
     let mut response = error(StatusCode::UNAUTHORIZED, message);
     response.headers_mut().insert(
@@ -225,8 +235,15 @@ pub async fn source(State(state): State<ApiState>, Path(name): Path<String>) -> 
 
 /// `POST /api/v1/sources/{name}/reconcile`: fetches the source now; its status echoes the returned
 /// token in `lastHandledReconcileAt` once the result is applied.
-pub async fn reconcile_source(State(state): State<ApiState>, Path(name): Path<String>) -> Response {
+pub async fn reconcile_source(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Response {
     static NEXT: AtomicU64 = AtomicU64::new(1);
+    if let Err(response) = authorize_trigger(&state.writes, &headers) {
+        return *response;
+    }
     let Some(requests) = state.writes.requests.get(&name) else {
         return if state.desired.sources().iter().any(|s| s.name == name) {
             error(

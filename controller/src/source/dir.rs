@@ -30,33 +30,77 @@ fn is_hidden(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|n| n.starts_with('.'))
 }
 
-/// Lists the YAML files under `root` (or `root` itself when it is a file), sorted, skipping hidden files
-/// and folders. A given file is taken whatever its name.
-pub fn collect_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The deepest a folder is entered below a source root.
+pub const MAX_DEPTH: usize = 32;
+
+/// A path the walker found: a file to read, or one refused without reading it (and why).
+pub type Found = (PathBuf, Option<String>);
+
+/// Lists the YAML files under `root` (or `root` itself when it is not a folder), sorted, skipping hidden
+/// files and folders. This is the one walker of the daemon and of `validate`; its rule:
+///
+/// - a root named by the operator is taken as given (a link to a folder or a file is followed);
+/// - below the root, links to folders are never followed, a folder is entered at most once (by device and
+///   inode, so a bind-mount loop ends too) and at most [`MAX_DEPTH`] levels deep: the walk never leaves the
+///   root and always ends;
+/// - a link to a file is read only when its target lies inside the root; one that points outside it is
+///   refused (a repository must not make the controller read its host's files);
+/// - a `*.yaml`/`*.yml` entry that is not a regular file (a dangling link, a FIFO, a device, a socket) is
+///   listed all the same: reading it fails, which is a problem of that file that keeps its last good
+///   objects, never a deletion. Such entries are never opened in a way that could block.
+pub fn collect_files(root: &Path) -> std::io::Result<Vec<Found>> {
+    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(root)?;
-    if meta.is_file() {
-        return Ok(vec![root.to_path_buf()]);
+    if !meta.is_dir() {
+        return Ok(vec![(root.to_path_buf(), None)]);
     }
+    let canonical_root = std::fs::canonicalize(root)?;
     let mut files = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
+    let mut visited = HashSet::from([(meta.dev(), meta.ino())]);
+    let mut stack = vec![(root.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
         for entry in std::fs::read_dir(&dir)? {
             let entry = entry?;
             if is_hidden(&entry.file_name()) {
                 continue;
             }
             let path = entry.path();
-            // Follows links to files and folders, as `kubectl apply -R` does; loops end at the depth limit.
-            let Ok(meta) = std::fs::metadata(&path) else {
+            // The entry itself, links not followed.
+            let Ok(kind) = entry.file_type() else {
                 continue;
             };
-            if meta.is_dir() {
-                if path.components().count() < 64 {
-                    stack.push(path);
+            if kind.is_dir() {
+                let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                    continue;
+                };
+                if depth < MAX_DEPTH && visited.insert((meta.dev(), meta.ino())) {
+                    stack.push((path, depth + 1));
                 }
-            } else if meta.is_file() && is_yaml(&path) {
-                files.push(path);
+                continue;
             }
+            if !is_yaml(&path) {
+                continue;
+            }
+            if kind.is_symlink() {
+                match std::fs::canonicalize(&path) {
+                    // A link to a folder is never followed, whatever its name.
+                    Ok(target) if target.is_dir() => continue,
+                    Ok(target) if !target.starts_with(&canonical_root) => {
+                        files.push((
+                            path,
+                            Some(
+                                "this link points outside the source folder and is not followed; \
+                                 copy the file into the folder instead"
+                                    .to_owned(),
+                            ),
+                        ));
+                        continue;
+                    }
+                    // Inside the root, or dangling (reading it reports that).
+                    _ => {}
+                }
+            }
+            files.push((path, None));
         }
     }
     files.sort();
@@ -82,6 +126,7 @@ pub struct DirSource {
     cache: HashMap<PathBuf, CachedFile>,
     display_base: Option<PathBuf>,
     scans: Arc<AtomicU64>,
+    loaded_at: Arc<AtomicU64>,
 }
 
 /// Whether a file-system event can change what the source loads. Reads and opens cannot: the scan itself
@@ -106,12 +151,19 @@ impl DirSource {
             cache: HashMap::new(),
             display_base: None,
             scans: Arc::new(AtomicU64::new(0)),
+            loaded_at: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// A counter of the scans this source has made (each a walk of its folders), shared with the caller.
     pub fn scan_counter(&self) -> Arc<AtomicU64> {
         self.scans.clone()
+    }
+
+    /// When a scan last completed, in seconds since the epoch (0: never), shared with whoever watches
+    /// the source's health: a scan that no longer completes shows as this time growing old.
+    pub fn loaded_at(&self) -> Arc<AtomicU64> {
+        self.loaded_at.clone()
     }
 
     /// Names files relative to `base` in objects and problems (a git checkout names them as in the
@@ -132,7 +184,7 @@ impl DirSource {
     /// modification time changed (a file whose content is unchanged keeps its objects as they were).
     pub fn scan(&mut self, full: bool) -> Snapshot {
         self.scans.fetch_add(1, Ordering::Relaxed);
-        let mut files = Vec::new();
+        let mut files: Vec<Found> = Vec::new();
         for root in &self.roots {
             match collect_files(root) {
                 Ok(found) => files.extend(found),
@@ -145,60 +197,55 @@ impl DirSource {
             }
         }
         files.sort();
-        files.dedup();
-        let present: HashSet<&PathBuf> = files.iter().collect();
+        files.dedup_by(|a, b| a.0 == b.0);
+        let present: HashSet<&PathBuf> = files.iter().map(|(path, _)| path).collect();
         self.cache.retain(|path, _| present.contains(path));
-        for file in &files {
-            self.refresh(file, full);
+        for (file, refused) in &files {
+            self.refresh(file, refused.as_deref(), full);
         }
-        self.assemble(&files)
+        let files: Vec<PathBuf> = files.into_iter().map(|(path, _)| path).collect();
+        let snapshot = self.assemble(&files);
+        self.loaded_at
+            .store(crate::api::Timestamp::now().unix(), Ordering::Relaxed);
+        snapshot
     }
 
-    fn refresh(&mut self, file: &Path, full: bool) {
+    fn refresh(&mut self, file: &Path, refused: Option<&str>, full: bool) {
         let stamp = std::fs::metadata(file)
             .map(|m| (m.len(), m.modified().ok()))
             .unwrap_or((0, None));
         if let Some(cached) = self.cache.get(file)
             && !full
+            && refused.is_none()
             && cached.stamp == stamp
             && stamp.1.is_some()
         {
             return;
         }
-        // An oversized file is never read whole: it is refused by `load_file`, which reads only up to the
-        // limit. Its size and time stand in for its content hash.
-        let bytes = if stamp.0 > self.limits.max_bytes as u64 {
-            None
-        } else {
-            std::fs::read(file).ok()
+        // Never more than one byte past the limit is read; anything but a regular file is refused.
+        let read = match refused {
+            Some(message) => Err(message.to_owned()),
+            None => load::read_regular(file, self.limits.max_bytes),
         };
-        let hash: [u8; 32] = match &bytes {
-            Some(bytes) => Sha256::digest(bytes).into(),
-            None => Sha256::digest(format!("{stamp:?}")).into(),
+        let hash: [u8; 32] = match &read {
+            Ok((bytes, size)) if bytes.len() > self.limits.max_bytes => {
+                Sha256::digest(format!("{size} {stamp:?}")).into()
+            }
+            Ok((bytes, _)) => Sha256::digest(bytes).into(),
+            Err(message) => Sha256::digest(format!("{message} {stamp:?}")).into(),
         };
         if let Some(cached) = self.cache.get_mut(file)
             && cached.hash == hash
-            && bytes.is_some()
+            && read.is_ok()
         {
             cached.stamp = stamp;
             return;
         }
         let name = self.display_name(file);
-        let mut load = match bytes {
-            Some(bytes) if bytes.len() <= self.limits.max_bytes => match String::from_utf8(bytes) {
-                Ok(text) => load::load_text(&name, &text, &self.limits),
-                Err(_) => load::load_file(file, &self.limits),
-            },
-            _ => load::load_file(file, &self.limits),
+        let load = match read {
+            Ok((bytes, size)) => load::load_bytes(&name, bytes, size, &self.limits),
+            Err(message) => load::unreadable_file(&name, message),
         };
-        if name != file {
-            for problem in &mut load.problems {
-                problem.file.clone_from(&name);
-            }
-            for object in &mut load.objects {
-                object.file.clone_from(&name);
-            }
-        }
         let previous = self.cache.remove(file);
         let entry = merge_with_previous(load, previous.map(|p| p.objects).unwrap_or_default(), stamp, hash);
         self.cache.insert(file.to_path_buf(), entry);

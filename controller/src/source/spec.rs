@@ -93,8 +93,13 @@ pub fn redact(url: &str) -> String {
         Some(at) => {
             let user = &authority[..at];
             let user = user.split(':').next().unwrap_or_default();
+            let scheme = url[..scheme_end].to_ascii_lowercase();
+            // Over http(s), a user name alone is often a token (`https://TOKEN@host`): hidden too. An ssh
+            // user (`git@`) names an account, not a secret.
             let hidden = if authority[..at].contains(':') {
                 format!("{user}:***")
+            } else if scheme.contains("http") {
+                "***".to_owned()
             } else {
                 user.to_owned()
             };
@@ -362,5 +367,31 @@ mod tests {
         ];
         let err = check_unique(&specs).unwrap_err().to_string();
         assert!(err.contains("NAME=LOCATION"), "{err}");
+    }
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(
+            redact("https://root:Hunter2@pve1.example.net:8006"),
+            "https://root:***@pve1.example.net:8006"
+        );
+        assert_eq!(
+            redact("https://ghp_secrettoken@git.example.org/ops/state.git"),
+            "https://***@git.example.org/ops/state.git"
+        );
+        assert_eq!(
+            redact("ssh://git@git.example.org/ops/state.git"),
+            "ssh://git@git.example.org/ops/state.git"
+        );
+        let spec =
+            SourceSpec::parse("git+https://ghp_secrettoken@git.example.org/ops/state.git#main").unwrap();
+        assert!(
+            !spec.display_location().contains("secrettoken"),
+            "{}",
+            spec.display_location()
+        );
+        let refused =
+            crate::api::validate::endpoint("https://root:Hunter2@pve1.example.net:8006").unwrap_err();
+        assert!(!refused.contains("Hunter2"), "{refused}");
     }
 }

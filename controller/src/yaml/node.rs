@@ -303,6 +303,20 @@ impl<'a> Builder<'a, '_> {
                     (None, saphyr_parser::ScalarStyle::Plain) => ScalarStyle::Plain,
                     (None, _) => ScalarStyle::Quoted,
                 };
+                if let Some(c) = text.chars().find(|&c| crate::text::is_hostile(c) || c == '\r') {
+                    return Err(self.error(
+                        mark,
+                        format!(
+                            "this value holds the control character U+{:04X}; no field takes one, remove it",
+                            u32::from(c)
+                        ),
+                    ));
+                }
+                if style == ScalarStyle::Plain
+                    && let Some(hint) = leading_zero(&text)
+                {
+                    return Err(self.error(mark, hint));
+                }
                 (
                     Node {
                         value: NodeValue::Scalar {
@@ -399,6 +413,25 @@ impl<'a> Builder<'a, '_> {
             _ => Ok(()),
         }
     }
+}
+
+/// Why a plain scalar such as `010` is refused: YAML 1.2 (this controller) reads it as 10, YAML 1.1
+/// tools (kubectl, many linters) as the octal 8. `0`, quoted text and `0o10` are not concerned.
+fn leading_zero(text: &str) -> Option<String> {
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if digits.len() < 2 || !digits.starts_with('0') || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let decimal = digits.trim_start_matches('0');
+    let decimal = if decimal.is_empty() { "0" } else { decimal };
+    let yaml11 = match i128::from_str_radix(digits, 8) {
+        Ok(octal) => format!("as the octal number {octal}"),
+        Err(_) => "as something else".to_owned(),
+    };
+    Some(format!(
+        "`{text}` has a leading zero: this controller would read it as {decimal}, YAML 1.1 tools such as \
+         kubectl {yaml11}; write `{decimal}`, or quote it (`\"{text}\"`) if it is text"
+    ))
 }
 
 #[cfg(test)]
