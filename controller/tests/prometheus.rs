@@ -72,8 +72,31 @@ fn without_threshold(expr: &str) -> String {
 #[test]
 fn every_dashboard_query_and_alert_expression_returns_data_from_a_real_prometheus() {
     // The quickstart on the simulations: VMs on the simulated cluster, NixOS deploys on simulated hosts.
-    let mut demo = Demo::spawn(&["--latency-scale", "0.05"]);
+    let work = tempfile::tempdir().unwrap();
+    let work_dir = work.path().join("demo");
+    let mut demo = Demo::spawn(&[
+        "--latency-scale",
+        "0.05",
+        "--work-dir",
+        work_dir.to_str().unwrap(),
+    ]);
     demo.wait_line("All 7 objects are Ready", 0, Duration::from_secs(60));
+    // Per-object series exist only for objects that need attention: add one that stalls (a size its
+    // Application does not offer), so that the alerts on them have a series to find.
+    std::fs::write(
+        work_dir.join("source").join("needs-attention.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: needs-attention }\n\
+         spec:\n  domain: attention.example\n  runtimeEnvironment: quickstart\n\
+         \x20 applications: { mastodon: { size: enormous } }\n\
+         \x20 initialUser: { displayName: Admin, email: admin@attention.example }\n",
+    )
+    .unwrap();
+    wait_for("the stalled Deployment's series", Duration::from_secs(30), || {
+        let (_, scrape) = http_get(&demo.server, "/metrics")?;
+        scrape
+            .contains("fediversity_reconcile_condition{kind=\"Deployment\",name=\"needs-attention\",status=\"True\",type=\"Stalled\"} 1")
+            .then_some(())
+    });
     scrape_and_check(&demo.server);
     sigterm(&demo.child);
     assert_eq!(
