@@ -46,7 +46,9 @@ fn the_nixos_module_and_package_parse_with_real_nix() {
     let module = std::fs::read_to_string(repo_root().join("nix/module.nix")).unwrap();
     for option in [
         "services.fediversity-controller",
-        "DynamicUser = true",
+        // A fixed system user, not DynamicUser: Nix's `trusted-users` needs a name that exists.
+        "users.users.fediversity",
+        "User = \"fediversity\"",
         "StateDirectory = \"fediversity\"",
     ] {
         assert!(module.contains(option), "nix/module.nix lacks {option}");
