@@ -29,6 +29,9 @@ pub struct DeploymentSpec {
     /// Stops new reconciles of this Deployment (the one in flight finishes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// Start new hosts from a backup snapshot instead of empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::RestoreSpec>,
 }
 
 /// An operator's choices for one application.
@@ -95,6 +98,12 @@ pub struct DeploymentStatus {
     /// The source revision last tried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempted_revision: Option<String>,
+    /// The last backup of each host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<super::HostBackupStatus>,
+    /// What the restore asked by `spec.restore` did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::RestoreStatus>,
 }
 
 /// What is known of one host of a Deployment.
@@ -166,6 +175,9 @@ impl Validate for DeploymentSpec {
                 );
             }
             problems.check(&at.key("email"), validate::email(&user.email));
+        }
+        if let Some(restore) = &self.restore {
+            restore.validate(&path.key("restore"), problems);
         }
     }
 }

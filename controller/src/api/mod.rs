@@ -1,6 +1,7 @@
 //! The desired-state object kinds (`fediversity.eu/v1alpha1`), their validation and JSON Schemas.
 
 mod application;
+mod backup;
 pub mod crd;
 mod deployment;
 mod meta;
@@ -15,6 +16,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use application::*;
+pub use backup::*;
 pub use deployment::*;
 pub use meta::*;
 pub use runtime_environment::*;

@@ -32,6 +32,9 @@ pub struct RuntimeEnvironmentSpec {
     /// Politeness limits towards this environment.
     #[serde(default)]
     pub limits: EnvironmentLimits,
+    /// Backups of the hosts' data to a restic repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<super::BackupSpec>,
 }
 
 /// How to reach and use a Proxmox VE cluster.
@@ -335,6 +338,9 @@ impl Validate for RuntimeEnvironmentSpec {
                 &path.key("nix").key("nixpkgs"),
                 "give the nixpkgs to build with, e.g. `github:NixOS/nixpkgs/nixos-25.05`",
             );
+        }
+        if let Some(backup) = &self.backup {
+            backup.validate(&path.key("backup"), problems);
         }
         if self.limits.max_concurrent_operations == 0 {
             problems.push(
