@@ -22,6 +22,12 @@ pub struct BackupSpec {
     /// A file of `KEY=value` lines with the backend's credentials (e.g. `AWS_ACCESS_KEY_ID`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment_file: Option<String>,
+    /// For `sftp:` repositories: the private key (on the controller's machine) hosts log in with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sftp_identity_file: Option<String>,
+    /// For `sftp:` repositories: a known_hosts file pinning the SFTP server's host key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sftp_known_hosts_file: Option<String>,
     /// How often each host is backed up: a number and a unit, `30m`, `6h`, `1d`.
     #[serde(default = "default_schedule")]
     pub schedule: String,
@@ -178,6 +184,29 @@ impl Validate for BackupSpec {
         if let Some(env) = &self.environment_file {
             problems.check(&path.key("environmentFile"), validate::secret_file(env));
         }
+        for (field, file) in [
+            ("sftpIdentityFile", &self.sftp_identity_file),
+            ("sftpKnownHostsFile", &self.sftp_known_hosts_file),
+        ] {
+            if let Some(file) = file {
+                problems.check(&path.key(field), validate::secret_file(file));
+                if !self.repository.starts_with("sftp:") {
+                    problems.push(&path.key(field), "only used with an `sftp:` repository");
+                }
+            }
+        }
+        if self.repository.starts_with("sftp:") {
+            problems.check(
+                &path.key("repository"),
+                SftpRepository::parse(&self.repository).map(drop),
+            );
+            if self.sftp_identity_file.is_none() != self.sftp_known_hosts_file.is_none() {
+                problems.push(
+                    path,
+                    "give both `sftpIdentityFile` and `sftpKnownHostsFile` (or neither, when the hosts' own SSH setup reaches the server)",
+                );
+            }
+        }
         problems.check(&path.key("schedule"), parse_interval(&self.schedule).map(drop));
         problems.check(
             &path.key("checkEvery"),
@@ -194,6 +223,58 @@ impl Validate for BackupSpec {
         if self.max_concurrent == 0 {
             problems.push(&path.key("maxConcurrent"), "must be at least 1");
         }
+    }
+}
+
+/// The parts of an `sftp:` repository: `sftp:user@host:/path` or `sftp://user@host:port//path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SftpRepository {
+    /// The login user.
+    pub user: String,
+    /// The server.
+    pub host: String,
+    /// Its SSH port.
+    pub port: u16,
+    /// The repository's path on the server.
+    pub path: String,
+}
+
+impl SftpRepository {
+    /// Parses the repository string; user and host must be plain words (they reach an SSH command line).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "`{text}` is not an sftp repository: use `sftp:user@host:/path` or `sftp://user@host:port//path`"
+            )
+        };
+        let (authority, path, port) = if let Some(rest) = text.strip_prefix("sftp://") {
+            let (authority, path) = rest.split_once('/').ok_or_else(bad)?;
+            let (authority, port) = match authority.rsplit_once(':') {
+                Some((a, p)) => (a, p.parse::<u16>().map_err(|_| bad())?),
+                None => (authority, 22),
+            };
+            (authority, path.to_owned(), port)
+        } else {
+            let rest = text.strip_prefix("sftp:").ok_or_else(bad)?;
+            let (authority, path) = rest.split_once(':').ok_or_else(bad)?;
+            (authority, path.to_owned(), 22)
+        };
+        let (user, host) = authority.split_once('@').ok_or_else(bad)?;
+        let plain = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('-')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        if !plain(user) || !plain(host) || path.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self {
+            user: user.to_owned(),
+            host: host.to_owned(),
+            port,
+            path,
+        })
     }
 }
 
@@ -317,6 +398,19 @@ mod tests {
         assert!(check_repository("backups").is_err());
         assert!(check_repository("sftp:").is_err());
         assert!(check_repository("/a\nb").is_err());
+    }
+
+    #[test]
+    fn sftp_repositories_are_split_into_user_host_port_and_path() {
+        let r = SftpRepository::parse("sftp:backup@127.0.0.1:/srv/restic").unwrap();
+        assert_eq!(
+            (r.user.as_str(), r.host.as_str(), r.port, r.path.as_str()),
+            ("backup", "127.0.0.1", 22, "/srv/restic")
+        );
+        let r = SftpRepository::parse("sftp://root@h.example:2222//srv/r").unwrap();
+        assert_eq!((r.port, r.path.as_str()), (2222, "/srv/r"));
+        assert!(SftpRepository::parse("sftp:-oProxyCommand=x@h:/r").is_err());
+        assert!(SftpRepository::parse("sftp:h:/r").is_err());
     }
 
     #[test]

@@ -1,0 +1,10 @@
+//! Backups and restores of hosts' data with restic and `pg_dump`, run on each host over SSH.
+
+pub mod manifest;
+pub mod run;
+pub mod script;
+
+pub use run::{
+    BackupError, BackupReport, BackupTarget, BackupTimeouts, Backuper, CheckReport, Repository,
+    RestoreReport, Shell, Snapshot,
+};
