@@ -1,6 +1,7 @@
 //! Backups and restores of hosts' data with restic and `pg_dump`, run on each host over SSH.
 
 pub mod manifest;
+pub mod metrics;
 pub mod run;
 pub mod script;
 

@@ -376,7 +376,6 @@ fn unreachable_words(text: &str) -> bool {
         "ssh: connect to host",
         "Connection refused",
         "Connection closed",
-        "Fatal: unable to open config file",
         "connection reset",
         "no such host",
         "dial tcp",
