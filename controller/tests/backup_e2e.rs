@@ -218,7 +218,10 @@ async fn a_damaged_pack_is_found_by_the_check_and_reported() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreachable_repository_fails_the_backup_with_a_transient_error_and_no_secret() {
+async fn an_unreachable_repository_fails_the_round_with_backoff_status_and_metrics_then_it_recovers() {
+    use fediversity::backup::metrics::BackupMetrics;
+    use fediversity::backup::schedule::{self, HostClock, RoundHost};
+
     let mut lab = Lab::new();
     let a = lab.host("op-app");
     a.seed_files();
@@ -226,10 +229,22 @@ async fn an_unreachable_repository_fails_the_backup_with_a_transient_error_and_n
         databases: vec![],
         ..data_spec()
     };
-    let (backuper, repo) = (lab.backuper(), lab.repo());
+    let (backuper, repo, spec) = (lab.backuper(), lab.repo(), lab.backup_spec());
+    let registry = prometheus::Registry::new();
+    let metrics = BackupMetrics::register(&registry).unwrap();
+    let shell = a.ssh();
+    let hosts = [RoundHost {
+        deployment: "op",
+        application: "app",
+        host: "op-app",
+        data: &data,
+        shell: &shell,
+    }];
+
+    // The direct call says what kind of failure it is.
     lab.stop_sftp();
     let err = backuper
-        .backup(&a.ssh(), &repo, &target(&a, &data))
+        .backup(&shell, &repo, &target(&a, &data))
         .await
         .unwrap_err();
     eprintln!("{err}");
@@ -239,11 +254,55 @@ async fn an_unreachable_repository_fails_the_backup_with_a_transient_error_and_n
     );
     assert!(err.is_transient());
     assert!(!err.to_string().contains("correct horse"));
+
+    // A round records it in status and metrics, and backs off.
+    let previous = vec![(Default::default(), HostClock::default())];
+    let round = schedule::run_round(
+        &backuper,
+        &repo,
+        &spec,
+        "rev-1",
+        &hosts,
+        &previous,
+        Some(&metrics),
+    )
+    .await;
+    let (status, clock) = &round[0];
+    eprintln!("{status:?}");
+    assert_eq!((status.result.as_str(), status.failures), ("Failed", 1));
+    let message = status.message.as_deref().unwrap();
+    assert!(
+        message.contains("unreachable") && message.contains("next attempt in 60 s"),
+        "{message}"
+    );
+    assert!(!message.contains("correct horse"));
+    let now = clock.last_attempt.unwrap();
+    assert!(schedule::due([("op-app", clock, false)], spec.interval(), now + 30, 2).is_empty());
+    assert_eq!(
+        schedule::due([("op-app", clock, false)], spec.interval(), now + 60, 2),
+        vec!["op-app"]
+    );
+    let mut text = Vec::new();
+    prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut text).unwrap();
+    assert!(
+        String::from_utf8(text)
+            .unwrap()
+            .contains("fediversity_backup_failures_total{deployment=\"op\",host=\"op-app\"} 1")
+    );
+
+    // The repository is back: the next round succeeds and applies the retention.
     lab.start_sftp();
-    backuper
-        .backup(&a.ssh(), &repo, &target(&a, &data))
-        .await
-        .unwrap();
+    let round = schedule::run_round(&backuper, &repo, &spec, "rev-1", &hosts, &round, Some(&metrics)).await;
+    let (status, clock) = &round[0];
+    eprintln!("{status:?}");
+    assert_eq!(
+        (status.result.as_str(), status.failures, clock.failures),
+        ("Succeeded", 0, 0)
+    );
+    assert!(
+        status.snapshot.is_some() && status.files > 300 && status.message.is_none(),
+        "{status:?}"
+    );
 }
 
 /// Kills, by PID, the restic processes running `subcommand` against this lab's repository on behalf

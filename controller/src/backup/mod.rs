@@ -3,6 +3,7 @@
 pub mod manifest;
 pub mod metrics;
 pub mod run;
+pub mod schedule;
 pub mod script;
 
 pub use run::{
