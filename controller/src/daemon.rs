@@ -486,6 +486,19 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         shutdown.clone(),
     ));
 
+    // Backups of real hosts: only where hosts are deployed over SSH (the simulated demo has no data).
+    let backup_metrics = crate::backup::metrics::BackupMetrics::register(&registry)?;
+    let ssh_hosts = matches!(embedding.nixos_transport, crate::nixos::Transport::Ssh);
+    if nixos_catalog.is_some() && ssh_hosts {
+        let service = crate::backup::service::BackupService::new(
+            desired.clone(),
+            book.clone(),
+            state_dir.join("nixos"),
+            backup_metrics,
+        );
+        tasks.push(tokio::spawn(service.run(shutdown.clone())));
+    }
+
     let outcome = runner.run(shutdown.clone()).await;
     feeder.abort();
     for task in tasks {

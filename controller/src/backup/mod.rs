@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod run;
 pub mod schedule;
 pub mod script;
+pub mod service;
 
 pub use run::{
     BackupError, BackupReport, BackupTarget, BackupTimeouts, Backuper, CheckReport, Repository,
