@@ -68,7 +68,8 @@ pub enum Command {
     },
     /// Lists objects of a kind (or hosts) from a running daemon, or shows one.
     Get {
-        /// deployments (deploy), applications (app), runtimeenvironments (renv) or hosts.
+        /// deployments (deploy), applications (app), runtimeenvironments (renv), hosts, sources, or
+        /// backups (the last backup of each host; NAME is then a Deployment).
         #[arg(value_parser = parse_target)]
         kind: Target,
         /// One object's name.

@@ -86,11 +86,15 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 enum Resource {
     Kind(Kind),
     Hosts,
+    Backups,
 }
 
 fn resource(segment: &str) -> Result<Resource, Box<Response>> {
     if matches!(segment, "hosts" | "host") {
         return Ok(Resource::Hosts);
+    }
+    if matches!(segment, "backups" | "backup") {
+        return Ok(Resource::Backups);
     }
     segment
         .parse()
@@ -104,6 +108,12 @@ async fn list(State(state): State<ApiState>, Path(segment): Path<String>) -> Res
         Ok(Resource::Hosts) => axum::Json(view::list(view::hosts(
             &state.desired.list(Some(Kind::Deployment)),
             &state.book,
+        )))
+        .into_response(),
+        Ok(Resource::Backups) => axum::Json(view::list(view::backups(
+            &state.desired.list(Some(Kind::Deployment)),
+            &state.book,
+            None,
         )))
         .into_response(),
         Ok(Resource::Kind(kind)) => {
@@ -130,6 +140,21 @@ async fn one(State(state): State<ApiState>, Path((segment, name)): Path<(String,
                 Some(host) => axum::Json(host).into_response(),
                 None => error(StatusCode::NOT_FOUND, format!("host {name} not found")),
             }
+        }
+        Ok(Resource::Backups) => {
+            if state
+                .desired
+                .get(&ObjectKey::new(Kind::Deployment, &name))
+                .is_none()
+            {
+                return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
+            }
+            axum::Json(view::list(view::backups(
+                &state.desired.list(Some(Kind::Deployment)),
+                &state.book,
+                Some(&name),
+            )))
+            .into_response()
         }
         Ok(Resource::Kind(kind)) => match state.desired.get(&ObjectKey::new(kind, &name)) {
             Some(desired) => axum::Json(view::object(&desired, &state.book)).into_response(),
@@ -178,10 +203,10 @@ async fn source(State(state): State<ApiState>) -> Response {
 async fn reconcile(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {
     let kind = match resource(&segment) {
         Ok(Resource::Kind(kind)) => kind,
-        Ok(Resource::Hosts) => {
+        Ok(Resource::Hosts | Resource::Backups) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                "hosts are reconciled through their Deployment",
+                "hosts and their backups are reconciled through their Deployment",
             );
         }
         Err(response) => return *response,
