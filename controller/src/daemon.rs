@@ -441,7 +441,9 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     });
     let set = SourceSet::new(members);
 
+    let backup_requests = Arc::new(crate::backup::service::Requests::default());
     let api = crate::http::router(crate::http::ApiState {
+        backups: backup_requests.clone(),
         desired: desired.clone(),
         book: book.clone(),
         registry: registry.clone(),
@@ -495,6 +497,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             book.clone(),
             state_dir.join("nixos"),
             backup_metrics,
+            backup_requests.clone(),
         );
         tasks.push(tokio::spawn(service.run(shutdown.clone())));
     }

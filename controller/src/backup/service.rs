@@ -115,6 +115,44 @@ pub fn candidates(
     out
 }
 
+/// On-demand backups asked over the API (`fediversity backup deployment NAME`).
+#[derive(Default)]
+pub struct Requests {
+    pending: std::sync::Mutex<BTreeMap<String, String>>,
+    wake: tokio::sync::Notify,
+    running: std::sync::atomic::AtomicBool,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Requests {
+    /// Asks for a backup of `deployment`'s hosts now; returns the token that `status.lastHandledBackupAt`
+    /// carries once it was handled.
+    pub fn request(&self, deployment: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let token = format!("{}-{n}", Timestamp::now());
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(deployment.to_owned(), token.clone());
+        self.wake.notify_one();
+        token
+    }
+
+    /// Whether a backup loop runs (it does only where hosts are reached over SSH).
+    pub fn is_running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn take(&self) -> BTreeMap<String, String> {
+        std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
 /// The loop's memory: each host's status and clock, and each environment's last check.
 #[derive(Default)]
 struct Memory {
@@ -130,6 +168,7 @@ pub struct BackupService {
     nixos_state: PathBuf,
     backuper: Backuper,
     metrics: BackupMetrics,
+    requests: Arc<Requests>,
 }
 
 impl BackupService {
@@ -139,6 +178,7 @@ impl BackupService {
         book: Arc<StatusBook>,
         nixos_state: PathBuf,
         metrics: BackupMetrics,
+        requests: Arc<Requests>,
     ) -> Self {
         Self {
             desired,
@@ -146,19 +186,25 @@ impl BackupService {
             nixos_state,
             backuper: Backuper::default(),
             metrics,
+            requests,
         }
     }
 
     /// Runs until shutdown.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<ShutdownState>) {
         let mut memory = Memory::default();
+        self.requests
+            .running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         loop {
             if *shutdown.borrow() != ShutdownState::Running {
                 return;
             }
-            self.tick(&mut memory).await;
+            let asked = self.requests.take();
+            self.tick(&mut memory, &asked).await;
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
+                _ = self.requests.wake.notified() => {}
                 _ = shutdown.changed() => {}
             }
         }
@@ -183,9 +229,15 @@ impl BackupService {
         .ok()
     }
 
-    async fn tick(&self, memory: &mut Memory) {
+    async fn tick(&self, memory: &mut Memory, asked: &BTreeMap<String, String>) {
         let now = Timestamp::now().unix();
         let all = candidates(&self.desired, |k| self.book.status(k));
+        // Deployments asked for whose hosts none is ready still get their request answered.
+        for (deployment, token) in asked {
+            if !all.iter().any(|c| &c.deployment == deployment) {
+                self.mark_handled(deployment, token);
+            }
+        }
         let mut by_env: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
         for c in all {
             by_env.entry(c.environment.clone()).or_default().push(c);
@@ -224,7 +276,7 @@ impl BackupService {
                     (previous.unwrap_or_default(), clock)
                 });
             }
-            let due: Vec<String> = {
+            let mut due: Vec<String> = {
                 let entries = hosts.iter().filter_map(|c| {
                     memory
                         .hosts
@@ -236,6 +288,12 @@ impl BackupService {
                     .map(str::to_owned)
                     .collect()
             };
+            // Asked for: due now, whatever the schedule (the round still keeps to the cap).
+            for c in &hosts {
+                if asked.contains_key(&c.deployment) && !due.contains(&c.host) {
+                    due.push(c.host.clone());
+                }
+            }
             let chosen: Vec<(&Candidate, SshHost)> = hosts
                 .iter()
                 .filter(|c| due.contains(&c.host))
@@ -319,7 +377,26 @@ impl BackupService {
                 }
             }
             self.write_statuses(&hosts, memory);
+            for c in &hosts {
+                if let Some(token) = asked.get(&c.deployment) {
+                    self.mark_handled(&c.deployment, token);
+                }
+            }
         }
+    }
+
+    /// Records in the Deployment's status that the backup asked with `token` was handled.
+    fn mark_handled(&self, deployment: &str, token: &str) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        let mut status = match self.book.status(&key) {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        status.insert("lastHandledBackupAt".into(), token.into());
+        self.book.put_status(&key, serde_json::Value::Object(status));
     }
 
     fn previous_status(&self, deployment: &str, host: &str) -> Option<HostBackupStatus> {

@@ -123,6 +123,23 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Backs up a Deployment's hosts now (its RuntimeEnvironment needs `spec.backup`).
+    Backup {
+        /// `deployment` (the only kind that is backed up).
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The Deployment.
+        name: String,
+        /// Waits until every host's backup finished; exits 1 if one failed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "3600s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Applies the objects of a YAML (or JSON) file through the daemon's API; `-` reads standard input.
     /// Objects owned by a git or directory source are refused.
     Apply {
@@ -267,6 +284,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             print!("{message}");
             Ok(if ready { 0 } else { 1 })
+        }
+        Command::Backup {
+            kind,
+            name,
+            wait,
+            timeout,
+            server,
+        } => {
+            if kind != Kind::Deployment {
+                eprintln!("error: only Deployments are backed up: `fediversity backup deployment NAME`");
+                return Ok(2);
+            }
+            let client = client::Client::new(&server.server);
+            let handled = client
+                .request_and_wait(
+                    &format!("deployments/{name}/backup"),
+                    &format!("deployments/{name}"),
+                    "/status/lastHandledBackupAt",
+                    wait.then_some(timeout),
+                    &format!("the backup of Deployment {name}"),
+                )
+                .await?;
+            if handled.is_none() {
+                println!("backup of Deployment {name} requested");
+                return Ok(0);
+            }
+            let table = remote::get(&client, remote::Target::Backups, Some(&name), Format::Table).await?;
+            print!("{table}");
+            let list = client.get(&format!("backups/{name}")).await?;
+            let items = list["items"].as_array().cloned().unwrap_or_default();
+            // No host backed up (none Ready yet) is not a success either.
+            let failed = items.is_empty() || items.iter().any(|b| b["result"] != "Succeeded");
+            Ok(if failed { 1 } else { 0 })
         }
         Command::Apply {
             file,

@@ -30,6 +30,8 @@ pub struct ApiState {
     pub trigger: Trigger,
     /// Writes over the API and the sources' endpoints.
     pub writes: Arc<write::Writes>,
+    /// On-demand backups.
+    pub backups: Arc<crate::backup::service::Requests>,
 }
 
 pub use write::Writes;
@@ -49,6 +51,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/v1/{resource}", get(list).put(write::put))
         .route("/api/v1/{resource}/{name}", get(one).delete(write::delete))
         .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
+        .route("/api/v1/{resource}/{name}/backup", post(backup))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
         ))
@@ -198,6 +201,42 @@ async fn source(State(state): State<ApiState>) -> Response {
         "errors": source.errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
     }))
     .into_response()
+}
+
+/// `POST /api/v1/deployments/{name}/backup`: backs up the Deployment's hosts now.
+async fn backup(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {
+    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return error(StatusCode::BAD_REQUEST, "only Deployments are backed up");
+    }
+    let key = ObjectKey::new(Kind::Deployment, &name);
+    let Some(desired) = state.desired.get(&key) else {
+        return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
+    };
+    let has_backup = match desired.object() {
+        crate::api::Object::Deployment(d) => {
+            let env = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: d.spec.runtime_environment.clone(),
+            };
+            matches!(state.desired.get(&env).map(|e| e.object().clone()),
+                Some(crate::api::Object::RuntimeEnvironment(e)) if e.spec.backup.is_some())
+        }
+        _ => false,
+    };
+    if !has_backup {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the RuntimeEnvironment of Deployment {name} has no spec.backup"),
+        );
+    }
+    if !state.backups.is_running() {
+        return error(
+            StatusCode::CONFLICT,
+            "backups do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
+        );
+    }
+    let token = state.backups.request(&name);
+    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
 }
 
 async fn reconcile(State(state): State<ApiState>, Path((segment, name)): Path<(String, String)>) -> Response {

@@ -1,0 +1,152 @@
+//! The daemon backs up a Ready host of a Deployment whose environment has `spec.backup`, on demand
+//! through `fediversity backup deployment NAME --wait`: real Nix, real OpenSSH, real restic.
+
+mod common;
+mod nixos_support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, http_get, wait_for};
+use nixos_support::{Lab, NIX_CONFIG};
+use serde_json::Value;
+
+fn start(source: &std::path::Path, state: &std::path::Path, catalog: &std::path::Path) -> Daemon {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args(["run", "--source"])
+        .arg(source)
+        .arg("--state-dir")
+        .arg(state)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--provider",
+            "plan-only",
+        ])
+        .arg("--nixos-catalog")
+        .arg(catalog)
+        .env("NIX_CONFIG", NIX_CONFIG)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Daemon {
+        child,
+        server: format!("127.0.0.1:{port}"),
+    }
+}
+
+fn get(daemon: &Daemon, path: &str) -> Option<Value> {
+    let (code, body) = http_get(&daemon.server, path)?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
+#[test]
+fn a_backup_asked_on_the_command_line_runs_on_the_host_and_shows_in_status_and_metrics() {
+    assert!(
+        Command::new("sh")
+            .args(["-c", "command -v restic"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap()
+            .success(),
+        "restic is missing: scripts/test.sh installs it"
+    );
+    let lab = Lab::new();
+    let alpha = lab.host("demo-alpha");
+    // The host's data lives in its own /nix (private to its mount namespace), and so does the repository.
+    let data = alpha.root.join("nix/var/app-data");
+    std::fs::create_dir_all(data.join("media")).unwrap();
+    for i in 0..50 {
+        std::fs::write(data.join(format!("media/{i}.bin")), vec![i as u8; 4096]).unwrap();
+    }
+    std::fs::write(data.join("ünïcødé name.txt"), "hello").unwrap();
+    std::fs::write(lab.path().join("restic-password"), "a long restic password\n").unwrap();
+
+    let source = lab.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    let env = format!(
+        "{}  backup: {{ repository: /nix/var/restic-repo, passwordFile: {}, schedule: 1d }}\n",
+        lab.environment_yaml("lab", &[&alpha]),
+        lab.path().join("restic-password").display()
+    );
+    std::fs::write(source.join("env.yaml"), env).unwrap();
+    std::fs::write(
+        source.join("alpha.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: alpha }\nspec:\n  \
+displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
+settings:\n    type: object\n    additionalProperties: false\n    properties:\n      message: { type: string }\n  \
+data: { paths: [/nix/var/app-data] }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        source.join("demo.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: demo }\nspec:\n  \
+domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { settings: { message: hello } }\n",
+    )
+    .unwrap();
+    let daemon = start(&source, &lab.path().join("state"), &lab.catalog());
+    wait_for("the Deployment to become Ready", Duration::from_secs(120), || {
+        get(&daemon, "/api/v1/deployments/demo").filter(|d| d["status"]["hosts"][0]["phase"] == "Ready")
+    });
+
+    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args([
+            "backup",
+            "deployment",
+            "demo",
+            "--wait",
+            "--timeout",
+            "180s",
+            "--server",
+        ])
+        .arg(&daemon.server)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        stdout.contains("demo-alpha") && stdout.contains("Succeeded"),
+        "{stdout}"
+    );
+
+    let list = get(&daemon, "/api/v1/backups/demo").unwrap();
+    let b = &list["items"][0];
+    assert_eq!(
+        (b["host"].as_str(), b["result"].as_str()),
+        (Some("demo-alpha"), Some("Succeeded")),
+        "{list}"
+    );
+    assert!(b["files"].as_u64().unwrap() >= 51, "{b}");
+    assert!(b["snapshot"].as_str().is_some_and(|s| s.len() >= 8), "{b}");
+    let text = serde_json::to_string(&list).unwrap();
+    assert!(!text.contains("a long restic password"));
+
+    let metrics = http_get(&daemon.server, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains(
+            "fediversity_backup_last_success_timestamp_seconds{deployment=\"demo\",host=\"demo-alpha\"}"
+        ),
+        "{metrics}"
+    );
+
+    // The snapshot is in the host's repository, tagged.
+    let snapshots = Command::new("restic")
+        .args(["snapshots", "--json", "--no-lock"])
+        .env("RESTIC_REPOSITORY", alpha.root.join("nix/var/restic-repo"))
+        .env("RESTIC_PASSWORD_FILE", lab.path().join("restic-password"))
+        .env("RESTIC_CACHE_DIR", lab.path().join("restic-cache"))
+        .output()
+        .unwrap();
+    let snapshots: Value = serde_json::from_slice(&snapshots.stdout).unwrap();
+    let tags = snapshots[0]["tags"].as_array().unwrap();
+    assert!(tags.iter().any(|t| t == "deployment=demo"), "{snapshots}");
+    assert!(tags.iter().any(|t| t == "host=demo-alpha"), "{snapshots}");
+}
