@@ -414,6 +414,34 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_backup_spec_names_each_field_and_never_echoes_an_inline_password() {
+        let spec: BackupSpec = yaml_serde::from_str(
+            "repository: backups\npasswordFile: hunter2\nschedule: daily\nretention: { daily: 0, weekly: 0, monthly: 0 }\nmaxConcurrent: 0\ncheckReadData: 150%\n",
+        )
+        .unwrap();
+        let mut problems = Problems::default();
+        spec.validate(&FieldPath::root().key("spec").key("backup"), &mut problems);
+        let found: Vec<(String, String)> = problems
+            .into_vec()
+            .into_iter()
+            .map(|(p, m)| (p.to_string(), m))
+            .collect();
+        let fields: Vec<&str> = found.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.backup.repository",
+                "spec.backup.passwordFile",
+                "spec.backup.schedule",
+                "spec.backup.checkReadData",
+                "spec.backup.retention",
+                "spec.backup.maxConcurrent",
+            ]
+        );
+        assert!(found.iter().all(|(_, m)| !m.contains("hunter2")), "{found:?}");
+    }
+
+    #[test]
     fn a_restore_names_latest_or_a_snapshot_id() {
         let mut problems = Problems::default();
         let ok = RestoreSpec {
