@@ -1,5 +1,6 @@
 //! The daemon backs up a Ready host of a Deployment whose environment has `spec.backup`, on demand
-//! through `fediversity backup deployment NAME --wait`: real Nix, real OpenSSH, real restic.
+//! through `fediversity backup deployment NAME --wait`, and another controller starts the same
+//! Deployment on a fresh host from that snapshot (`spec.restore`): real Nix, real OpenSSH, real restic.
 
 mod common;
 mod nixos_support;
@@ -48,7 +49,8 @@ fn get(daemon: &Daemon, path: &str) -> Option<Value> {
 }
 
 #[test]
-fn a_backup_asked_on_the_command_line_runs_on_the_host_and_shows_in_status_and_metrics() {
+fn a_backup_asked_on_the_command_line_shows_in_status_and_metrics_and_another_controller_restores_it_onto_a_fresh_host()
+ {
     assert!(
         Command::new("sh")
             .args(["-c", "command -v restic"])
@@ -67,24 +69,28 @@ fn a_backup_asked_on_the_command_line_runs_on_the_host_and_shows_in_status_and_m
         std::fs::write(data.join(format!("media/{i}.bin")), vec![i as u8; 4096]).unwrap();
     }
     std::fs::write(data.join("ünïcødé name.txt"), "hello").unwrap();
-    std::fs::write(lab.path().join("restic-password"), "a long restic password\n").unwrap();
 
     let source = lab.path().join("source");
     std::fs::create_dir_all(&source).unwrap();
-    let env = format!(
-        "{}  backup: {{ repository: /nix/var/restic-repo, passwordFile: {}, schedule: 1d }}\n",
-        lab.environment_yaml("lab", &[&alpha]),
-        lab.path().join("restic-password").display()
-    );
+    // A repository on a path both controllers' hosts see (a stand-in for an sftp or s3 backend).
+    let shared = tempfile::tempdir().unwrap();
+    let repository = shared.path().join("repo");
+    std::fs::write(shared.path().join("restic-password"), "a long restic password\n").unwrap();
+    let env_yaml = |lab: &Lab, host: &nixos_support::TestHost| {
+        format!(
+            "{}  backup: {{ repository: {}, passwordFile: {}, schedule: 1d }}\n",
+            lab.environment_yaml("lab", &[host]),
+            repository.display(),
+            shared.path().join("restic-password").display()
+        )
+    };
+    let env = env_yaml(&lab, &alpha);
     std::fs::write(source.join("env.yaml"), env).unwrap();
-    std::fs::write(
-        source.join("alpha.yaml"),
-        "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: alpha }\nspec:\n  \
+    let app_yaml = "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: alpha }\nspec:\n  \
 displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
 settings:\n    type: object\n    additionalProperties: false\n    properties:\n      message: { type: string }\n  \
-data: { paths: [/nix/var/app-data] }\n",
-    )
-    .unwrap();
+data: { paths: [/nix/var/app-data] }\n";
+    std::fs::write(source.join("alpha.yaml"), app_yaml).unwrap();
     std::fs::write(
         source.join("demo.yaml"),
         "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: demo }\nspec:\n  \
@@ -140,8 +146,8 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
     // The snapshot is in the host's repository, tagged.
     let snapshots = Command::new("restic")
         .args(["snapshots", "--json", "--no-lock"])
-        .env("RESTIC_REPOSITORY", alpha.root.join("nix/var/restic-repo"))
-        .env("RESTIC_PASSWORD_FILE", lab.path().join("restic-password"))
+        .env("RESTIC_REPOSITORY", &repository)
+        .env("RESTIC_PASSWORD_FILE", shared.path().join("restic-password"))
         .env("RESTIC_CACHE_DIR", lab.path().join("restic-cache"))
         .output()
         .unwrap();
@@ -149,4 +155,45 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
     let tags = snapshots[0]["tags"].as_array().unwrap();
     assert!(tags.iter().any(|t| t == "deployment=demo"), "{snapshots}");
     assert!(tags.iter().any(|t| t == "host=demo-alpha"), "{snapshots}");
+
+    drop(daemon);
+
+    // Another controller starts the same Deployment on a fresh host, from the latest snapshot.
+    let lab2 = Lab::new();
+    let fresh = lab2.host("demo-alpha");
+    assert!(!fresh.root.join("nix/var/app-data").exists());
+    let source2 = lab2.path().join("source");
+    std::fs::create_dir_all(&source2).unwrap();
+    std::fs::write(source2.join("env.yaml"), env_yaml(&lab2, &fresh)).unwrap();
+    std::fs::write(source2.join("alpha.yaml"), app_yaml).unwrap();
+    std::fs::write(
+        source2.join("demo.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: demo }\nspec:\n  \
+domain: lab.example\n  runtimeEnvironment: lab\n  restore: { snapshot: latest }\n  applications:\n    alpha: { settings: { message: hello } }\n",
+    )
+    .unwrap();
+    let daemon2 = start(&source2, &lab2.path().join("state"), &lab2.catalog());
+    let d = wait_for("the host to be restored", Duration::from_secs(180), || {
+        get(&daemon2, "/api/v1/deployments/demo")
+            .filter(|d| d["status"]["restore"]["hosts"][0]["result"] == "Restored")
+    });
+    let r = &d["status"]["restore"]["hosts"][0];
+    eprintln!("{r}");
+    assert_eq!(r["verified"], true, "{r}");
+    assert!(
+        b["snapshot"]
+            .as_str()
+            .is_some_and(|s| r["snapshot"].as_str().unwrap().starts_with(s)),
+        "{r} {b}"
+    );
+    for name in ["media/7.bin", "ünïcødé name.txt"] {
+        assert_eq!(
+            std::fs::read(fresh.root.join("nix/var/app-data").join(name)).unwrap(),
+            std::fs::read(data.join(name)).unwrap()
+        );
+    }
+    // Backups of the restored host follow (the restore came first).
+    wait_for("a backup of the restored host", Duration::from_secs(120), || {
+        get(&daemon2, "/api/v1/backups/demo").filter(|l| l["items"][0]["result"] == "Succeeded")
+    });
 }

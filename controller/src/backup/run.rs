@@ -638,13 +638,15 @@ impl Backuper {
         let (files, rows, differences) = result?;
         cleaned?;
         if differences.is_empty() {
-            self.run_ok(
-                shell,
-                "start the services",
-                &script::start_services(&data.services),
-                false,
-            )
-            .await?;
+            // The host remembers that it was restored, so that a controller that lost its status
+            // never restores over data written since.
+            let line = format!(
+                "{}; echo {} >{}/restored",
+                script::start_services(&data.services),
+                shell_word(&chosen.id),
+                self.layout.dir
+            );
+            self.run_ok(shell, "start the services", &line, false).await?;
         }
         Ok(RestoreReport {
             snapshot: chosen.id,
@@ -653,6 +655,20 @@ impl Backuper {
             differences,
             duration: started.elapsed(),
         })
+    }
+
+    /// The snapshot a host was restored from, when it ever was (its own record, kept on the host).
+    pub async fn restored_from(&self, shell: &impl Shell) -> Result<Option<String>, BackupError> {
+        let out = self
+            .run_ok(
+                shell,
+                "read the restore record",
+                &format!("cat {}/restored 2>/dev/null || true", self.layout.dir),
+                false,
+            )
+            .await?;
+        let id = out.stdout.trim();
+        Ok((!id.is_empty()).then(|| id.to_owned()))
     }
 
     async fn restore_steps(

@@ -38,6 +38,8 @@ pub struct Candidate {
     pub data: DataSpec,
     /// The Deployment's source revision (a tag of the snapshot).
     pub revision: String,
+    /// The Deployment's request to start from a snapshot.
+    pub restore: Option<crate::api::RestoreSpec>,
 }
 
 /// The hosts to consider (pure): Ready hosts of Deployments, not suspended, whose environment has
@@ -109,6 +111,7 @@ pub fn candidates(
                 port,
                 data,
                 revision: d.revision.clone(),
+                restore: dep.spec.restore.clone(),
             });
         }
     }
@@ -158,6 +161,8 @@ impl Requests {
 struct Memory {
     hosts: BTreeMap<String, (HostBackupStatus, HostClock)>,
     checks: BTreeMap<String, u64>,
+    /// Restore attempts of hosts not restored yet.
+    restores: BTreeMap<String, HostClock>,
 }
 
 /// The daemon's backup loop.
@@ -232,6 +237,19 @@ impl BackupService {
     async fn tick(&self, memory: &mut Memory, asked: &BTreeMap<String, String>) {
         let now = Timestamp::now().unix();
         let all = candidates(&self.desired, |k| self.book.status(k));
+        // Hosts that must start from a snapshot are restored first and backed up only afterwards
+        // (a backup of the still empty host would otherwise become the `latest` snapshot).
+        let mut ready = Vec::new();
+        for c in all {
+            if c.restore.is_some() && !self.restored(&c) {
+                self.restore(&c, memory, now).await;
+                if !self.restored(&c) {
+                    continue;
+                }
+            }
+            ready.push(c);
+        }
+        let all = ready;
         // Deployments asked for whose hosts none is ready still get their request answered.
         for (deployment, token) in asked {
             if !all.iter().any(|c| &c.deployment == deployment) {
@@ -383,6 +401,163 @@ impl BackupService {
                 }
             }
         }
+    }
+
+    fn restore_status(&self, deployment: &str) -> crate::api::RestoreStatus {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        self.book
+            .status(&key)
+            .and_then(|s| s.get("restore").cloned())
+            .and_then(|r| serde_json::from_value(r).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether the host was restored (and verified) from the snapshot its Deployment asks for.
+    fn restored(&self, c: &Candidate) -> bool {
+        self.restore_status(&c.deployment)
+            .hosts
+            .iter()
+            .any(|h| h.host == c.host && h.result == "Restored")
+    }
+
+    /// Restores a host from its Deployment's `spec.restore`, when its backoff allows, and records
+    /// the outcome in `status.restore`.
+    async fn restore(&self, c: &Candidate, memory: &mut Memory, now: u64) {
+        let Some(request) = &c.restore else { return };
+        let clock = memory.restores.entry(c.host.clone()).or_default();
+        if schedule::next_due(clock, Duration::from_secs(3600), now) > now {
+            return;
+        }
+        let own = ObjectKey {
+            kind: Kind::RuntimeEnvironment,
+            name: crate::api::Name::new(c.environment.clone()),
+        };
+        let from = ObjectKey {
+            kind: Kind::RuntimeEnvironment,
+            name: request
+                .from_environment
+                .clone()
+                .unwrap_or_else(|| own.name.clone()),
+        };
+        let env_of = |key: &ObjectKey| match self.desired.get(key).map(|e| e.object().clone()) {
+            Some(Object::RuntimeEnvironment(e)) => Some(e),
+            _ => None,
+        };
+        let (Some(env), Some(source)) = (env_of(&own), env_of(&from)) else {
+            return;
+        };
+        let Some(shell) = self.ssh(&env, c) else { return };
+        // A host that records a finished restore is never restored again.
+        if let Ok(Some(id)) = self.backuper.restored_from(&shell).await {
+            self.record_restore(
+                c,
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: id,
+                    result: "Restored".into(),
+                    verified: true,
+                    differences: Vec::new(),
+                    time: Some(Timestamp::now()),
+                    message: None,
+                },
+            );
+            return;
+        }
+        let outcome = match source.spec.backup.as_ref() {
+            None => Err(format!(
+                "RuntimeEnvironment {} has no spec.backup to restore from",
+                from.name
+            )),
+            Some(spec) => match Repository::from_spec(spec) {
+                Err(e) => Err(e.to_string()),
+                Ok(repo) => self
+                    .backuper
+                    .restore(&shell, &repo, &c.host, &request.snapshot, &c.data)
+                    .await
+                    .map_err(|e| e.to_string()),
+            },
+        };
+        clock.last_attempt = Some(now);
+        let entry = match outcome {
+            Ok(report) => {
+                let verified = report.verified();
+                if verified {
+                    clock.failures = 0;
+                } else {
+                    clock.failures += 1;
+                }
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: report.snapshot.clone(),
+                    result: if verified { "Restored" } else { "Failed" }.into(),
+                    verified,
+                    differences: report.differences.iter().take(20).cloned().collect(),
+                    time: Some(Timestamp::now()),
+                    message: (!verified).then(|| {
+                        format!(
+                            "{} differences to the snapshot's manifest; services are held stopped",
+                            report.differences.len()
+                        )
+                    }),
+                }
+            }
+            Err(message) => {
+                clock.failures += 1;
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: request.snapshot.clone(),
+                    result: "Failed".into(),
+                    verified: false,
+                    differences: Vec::new(),
+                    time: Some(Timestamp::now()),
+                    message: Some(message),
+                }
+            }
+        };
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(c.deployment.clone()),
+        };
+        let (type_, reason) = if entry.result == "Restored" {
+            (EventType::Normal, "Restored")
+        } else {
+            (EventType::Warning, "RestoreFailed")
+        };
+        self.book.record(
+            &key,
+            type_,
+            reason,
+            format!(
+                "{} from snapshot {}: {}",
+                c.host,
+                entry.snapshot,
+                entry.message.clone().unwrap_or_else(|| "verified".into())
+            ),
+        );
+        self.record_restore(c, entry);
+    }
+
+    /// Sets the host's entry of `status.restore`.
+    fn record_restore(&self, c: &Candidate, entry: crate::api::HostRestoreStatus) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(c.deployment.clone()),
+        };
+        let mut restore = self.restore_status(&c.deployment);
+        restore.hosts.retain(|h| h.host != c.host);
+        restore.hosts.push(entry);
+        let mut status = match self.book.status(&key) {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        status.insert(
+            "restore".into(),
+            serde_json::to_value(&restore).unwrap_or(serde_json::Value::Null),
+        );
+        self.book.put_status(&key, serde_json::Value::Object(status));
     }
 
     /// Records in the Deployment's status that the backup asked with `token` was handled.
