@@ -135,6 +135,14 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
     let text = serde_json::to_string(&list).unwrap();
     assert!(!text.contains("a long restic password"));
 
+    let events = get(&daemon, "/api/v1/events?kind=Deployment&name=demo")
+        .unwrap()
+        .to_string();
+    assert!(
+        events.contains("BackingUp") && events.contains("BackedUp"),
+        "{events}"
+    );
+
     let metrics = http_get(&daemon.server, "/metrics").unwrap().1;
     assert!(
         metrics.contains(

@@ -318,6 +318,17 @@ impl BackupService {
                 .filter_map(|c| self.ssh(&env, c).map(|s| (c, s)))
                 .collect();
             if !chosen.is_empty() {
+                for (c, _) in &chosen {
+                    self.book.record(
+                        &ObjectKey {
+                            kind: Kind::Deployment,
+                            name: crate::api::Name::new(c.deployment.clone()),
+                        },
+                        EventType::Normal,
+                        "BackingUp",
+                        format!("{}: dumping databases and taking a snapshot", c.host),
+                    );
+                }
                 let round: Vec<RoundHost<'_, SshHost>> = chosen
                     .iter()
                     .map(|(c, s)| RoundHost {
