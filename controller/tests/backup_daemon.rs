@@ -123,17 +123,39 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
         "{stdout}"
     );
 
-    let list = get(&daemon, "/api/v1/backups/demo").unwrap();
-    let b = &list["items"][0];
+    // status.backups: the host's last backup.
+    let d = get(&daemon, "/api/v1/deployments/demo").unwrap();
+    let b = &d["status"]["backups"][0];
     assert_eq!(
         (b["host"].as_str(), b["result"].as_str()),
         (Some("demo-alpha"), Some("Succeeded")),
-        "{list}"
+        "{d}"
     );
     assert!(b["files"].as_u64().unwrap() >= 51, "{b}");
     assert!(b["snapshot"].as_str().is_some_and(|s| s.len() >= 8), "{b}");
-    let text = serde_json::to_string(&list).unwrap();
-    assert!(!text.contains("a long restic password"));
+    assert!(!d.to_string().contains("a long restic password"));
+    // `get backups demo`: the snapshots as the repository has them (listed through the host).
+    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args(["get", "backups", "demo", "--server"])
+        .arg(&daemon.server)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{listing}{}", String::from_utf8_lossy(&out.stderr));
+    let snapshot = b["snapshot"].as_str().unwrap();
+    assert!(
+        listing.contains(&snapshot[..8]) && listing.contains("Stored"),
+        "{listing}"
+    );
+    let list = get(&daemon, "/api/v1/backups/demo").unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert!(
+        !items.is_empty()
+            && items
+                .iter()
+                .all(|s| s["host"] == "demo-alpha" && s["application"] == "alpha"),
+        "{list}"
+    );
 
     let events = get(&daemon, "/api/v1/events?kind=Deployment&name=demo")
         .unwrap()
@@ -202,6 +224,7 @@ domain: lab.example\n  runtimeEnvironment: lab\n  restore: { snapshot: latest }\
     }
     // Backups of the restored host follow (the restore came first).
     wait_for("a backup of the restored host", Duration::from_secs(120), || {
-        get(&daemon2, "/api/v1/backups/demo").filter(|l| l["items"][0]["result"] == "Succeeded")
+        get(&daemon2, "/api/v1/deployments/demo")
+            .filter(|d| d["status"]["backups"][0]["result"] == "Succeeded")
     });
 }

@@ -118,9 +118,63 @@ pub fn candidates(
     out
 }
 
+/// The host `c` as the deployer reaches it (its key pinned in `nixos_state/known_hosts/HOST`);
+/// `None` until the deployer has pinned it.
+fn ssh_for(nixos_state: &std::path::Path, env: &RuntimeEnvironment, c: &Candidate) -> Option<SshHost> {
+    let known_hosts = nixos_state.join("known_hosts").join(&c.host);
+    if !known_hosts.is_file() {
+        return None;
+    }
+    SshHost::new(
+        SshTarget {
+            name: c.host.clone(),
+            user: env.spec.ssh.user.clone(),
+            address: c.address.clone(),
+            port: c.port,
+            identity_file: PathBuf::from(&env.spec.ssh.private_key_file),
+            known_hosts,
+        },
+        SshTimeouts::default(),
+    )
+    .ok()
+}
+
+/// Lists the snapshots of `deployment` as its environment's repository has them, through one of its
+/// Ready hosts (the repository is reached from hosts, not from the controller).
+pub async fn repository_snapshots(
+    desired: &DesiredState,
+    book: &StatusBook,
+    nixos_state: &std::path::Path,
+    deployment: &str,
+) -> Result<Vec<super::run::Snapshot>, String> {
+    let all = candidates(desired, |k| book.status(k));
+    let Some(c) = all.iter().find(|c| c.deployment == deployment) else {
+        return Err(format!(
+            "Deployment {deployment} has no Ready host whose environment has spec.backup"
+        ));
+    };
+    let env_key = ObjectKey {
+        kind: Kind::RuntimeEnvironment,
+        name: crate::api::Name::new(c.environment.clone()),
+    };
+    let Some(Object::RuntimeEnvironment(env)) = desired.get(&env_key).map(|e| e.object().clone()) else {
+        return Err(format!("RuntimeEnvironment {} not found", c.environment));
+    };
+    let spec = env.spec.backup.as_ref().ok_or("no spec.backup")?;
+    let repo = Repository::from_spec(spec).map_err(|e| e.to_string())?;
+    let shell =
+        ssh_for(nixos_state, &env, c).ok_or_else(|| format!("host {} is not reachable yet", c.host))?;
+    Backuper::default()
+        .snapshots(&shell, &repo, None, &[format!("deployment={deployment}")])
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// On-demand backups asked over the API (`fediversity backup deployment NAME`).
 #[derive(Default)]
 pub struct Requests {
+    /// The deployer's state folder, known once the loop runs.
+    pub nixos_state: std::sync::OnceLock<PathBuf>,
     pending: std::sync::Mutex<BTreeMap<String, String>>,
     wake: tokio::sync::Notify,
     running: std::sync::atomic::AtomicBool,
@@ -198,6 +252,7 @@ impl BackupService {
     /// Runs until shutdown.
     pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<ShutdownState>) {
         let mut memory = Memory::default();
+        let _ = self.requests.nixos_state.set(self.nixos_state.clone());
         self.requests
             .running
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -216,22 +271,7 @@ impl BackupService {
     }
 
     fn ssh(&self, env: &RuntimeEnvironment, c: &Candidate) -> Option<SshHost> {
-        let known_hosts = self.nixos_state.join("known_hosts").join(&c.host);
-        if !known_hosts.is_file() {
-            return None;
-        }
-        SshHost::new(
-            SshTarget {
-                name: c.host.clone(),
-                user: env.spec.ssh.user.clone(),
-                address: c.address.clone(),
-                port: c.port,
-                identity_file: PathBuf::from(&env.spec.ssh.private_key_file),
-                known_hosts,
-            },
-            SshTimeouts::default(),
-        )
-        .ok()
+        ssh_for(&self.nixos_state, env, c)
     }
 
     async fn tick(&self, memory: &mut Memory, asked: &BTreeMap<String, String>) {

@@ -310,10 +310,16 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 println!("backup of Deployment {name} requested");
                 return Ok(0);
             }
-            let table = remote::get(&client, remote::Target::Backups, Some(&name), Format::Table).await?;
-            print!("{table}");
-            let list = client.get(&format!("backups/{name}")).await?;
-            let items = list["items"].as_array().cloned().unwrap_or_default();
+            // The hosts' last backups from the Deployment's status (`get backups NAME` lists the repository).
+            let object = handled.unwrap_or_default();
+            let mut items = object["status"]["backups"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for item in &mut items {
+                item["deployment"] = name.clone().into();
+            }
+            print!("{}", remote::backups_table(&items));
             // No host backed up (none Ready yet) is not a success either.
             let failed = items.is_empty() || items.iter().any(|b| b["result"] != "Succeeded");
             Ok(if failed { 1 } else { 0 })

@@ -57,6 +57,15 @@ fn cell(value: &Value) -> String {
     }
 }
 
+/// The table of hosts' backups (`status.backups` entries with their Deployment).
+pub fn backups_table(items: &[Value]) -> String {
+    if items.is_empty() {
+        return "No backups found.\n".into();
+    }
+    let (header, rows) = rows(Target::Backups, items);
+    output::table(&header, &rows)
+}
+
 /// Bytes as `12.3 MiB`.
 fn output_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];

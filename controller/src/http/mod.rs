@@ -152,6 +152,23 @@ async fn one(State(state): State<ApiState>, Path((segment, name)): Path<(String,
             {
                 return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
             }
+            // The repository's own list, when a backup loop runs and a host can reach it.
+            if let Some(nixos_state) = state.backups.nixos_state.get() {
+                return match crate::backup::service::repository_snapshots(
+                    &state.desired,
+                    &state.book,
+                    nixos_state,
+                    &name,
+                )
+                .await
+                {
+                    Ok(list) => axum::Json(view::list(
+                        list.iter().map(|s| view::snapshot(&name, s)).collect(),
+                    ))
+                    .into_response(),
+                    Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, message),
+                };
+            }
             axum::Json(view::list(view::backups(
                 &state.desired.list(Some(Kind::Deployment)),
                 &state.book,

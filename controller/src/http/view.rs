@@ -105,6 +105,19 @@ pub fn backups(deployments: &[Desired], book: &StatusBook, deployment: Option<&s
     out
 }
 
+/// One snapshot of a Deployment as the repository lists it, in the shape of a host's backup entry.
+pub fn snapshot(deployment: &str, s: &crate::backup::Snapshot) -> Value {
+    json!({
+        "host": s.tag("host").unwrap_or(&s.hostname),
+        "deployment": deployment,
+        "result": "Stored",
+        "snapshot": if s.short_id.is_empty() { &s.id } else { &s.short_id },
+        "time": s.time,
+        "application": s.tag("application"),
+        "revision": s.tag("revision"),
+    })
+}
+
 /// One event, with the object it is about.
 pub fn event(key: &ObjectKey, event: &Event) -> Value {
     let mut value = serde_json::to_value(event).unwrap_or(Value::Null);
