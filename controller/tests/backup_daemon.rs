@@ -228,3 +228,143 @@ domain: lab.example\n  runtimeEnvironment: lab\n  restore: { snapshot: latest }\
             .filter(|d| d["status"]["backups"][0]["result"] == "Succeeded")
     });
 }
+
+/// The PIDs of restic processes working on `repository` (started by this test's daemon through a host).
+fn restic_pids(repository: &std::path::Path) -> Vec<i32> {
+    let needle = repository.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let (Ok(cmdline), Ok(environ)) = (
+            std::fs::read(format!("/proc/{pid}/cmdline")),
+            std::fs::read(format!("/proc/{pid}/environ")),
+        ) else {
+            continue;
+        };
+        let is_restic = cmdline
+            .split(|b| *b == 0)
+            .next()
+            .is_some_and(|a| a.ends_with(b"restic"));
+        if is_restic && String::from_utf8_lossy(&environ).contains(&needle) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_daemon_killed_during_a_backup_backs_up_again_after_a_restart() {
+    let lab = Lab::new();
+    let alpha = lab.host("demo-alpha");
+    let data = alpha.root.join("nix/var/app-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 150000000 /dev/urandom > '{}/big.bin'",
+            data.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let shared = tempfile::tempdir().unwrap();
+    let repository = shared.path().join("repo");
+    std::fs::write(shared.path().join("pw"), "another restic password\n").unwrap();
+    let source = lab.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(
+        source.join("env.yaml"),
+        format!(
+            "{}  backup: {{ repository: {}, passwordFile: {}, schedule: 1d }}\n",
+            lab.environment_yaml("lab", &[&alpha]),
+            repository.display(),
+            shared.path().join("pw").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        source.join("alpha.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: alpha }\nspec:\n  \
+displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
+settings:\n    type: object\n    additionalProperties: false\n    properties:\n      message: { type: string }\n  \
+data: { paths: [/nix/var/app-data] }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        source.join("demo.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: demo }\nspec:\n  \
+domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { settings: { message: hello } }\n",
+    )
+    .unwrap();
+    let state = lab.path().join("state");
+    let mut daemon = start(&source, &state, &lab.catalog());
+    // The first backup starts by itself once the host is Ready; the daemon is killed while restic runs.
+    wait_for(
+        "restic to run for the first backup",
+        Duration::from_secs(180),
+        || {
+            (!restic_pids(&repository).is_empty()
+                && repository.join("locks").read_dir().ok()?.next().is_some())
+            .then_some(())
+        },
+    );
+    // SIGKILL of the daemon and of its SSH clients, as a service manager kills the whole unit.
+    let pid = daemon.child.id().to_string();
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
+            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    let _ = daemon.child.kill();
+    for child in &children {
+        let _ = Command::new("kill").args(["-KILL", child]).status();
+    }
+    let _ = daemon.child.wait();
+    drop(daemon);
+
+    let daemon = start(&source, &state, &lab.catalog());
+    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args([
+            "backup",
+            "deployment",
+            "demo",
+            "--wait",
+            "--timeout",
+            "300s",
+            "--server",
+        ])
+        .arg(&daemon.server)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    // The request may be answered before the restarted daemon saw the host Ready: ask until it is done.
+    if out.status.code() != Some(0) {
+        wait_for(
+            "a good backup after the restart",
+            Duration::from_secs(300),
+            || {
+                get(&daemon, "/api/v1/deployments/demo")
+                    .filter(|d| d["status"]["backups"][0]["result"] == "Succeeded")
+            },
+        );
+    }
+    let check = Command::new("restic")
+        .args(["check"])
+        .env("RESTIC_REPOSITORY", &repository)
+        .env("RESTIC_PASSWORD_FILE", shared.path().join("pw"))
+        .env("RESTIC_CACHE_DIR", lab.path().join("restic-cache"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "no lock or damage is left: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
