@@ -32,6 +32,19 @@ if ! command -v /usr/sbin/named >/dev/null || ! command -v dig >/dev/null || ! c
   log "installing bind9 and bind9-dnsutils (host names are published to a loopback named and checked with dig)"
   apt_install bind9 bind9-dnsutils
 fi
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v pg_dump >/dev/null; then
+  log "installing postgresql (backups are tested against real PostgreSQL instances the tests start themselves)"
+  # No packaged cluster: the tests initdb their own into each test host's state.
+  mkdir -p /etc/postgresql-common
+  if ! grep -qs '^create_main_cluster *= *off' /etc/postgresql-common/createcluster.conf; then
+    echo 'create_main_cluster = off' >> /etc/postgresql-common/createcluster.conf
+  fi
+  apt_install postgresql
+fi
+if ! command -v restic >/dev/null; then
+  log "installing restic (backups go to a real restic repository over sftp on a loopback sshd)"
+  apt_install restic
+fi
 if ! command -v promtool >/dev/null; then
   log "installing prometheus (promtool checks the metrics; the service itself is not started)"
   apt_install prometheus

@@ -491,8 +491,10 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     });
     let set = SourceSet::new(members);
 
+    let backup_requests = Arc::new(crate::backup::service::Requests::default());
     let api = crate::http::router(
         crate::http::ApiState {
+            backups: backup_requests.clone(),
             desired: desired.clone(),
             book: book.clone(),
             registry: registry.clone(),
@@ -540,6 +542,20 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         },
         shutdown.clone(),
     ));
+
+    // Backups of real hosts: only where hosts are deployed over SSH (the simulated demo has no data).
+    let backup_metrics = crate::backup::metrics::BackupMetrics::register(&registry)?;
+    let ssh_hosts = matches!(embedding.nixos_transport, crate::nixos::Transport::Ssh);
+    if nixos_catalog.is_some() && ssh_hosts {
+        let service = crate::backup::service::BackupService::new(
+            desired.clone(),
+            book.clone(),
+            state_dir.join("nixos"),
+            backup_metrics,
+            backup_requests.clone(),
+        );
+        tasks.push(tokio::spawn(service.run(shutdown.clone())));
+    }
 
     let outcome = runner.run(shutdown.clone()).await;
     feeder.abort();

@@ -1,6 +1,7 @@
 //! The Fediversity controller: declarative hosting of Fediverse applications.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod daemon;
 pub mod dns;

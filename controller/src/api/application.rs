@@ -98,6 +98,9 @@ pub struct DataSpec {
     /// PostgreSQL databases holding state.
     #[serde(default)]
     pub databases: Vec<String>,
+    /// The systemd units that write the data, held stopped while it is restored (e.g. `mastodon.target`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
 /// What the controller observed of an application.
@@ -212,6 +215,20 @@ impl Validate for ApplicationSpec {
                     problems.push(
                         &path.key("data").key("databases").index(i),
                         format!("`{db}` is not a database name"),
+                    );
+                }
+            }
+            for (i, unit) in data.services.iter().enumerate() {
+                let (stem, kind) = unit.rsplit_once('.').unwrap_or((unit, ""));
+                let ok = !stem.is_empty()
+                    && ["service", "target", "timer", "socket"].contains(&kind)
+                    && stem
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_@.:".contains(&b));
+                if !ok {
+                    problems.push(
+                        &path.key("data").key("services").index(i),
+                        format!("`{unit}` is not a systemd unit name such as `mastodon.target` or `peertube.service`"),
                     );
                 }
             }

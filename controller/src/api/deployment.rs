@@ -29,6 +29,9 @@ pub struct DeploymentSpec {
     /// Stops new reconciles of this Deployment (the one in flight finishes).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
+    /// Start new hosts from a backup snapshot instead of empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::RestoreSpec>,
 }
 
 /// An operator's choices for one application.
@@ -98,6 +101,12 @@ pub struct DeploymentStatus {
     /// The names kept in the provider's zone, and the records the operator must set at their domain.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsStatus>,
+    /// The last backup of each host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backups: Vec<super::HostBackupStatus>,
+    /// What the restore asked by `spec.restore` did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<super::RestoreStatus>,
 }
 
 /// The names the controller keeps for a Deployment's hosts, and what the operator must set.
@@ -223,6 +232,9 @@ impl Validate for DeploymentSpec {
                 );
             }
             problems.check(&at.key("email"), validate::email(&user.email));
+        }
+        if let Some(restore) = &self.restore {
+            restore.validate(&path.key("restore"), problems);
         }
     }
 }

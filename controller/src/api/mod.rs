@@ -1,6 +1,7 @@
 //! The desired-state object kinds (`fediversity.eu/v1alpha1`), their validation and JSON Schemas.
 
 mod application;
+mod backup;
 pub mod crd;
 mod deployment;
 mod environment_services;
@@ -16,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use application::*;
+pub use backup::*;
 pub use deployment::*;
 pub use meta::*;
 pub use runtime_environment::*;

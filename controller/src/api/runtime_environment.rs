@@ -45,6 +45,9 @@ pub struct RuntimeEnvironmentSpec {
     /// Names for hosts in the provider's DNS zone, kept over RFC 2136 dynamic update with TSIG.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsSpec>,
+    /// Backups of the hosts' data to a restic repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<super::BackupSpec>,
 }
 
 /// How to reach and use a Proxmox VE cluster.
@@ -464,6 +467,9 @@ impl Validate for RuntimeEnvironmentSpec {
             path,
             problems,
         );
+        if let Some(backup) = &self.backup {
+            backup.validate(&path.key("backup"), problems);
+        }
         if self.limits.max_concurrent_operations == 0 {
             problems.push(
                 &path.key("limits").key("maxConcurrentOperations"),

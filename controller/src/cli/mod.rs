@@ -72,7 +72,8 @@ pub enum Command {
     },
     /// Lists objects of a kind (or hosts) from a running daemon, or shows one.
     Get {
-        /// deployments (deploy), applications (app), runtimeenvironments (renv) or hosts.
+        /// deployments (deploy), applications (app), runtimeenvironments (renv), hosts, sources, or
+        /// backups (the last backup of each host; NAME is then a Deployment).
         #[arg(value_parser = parse_target)]
         kind: Target,
         /// One object's name.
@@ -125,6 +126,23 @@ pub enum Command {
         /// The file holding the API token (needed when the daemon has one).
         #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Backs up a Deployment's hosts now (its RuntimeEnvironment needs `spec.backup`).
+    Backup {
+        /// `deployment` (the only kind that is backed up).
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The Deployment.
+        name: String,
+        /// Waits until every host's backup finished; exits 1 if one failed.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "3600s", value_parser = parse_duration)]
+        timeout: Duration,
         /// Where the daemon is.
         #[command(flatten)]
         server: ServerArgs,
@@ -280,6 +298,45 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             };
             print!("{}", crate::text::escape(&message));
             Ok(if ready { 0 } else { 1 })
+        }
+        Command::Backup {
+            kind,
+            name,
+            wait,
+            timeout,
+            server,
+        } => {
+            if kind != Kind::Deployment {
+                eprintln!("error: only Deployments are backed up: `fediversity backup deployment NAME`");
+                return Ok(2);
+            }
+            let client = client::Client::new(&server.server);
+            let handled = client
+                .request_and_wait(
+                    &format!("deployments/{name}/backup"),
+                    &format!("deployments/{name}"),
+                    "/status/lastHandledBackupAt",
+                    wait.then_some(timeout),
+                    &format!("the backup of Deployment {name}"),
+                )
+                .await?;
+            if handled.is_none() {
+                println!("backup of Deployment {name} requested");
+                return Ok(0);
+            }
+            // The hosts' last backups from the Deployment's status (`get backups NAME` lists the repository).
+            let object = handled.unwrap_or_default();
+            let mut items = object["status"]["backups"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            for item in &mut items {
+                item["deployment"] = name.clone().into();
+            }
+            print!("{}", remote::backups_table(&items));
+            // No host backed up (none Ready yet) is not a success either.
+            let failed = items.is_empty() || items.iter().any(|b| b["result"] != "Succeeded");
+            Ok(if failed { 1 } else { 0 })
         }
         Command::Apply {
             file,

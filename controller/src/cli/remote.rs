@@ -17,6 +17,8 @@ pub enum Target {
     Hosts,
     /// The sources of desired state.
     Sources,
+    /// The last backup of each host (`get backups [DEPLOYMENT]`).
+    Backups,
 }
 
 impl std::str::FromStr for Target {
@@ -26,11 +28,12 @@ impl std::str::FromStr for Target {
         match s.to_ascii_lowercase().as_str() {
             "host" | "hosts" => return Ok(Target::Hosts),
             "source" | "sources" | "src" => return Ok(Target::Sources),
+            "backup" | "backups" => return Ok(Target::Backups),
             _ => {}
         }
         s.parse()
             .map(Target::Kind)
-            .map_err(|e: String| format!("{e}, hosts or sources"))
+            .map_err(|e: String| format!("{e}, hosts, sources or backups"))
     }
 }
 
@@ -40,6 +43,7 @@ impl Target {
             Target::Kind(kind) => kind.plural(),
             Target::Hosts => "hosts",
             Target::Sources => "sources",
+            Target::Backups => "backups",
         }
     }
 }
@@ -50,6 +54,31 @@ fn cell(value: &Value) -> String {
         Value::String(s) if s.is_empty() => "-".into(),
         Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+/// The table of hosts' backups (`status.backups` entries with their Deployment).
+pub fn backups_table(items: &[Value]) -> String {
+    if items.is_empty() {
+        return "No backups found.\n".into();
+    }
+    let (header, rows) = rows(Target::Backups, items);
+    output::table(&header, &rows)
+}
+
+/// Bytes as `12.3 MiB`.
+fn output_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
     }
 }
 
@@ -123,6 +152,40 @@ fn rows(target: Target, items: &[Value]) -> (Vec<&'static str>, Vec<Vec<String>>
                 .collect(),
         ),
         Target::Sources => (Vec::new(), Vec::new()),
+        Target::Backups => (
+            vec![
+                "HOST",
+                "DEPLOYMENT",
+                "RESULT",
+                "SNAPSHOT",
+                "TIME",
+                "ADDED",
+                "TOTAL",
+                "FILES",
+                "SECONDS",
+                "MESSAGE",
+            ],
+            items
+                .iter()
+                .map(|b| {
+                    let bytes = |v: &Value| v.as_u64().map_or("-".into(), output_bytes);
+                    vec![
+                        cell(&b["host"]),
+                        cell(&b["deployment"]),
+                        cell(&b["result"]),
+                        cell(&b["snapshot"]),
+                        cell(&b["time"]),
+                        bytes(&b["bytesAdded"]),
+                        bytes(&b["totalBytes"]),
+                        cell(&b["files"]),
+                        b["durationMillis"]
+                            .as_u64()
+                            .map_or("-".into(), |ms| format!("{:.1}", ms as f64 / 1000.0)),
+                        cell(&b["message"]),
+                    ]
+                })
+                .collect(),
+        ),
         Target::Hosts => (
             vec![
                 "NAME",
@@ -167,6 +230,10 @@ pub async fn get(
         Format::Yaml => output::yaml(&value),
         Format::Table => {
             let items = match name {
+                // The backups of one Deployment are a list too.
+                Some(_) if target == Target::Backups => {
+                    value["items"].as_array().cloned().unwrap_or_default()
+                }
                 Some(_) => vec![value],
                 None => value["items"].as_array().cloned().unwrap_or_default(),
             };
@@ -352,4 +419,36 @@ pub async fn reconcile(
         format!("{kind}/{name}: reconciled, {verdict} ({reason}): {message}\n"),
         is_ready,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backups_are_listed_one_row_per_host_with_readable_sizes() {
+        let item = serde_json::json!({
+            "host": "op-mastodon", "deployment": "op", "result": "Succeeded", "snapshot": "30721fa9",
+            "time": "2026-12-02T19:00:00Z", "bytesAdded": 792_629, "totalBytes": 8_928_202u64,
+            "files": 313, "durationMillis": 6625, "failures": 0
+        });
+        let (header, rows) = rows(Target::Backups, &[item]);
+        assert_eq!(header[0], "HOST");
+        assert_eq!(
+            rows[0],
+            vec![
+                "op-mastodon",
+                "op",
+                "Succeeded",
+                "30721fa9",
+                "2026-12-02T19:00:00Z",
+                "774.1 KiB",
+                "8.5 MiB",
+                "313",
+                "6.6",
+                "-"
+            ]
+        );
+        assert_eq!("backups".parse::<Target>(), Ok(Target::Backups));
+    }
 }

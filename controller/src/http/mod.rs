@@ -31,6 +31,8 @@ pub struct ApiState {
     pub trigger: Trigger,
     /// Writes over the API and the sources' endpoints.
     pub writes: Arc<write::Writes>,
+    /// On-demand backups.
+    pub backups: Arc<crate::backup::service::Requests>,
 }
 
 pub use write::Writes;
@@ -50,6 +52,7 @@ pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
         .route("/api/v1/{resource}", get(list).put(write::put))
         .route("/api/v1/{resource}/{name}", get(one).delete(write::delete))
         .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
+        .route("/api/v1/{resource}/{name}/backup", post(backup))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
         ))
@@ -91,11 +94,15 @@ async fn metrics(State(state): State<ApiState>) -> Response {
 enum Resource {
     Kind(Kind),
     Hosts,
+    Backups,
 }
 
 fn resource(segment: &str) -> Result<Resource, Box<Response>> {
     if matches!(segment, "hosts" | "host") {
         return Ok(Resource::Hosts);
+    }
+    if matches!(segment, "backups" | "backup") {
+        return Ok(Resource::Backups);
     }
     segment
         .parse()
@@ -109,6 +116,12 @@ async fn list(State(state): State<ApiState>, Path(segment): Path<String>) -> Res
         Ok(Resource::Hosts) => axum::Json(view::list(view::hosts(
             &state.desired.list(Some(Kind::Deployment)),
             &state.book,
+        )))
+        .into_response(),
+        Ok(Resource::Backups) => axum::Json(view::list(view::backups(
+            &state.desired.list(Some(Kind::Deployment)),
+            &state.book,
+            None,
         )))
         .into_response(),
         Ok(Resource::Kind(kind)) => {
@@ -156,6 +169,38 @@ async fn one(State(state): State<ApiState>, Path((segment, name)): Path<(String,
                 None => error(StatusCode::NOT_FOUND, format!("host {name} not found")),
             }
         }
+        Ok(Resource::Backups) => {
+            if state
+                .desired
+                .get(&ObjectKey::new(Kind::Deployment, &name))
+                .is_none()
+            {
+                return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
+            }
+            // The repository's own list, when a backup loop runs and a host can reach it.
+            if let Some(nixos_state) = state.backups.nixos_state.get() {
+                return match crate::backup::service::repository_snapshots(
+                    &state.desired,
+                    &state.book,
+                    nixos_state,
+                    &name,
+                )
+                .await
+                {
+                    Ok(list) => axum::Json(view::list(
+                        list.iter().map(|s| view::snapshot(&name, s)).collect(),
+                    ))
+                    .into_response(),
+                    Err(message) => error(StatusCode::SERVICE_UNAVAILABLE, message),
+                };
+            }
+            axum::Json(view::list(view::backups(
+                &state.desired.list(Some(Kind::Deployment)),
+                &state.book,
+                Some(&name),
+            )))
+            .into_response()
+        }
         Ok(Resource::Kind(kind)) => match state.desired.get(&ObjectKey::new(kind, &name)) {
             Some(desired) => axum::Json(view::object(&desired, &state.book)).into_response(),
             None => error(StatusCode::NOT_FOUND, format!("{kind} {name} not found")),
@@ -200,6 +245,49 @@ async fn source(State(state): State<ApiState>) -> Response {
     .into_response()
 }
 
+/// `POST /api/v1/deployments/{name}/backup`: backs up the Deployment's hosts now.
+async fn backup(
+    State(state): State<ApiState>,
+    Path((segment, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(response) = write::authorize_trigger(&state.writes, &headers) {
+        return *response;
+    }
+    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return error(StatusCode::BAD_REQUEST, "only Deployments are backed up");
+    }
+    let key = ObjectKey::new(Kind::Deployment, &name);
+    let Some(desired) = state.desired.get(&key) else {
+        return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
+    };
+    let has_backup = match desired.object() {
+        crate::api::Object::Deployment(d) => {
+            let env = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: d.spec.runtime_environment.clone(),
+            };
+            matches!(state.desired.get(&env).map(|e| e.object().clone()),
+                Some(crate::api::Object::RuntimeEnvironment(e)) if e.spec.backup.is_some())
+        }
+        _ => false,
+    };
+    if !has_backup {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the RuntimeEnvironment of Deployment {name} has no spec.backup"),
+        );
+    }
+    if !state.backups.is_running() {
+        return error(
+            StatusCode::CONFLICT,
+            "backups do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
+        );
+    }
+    let token = state.backups.request(&name);
+    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+}
+
 async fn reconcile(
     State(state): State<ApiState>,
     Path((segment, name)): Path<(String, String)>,
@@ -210,10 +298,10 @@ async fn reconcile(
     }
     let kind = match resource(&segment) {
         Ok(Resource::Kind(kind)) => kind,
-        Ok(Resource::Hosts) => {
+        Ok(Resource::Hosts | Resource::Backups) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                "hosts are reconciled through their Deployment",
+                "hosts and their backups are reconciled through their Deployment",
             );
         }
         Err(response) => return *response,

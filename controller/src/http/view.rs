@@ -73,6 +73,51 @@ pub fn hosts(deployments: &[Desired], book: &StatusBook) -> Vec<Value> {
     out
 }
 
+/// The last backup of every host (`status.backups`), with its Deployment's name; only `deployment`'s
+/// when given.
+pub fn backups(deployments: &[Desired], book: &StatusBook, deployment: Option<&str>) -> Vec<Value> {
+    let mut out = Vec::new();
+    for desired in deployments {
+        let Object::Deployment(dep) = desired.object() else {
+            continue;
+        };
+        if deployment.is_some_and(|d| d != dep.metadata.name.as_str()) {
+            continue;
+        }
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: dep.metadata.name.clone(),
+        };
+        let Some(status) = book.status(&key) else { continue };
+        for backup in status
+            .get("backups")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let mut backup = backup.clone();
+            if let Some(map) = backup.as_object_mut() {
+                map.insert("deployment".into(), dep.metadata.name.to_string().into());
+            }
+            out.push(backup);
+        }
+    }
+    out
+}
+
+/// One snapshot of a Deployment as the repository lists it, in the shape of a host's backup entry.
+pub fn snapshot(deployment: &str, s: &crate::backup::Snapshot) -> Value {
+    json!({
+        "host": s.tag("host").unwrap_or(&s.hostname),
+        "deployment": deployment,
+        "result": "Stored",
+        "snapshot": if s.short_id.is_empty() { &s.id } else { &s.short_id },
+        "time": s.time,
+        "application": s.tag("application"),
+        "revision": s.tag("revision"),
+    })
+}
+
 /// One event, with the object it is about.
 pub fn event(key: &ObjectKey, event: &Event) -> Value {
     let mut value = serde_json::to_value(event).unwrap_or(Value::Null);

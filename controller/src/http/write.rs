@@ -175,9 +175,9 @@ pub async fn put(
 ) -> Response {
     match resource(&segment) {
         Ok(Resource::Kind(kind)) => apply_body(&state, &headers, &query, Some(kind), &body).await,
-        Ok(Resource::Hosts) => error(
+        Ok(Resource::Hosts | Resource::Backups) => error(
             StatusCode::BAD_REQUEST,
-            "hosts are planned from Deployments; apply the Deployment",
+            "hosts and their backups follow from Deployments; apply the Deployment",
         ),
         Err(response) => *response,
     }
@@ -194,10 +194,10 @@ pub async fn delete(
     }
     let kind = match resource(&segment) {
         Ok(Resource::Kind(kind)) => kind,
-        Ok(Resource::Hosts) => {
+        Ok(Resource::Hosts | Resource::Backups) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                "hosts are planned from Deployments; change the Deployment",
+                "hosts and their backups follow from Deployments; change the Deployment",
             );
         }
         Err(response) => return *response,

@@ -508,6 +508,30 @@ rm -f {d}/watchdog-{id}.pid {d}/rollback-{id}.sh {d}/activate-{id}.sh {d}/rc-{id
         )
     }
 
+    /// Runs one remote shell line with `stdin` and its own timeout, for work beside deploys (backups).
+    /// A non-zero exit is returned as output, not as an error; SSH's own failures are errors.
+    pub async fn run_script(
+        &self,
+        step: &'static str,
+        script: &str,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Output, HostError> {
+        let mut spec = self.ssh_command(script, timeout);
+        spec.stdin = stdin;
+        let out = command::run(&spec).await.map_err(|e| match e {
+            CommandError::TimedOut { .. } => HostError::Unreachable {
+                host: self.target.name.clone(),
+                reason: format!("{step}: {e}"),
+            },
+            e => HostError::Command(e),
+        })?;
+        if out.code == Some(255) || out.stderr.contains("Host key verification failed") {
+            return Err(self.classify(step, out.code, &out.stderr));
+        }
+        Ok(out)
+    }
+
     /// Runs one remote line; SSH's own failures (exit 255) become `HostKeyChanged` or `Unreachable`.
     async fn remote(
         &self,

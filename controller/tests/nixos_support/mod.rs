@@ -349,6 +349,9 @@ impl TestHost {
         // The deploy files' default folder, private to the host like its /nix.
         std::fs::create_dir_all(root.join("deploy-files")).unwrap();
         std::fs::create_dir_all(fediversity::nixos::host::DEFAULT_REMOTE_DIR).unwrap();
+        // The backup work folder, private too.
+        std::fs::create_dir_all(root.join("backup-files")).unwrap();
+        std::fs::create_dir_all(fediversity::backup::run::DEFAULT_DIR).unwrap();
         let key = root.join("ssh_host_ed25519_key");
         run(
             "ssh-keygen",
@@ -369,10 +372,12 @@ AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\n",
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
             .arg(format!(
-                "mount --bind {} /nix && mount --bind {} {} && exec /usr/sbin/sshd -D -e -f /nix/var/sshd_config",
+                "mount --bind {} /nix && mount --bind {} {} && mount --bind {} {} && exec /usr/sbin/sshd -D -e -f /nix/var/sshd_config",
                 root.join("nix").display(),
                 root.join("deploy-files").display(),
-                fediversity::nixos::host::DEFAULT_REMOTE_DIR
+                fediversity::nixos::host::DEFAULT_REMOTE_DIR,
+                root.join("backup-files").display(),
+                fediversity::backup::run::DEFAULT_DIR
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

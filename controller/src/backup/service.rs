@@ -1,0 +1,742 @@
+//! The daemon's backup loop: finds the Ready hosts of Deployments whose environment has `spec.backup`,
+//! backs up those that are due, checks repositories periodically, and writes `status.backups`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::metrics::BackupMetrics;
+use super::run::{Backuper, Repository};
+use super::schedule::{self, HostClock, RoundHost};
+use crate::api::{
+    DataSpec, EventType, HostBackupStatus, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, Timestamp,
+};
+use crate::nixos::host::{SshHost, SshTarget, SshTimeouts};
+use crate::runtime::shutdown::ShutdownState;
+use crate::state::{DesiredState, StatusBook};
+
+/// How often the loop looks for due hosts.
+pub const TICK: Duration = Duration::from_secs(30);
+
+/// One host to consider for a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The Deployment.
+    pub deployment: String,
+    /// The Application.
+    pub application: String,
+    /// The host (`<deployment>-<application>`).
+    pub host: String,
+    /// Its RuntimeEnvironment.
+    pub environment: String,
+    /// Where it is reached.
+    pub address: String,
+    /// Its SSH port.
+    pub port: u16,
+    /// What it carries.
+    pub data: DataSpec,
+    /// The Deployment's source revision (a tag of the snapshot).
+    pub revision: String,
+    /// The Deployment's request to start from a snapshot.
+    pub restore: Option<crate::api::RestoreSpec>,
+}
+
+/// The hosts to consider (pure): Ready hosts of Deployments, not suspended, whose environment has
+/// `spec.backup` and whose Application declares data.
+pub fn candidates(
+    desired: &DesiredState,
+    status_of: impl Fn(&ObjectKey) -> Option<serde_json::Value>,
+) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    for d in desired.list(Some(Kind::Deployment)) {
+        let Object::Deployment(dep) = d.object() else {
+            continue;
+        };
+        if dep.spec.suspend {
+            continue;
+        }
+        let env_key = ObjectKey {
+            kind: Kind::RuntimeEnvironment,
+            name: dep.spec.runtime_environment.clone(),
+        };
+        let Some(Object::RuntimeEnvironment(env)) = desired.get(&env_key).map(|e| e.object().clone()) else {
+            continue;
+        };
+        if env.spec.backup.is_none() {
+            continue;
+        }
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: dep.metadata.name.clone(),
+        };
+        let hosts: Vec<HostStatus> = status_of(&key)
+            .and_then(|s| s.get("hosts").cloned())
+            .and_then(|h| serde_json::from_value(h).ok())
+            .unwrap_or_default();
+        for (app_name, choice) in &dep.spec.applications {
+            if !choice.enabled {
+                continue;
+            }
+            let app_key = ObjectKey {
+                kind: Kind::Application,
+                name: app_name.clone(),
+            };
+            let Some(Object::Application(app)) = desired.get(&app_key).map(|a| a.object().clone()) else {
+                continue;
+            };
+            let Some(data) = app.spec.data.clone() else {
+                continue;
+            };
+            if data.paths.is_empty() && data.databases.is_empty() {
+                continue;
+            }
+            let host = format!("{}-{app_name}", dep.metadata.name);
+            let Some(status) = hosts.iter().find(|h| h.name == host && h.phase == "Ready") else {
+                continue;
+            };
+            let (address, port) = match env.spec.static_hosts.iter().find(|s| s.name.as_str() == host) {
+                Some(s) => (s.address.clone(), s.port),
+                None => match &status.address {
+                    Some(a) => (a.clone(), env.spec.ssh.port),
+                    None => continue,
+                },
+            };
+            out.push(Candidate {
+                deployment: dep.metadata.name.to_string(),
+                application: app_name.to_string(),
+                host,
+                environment: env.metadata.name.to_string(),
+                address,
+                port,
+                data,
+                revision: d.revision.clone(),
+                restore: dep.spec.restore.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// The host `c` as the deployer reaches it (its key pinned in `nixos_state/known_hosts/HOST`);
+/// `None` until the deployer has pinned it.
+fn ssh_for(nixos_state: &std::path::Path, env: &RuntimeEnvironment, c: &Candidate) -> Option<SshHost> {
+    let known_hosts = nixos_state.join("known_hosts").join(&c.host);
+    if !known_hosts.is_file() {
+        return None;
+    }
+    SshHost::new(
+        SshTarget {
+            name: c.host.clone(),
+            user: env.spec.ssh.user.clone(),
+            address: c.address.clone(),
+            port: c.port,
+            identity_file: PathBuf::from(&env.spec.ssh.private_key_file),
+            known_hosts,
+        },
+        SshTimeouts::default(),
+    )
+    .ok()
+}
+
+/// Lists the snapshots of `deployment` as its environment's repository has them, through one of its
+/// Ready hosts (the repository is reached from hosts, not from the controller).
+pub async fn repository_snapshots(
+    desired: &DesiredState,
+    book: &StatusBook,
+    nixos_state: &std::path::Path,
+    deployment: &str,
+) -> Result<Vec<super::run::Snapshot>, String> {
+    let all = candidates(desired, |k| book.status(k));
+    let Some(c) = all.iter().find(|c| c.deployment == deployment) else {
+        return Err(format!(
+            "Deployment {deployment} has no Ready host whose environment has spec.backup"
+        ));
+    };
+    let env_key = ObjectKey {
+        kind: Kind::RuntimeEnvironment,
+        name: crate::api::Name::new(c.environment.clone()),
+    };
+    let Some(Object::RuntimeEnvironment(env)) = desired.get(&env_key).map(|e| e.object().clone()) else {
+        return Err(format!("RuntimeEnvironment {} not found", c.environment));
+    };
+    let spec = env.spec.backup.as_ref().ok_or("no spec.backup")?;
+    let repo = Repository::from_spec(spec).map_err(|e| e.to_string())?;
+    let shell =
+        ssh_for(nixos_state, &env, c).ok_or_else(|| format!("host {} is not reachable yet", c.host))?;
+    Backuper::default()
+        .snapshots(&shell, &repo, None, &[format!("deployment={deployment}")])
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// On-demand backups asked over the API (`fediversity backup deployment NAME`).
+#[derive(Default)]
+pub struct Requests {
+    /// The deployer's state folder, known once the loop runs.
+    pub nixos_state: std::sync::OnceLock<PathBuf>,
+    pending: std::sync::Mutex<BTreeMap<String, String>>,
+    wake: tokio::sync::Notify,
+    running: std::sync::atomic::AtomicBool,
+    next: std::sync::atomic::AtomicU64,
+}
+
+impl Requests {
+    /// Asks for a backup of `deployment`'s hosts now; returns the token that `status.lastHandledBackupAt`
+    /// carries once it was handled.
+    pub fn request(&self, deployment: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let token = format!("{}-{n}", Timestamp::now());
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(deployment.to_owned(), token.clone());
+        self.wake.notify_one();
+        token
+    }
+
+    /// Whether a backup loop runs (it does only where hosts are reached over SSH).
+    pub fn is_running(&self) -> bool {
+        self.running.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn take(&self) -> BTreeMap<String, String> {
+        std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
+
+/// The loop's memory: each host's status and clock, and each environment's last check.
+#[derive(Default)]
+struct Memory {
+    hosts: BTreeMap<String, (HostBackupStatus, HostClock)>,
+    checks: BTreeMap<String, u64>,
+    /// Restore attempts of hosts not restored yet.
+    restores: BTreeMap<String, HostClock>,
+}
+
+/// The daemon's backup loop.
+pub struct BackupService {
+    desired: Arc<DesiredState>,
+    book: Arc<StatusBook>,
+    /// The deployer's state folder (its `known_hosts/HOST` files pin the hosts' keys).
+    nixos_state: PathBuf,
+    backuper: Backuper,
+    metrics: BackupMetrics,
+    requests: Arc<Requests>,
+}
+
+impl BackupService {
+    /// A loop over `desired`, writing into `book`, reaching hosts with the deployer's pinned keys.
+    pub fn new(
+        desired: Arc<DesiredState>,
+        book: Arc<StatusBook>,
+        nixos_state: PathBuf,
+        metrics: BackupMetrics,
+        requests: Arc<Requests>,
+    ) -> Self {
+        Self {
+            desired,
+            book,
+            nixos_state,
+            backuper: Backuper::default(),
+            metrics,
+            requests,
+        }
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(self, mut shutdown: tokio::sync::watch::Receiver<ShutdownState>) {
+        let mut memory = Memory::default();
+        let _ = self.requests.nixos_state.set(self.nixos_state.clone());
+        self.requests
+            .running
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        loop {
+            if *shutdown.borrow() != ShutdownState::Running {
+                return;
+            }
+            let asked = self.requests.take();
+            self.tick(&mut memory, &asked).await;
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = self.requests.wake.notified() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    fn ssh(&self, env: &RuntimeEnvironment, c: &Candidate) -> Option<SshHost> {
+        ssh_for(&self.nixos_state, env, c)
+    }
+
+    async fn tick(&self, memory: &mut Memory, asked: &BTreeMap<String, String>) {
+        let now = Timestamp::now().unix();
+        let all = candidates(&self.desired, |k| self.book.status(k));
+        // Hosts that must start from a snapshot are restored first and backed up only afterwards
+        // (a backup of the still empty host would otherwise become the `latest` snapshot).
+        let mut ready = Vec::new();
+        for c in all {
+            if c.restore.is_some() && !self.restored(&c) {
+                self.restore(&c, memory, now).await;
+                if !self.restored(&c) {
+                    continue;
+                }
+            }
+            ready.push(c);
+        }
+        let all = ready;
+        // Deployments asked for whose hosts none is ready still get their request answered.
+        for (deployment, token) in asked {
+            if !all.iter().any(|c| &c.deployment == deployment) {
+                self.mark_handled(deployment, token);
+            }
+        }
+        let mut by_env: BTreeMap<String, Vec<Candidate>> = BTreeMap::new();
+        for c in all {
+            by_env.entry(c.environment.clone()).or_default().push(c);
+        }
+        for (env_name, hosts) in by_env {
+            let env_key = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: crate::api::Name::new(env_name.clone()),
+            };
+            let Some(Object::RuntimeEnvironment(env)) =
+                self.desired.get(&env_key).map(|e| e.object().clone())
+            else {
+                continue;
+            };
+            let Some(spec) = env.spec.backup.clone() else {
+                continue;
+            };
+            let repo = match Repository::from_spec(&spec) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(environment = %env_name, "backups cannot run: {e}");
+                    continue;
+                }
+            };
+            let interval = spec.interval();
+            for c in &hosts {
+                self.metrics
+                    .configured(&c.deployment, &c.host, interval.as_secs_f64(), now as f64);
+                memory.hosts.entry(c.host.clone()).or_insert_with(|| {
+                    let previous = self.previous_status(&c.deployment, &c.host);
+                    let clock = HostClock {
+                        last_success: previous.as_ref().and_then(|s| s.time).map(Timestamp::unix),
+                        last_attempt: None,
+                        failures: 0,
+                    };
+                    (previous.unwrap_or_default(), clock)
+                });
+            }
+            let mut due: Vec<String> = {
+                let entries = hosts.iter().filter_map(|c| {
+                    memory
+                        .hosts
+                        .get(&c.host)
+                        .map(|(_, clock)| (c.host.as_str(), clock, false))
+                });
+                schedule::due(entries, interval, now, spec.max_concurrent)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect()
+            };
+            // Asked for: due now, whatever the schedule (the round still keeps to the cap).
+            for c in &hosts {
+                if asked.contains_key(&c.deployment) && !due.contains(&c.host) {
+                    due.push(c.host.clone());
+                }
+            }
+            let chosen: Vec<(&Candidate, SshHost)> = hosts
+                .iter()
+                .filter(|c| due.contains(&c.host))
+                .filter_map(|c| self.ssh(&env, c).map(|s| (c, s)))
+                .collect();
+            if !chosen.is_empty() {
+                for (c, _) in &chosen {
+                    self.book.record(
+                        &ObjectKey {
+                            kind: Kind::Deployment,
+                            name: crate::api::Name::new(c.deployment.clone()),
+                        },
+                        EventType::Normal,
+                        "BackingUp",
+                        format!("{}: dumping databases and taking a snapshot", c.host),
+                    );
+                }
+                let round: Vec<RoundHost<'_, SshHost>> = chosen
+                    .iter()
+                    .map(|(c, s)| RoundHost {
+                        deployment: &c.deployment,
+                        application: &c.application,
+                        host: &c.host,
+                        data: &c.data,
+                        shell: s,
+                    })
+                    .collect();
+                let previous: Vec<(HostBackupStatus, HostClock)> = chosen
+                    .iter()
+                    .map(|(c, _)| memory.hosts.get(&c.host).cloned().unwrap_or_default())
+                    .collect();
+                let revision = chosen[0].0.revision.clone();
+                let results = schedule::run_round(
+                    &self.backuper,
+                    &repo,
+                    &spec,
+                    &revision,
+                    &round,
+                    &previous,
+                    Some(&self.metrics),
+                )
+                .await;
+                for ((c, _), result) in chosen.iter().zip(results) {
+                    let key = ObjectKey {
+                        kind: Kind::Deployment,
+                        name: crate::api::Name::new(c.deployment.clone()),
+                    };
+                    let (status, _) = &result;
+                    let (type_, reason) = if status.result == "Succeeded" {
+                        (EventType::Normal, "BackedUp")
+                    } else {
+                        (EventType::Warning, "BackupFailed")
+                    };
+                    self.book.record(
+                        &key,
+                        type_,
+                        reason,
+                        format!(
+                            "{}: {}",
+                            c.host,
+                            status
+                                .message
+                                .clone()
+                                .or_else(|| status.snapshot.clone().map(|s| format!("snapshot {s}")))
+                                .unwrap_or_default()
+                        ),
+                    );
+                    memory.hosts.insert(c.host.clone(), result);
+                }
+            }
+            if schedule::check_due(memory.checks.get(&env_name).copied(), spec.check_interval(), now)
+                && let Some((_, shell)) = hosts.iter().find_map(|c| self.ssh(&env, c).map(|s| (c, s)))
+            {
+                match self
+                    .backuper
+                    .check(&shell, &repo, Some(&spec.check_read_data))
+                    .await
+                {
+                    Ok(report) => {
+                        memory.checks.insert(env_name.clone(), now);
+                        if !report.ok {
+                            self.metrics.check_failed(&env_name);
+                            self.book.record(
+                                &env_key,
+                                EventType::Warning,
+                                "BackupCheckFailed",
+                                format!("restic check found errors: {}", report.output),
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(environment = %env_name, "repository check failed: {e}"),
+                }
+            }
+            self.write_statuses(&hosts, memory);
+            for c in &hosts {
+                if let Some(token) = asked.get(&c.deployment) {
+                    self.mark_handled(&c.deployment, token);
+                }
+            }
+        }
+    }
+
+    fn restore_status(&self, deployment: &str) -> crate::api::RestoreStatus {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        self.book
+            .status(&key)
+            .and_then(|s| s.get("restore").cloned())
+            .and_then(|r| serde_json::from_value(r).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether the host was restored (and verified) from the snapshot its Deployment asks for.
+    fn restored(&self, c: &Candidate) -> bool {
+        self.restore_status(&c.deployment)
+            .hosts
+            .iter()
+            .any(|h| h.host == c.host && h.result == "Restored")
+    }
+
+    /// Restores a host from its Deployment's `spec.restore`, when its backoff allows, and records
+    /// the outcome in `status.restore`.
+    async fn restore(&self, c: &Candidate, memory: &mut Memory, now: u64) {
+        let Some(request) = &c.restore else { return };
+        let clock = memory.restores.entry(c.host.clone()).or_default();
+        if schedule::next_due(clock, Duration::from_secs(3600), now) > now {
+            return;
+        }
+        let own = ObjectKey {
+            kind: Kind::RuntimeEnvironment,
+            name: crate::api::Name::new(c.environment.clone()),
+        };
+        let from = ObjectKey {
+            kind: Kind::RuntimeEnvironment,
+            name: request
+                .from_environment
+                .clone()
+                .unwrap_or_else(|| own.name.clone()),
+        };
+        let env_of = |key: &ObjectKey| match self.desired.get(key).map(|e| e.object().clone()) {
+            Some(Object::RuntimeEnvironment(e)) => Some(e),
+            _ => None,
+        };
+        let (Some(env), Some(source)) = (env_of(&own), env_of(&from)) else {
+            return;
+        };
+        let Some(shell) = self.ssh(&env, c) else { return };
+        // A host that records a finished restore is never restored again.
+        if let Ok(Some(id)) = self.backuper.restored_from(&shell).await {
+            self.record_restore(
+                c,
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: id,
+                    result: "Restored".into(),
+                    verified: true,
+                    differences: Vec::new(),
+                    time: Some(Timestamp::now()),
+                    message: None,
+                },
+            );
+            return;
+        }
+        let outcome = match source.spec.backup.as_ref() {
+            None => Err(format!(
+                "RuntimeEnvironment {} has no spec.backup to restore from",
+                from.name
+            )),
+            Some(spec) => match Repository::from_spec(spec) {
+                Err(e) => Err(e.to_string()),
+                Ok(repo) => self
+                    .backuper
+                    .restore(&shell, &repo, &c.host, &request.snapshot, &c.data)
+                    .await
+                    .map_err(|e| e.to_string()),
+            },
+        };
+        clock.last_attempt = Some(now);
+        let entry = match outcome {
+            Ok(report) => {
+                let verified = report.verified();
+                if verified {
+                    clock.failures = 0;
+                } else {
+                    clock.failures += 1;
+                }
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: report.snapshot.clone(),
+                    result: if verified { "Restored" } else { "Failed" }.into(),
+                    verified,
+                    differences: report.differences.iter().take(20).cloned().collect(),
+                    time: Some(Timestamp::now()),
+                    message: (!verified).then(|| {
+                        format!(
+                            "{} differences to the snapshot's manifest; services are held stopped",
+                            report.differences.len()
+                        )
+                    }),
+                }
+            }
+            Err(message) => {
+                clock.failures += 1;
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: request.snapshot.clone(),
+                    result: "Failed".into(),
+                    verified: false,
+                    differences: Vec::new(),
+                    time: Some(Timestamp::now()),
+                    message: Some(message),
+                }
+            }
+        };
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(c.deployment.clone()),
+        };
+        let (type_, reason) = if entry.result == "Restored" {
+            (EventType::Normal, "Restored")
+        } else {
+            (EventType::Warning, "RestoreFailed")
+        };
+        self.book.record(
+            &key,
+            type_,
+            reason,
+            format!(
+                "{} from snapshot {}: {}",
+                c.host,
+                entry.snapshot,
+                entry.message.clone().unwrap_or_else(|| "verified".into())
+            ),
+        );
+        self.record_restore(c, entry);
+    }
+
+    /// Sets the host's entry of `status.restore`.
+    fn record_restore(&self, c: &Candidate, entry: crate::api::HostRestoreStatus) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(c.deployment.clone()),
+        };
+        let mut restore = self.restore_status(&c.deployment);
+        restore.hosts.retain(|h| h.host != c.host);
+        restore.hosts.push(entry);
+        let mut status = match self.book.status(&key) {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        status.insert(
+            "restore".into(),
+            serde_json::to_value(&restore).unwrap_or(serde_json::Value::Null),
+        );
+        self.book.put_status(&key, serde_json::Value::Object(status));
+    }
+
+    /// Records in the Deployment's status that the backup asked with `token` was handled.
+    fn mark_handled(&self, deployment: &str, token: &str) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        let mut status = match self.book.status(&key) {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        status.insert("lastHandledBackupAt".into(), token.into());
+        self.book.put_status(&key, serde_json::Value::Object(status));
+    }
+
+    fn previous_status(&self, deployment: &str, host: &str) -> Option<HostBackupStatus> {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        let list: Vec<HostBackupStatus> = self
+            .book
+            .status(&key)?
+            .get("backups")
+            .cloned()
+            .and_then(|b| serde_json::from_value(b).ok())?;
+        list.into_iter().find(|b| b.host == host)
+    }
+
+    /// Writes `status.backups` of each Deployment from memory (again whenever a reconcile wrote an
+    /// older copy).
+    fn write_statuses(&self, hosts: &[Candidate], memory: &Memory) {
+        let mut by_deployment: BTreeMap<&str, Vec<HostBackupStatus>> = BTreeMap::new();
+        for c in hosts {
+            if let Some((status, _)) = memory.hosts.get(&c.host)
+                && !status.result.is_empty()
+            {
+                by_deployment
+                    .entry(c.deployment.as_str())
+                    .or_default()
+                    .push(status.clone());
+            }
+        }
+        for (deployment, list) in by_deployment {
+            let key = ObjectKey {
+                kind: Kind::Deployment,
+                name: crate::api::Name::new(deployment),
+            };
+            let Some(serde_json::Value::Object(mut status)) = self.book.status(&key) else {
+                continue;
+            };
+            status.insert(
+                "backups".into(),
+                serde_json::to_value(&list).unwrap_or(serde_json::Value::Null),
+            );
+            self.book.put_status(&key, serde_json::Value::Object(status));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::dir::DirSource;
+    use crate::store::Store;
+    use crate::yaml::Limits;
+
+    const ENV: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: RuntimeEnvironment\nmetadata: { name: lab }\nspec:\n  \
+ssh: { privateKeyFile: /keys/id }\n  staticHosts:\n    - { name: op-app, address: 192.0.2.5, port: 2222, hostKey: \"ssh-ed25519 AAAA\" }\n  \
+backup: { repository: /srv/restic, passwordFile: /keys/restic }\n";
+    const APP: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: app }\nspec:\n  \
+displayName: App\n  nixosModule: nix/app.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
+data: { paths: [/var/lib/app], databases: [app] }\n";
+    const NODATA: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: nodata }\nspec:\n  \
+displayName: No data\n  nixosModule: nix/app.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n";
+    const DEP: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: op }\nspec:\n  \
+domain: op.example\n  runtimeEnvironment: lab\n  applications: { app: {}, nodata: {} }\n";
+
+    fn desired(env: &str) -> (tempfile::TempDir, DesiredState) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for (name, text) in [
+            ("env.yaml", env),
+            ("app.yaml", APP),
+            ("nodata.yaml", NODATA),
+            ("dep.yaml", DEP),
+        ] {
+            std::fs::write(src.join(name), text).unwrap();
+        }
+        let snapshot = DirSource::new(vec![src], Limits::default()).scan(true);
+        assert!(snapshot.errors.is_empty(), "{:?}", snapshot.errors);
+        let store = Store::open(&dir.path().join("state")).unwrap();
+        let desired = DesiredState::default();
+        desired.apply(&snapshot, &store).unwrap();
+        (dir, desired)
+    }
+
+    fn status(phase: &str) -> serde_json::Value {
+        serde_json::json!({ "hosts": [
+            { "name": "op-app", "phase": phase },
+            { "name": "op-nodata", "phase": "Ready" },
+        ]})
+    }
+
+    #[test]
+    fn only_ready_hosts_with_data_in_an_environment_with_backups_are_candidates() {
+        let (_dir, d) = desired(ENV);
+        let found = candidates(&d, |_| Some(status("Ready")));
+        assert_eq!(found.len(), 1, "{found:?}");
+        let c = &found[0];
+        assert_eq!(
+            (
+                c.host.as_str(),
+                c.address.as_str(),
+                c.port,
+                c.environment.as_str()
+            ),
+            ("op-app", "192.0.2.5", 2222, "lab")
+        );
+        assert_eq!(c.data.databases, vec!["app".to_owned()]);
+        assert!(candidates(&d, |_| Some(status("Provisioned"))).is_empty());
+        let without = ENV.replace(
+            "  backup: { repository: /srv/restic, passwordFile: /keys/restic }\n",
+            "",
+        );
+        let (_dir, d) = desired(&without);
+        assert!(candidates(&d, |_| Some(status("Ready"))).is_empty());
+    }
+}
