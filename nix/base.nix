@@ -23,7 +23,9 @@
   };
 
   # The controller's HTTP health check runs curl on the host against its own web server.
-  environment.systemPackages = [ pkgs.curl ];
+  # restic: the controller backs up and restores the applications' data on the host (pg_dump comes with
+  # each application's PostgreSQL).
+  environment.systemPackages = [ pkgs.curl pkgs.restic ];
 
   services.nginx = {
     recommendedTlsSettings = lib.mkDefault true;

@@ -5,7 +5,8 @@
 //! scrape (bytes, CPU), the reconcile results, and the store's size after restarts.
 //!
 //! `cargo bench -p fediversity --bench rest` (sizes from `BENCH_SIZES`, default `1000,10000,30000`; a
-//! quick run under `cargo test` uses 300). `FEDIVERSITY_BIN` measures another build of the binary.
+//! quick run under `cargo test` uses 300). `FEDIVERSITY_BIN` measures another build of the binary,
+//! `BENCH_RATE` sets the start rate limit (0: none).
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -72,6 +73,7 @@ impl Daemon {
             .arg("--state-dir")
             .arg(state)
             .args(["--listen", &server])
+            .args(["--max-reconcile-rate", &rate()])
             // Each finished reconcile is one debug line of the runner: counted, not scraped, so that
             // measuring costs the daemon nothing.
             .env("RUST_LOG", "warn,fediversity::runtime::runner=debug")
@@ -147,6 +149,11 @@ impl Daemon {
     }
 }
 
+/// The start rate limit (`BENCH_RATE`, reconciles per second; 0 for none), default the daemon's 200.
+fn rate() -> String {
+    std::env::var("BENCH_RATE").unwrap_or_else(|_| "200".to_owned())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted.get(index).copied().unwrap_or_default()
@@ -166,7 +173,7 @@ fn measure(bin: &Path, count: usize, quick: bool) {
     let source = root.path().join("objects");
     let state = root.path().join("state");
     fixtures::write_catalog_tree(&source, count, 100).expect("objects");
-    println!("--- {count} objects ---");
+    println!("--- {count} objects, start rate {}/s ---", rate());
 
     let daemon = Daemon::start(bin, &source, &state, root.path().join("run-1.log"));
     let (reconciles, cpu_start, took) = daemon.wait_settled(count, Duration::from_secs(3));
