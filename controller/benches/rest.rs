@@ -6,7 +6,7 @@
 //!
 //! `cargo bench -p fediversity --bench rest` (sizes from `BENCH_SIZES`, default `1000,10000,30000`; a
 //! quick run under `cargo test` uses 300). `FEDIVERSITY_BIN` measures another build of the binary,
-//! `BENCH_RATE` sets the start rate limit (0: none).
+//! `BENCH_RATE` sets the start rate limit (0: none), `BENCH_RESTARTS` the restarts measured (2).
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -253,7 +253,11 @@ fn measure(bin: &Path, count: usize, quick: bool) {
     daemon.stop();
 
     let mut sizes = vec![dir_size(&state)];
-    for restart in 2..=3 {
+    let restarts: usize = std::env::var("BENCH_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    for restart in 2..2 + restarts {
         let daemon = Daemon::start(
             bin,
             &source,
