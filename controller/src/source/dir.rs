@@ -20,6 +20,9 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
 /// How often everything is re-read even without change events, as a safety net for missed events
 /// (network file systems, overflowing inotify queues).
 pub const DEFAULT_RESCAN: Duration = Duration::from_secs(60);
+/// Every how many periodic rescans one re-reads every file rather than only those whose size or
+/// modification time changed.
+const FULL_RESCAN_EVERY: u32 = 10;
 
 /// Whether a path is one the source loads: `*.yaml` or `*.yml`.
 fn is_yaml(path: &Path) -> bool {
@@ -328,6 +331,7 @@ impl DirSource {
             let _watcher = watcher;
             let mut rescan_timer = tokio::time::interval(rescan);
             rescan_timer.tick().await;
+            let mut rescans: u32 = 0;
             loop {
                 let full = tokio::select! {
                     event = events.recv() => {
@@ -336,7 +340,13 @@ impl DirSource {
                         while let Ok(Some(())) = tokio::time::timeout(debounce, events.recv()).await {}
                         false
                     }
-                    _ = rescan_timer.tick() => true,
+                    // A periodic rescan looks at every file's size and modification time; every
+                    // FULL_RESCAN_EVERY-th one re-reads every file too, for a change that kept both.
+                    // Re-reading thousands of files each minute was most of an idle daemon's CPU.
+                    _ = rescan_timer.tick() => {
+                        rescans = rescans.wrapping_add(1);
+                        rescans % FULL_RESCAN_EVERY == 0
+                    }
                     () = tx.closed() => break,
                 };
                 let scanned = tokio::task::spawn_blocking(move || {
