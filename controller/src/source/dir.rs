@@ -345,7 +345,7 @@ impl DirSource {
                     // Re-reading thousands of files each minute was most of an idle daemon's CPU.
                     _ = rescan_timer.tick() => {
                         rescans = rescans.wrapping_add(1);
-                        rescans % FULL_RESCAN_EVERY == 0
+                        rescans.is_multiple_of(FULL_RESCAN_EVERY)
                     }
                     () = tx.closed() => break,
                 };
