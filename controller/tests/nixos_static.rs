@@ -3,7 +3,6 @@
 mod common;
 mod nixos_support;
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{Daemon, http_get, wait_for};
@@ -11,34 +10,7 @@ use nixos_support::{Lab, NIX_CONFIG, application_yaml};
 use serde_json::Value;
 
 fn start(source: &std::path::Path, state: &std::path::Path, catalog: &std::path::Path) -> Daemon {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .args(["run", "--source"])
-        .arg(source)
-        .arg("--state-dir")
-        .arg(state)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--provider",
-            "plan-only",
-        ])
-        .arg("--nixos-catalog")
-        .arg(catalog)
-        .env("NIX_CONFIG", NIX_CONFIG)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    Daemon {
-        child,
-        server: format!("127.0.0.1:{port}"),
-    }
+    common::start_with_catalog(source, state, catalog, NIX_CONFIG)
 }
 
 fn deployment(daemon: &Daemon) -> Option<Value> {

@@ -33,11 +33,17 @@ pub fn free_port() -> u16 {
 
 /// Starts `fediversity run ARGS --listen 127.0.0.1:PORT` on a free port, without waiting.
 pub fn spawn(args: &[std::ffi::OsString]) -> Daemon {
+    spawn_with_env(args, &[])
+}
+
+/// As [`spawn`], with extra environment variables for the daemon.
+pub fn spawn_with_env(args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Daemon {
     let port = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
         .arg("run")
         .args(args)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -47,6 +53,25 @@ pub fn spawn(args: &[std::ffi::OsString]) -> Daemon {
         child,
         server: format!("127.0.0.1:{port}"),
     }
+}
+
+/// Starts the daemon with the plan-only provider on one source folder, converging NixOS hosts from
+/// `catalog` with `nix_config` as Nix's settings, without waiting.
+pub fn start_with_catalog(source: &Path, state: &Path, catalog: &Path, nix_config: &str) -> Daemon {
+    let args: Vec<std::ffi::OsString> = [
+        "--source".as_ref(),
+        source.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--provider".as_ref(),
+        "plan-only".as_ref(),
+        "--nixos-catalog".as_ref(),
+        catalog.as_os_str(),
+    ]
+    .iter()
+    .map(|a| a.to_os_string())
+    .collect();
+    spawn_with_env(&args, &[("NIX_CONFIG", nix_config)])
 }
 
 /// Starts the daemon on one source folder with the plan-only provider (the examples name clusters
