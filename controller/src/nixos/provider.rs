@@ -89,19 +89,13 @@ impl NixosProvider {
 
     /// The pinned key of a VM: recorded on first sight (`ssh-keyscan`), never replaced silently.
     async fn vm_host_key(&self, env: &str, host: &str, address: &str, port: u16) -> Result<String, String> {
-        let id = host_key_inventory_id(env, host);
-        if let Some(store) = &self.store
-            && let Ok(Some(key)) = store.inventory::<String>(&id)
-        {
-            return Ok(key);
-        }
-        let key = self.deployer.scan_host_key(address, port).await?;
-        if let Some(store) = &self.store {
-            store
-                .put_inventory(&id, &key)
-                .map_err(|e| format!("failed to record the host key of {host}: {e}"))?;
-        }
-        Ok(key)
+        pinned_host_key(
+            self.store.as_deref(),
+            &host_key_inventory_id(env, host),
+            host,
+            self.deployer.scan_host_key(address, port),
+        )
+        .await
     }
 
     /// The hosts in the Deployment's last recorded status.
@@ -330,6 +324,37 @@ impl NixosProvider {
     }
 }
 
+/// The host key pinned under `id`, or the one `scan` finds, pinned now when none was recorded.
+///
+/// A store that cannot say whether a key is pinned stops the host's deploy: scanning again would
+/// silently replace a pinned key with whatever answers at the address now.
+pub async fn pinned_host_key(
+    store: Option<&Store>,
+    id: &str,
+    host: &str,
+    scan: impl std::future::Future<Output = Result<String, String>>,
+) -> Result<String, String> {
+    if let Some(store) = store {
+        match store.inventory::<String>(id) {
+            Ok(Some(key)) => return Ok(key),
+            Ok(None) => {}
+            Err(e) => {
+                return Err(format!(
+                    "cannot read the pinned host key of {host} from the store ({e}); its deploy is stopped \
+                     rather than trusting whatever key answers now: repair or restore the state directory"
+                ));
+            }
+        }
+    }
+    let key = scan.await?;
+    if let Some(store) = store {
+        store
+            .put_inventory(id, &key)
+            .map_err(|e| format!("failed to record the host key of {host}: {e}"))?;
+    }
+    Ok(key)
+}
+
 /// The phase of a host whose VM is up but which has not run its NixOS configuration yet.
 pub const PROVISIONED: &str = "Provisioned";
 
@@ -463,6 +488,42 @@ mod tests {
         );
         assert_eq!(now[1].phase, PROVISIONED, "its configuration was never applied");
         assert_eq!(now[2].phase, "WaitingForAgent");
+    }
+
+    #[tokio::test]
+    async fn a_store_that_cannot_read_a_pinned_key_stops_the_deploy_and_never_pins_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = host_key_inventory_id("ams", "uni-mastodon");
+        // A value that is not a key: reading it back fails the way a damaged entry does.
+        store.put_inventory(&id, &42u32).unwrap();
+        let scans = std::sync::atomic::AtomicUsize::new(0);
+        let scan = async {
+            scans.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok("ssh-ed25519 AAAAnew".to_owned())
+        };
+        let err = pinned_host_key(Some(&store), &id, "uni-mastodon", scan)
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot read the pinned host key of uni-mastodon"), "{err}");
+        assert!(err.contains("deploy is stopped"), "{err}");
+        assert_eq!(scans.load(std::sync::atomic::Ordering::SeqCst), 0, "no new scan");
+        assert_eq!(store.inventory::<u32>(&id).unwrap(), Some(42), "the entry is untouched");
+    }
+
+    #[tokio::test]
+    async fn a_pinned_key_is_kept_and_a_missing_one_is_scanned_once_and_pinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let id = host_key_inventory_id("ams", "uni-pixelfed");
+        let first = pinned_host_key(Some(&store), &id, "h", async { Ok("ssh-ed25519 AAAAone".to_owned()) })
+            .await
+            .unwrap();
+        assert_eq!(first, "ssh-ed25519 AAAAone");
+        let again = pinned_host_key(Some(&store), &id, "h", async { Ok("ssh-ed25519 AAAAtwo".to_owned()) })
+            .await
+            .unwrap();
+        assert_eq!(again, "ssh-ed25519 AAAAone", "a pinned key is never replaced by a new scan");
     }
 
     #[test]
