@@ -12,7 +12,8 @@ use prometheus::{
 use tokio::sync::watch;
 
 use crate::api::{Kind, ObjectKey};
-use crate::reconcile::{Context, Dispatcher, ObjectMetrics, Trigger};
+use crate::reconcile::{Context, Dispatcher, ObjectMetrics};
+use crate::runtime::Trigger;
 use crate::runtime::metrics::RuntimeMetrics;
 use crate::runtime::queue::{QueueConfig, RateLimit};
 use crate::runtime::runner::{ControllerHandle, RunOutcome, Runner, RunnerConfig};
@@ -53,7 +54,7 @@ pub struct RunArgs {
     )]
     pub sources: Vec<SourceSpec>,
     /// How often git sources are fetched (`fediversity reconcile source NAME` fetches at once).
-    #[arg(long, env = "FEDIVERSITY_POLL_INTERVAL", default_value = "1m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "FEDIVERSITY_POLL_INTERVAL", default_value = "1m", value_parser = crate::api::parse_duration)]
     pub poll_interval: Duration,
     /// The ssh command git uses for `ssh://` sources (identity, known hosts); `BatchMode=yes` is added.
     #[arg(long, env = "FEDIVERSITY_GIT_SSH_COMMAND", default_value = "ssh")]
@@ -66,7 +67,7 @@ pub struct RunArgs {
     #[arg(long, env = "FEDIVERSITY_STATE_DIR", default_value = "/var/lib/fediversity")]
     pub state_dir: PathBuf,
     /// The address of the HTTP API, health checks and metrics (loopback by default).
-    #[arg(long, env = "FEDIVERSITY_LISTEN", default_value = crate::cli::DEFAULT_LISTEN)]
+    #[arg(long, env = "FEDIVERSITY_LISTEN", default_value = crate::http::DEFAULT_LISTEN)]
     pub listen: SocketAddr,
     /// Log format (the level comes from RUST_LOG, default `info`).
     #[arg(long, env = "FEDIVERSITY_LOG_FORMAT", value_enum, default_value = "text")]
@@ -75,19 +76,19 @@ pub struct RunArgs {
     #[arg(long, env = "FEDIVERSITY_MAX_CONCURRENT", default_value_t = 16)]
     pub max_concurrent: usize,
     /// Longest a single reconcile may run before it is cancelled and retried.
-    #[arg(long, env = "FEDIVERSITY_RECONCILE_TIMEOUT", default_value = "10m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "FEDIVERSITY_RECONCILE_TIMEOUT", default_value = "10m", value_parser = crate::api::parse_duration)]
     pub reconcile_timeout: Duration,
     /// How often every object is reconciled without a trigger.
-    #[arg(long, env = "FEDIVERSITY_RESYNC", default_value = "10m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "FEDIVERSITY_RESYNC", default_value = "10m", value_parser = crate::api::parse_duration)]
     pub resync: Duration,
     /// How often the sources are fully re-read even without change events.
-    #[arg(long, env = "FEDIVERSITY_RESCAN", default_value = "60s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "FEDIVERSITY_RESCAN", default_value = "60s", value_parser = crate::api::parse_duration)]
     pub rescan: Duration,
     /// Most reconciles started per second over all objects (0: no limit); bursts of twice as many pass.
     #[arg(long, env = "FEDIVERSITY_MAX_RECONCILE_RATE", default_value_t = 200)]
     pub max_reconcile_rate: u32,
     /// How long running reconciles may take to finish after SIGTERM.
-    #[arg(long, env = "FEDIVERSITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "FEDIVERSITY_SHUTDOWN_GRACE", default_value = "30s", value_parser = crate::api::parse_duration)]
     pub shutdown_grace: Duration,
     /// The infrastructure backend: `proxmox` creates VMs; `plan-only` plans hosts and touches nothing.
     #[arg(long, env = "FEDIVERSITY_PROVIDER", value_enum, default_value = "proxmox")]
@@ -376,7 +377,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             Some(&installation),
             &state_dir,
             &store,
-            &desired,
+            desired.clone(),
             &registry,
         )?,
         nixos_catalog.as_deref().map(|catalog| {
@@ -388,8 +389,8 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             config
         }),
         &store,
-        &desired,
-        &book,
+        desired.clone(),
+        book.clone(),
         &registry,
     )?;
     let ctx = Arc::new(Context {
@@ -400,8 +401,8 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             infrastructure,
             installation,
             &store,
-            &desired,
-            &book,
+            desired.clone(),
+            book.clone(),
             &registry,
             embedding.dns_zones.clone(),
         )?,

@@ -44,11 +44,39 @@ pub fn installation_id(
     {
         return Ok(id);
     }
-    let id = crate::proxmox::instance_id(state_dir, None).map_err(|source| InstallationError::File {
+    let id = instance_id(state_dir, None).map_err(|source| InstallationError::File {
         dir: state_dir.display().to_string(),
         source,
     })?;
     store.put_inventory(INVENTORY_ID, &id)?;
+    Ok(id)
+}
+
+/// The file in the state directory that keeps the controller instance id.
+pub const INSTANCE_ID_FILE: &str = "instance-id";
+
+/// Returns the controller instance id: `given`, or the one kept in the state directory (created once).
+pub fn instance_id(state_dir: &Path, given: Option<&str>) -> std::io::Result<String> {
+    if let Some(id) = given.filter(|id| !id.trim().is_empty()) {
+        return Ok(id.trim().to_owned());
+    }
+    let path = state_dir.join(INSTANCE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(state_dir)?;
+    let id: String = (0..16).map(|_| format!("{:x}", fastrand::u8(0..16))).collect();
+    let tmp = state_dir.join(format!("{INSTANCE_ID_FILE}.tmp"));
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(id.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
     Ok(id)
 }
 
@@ -62,7 +90,7 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let first = installation_id(&store, dir.path(), None).unwrap();
         assert_eq!(first.len(), 16);
-        std::fs::remove_file(dir.path().join(crate::proxmox::INSTANCE_ID_FILE)).unwrap();
+        std::fs::remove_file(dir.path().join(INSTANCE_ID_FILE)).unwrap();
         assert_eq!(
             installation_id(&store, dir.path(), None).unwrap(),
             first,
@@ -77,11 +105,7 @@ mod tests {
     #[test]
     fn an_id_kept_by_an_earlier_version_in_the_state_directory_is_carried_over() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join(crate::proxmox::INSTANCE_ID_FILE),
-            "0123456789abcdef",
-        )
-        .unwrap();
+        std::fs::write(dir.path().join(INSTANCE_ID_FILE), "0123456789abcdef").unwrap();
         let store = Store::open(dir.path()).unwrap();
         assert_eq!(
             installation_id(&store, dir.path(), None).unwrap(),
@@ -91,5 +115,14 @@ mod tests {
             store.inventory::<String>(INVENTORY_ID).unwrap().as_deref(),
             Some("0123456789abcdef")
         );
+    }
+
+    #[test]
+    fn the_instance_id_is_generated_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = instance_id(dir.path(), None).unwrap();
+        assert_eq!(first.len(), 16);
+        assert_eq!(instance_id(dir.path(), None).unwrap(), first);
+        assert_eq!(instance_id(dir.path(), Some("given")).unwrap(), "given");
     }
 }

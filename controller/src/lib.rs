@@ -10,6 +10,7 @@ pub mod http;
 pub mod installation;
 pub mod load;
 pub mod nixos;
+pub mod provider;
 pub mod proxmox;
 pub mod reconcile;
 pub mod runtime;

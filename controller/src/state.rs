@@ -550,3 +550,23 @@ async fn write_batches(store: Arc<Store>, mut rx: mpsc::UnboundedReceiver<Messag
         }
     }
 }
+
+impl crate::provider::Objects for DesiredState {
+    fn object(&self, key: &ObjectKey) -> Option<Object> {
+        self.get(key).map(|d| d.object().clone())
+    }
+
+    fn is_known(&self, key: &ObjectKey) -> bool {
+        self.get(key).is_some() || self.removing(key).is_some()
+    }
+}
+
+impl crate::provider::Recorder for StatusBook {
+    fn event(&self, key: &ObjectKey, type_: EventType, reason: &str, message: String) {
+        self.record(key, type_, reason, message);
+    }
+
+    fn status_field(&self, key: &ObjectKey, field: &str) -> Option<serde_json::Value> {
+        self.with_status(key, |s| s.and_then(|s| s.get(field)).cloned())
+    }
+}

@@ -1,4 +1,4 @@
-//! Untrusted text made safe to show: control characters (ESC, NUL, direction overrides) escaped.
+//! Untrusted text made safe to show: control characters (ESC, NUL, direction overrides) escaped, passwords in URLs hidden.
 
 use std::borrow::Cow;
 
@@ -31,6 +31,34 @@ pub fn one_line(text: &str) -> Cow<'_, str> {
         return Cow::Borrowed(text);
     }
     Cow::Owned(escape(text).replace('\n', "\\n"))
+}
+
+/// Hides the password of `scheme://user:password@host/...`, so that a URL can be shown and logged.
+pub fn redact(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    match authority.rfind('@') {
+        Some(at) => {
+            let user = &authority[..at];
+            let user = user.split(':').next().unwrap_or_default();
+            let scheme = url[..scheme_end].to_ascii_lowercase();
+            // Over http(s), a user name alone is often a token (`https://TOKEN@host`): hidden too. An ssh
+            // user (`git@`) names an account, not a secret.
+            let hidden = if authority[..at].contains(':') {
+                format!("{user}:***")
+            } else if scheme.contains("http") {
+                "***".to_owned()
+            } else {
+                user.to_owned()
+            };
+            format!("{}://{hidden}@{}", &url[..scheme_end], &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,15 @@ use super::time::Timestamp;
 use super::validate::{self, Problems, Validate};
 use crate::yaml::FieldPath;
 
+/// The annotation that says where an object was defined.
+pub const SOURCE_ANNOTATION: &str = "fediversity.eu/source";
+/// The annotation that names the source that owns an object.
+pub const SOURCE_NAME_ANNOTATION: &str = "fediversity.eu/source-name";
+/// The annotation that gives the revision of its source an object was last seen in.
+pub const REVISION_ANNOTATION: &str = "fediversity.eu/revision";
+/// The annotation that lets the controller restart a Deployment's VMs to apply pending changes.
+pub const ALLOW_RESTART_ANNOTATION: &str = "fediversity.eu/allow-restart";
+
 /// An object name: a DNS-1123 label such as `uni-utrecht` (checked by [`Validate`]).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -21,7 +21,7 @@ pub use backup::*;
 pub use deployment::*;
 pub use meta::*;
 pub use runtime_environment::*;
-pub use time::Timestamp;
+pub use time::{Timestamp, parse_duration};
 use validate::{Problems, Validate};
 
 use crate::yaml::{self, FieldPath, Mark, Node, NodeValue};

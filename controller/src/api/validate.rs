@@ -164,7 +164,7 @@ pub fn endpoint(value: &str) -> Result<(), String> {
         // The endpoint may carry a password (`https://root:PASSWORD@host`): it is never echoed.
         Err(format!(
             "`{}` is not a valid endpoint: {why} (e.g. `https://pve1.example.net:8006`)",
-            crate::source::spec::redact(value)
+            crate::text::redact(value)
         ))
     };
     let Some((scheme, rest)) = value.split_once("://") else {

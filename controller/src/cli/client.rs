@@ -2,9 +2,6 @@
 
 use serde_json::Value;
 
-/// The daemon's default address, also the CLI's default `--server`.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
-
 /// A failure to talk to the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -14,7 +14,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::api::Kind;
-pub use client::DEFAULT_LISTEN;
+pub use crate::api::parse_duration;
+pub use crate::http::DEFAULT_LISTEN;
 pub use output::Format;
 pub use remote::Target;
 pub use write::ReconcileTarget;
@@ -188,22 +189,6 @@ fn parse_target(text: &str) -> Result<Target, String> {
     text.parse()
 }
 
-/// Parses `90`, `90s`, `5m`, `1h` or `250ms`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a duration like 30s, 5m or 1h"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "ms" => Ok(Duration::from_millis(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("`{text}` has an unknown unit; use ms, s, m or h")),
-    }
-}
-
 /// Runs the command line; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
@@ -365,14 +350,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_take_the_usual_units() {
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert!(parse_duration("5 minutes").is_err());
-    }
 
     #[test]
     fn the_command_line_parses_kubectl_style_kinds() {

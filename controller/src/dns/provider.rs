@@ -17,10 +17,10 @@ use crate::api::{
     AddressSource, ConditionStatus, DeletionPolicy, Deployment, DnsRecordStatus, DnsSpec, DnsStatus,
     EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, condition_types,
 };
-use crate::reconcile::deployment::PlannedHost;
-use crate::reconcile::{EnvironmentReport, Provider, ProviderCondition, ProviderReport};
+use crate::provider::{
+    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport, Recorder,
+};
 use crate::runtime::{BoxFuture, ReconcileError};
-use crate::state::{DesiredState, StatusBook};
 use crate::store::Store;
 
 /// How soon a name held by someone else (or a host without a publishable address) is looked at again:
@@ -73,8 +73,8 @@ pub struct DnsProvider {
 }
 
 struct Core {
-    desired: Arc<DesiredState>,
-    book: Option<Arc<StatusBook>>,
+    desired: Arc<dyn Objects>,
+    book: Option<Arc<dyn Recorder>>,
     store: Arc<Store>,
     metrics: DnsMetrics,
     installation: String,
@@ -89,8 +89,8 @@ impl DnsProvider {
         inner: Arc<dyn Provider>,
         installation: String,
         store: Arc<Store>,
-        desired: Arc<DesiredState>,
-        book: Option<Arc<StatusBook>>,
+        desired: Arc<dyn Objects>,
+        book: Option<Arc<dyn Recorder>>,
         metrics: DnsMetrics,
     ) -> Self {
         Self::with_clients(
@@ -112,8 +112,8 @@ impl DnsProvider {
         inner: Arc<dyn Provider>,
         installation: String,
         store: Arc<Store>,
-        desired: Arc<DesiredState>,
-        book: Option<Arc<StatusBook>>,
+        desired: Arc<dyn Objects>,
+        book: Option<Arc<dyn Recorder>>,
         metrics: DnsMetrics,
         zones: Box<ZoneFactory>,
         resolvers: Box<ResolverFactory>,
@@ -158,7 +158,7 @@ fn ready(status: bool) -> ConditionStatus {
 impl Core {
     fn event(&self, deployment: &str, type_: EventType, reason: &str, message: String) {
         if let Some(book) = &self.book {
-            book.record(
+            book.event(
                 &ObjectKey::new(Kind::Deployment, deployment),
                 type_,
                 reason,
@@ -169,8 +169,8 @@ impl Core {
 
     fn previous_dns(&self, deployment: &str) -> Option<DnsStatus> {
         let book = self.book.as_ref()?;
-        let status = book.status(&ObjectKey::new(Kind::Deployment, deployment))?;
-        serde_json::from_value(status.get("dns")?.clone()).ok()
+        let dns = book.status_field(&ObjectKey::new(Kind::Deployment, deployment), "dns")?;
+        serde_json::from_value(dns).ok()
     }
 
     fn gate(&self, environment: &str) -> Result<(), (DnsError, Duration)> {
@@ -529,12 +529,11 @@ impl Core {
             message: dns_message.clone(),
         });
         let before_ready = self.book.as_ref().and_then(|book| {
-            book.with_status(&ObjectKey::new(Kind::Deployment, dep), |s| {
-                s.and_then(|s| s.get("conditions"))
-                    .and_then(Value::as_array)
-                    .and_then(|cs| cs.iter().find(|c| c["type"] == condition_types::DNS_READY))
-                    .and_then(|c| c["status"].as_str().map(str::to_owned))
-            })
+            book.status_field(&ObjectKey::new(Kind::Deployment, dep), "conditions")
+                .as_ref()
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["type"] == condition_types::DNS_READY))
+                .and_then(|c| c["status"].as_str().map(str::to_owned))
         });
         let now_ready = serde_json::to_value(dns_ready).ok();
         if before_ready.as_deref() != now_ready.as_ref().and_then(Value::as_str) {
@@ -587,7 +586,7 @@ impl Core {
                 continue;
             }
             let key = ObjectKey::new(Kind::RuntimeEnvironment, &record.environment);
-            let spec = match self.desired.get(&key).map(|d| d.object().clone()) {
+            let spec = match self.desired.object(&key) {
                 Some(Object::RuntimeEnvironment(env)) => env.spec.dns,
                 _ => None,
             };
@@ -709,8 +708,8 @@ pub fn with_dns(
     inner: Arc<dyn Provider>,
     installation: String,
     store: &Arc<Store>,
-    desired: &Arc<DesiredState>,
-    book: &Arc<StatusBook>,
+    desired: Arc<dyn Objects>,
+    book: Arc<dyn Recorder>,
     registry: &prometheus::Registry,
     zones: Option<Arc<ZoneFactory>>,
 ) -> Result<Arc<dyn Provider>, prometheus::Error> {

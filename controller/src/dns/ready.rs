@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use super::Resolver;
 use crate::api::{ConditionStatus, DnsRecordStatus, OperatorRecord};
-use crate::reconcile::deployment::PlannedHost;
+use crate::provider::PlannedHost;
 
 /// The `DNSReady` condition: status, reason, message.
 pub type ReadyCondition = (ConditionStatus, &'static str, String);

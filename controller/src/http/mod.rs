@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use crate::api::{Kind, ObjectKey};
-use crate::reconcile::Trigger;
+use crate::runtime::Trigger;
 use crate::state::{DesiredState, StatusBook};
 
 /// What the HTTP handlers read.
@@ -36,6 +36,9 @@ pub struct ApiState {
 }
 
 pub use write::Writes;
+
+/// The daemon's default address, also the CLI's default `--server`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9470";
 
 /// The routes, behind the request guard of `limits` (see [`serve::guard`]).
 pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {

@@ -5,12 +5,7 @@ use serde_json::{Map, Value, json};
 use crate::api::{Event, Kind, Object, ObjectKey};
 use crate::state::{Desired, StatusBook};
 
-/// The annotation that says where an object was defined.
-pub const SOURCE_ANNOTATION: &str = "fediversity.eu/source";
-/// The annotation that names the source that owns an object.
-pub const SOURCE_NAME_ANNOTATION: &str = "fediversity.eu/source-name";
-/// The annotation that gives the revision of its source an object was last seen in.
-pub const REVISION_ANNOTATION: &str = "fediversity.eu/revision";
+pub use crate::api::{REVISION_ANNOTATION, SOURCE_ANNOTATION, SOURCE_NAME_ANNOTATION};
 
 /// An object with its metadata as the controller keeps it, and its status.
 pub fn object(desired: &Desired, book: &StatusBook) -> Value {

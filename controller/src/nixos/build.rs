@@ -197,7 +197,7 @@ impl Builder {
                 seconds: started.elapsed().as_secs_f64(),
             });
         }
-        crate::reconcile::progress::report(format!("{host}: building its NixOS system"));
+        crate::provider::progress::report(format!("{host}: building its NixOS system"));
         let io = |what, path: &Path| {
             let path = path.to_owned();
             move |source| BuildError::Io { what, path, source }

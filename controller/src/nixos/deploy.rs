@@ -205,7 +205,7 @@ pub async fn execute<H: NixHost>(
         }
         Plan::Switch { previous, .. } => previous,
     };
-    crate::reconcile::progress::report(format!(
+    crate::provider::progress::report(format!(
         "{}: copying, activating and checking {desired}",
         host.name()
     ));

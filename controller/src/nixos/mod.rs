@@ -216,7 +216,7 @@ impl NixosDeployer {
 
     /// The Nix text of a host's configuration.
     pub fn configuration(&self, req: &HostRequest<'_>) -> Result<String, String> {
-        let problems = crate::reconcile::settings::check(req.application.settings.as_ref(), req.settings);
+        let problems = crate::provider::settings::check(req.application.settings.as_ref(), req.settings);
         if let Some((name, message)) = problems.first() {
             return Err(format!("settings.{name}: {message}"));
         }

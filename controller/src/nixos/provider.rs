@@ -9,10 +9,10 @@ use crate::api::{
     ConditionStatus, Deployment, EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
     Timestamp, condition_types,
 };
-use crate::reconcile::deployment::PlannedHost;
-use crate::reconcile::{EnvironmentReport, Provider, ProviderCondition, ProviderReport};
+use crate::provider::{
+    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport, Recorder,
+};
 use crate::runtime::{BoxFuture, ReconcileError};
-use crate::state::{DesiredState, StatusBook};
 use crate::store::Store;
 
 use super::command::{self, CommandSpec};
@@ -43,8 +43,8 @@ pub fn static_host_for<'a>(
 pub struct NixosProvider {
     inner: Arc<dyn Provider>,
     deployer: Arc<NixosDeployer>,
-    desired: Arc<DesiredState>,
-    book: Option<Arc<StatusBook>>,
+    desired: Arc<dyn Objects>,
+    book: Option<Arc<dyn Recorder>>,
     store: Option<Arc<Store>>,
 }
 
@@ -53,8 +53,8 @@ impl NixosProvider {
     pub fn new(
         inner: Arc<dyn Provider>,
         deployer: Arc<NixosDeployer>,
-        desired: Arc<DesiredState>,
-        book: Option<Arc<StatusBook>>,
+        desired: Arc<dyn Objects>,
+        book: Option<Arc<dyn Recorder>>,
         store: Option<Arc<Store>>,
     ) -> Self {
         Self {
@@ -81,7 +81,7 @@ impl NixosProvider {
             kind: Kind::Application,
             name: crate::api::Name::new(name),
         };
-        match self.desired.get(&key).map(|d| d.object().clone()) {
+        match self.desired.object(&key) {
             Some(Object::Application(app)) => Some(app),
             _ => None,
         }
@@ -106,8 +106,7 @@ impl NixosProvider {
         };
         self.book
             .as_ref()
-            .and_then(|book| book.status(&key))
-            .and_then(|status| status.get("hosts").cloned())
+            .and_then(|book| book.status_field(&key, "hosts"))
             .and_then(|hosts| serde_json::from_value(hosts).ok())
             .unwrap_or_default()
     }
@@ -137,8 +136,8 @@ impl NixosProvider {
                 .unwrap_or_default();
             let (deployer, env, host, email) =
                 (self.deployer.clone(), env.clone(), host.clone(), email.clone());
-            let sink = crate::reconcile::progress::current();
-            tasks.spawn(crate::reconcile::progress::within(sink, async move {
+            let sink = crate::provider::progress::current();
+            tasks.spawn(crate::provider::progress::within(sink, async move {
                 let status = deployer
                     .converge(&HostRequest {
                         environment: env.metadata.name.as_str(),
@@ -207,7 +206,7 @@ impl NixosProvider {
                         } else {
                             EventType::Warning
                         };
-                        book.record(
+                        book.event(
                             &key,
                             type_,
                             r.last_result.label(),
@@ -385,8 +384,8 @@ pub fn with_nixos(
     inner: Arc<dyn Provider>,
     config: Option<super::DeployerConfig>,
     store: &Arc<Store>,
-    desired: &Arc<DesiredState>,
-    book: &Arc<StatusBook>,
+    desired: Arc<dyn Objects>,
+    book: Arc<dyn Recorder>,
     registry: &prometheus::Registry,
 ) -> Result<Arc<dyn Provider>, prometheus::Error> {
     let Some(config) = config else {
@@ -397,8 +396,8 @@ pub fn with_nixos(
     Ok(Arc::new(NixosProvider::new(
         inner,
         Arc::new(NixosDeployer::new(config, Some(metrics))),
-        desired.clone(),
-        Some(book.clone()),
+        desired,
+        Some(book),
         Some(store.clone()),
     )))
 }
@@ -505,10 +504,17 @@ mod tests {
         let err = pinned_host_key(Some(&store), &id, "uni-mastodon", scan)
             .await
             .unwrap_err();
-        assert!(err.contains("cannot read the pinned host key of uni-mastodon"), "{err}");
+        assert!(
+            err.contains("cannot read the pinned host key of uni-mastodon"),
+            "{err}"
+        );
         assert!(err.contains("deploy is stopped"), "{err}");
         assert_eq!(scans.load(std::sync::atomic::Ordering::SeqCst), 0, "no new scan");
-        assert_eq!(store.inventory::<u32>(&id).unwrap(), Some(42), "the entry is untouched");
+        assert_eq!(
+            store.inventory::<u32>(&id).unwrap(),
+            Some(42),
+            "the entry is untouched"
+        );
     }
 
     #[tokio::test]
@@ -516,14 +522,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let id = host_key_inventory_id("ams", "uni-pixelfed");
-        let first = pinned_host_key(Some(&store), &id, "h", async { Ok("ssh-ed25519 AAAAone".to_owned()) })
-            .await
-            .unwrap();
+        let first = pinned_host_key(Some(&store), &id, "h", async {
+            Ok("ssh-ed25519 AAAAone".to_owned())
+        })
+        .await
+        .unwrap();
         assert_eq!(first, "ssh-ed25519 AAAAone");
-        let again = pinned_host_key(Some(&store), &id, "h", async { Ok("ssh-ed25519 AAAAtwo".to_owned()) })
-            .await
-            .unwrap();
-        assert_eq!(again, "ssh-ed25519 AAAAone", "a pinned key is never replaced by a new scan");
+        let again = pinned_host_key(Some(&store), &id, "h", async {
+            Ok("ssh-ed25519 AAAAtwo".to_owned())
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            again, "ssh-ed25519 AAAAone",
+            "a pinned key is never replaced by a new scan"
+        );
     }
 
     #[test]

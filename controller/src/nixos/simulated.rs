@@ -122,7 +122,7 @@ impl Fleet {
             .get(host)
             .is_some_and(|last| *last == path);
         if !unchanged {
-            crate::reconcile::progress::report(format!("{host}: building its NixOS system"));
+            crate::provider::progress::report(format!("{host}: building its NixOS system"));
             self.pause(BUILD).await;
             self.builds
                 .lock()

@@ -263,7 +263,7 @@ impl HostRun<'_> {
 
     async fn step(&mut self, step: &Step) -> Result<HostOutcome, LifecycleError> {
         if let Some(what) = self.describe(step) {
-            crate::reconcile::progress::report(what);
+            crate::provider::progress::report(what);
         }
         let env = self.env;
         match step {

@@ -38,13 +38,11 @@ use crate::api::{
     ConditionStatus, DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
     condition_types,
 };
-use crate::reconcile::Provider;
-use crate::reconcile::deployment::PlannedHost;
-use crate::reconcile::provider::{
-    EnvironmentReport, ProviderCondition, ProviderReport, plan_only_environment, plan_only_report,
+use crate::provider::{
+    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport,
+    plan_only_environment, plan_only_report,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
-use crate::state::DesiredState;
 use crate::store::Store;
 
 pub use client::{Api, HttpProxmox, ProxmoxApi, ProxmoxError, RateLimit};
@@ -52,10 +50,8 @@ pub use lifecycle::{COMMON_TAG, Environment, HostOutcome, LifecycleError};
 pub use metrics::ProxmoxMetrics;
 pub use plan::{DesiredVm, PlanContext, RecordPhase, Step, VmRecord};
 
-/// The annotation that lets the controller restart a Deployment's VMs to apply pending changes.
-pub const ALLOW_RESTART_ANNOTATION: &str = "fediversity.eu/allow-restart";
-/// The file in the state directory that keeps the controller instance id.
-pub const INSTANCE_ID_FILE: &str = "instance-id";
+pub use crate::api::ALLOW_RESTART_ANNOTATION;
+pub use crate::installation::{INSTANCE_ID_FILE, instance_id};
 
 /// Reasons the Proxmox side gives, in CamelCase.
 pub mod reasons {
@@ -91,31 +87,6 @@ pub mod reasons {
     pub const WAITING_FOR_AGENT: &str = "WaitingForAgent";
     /// Every host has its VM.
     pub const PROVISIONED: &str = "Provisioned";
-}
-
-/// Returns the controller instance id: `given`, or the one kept in the state directory (created once).
-pub fn instance_id(state_dir: &Path, given: Option<&str>) -> std::io::Result<String> {
-    if let Some(id) = given.filter(|id| !id.trim().is_empty()) {
-        return Ok(id.trim().to_owned());
-    }
-    let path = state_dir.join(INSTANCE_ID_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::create_dir_all(state_dir)?;
-    let id: String = (0..16).map(|_| format!("{:x}", fastrand::u8(0..16))).collect();
-    let tmp = state_dir.join(format!("{INSTANCE_ID_FILE}.tmp"));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(id.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
-    Ok(id)
 }
 
 fn hex(data: &[u8], bytes: usize) -> String {
@@ -160,7 +131,7 @@ impl ProxmoxProvider {
     /// A provider talking HTTP(S) to each environment, limited by `rate`.
     pub fn new(
         store: Arc<Store>,
-        desired: Arc<DesiredState>,
+        desired: Arc<dyn Objects>,
         instance_id: String,
         metrics: ProxmoxMetrics,
         rate: RateLimit,
@@ -177,7 +148,7 @@ impl ProxmoxProvider {
     /// A provider whose API clients come from `factory` (tests use a double).
     pub fn with_factory(
         store: Arc<Store>,
-        desired: Arc<DesiredState>,
+        desired: Arc<dyn Objects>,
         instance_id: String,
         metrics: ProxmoxMetrics,
         factory: Box<ApiFactory>,
@@ -199,7 +170,7 @@ impl ProxmoxProvider {
 /// The state behind a [`ProxmoxProvider`].
 pub struct ProviderCore {
     store: Arc<Store>,
-    desired: Arc<DesiredState>,
+    desired: Arc<dyn Objects>,
     instance_id: String,
     metrics: ProxmoxMetrics,
     factory: Box<ApiFactory>,
@@ -211,7 +182,7 @@ impl ProviderCore {
     /// A provider talking HTTP(S) to each environment, limited by `rate`.
     pub fn new(
         store: Arc<Store>,
-        desired: Arc<DesiredState>,
+        desired: Arc<dyn Objects>,
         instance_id: String,
         metrics: ProxmoxMetrics,
         rate: RateLimit,
@@ -238,7 +209,7 @@ impl ProviderCore {
     /// A provider whose API clients come from `factory` (tests use a double).
     pub fn with_factory(
         store: Arc<Store>,
-        desired: Arc<DesiredState>,
+        desired: Arc<dyn Objects>,
         instance_id: String,
         metrics: ProxmoxMetrics,
         factory: Box<ApiFactory>,
@@ -401,7 +372,7 @@ impl ProviderCore {
                     kind: Kind::Deployment,
                     name: crate::api::Name::new(d.as_str()),
                 };
-                self.desired.get(&key).is_none() && self.desired.removing(&key).is_none()
+                !self.desired.is_known(&key)
             })
             .collect();
         gone.dedup();
@@ -724,7 +695,7 @@ impl ProviderCore {
                 kind: Kind::RuntimeEnvironment,
                 name: crate::api::Name::new(env_name.as_str()),
             };
-            let env = match self.desired.get(&key).map(|d| d.object().clone()) {
+            let env = match self.desired.object(&key) {
                 Some(Object::RuntimeEnvironment(env)) => env,
                 _ => {
                     // Without its environment nothing can be checked: keep the VMs, as orphans.
@@ -862,11 +833,11 @@ pub fn build_provider(
     instance: Option<&str>,
     state_dir: &Path,
     store: &Arc<Store>,
-    desired: &Arc<DesiredState>,
+    desired: Arc<dyn Objects>,
     registry: &prometheus::Registry,
 ) -> anyhow::Result<Arc<dyn Provider>> {
     match kind {
-        ProviderKind::PlanOnly => Ok(Arc::new(crate::reconcile::PlanOnly)),
+        ProviderKind::PlanOnly => Ok(Arc::new(crate::provider::PlanOnly)),
         ProviderKind::Proxmox => {
             let id = instance_id(state_dir, instance).map_err(|e| {
                 anyhow::anyhow!(
@@ -905,14 +876,5 @@ mod tests {
             "{a}"
         );
         assert_eq!(a, owner_tag("instance-1", "uni"), "stable across restarts");
-    }
-
-    #[test]
-    fn the_instance_id_is_generated_once_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = instance_id(dir.path(), None).unwrap();
-        assert_eq!(first.len(), 16);
-        assert_eq!(instance_id(dir.path(), None).unwrap(), first);
-        assert_eq!(instance_id(dir.path(), Some("given")).unwrap(), "given");
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::{Application, Deployment, HostStatus, Kind, Name, Object, ObjectKey, Size, reasons};
+use crate::api::{Application, Deployment, HostStatus, Kind, Name, Object, ObjectKey, reasons};
 use crate::runtime::ReconcileError;
 use crate::state::DesiredState;
 
@@ -10,20 +10,7 @@ use crate::state::DesiredState;
 /// woken at once when the dependency appears).
 pub const DEPENDENCY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// One host a Deployment needs: by default one VM per enabled application.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PlannedHost {
-    /// `<deployment>-<application>`.
-    pub name: String,
-    /// The application it runs.
-    pub application: Name,
-    /// The size chosen.
-    pub size_name: Name,
-    /// The resources of that size.
-    pub size: Size,
-    /// The public host name, `<application>.<domain>`.
-    pub fqdn: String,
-}
+pub use crate::provider::PlannedHost;
 
 /// Plans the hosts of `deployment` given the Applications it names (pure: no I/O). A missing
 /// Application is a wait; a choice the Application does not offer is a terminal error.

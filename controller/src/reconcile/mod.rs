@@ -2,9 +2,6 @@
 
 pub mod deployment;
 pub mod metrics;
-pub mod progress;
-pub mod provider;
-pub mod settings;
 pub mod waiters;
 
 use std::sync::Arc;
@@ -19,15 +16,16 @@ use crate::api::{
 use crate::runtime::{Action, BoxFuture, ReconcileError, Reconciler};
 use crate::state::{Desired, DesiredState, StatusBook};
 
+pub use crate::provider::{
+    EnvironmentReport, PlanOnly, Provider, ProviderCondition, ProviderReport, progress, settings,
+};
 pub use metrics::{ObjectFacts, ObjectMetrics};
-pub use provider::{EnvironmentReport, PlanOnly, Provider, ProviderCondition, ProviderReport};
 
 /// How often a converged object is looked at again without any trigger: the periodic guard against
 /// missed changes that kube-runtime's docs recommend.
 pub const RESYNC: Duration = Duration::from_secs(600);
 
-/// Wakes other objects (used to wake Deployments when something they depend on changes).
-pub type Trigger = Arc<dyn Fn(&ObjectKey) + Send + Sync>;
+pub use crate::runtime::Trigger;
 
 /// What every reconciler shares.
 pub struct Context {

@@ -12,6 +12,9 @@ use std::time::Duration;
 use crate::api::ObjectKey;
 
 pub use metrics::RuntimeMetrics;
+
+/// Wakes an object now (used to wake Deployments when something they depend on changes).
+pub type Trigger = std::sync::Arc<dyn Fn(&ObjectKey) + Send + Sync>;
 pub use queue::{Backoff, ExponentialBackoff, KeyStatus, QueueConfig, RateLimit};
 pub use runner::{ControllerHandle, RunOutcome, Runner, RunnerConfig};
 pub use shutdown::ShutdownState;

@@ -81,33 +81,7 @@ fn derive_name(base: &str) -> String {
     if name.is_empty() { "source".into() } else { name }
 }
 
-/// Hides the password of `scheme://user:password@host/...`, so that a URL can be shown and logged.
-pub fn redact(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    match authority.rfind('@') {
-        Some(at) => {
-            let user = &authority[..at];
-            let user = user.split(':').next().unwrap_or_default();
-            let scheme = url[..scheme_end].to_ascii_lowercase();
-            // Over http(s), a user name alone is often a token (`https://TOKEN@host`): hidden too. An ssh
-            // user (`git@`) names an account, not a secret.
-            let hidden = if authority[..at].contains(':') {
-                format!("{user}:***")
-            } else if scheme.contains("http") {
-                "***".to_owned()
-            } else {
-                user.to_owned()
-            };
-            format!("{}://{hidden}@{}", &url[..scheme_end], &rest[at + 1..])
-        }
-        None => url.to_owned(),
-    }
-}
+pub use crate::text::redact;
 
 fn flag(value: Option<&str>, option: &str) -> Result<bool, String> {
     match value {
@@ -199,7 +173,7 @@ impl SourceSpec {
                 }
                 "interval" if is_git => {
                     let value = value.unwrap_or_default();
-                    spec.interval = Some(crate::cli::parse_duration(value).map_err(fail)?);
+                    spec.interval = Some(crate::api::parse_duration(value).map_err(fail)?);
                 }
                 "path" if is_git => {
                     let sub = value.unwrap_or_default().trim_matches('/');

@@ -1,14 +1,51 @@
-//! The seam between the reconcilers and the infrastructure that makes hosts real: environment checks,
-//! converging a Deployment's hosts, and cleaning up after a removed Deployment.
+//! The seam between the reconcilers and the infrastructure that makes hosts real: what a provider is
+//! given, what it reports, and how it records events and progress. Providers depend on this module and
+//! the layers below it only, never on the reconcilers, the status book or the daemon.
+
+pub mod progress;
+pub mod settings;
 
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use crate::api::{ConditionStatus, Deployment, HostStatus, ObjectKey, RuntimeEnvironment};
+use crate::api::{
+    ConditionStatus, Deployment, EventType, HostStatus, Name, Object, ObjectKey, RuntimeEnvironment, Size,
+};
 use crate::runtime::{BoxFuture, ReconcileError};
 
-use super::deployment::PlannedHost;
+/// One host a Deployment needs: by default one VM per enabled application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedHost {
+    /// `<deployment>-<application>`.
+    pub name: String,
+    /// The application it runs.
+    pub application: Name,
+    /// The size chosen.
+    pub size_name: Name,
+    /// The resources of that size.
+    pub size: Size,
+    /// The public host name, `<application>.<domain>`.
+    pub fqdn: String,
+}
+
+/// What a provider may read of the desired objects (the catalog's Applications, environments, whether
+/// a Deployment is still wanted), without depending on where they are kept.
+pub trait Objects: Send + Sync + 'static {
+    /// The desired object under `key`, if it is present in a source.
+    fn object(&self, key: &ObjectKey) -> Option<Object>;
+    /// Whether `key` is desired, or was removed and its cleanup has not finished.
+    fn is_known(&self, key: &ObjectKey) -> bool;
+}
+
+/// Where a provider records what happened (events on an object) and reads back what it reported last
+/// time (a field of an object's status), like kube-runtime's event recorder.
+pub trait Recorder: Send + Sync + 'static {
+    /// Records an event on `key`.
+    fn event(&self, key: &ObjectKey, type_: EventType, reason: &str, message: String);
+    /// The `field` of `key`'s last recorded status.
+    fn status_field(&self, key: &ObjectKey, field: &str) -> Option<serde_json::Value>;
+}
 
 /// A domain condition a provider reports (e.g. `Provisioned`).
 #[derive(Debug, Clone, PartialEq, Eq)]
