@@ -2,7 +2,8 @@
 //! provider on 1,000, 10,000 and 30,000 objects (one RuntimeEnvironment, the four catalog Applications,
 //! the rest Deployments). Reports, per size: reconciles per object and CPU until the queue is first
 //! empty, idle CPU once converged, edit-to-`observedGeneration` latency (p50, p99), one `/metrics`
-//! scrape (bytes, CPU), the reconcile results, and the store's size after restarts.
+//! scrape (bytes, CPU), memory once converged and around one full list of Deployments, the reconcile
+//! results, and the store's size after restarts.
 //!
 //! `cargo bench -p fediversity --bench rest` (sizes from `BENCH_SIZES`, default `1000,10000,30000`; a
 //! quick run under `cargo test` uses 300). `FEDIVERSITY_BIN` measures another build of the binary,
@@ -23,6 +24,16 @@ fn cpu(pid: u32) -> Duration {
     let tick = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
     // utime and stime, in clock ticks of 10 ms (proc(5)).
     Duration::from_millis((tick(11) + tick(12)) * 10)
+}
+
+/// A memory figure of a process in MB (`VmRSS`: resident now, `VmHWM`: its peak), from `/proc/PID/status`.
+fn memory_mb(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 fn get(server: &str, path: &str) -> Option<(u16, String)> {
@@ -198,6 +209,20 @@ fn measure(bin: &Path, count: usize, quick: bool) {
         idle.as_secs_f64(),
         idle_window.as_secs()
     );
+
+    let (resident, peak) = (memory_mb(daemon.pid(), "VmRSS"), memory_mb(daemon.pid(), "VmHWM"));
+    let (code, body) = get(&daemon.server, "/api/v1/deployments").expect("the full list");
+    assert_eq!(code, 200, "GET /api/v1/deployments");
+    let items = body.matches("\"kind\":\"Deployment\"").count();
+    assert_eq!(items, count - 5, "every Deployment is in the list");
+    println!(
+        "memory: {resident:.0} MB resident once converged (peak so far {peak:.0} MB); one full \
+         GET /api/v1/deployments ({:.1} MB, {items} items): peak {:.0} MB, resident after {:.0} MB",
+        body.len() as f64 / 1e6,
+        memory_mb(daemon.pid(), "VmHWM"),
+        memory_mb(daemon.pid(), "VmRSS")
+    );
+    drop(body);
 
     let scrapes = 5;
     let before = cpu(daemon.pid());

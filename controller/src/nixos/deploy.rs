@@ -1,6 +1,8 @@
 //! The deploy of one system onto one host: a pure plan, and the executor that runs it over a `NixHost`.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
@@ -629,14 +631,10 @@ mod tests {
         .unwrap()
     }
 
+    /// The shipped timings: the clock is paused, so minutes of waiting cost nothing and no test depends
+    /// on how fast the machine is.
     fn fast() -> DeployTimings {
-        DeployTimings {
-            rollback_after: Duration::from_millis(50),
-            activation_deadline: Duration::from_millis(30),
-            confirm_deadline: Duration::from_millis(30),
-            poll_interval: Duration::from_millis(10),
-            rollback_slack: Duration::from_millis(10),
-        }
+        DeployTimings::default()
     }
 
     fn at_generation_1() -> impl FnOnce(&mut FakeState) {
@@ -671,7 +669,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_successful_deploy_arms_before_it_changes_the_profile_and_disarms_after_confirming() {
         let host = FakeHost::with(at_generation_1());
         let report = execute(&host, &sp("2"), None, &fast()).await;
@@ -696,7 +694,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_second_deploy_of_the_same_system_copies_and_activates_nothing() {
         let host = FakeHost::with(at_generation_1());
         let report = execute(&host, &sp("1"), None, &fast()).await;
@@ -704,7 +702,7 @@ mod tests {
         assert_eq!(host.calls(), ["current"]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_failing_activation_is_rolled_back_at_once() {
         let host = FakeHost::with(|s| {
             at_generation_1()(s);
@@ -726,7 +724,7 @@ mod tests {
         assert!(!host.calls().contains(&"health".to_owned()));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn failing_health_checks_roll_back() {
         let host = FakeHost::with(|s| {
             at_generation_1()(s);
@@ -744,13 +742,19 @@ mod tests {
         assert_eq!(host.profile(), Some(sp("1")));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_lost_host_is_rolled_back_by_its_own_timer_and_reported_unconfirmed() {
         let host = FakeHost::with(|s| {
             at_generation_1()(s);
             s.lose_connection_after_activation = true;
         });
+        let started = Instant::now();
         let report = execute(&host, &sp("2"), None, &fast()).await;
+        assert!(
+            started.elapsed() >= fast().rollback_after,
+            "the rollback waited for the host's own timer ({:?})",
+            started.elapsed()
+        );
         assert_eq!(
             report.result,
             DeployResult::UnconfirmedRolledBack,
@@ -761,7 +765,7 @@ mod tests {
         assert!(!host.calls().contains(&"disarm".to_owned()));
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_first_deploy_that_fails_leaves_no_profile() {
         let host = FakeHost::with(|s| s.exit_code = 1);
         let report = execute(&host, &sp("2"), None, &fast()).await;

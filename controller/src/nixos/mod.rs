@@ -3,6 +3,7 @@
 pub mod build;
 pub mod command;
 pub mod deploy;
+pub mod error;
 pub mod escape;
 pub mod generate;
 pub mod host;
@@ -25,6 +26,7 @@ use crate::api::{ApplicationSpec, RuntimeEnvironmentSpec};
 
 pub use build::{BuildSettings, Builder, NixpkgsSource};
 pub use deploy::{DeployReport, DeployResult, DeployTimings, Step};
+pub use error::PrepareError;
 pub use generate::{HostConfig, HostEnvironment, generate};
 pub use host::{HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, StorePath};
 pub use metrics::DeployMetrics;
@@ -215,10 +217,10 @@ impl NixosDeployer {
     }
 
     /// The Nix text of a host's configuration.
-    pub fn configuration(&self, req: &HostRequest<'_>) -> Result<String, String> {
+    pub fn configuration(&self, req: &HostRequest<'_>) -> Result<String, PrepareError> {
         let problems = crate::provider::settings::check(req.application.settings.as_ref(), req.settings);
-        if let Some((name, message)) = problems.first() {
-            return Err(format!("settings.{name}: {message}"));
+        if let Some((name, message)) = problems.into_iter().next() {
+            return Err(PrepareError::Setting { name, message });
         }
         let mut config = HostConfig::new(
             &self.config.catalog_root,
@@ -241,11 +243,11 @@ impl NixosDeployer {
         config.environment = self.host_environment(req.env);
         config.root_keys = match (secrets::public_key(&req.env.ssh), &self.config.transport) {
             (Ok(key), _) => vec![key],
-            (Err(e), Transport::Ssh) => return Err(e.to_string()),
+            (Err(e), Transport::Ssh) => return Err(e.into()),
             (Err(_), Transport::Simulated(_)) => Vec::new(),
         };
-        let text = generate(&config).map_err(|e| e.to_string())?;
-        check_syntax(&text).map_err(|e| e.to_string())?;
+        let text = generate(&config)?;
+        check_syntax(&text)?;
         Ok(text)
     }
 
@@ -317,7 +319,7 @@ impl NixosDeployer {
             Transport::Ssh => {
                 let host = match self.ssh_host(req).await {
                     Ok(h) => h,
-                    Err(e) => return self.finish(status, e),
+                    Err(e) => return self.finish(status, e.to_string()),
                 };
                 let _permit = deploys.acquire().await;
                 let environment = self.host_environment(req.env);
@@ -353,23 +355,31 @@ impl NixosDeployer {
     }
 
     /// The SSH host key the host at `address` presents now (recorded on first sight of a new VM).
-    pub async fn scan_host_key(&self, address: &str, port: u16) -> Result<String, String> {
+    pub async fn scan_host_key(&self, address: &str, port: u16) -> Result<String, PrepareError> {
         match &self.config.transport {
             Transport::Ssh => provider::scan_host_key(address, port).await,
             Transport::Simulated(fleet) => Ok(fleet.host_key(address)),
         }
     }
 
-    async fn ssh_host(&self, req: &HostRequest<'_>) -> Result<SshHost, String> {
+    async fn ssh_host(&self, req: &HostRequest<'_>) -> Result<SshHost, PrepareError> {
         let dir = self.config.state_dir.join("known_hosts");
         tokio::fs::create_dir_all(&dir)
             .await
-            .map_err(|e| format!("failed to create {}: {e}", dir.display()))?;
+            .map_err(|source| PrepareError::Local {
+                action: "create",
+                path: dir.clone(),
+                source,
+            })?;
         let known_hosts = dir.join(req.host_name);
-        let line = host::known_hosts_line(req.host_name, &req.address.host_key).map_err(|e| e.to_string())?;
+        let line = host::known_hosts_line(req.host_name, &req.address.host_key)?;
         tokio::fs::write(&known_hosts, line)
             .await
-            .map_err(|e| format!("failed to write {}: {e}", known_hosts.display()))?;
+            .map_err(|source| PrepareError::Local {
+                action: "write",
+                path: known_hosts.clone(),
+                source,
+            })?;
         let target = SshTarget {
             name: req.host_name.to_owned(),
             user: req.env.ssh.user.clone(),
@@ -378,9 +388,8 @@ impl NixosDeployer {
             identity_file: PathBuf::from(&req.env.ssh.private_key_file),
             known_hosts,
         };
-        let host = SshHost::new(target, self.config.ssh.clone())
-            .map_err(|e| e.to_string())?
-            .with_nix_config(self.config.nix_config.clone());
+        let host =
+            SshHost::new(target, self.config.ssh.clone())?.with_nix_config(self.config.nix_config.clone());
         Ok(match &self.config.remote_dir {
             Some(d) => host.with_remote_dir(d),
             None => host,

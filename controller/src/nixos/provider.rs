@@ -16,7 +16,10 @@ use crate::runtime::{BoxFuture, ReconcileError};
 use crate::store::Store;
 
 use super::command::{self, CommandSpec};
-use super::{DeployResult, HostAddress, HostDeployStatus, HostRequest, NixosDeployer};
+use super::{DeployResult, HostAddress, HostDeployStatus, HostRequest, NixosDeployer, PrepareError};
+
+/// The reason of a Deployment whose last deploy failed or was rolled back.
+pub const DEPLOY_FAILED: &str = "DeployFailed";
 
 /// How soon a Deployment whose hosts did not all converge is looked at again.
 pub const NOT_CONVERGED_RETRY: Duration = Duration::from_secs(60);
@@ -88,7 +91,13 @@ impl NixosProvider {
     }
 
     /// The pinned key of a VM: recorded on first sight (`ssh-keyscan`), never replaced silently.
-    async fn vm_host_key(&self, env: &str, host: &str, address: &str, port: u16) -> Result<String, String> {
+    async fn vm_host_key(
+        &self,
+        env: &str,
+        host: &str,
+        address: &str,
+        port: u16,
+    ) -> Result<String, PrepareError> {
         pinned_host_key(
             self.store.as_deref(),
             &host_key_inventory_id(env, host),
@@ -116,7 +125,7 @@ impl NixosProvider {
         deployment: &Deployment,
         env: &RuntimeEnvironment,
         hosts: &[PlannedHost],
-        addresses: &BTreeMap<String, Result<HostAddress, String>>,
+        addresses: &BTreeMap<String, Result<HostAddress, Arc<PrepareError>>>,
         base: &[HostStatus],
     ) -> ProviderReport {
         let email = deployment.spec.initial_user.as_ref().map(|u| u.email.clone());
@@ -166,6 +175,7 @@ impl NixosProvider {
         };
         let mut statuses = Vec::new();
         let mut problems = Vec::new();
+        let mut rolled_back = Vec::new();
         for host in hosts {
             let mut status = base
                 .iter()
@@ -216,6 +226,14 @@ impl NixosProvider {
                     if r.last_result != DeployResult::Applied {
                         problems.push(format!("{}: {}", host.name, r.message));
                     }
+                    if matches!(
+                        r.last_result,
+                        DeployResult::FailedRolledBack
+                            | DeployResult::UnconfirmedRolledBack
+                            | DeployResult::Failed
+                    ) {
+                        rolled_back.push(format!("{}: {}", host.name, r.message));
+                    }
                 }
                 (Some(Err(why)), _) => {
                     status.phase = if env.spec.proxmox.is_some() {
@@ -223,7 +241,7 @@ impl NixosProvider {
                     } else {
                         "Unassigned".into()
                     };
-                    status.message = Some(why.clone());
+                    status.message = Some(why.to_string());
                     problems.push(format!("{}: {why}", host.name));
                 }
                 (Some(Ok(_)), None) => {
@@ -256,6 +274,11 @@ impl NixosProvider {
             conditions: vec![configured],
             retry_after: (!converged).then_some(NOT_CONVERGED_RETRY),
             fields: serde_json::Map::new(),
+            // A failed or rolled-back deploy is an error: retried with backoff, not polled as progress.
+            failure: (!rolled_back.is_empty()).then(|| ReconcileError::Transient {
+                reason: DEPLOY_FAILED,
+                message: rolled_back.join("; "),
+            }),
         }
     }
 
@@ -277,10 +300,10 @@ impl NixosProvider {
                             host_key: s.host_key.clone(),
                         })
                         .ok_or_else(|| {
-                            format!(
-                                "RuntimeEnvironment {env_name} has no static host named {}: add one to spec.staticHosts",
-                                h.name
-                            )
+                            Arc::new(PrepareError::NoStaticHost {
+                                environment: env_name.clone(),
+                                host: h.name.clone(),
+                            })
                         });
                     (h.name.clone(), address)
                 })
@@ -311,7 +334,8 @@ impl NixosProvider {
                         address: address.clone(),
                         port,
                         host_key,
-                    });
+                    })
+                    .map_err(Arc::new);
                 addresses.insert(h.name.clone(), key);
             }
         }
@@ -331,17 +355,17 @@ pub async fn pinned_host_key(
     store: Option<&Store>,
     id: &str,
     host: &str,
-    scan: impl std::future::Future<Output = Result<String, String>>,
-) -> Result<String, String> {
+    scan: impl std::future::Future<Output = Result<String, PrepareError>>,
+) -> Result<String, PrepareError> {
     if let Some(store) = store {
         match store.inventory::<String>(id) {
             Ok(Some(key)) => return Ok(key),
             Ok(None) => {}
-            Err(e) => {
-                return Err(format!(
-                    "cannot read the pinned host key of {host} from the store ({e}); its deploy is stopped \
-                     rather than trusting whatever key answers now: repair or restore the state directory"
-                ));
+            Err(source) => {
+                return Err(PrepareError::PinnedKeyUnreadable {
+                    host: host.to_owned(),
+                    source,
+                });
             }
         }
     }
@@ -349,7 +373,10 @@ pub async fn pinned_host_key(
     if let Some(store) = store {
         store
             .put_inventory(id, &key)
-            .map_err(|e| format!("failed to record the host key of {host}: {e}"))?;
+            .map_err(|source| PrepareError::Pin {
+                host: host.to_owned(),
+                source,
+            })?;
     }
     Ok(key)
 }
@@ -403,7 +430,7 @@ pub fn with_nixos(
 }
 
 /// The host's ed25519 key as `ssh-keyscan` sees it (`ssh-ed25519 AAAA…`).
-pub async fn scan_host_key(address: &str, port: u16) -> Result<String, String> {
+pub async fn scan_host_key(address: &str, port: u16) -> Result<String, PrepareError> {
     let spec = CommandSpec::new(
         "ssh-keyscan",
         [
@@ -419,7 +446,10 @@ pub async fn scan_host_key(address: &str, port: u16) -> Result<String, String> {
     );
     let out = command::run_ok(&spec)
         .await
-        .map_err(|e| format!("failed to read the host key of {address}: {e}"))?;
+        .map_err(|source| PrepareError::Scan {
+            address: address.to_owned(),
+            source,
+        })?;
     out.stdout
         .lines()
         .filter(|l| !l.starts_with('#'))
@@ -427,7 +457,10 @@ pub async fn scan_host_key(address: &str, port: u16) -> Result<String, String> {
             let mut words = l.split_whitespace().skip(1);
             Some(format!("{} {}", words.next()?, words.next()?))
         })
-        .ok_or_else(|| format!("{address}:{port} presented no ed25519 host key"))
+        .ok_or_else(|| PrepareError::NoHostKey {
+            address: address.to_owned(),
+            port,
+        })
 }
 
 impl Provider for NixosProvider {
@@ -504,6 +537,8 @@ mod tests {
         let err = pinned_host_key(Some(&store), &id, "uni-mastodon", scan)
             .await
             .unwrap_err();
+        assert!(matches!(err, PrepareError::PinnedKeyUnreadable { .. }), "{err:?}");
+        let err = err.to_string();
         assert!(
             err.contains("cannot read the pinned host key of uni-mastodon"),
             "{err}"

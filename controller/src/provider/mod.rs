@@ -61,7 +61,7 @@ pub struct ProviderCondition {
 }
 
 /// What a provider reports after converging a Deployment's hosts.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ProviderReport {
     /// Whether every host is converged.
     pub converged: bool,
@@ -75,6 +75,10 @@ pub struct ProviderReport {
     pub retry_after: Option<Duration>,
     /// Further status fields to set (e.g. `dns`).
     pub fields: Map<String, Value>,
+    /// Set when the attempt failed although the report's hosts and fields are worth recording (a
+    /// deploy that was rolled back): the reconcile records them, then fails with this error, so it
+    /// is retried with backoff and its Ready condition gives this reason.
+    pub failure: Option<ReconcileError>,
 }
 
 /// What a provider found when checking an environment.
@@ -140,6 +144,7 @@ pub fn plan_only_report(hosts: &[PlannedHost]) -> ProviderReport {
         conditions: Vec::new(),
         retry_after: None,
         fields: Map::new(),
+        failure: None,
     }
 }
 

@@ -544,6 +544,7 @@ impl ProviderCore {
             conditions: vec![provisioned],
             retry_after,
             fields: Map::new(),
+            failure: None,
         })
     }
 
@@ -827,6 +828,23 @@ pub enum ProviderKind {
     PlanOnly,
 }
 
+/// Why the daemon's provider cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The instance id cannot be read or kept.
+    #[error("cannot keep the controller instance id in {dir}: {source}")]
+    InstanceId {
+        /// The state directory.
+        dir: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The provider's metrics cannot be registered.
+    #[error("cannot register the Proxmox metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
 /// Builds the daemon's provider, registering its metrics in `registry`.
 pub fn build_provider(
     kind: ProviderKind,
@@ -835,21 +853,19 @@ pub fn build_provider(
     store: &Arc<Store>,
     desired: Arc<dyn Objects>,
     registry: &prometheus::Registry,
-) -> anyhow::Result<Arc<dyn Provider>> {
+) -> Result<Arc<dyn Provider>, BuildError> {
     match kind {
         ProviderKind::PlanOnly => Ok(Arc::new(crate::provider::PlanOnly)),
         ProviderKind::Proxmox => {
-            let id = instance_id(state_dir, instance).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot keep the controller instance id in {}: {e}",
-                    state_dir.display()
-                )
+            let id = instance_id(state_dir, instance).map_err(|source| BuildError::InstanceId {
+                dir: state_dir.display().to_string(),
+                source,
             })?;
             let metrics = ProxmoxMetrics::register(registry)?;
             tracing::info!(owner_tag_prefix = %instance_prefix(&id), "Proxmox provider enabled");
             Ok(Arc::new(ProxmoxProvider::new(
                 store.clone(),
-                desired.clone(),
+                desired,
                 id,
                 metrics,
                 RateLimit::default(),

@@ -52,6 +52,9 @@ struct Converged {
     fields: Map<String, Value>,
     /// Domain conditions to set (e.g. `Provisioned`).
     conditions: Vec<ProviderCondition>,
+    /// The attempt failed after all: the fields and conditions are recorded, then this error is
+    /// returned (retried with backoff).
+    failure: Option<ReconcileError>,
 }
 
 /// Dispatches each key to its kind's reconciler, or to cleanup when the object was removed.
@@ -156,6 +159,7 @@ async fn reconcile_present(
                 message: report.message,
                 fields: report.fields,
                 conditions: Vec::new(),
+                failure: None,
             })
         }
         Object::Application(app) => Ok(Converged {
@@ -164,6 +168,7 @@ async fn reconcile_present(
             message: format!("valid: {} size(s) offered", app.spec.sizes.len()),
             fields: Map::new(),
             conditions: Vec::new(),
+            failure: None,
         }),
         Object::Deployment(dep) => {
             progress_sink(ctx, key, desired.generation)
@@ -189,32 +194,12 @@ async fn reconcile_present(
             );
         }
     }
-    // Ready, Stalled and Reconciling are always all present, so that dashboards and alerts find a
-    // series for each (status, reason, message).
-    use ConditionStatus::{False, True};
-    let (ready, stalled, reconciling) = match &result {
-        // Hosts still converging: not Ready yet, but no error either.
-        Ok(done) if done.reason == reasons::PROGRESSING => (
-            (False, done.reason, done.message.clone()),
-            (False, done.reason, String::new()),
-            (True, done.reason, done.message.clone()),
-        ),
-        Ok(done) => (
-            (True, done.reason, done.message.clone()),
-            (False, done.reason, String::new()),
-            (False, done.reason, String::new()),
-        ),
-        Err(e @ ReconcileError::Terminal { .. }) => (
-            (False, e.reason(), e.to_string()),
-            (True, e.reason(), e.to_string()),
-            (False, e.reason(), String::new()),
-        ),
-        Err(e) => (
-            (False, e.reason(), e.to_string()),
-            (False, e.reason(), String::new()),
-            (True, e.reason(), e.to_string()),
-        ),
+    let outcome = match &result {
+        Ok(Converged { failure: Some(e), .. }) | Err(e) => Outcome::Failed(e),
+        Ok(done) if done.reason == reasons::PROGRESSING => Outcome::Progressing(&done.message),
+        Ok(done) => Outcome::Converged(done.reason, &done.message),
     };
+    let [ready, stalled, reconciling] = summary_conditions(&outcome);
     let ready_now = ready.0;
     for (type_, (status, reason, message)) in [
         (condition_types::READY, ready),
@@ -268,7 +253,49 @@ async fn reconcile_present(
             conditions: &conditions,
         },
     );
-    result.map(|done| done.action)
+    match result {
+        Ok(Converged { failure: Some(e), .. }) => Err(e),
+        other => other.map(|done| done.action),
+    }
+}
+
+/// How one reconcile ended, as the summary conditions see it.
+#[derive(Debug, Clone, Copy)]
+enum Outcome<'a> {
+    /// Converged, with its reason and message.
+    Converged(&'static str, &'a str),
+    /// Hosts still converging: not Ready yet, but no error either.
+    Progressing(&'a str),
+    /// Failed (or its provider reported a failed attempt).
+    Failed(&'a ReconcileError),
+}
+
+/// Ready, Stalled and Reconciling after a reconcile: (status, reason, message) each. All three are
+/// always present, so that dashboards and alerts find a series for each.
+fn summary_conditions(outcome: &Outcome<'_>) -> [(ConditionStatus, &'static str, String); 3] {
+    use ConditionStatus::{False, True};
+    match *outcome {
+        Outcome::Progressing(message) => [
+            (False, reasons::PROGRESSING, message.to_owned()),
+            (False, reasons::PROGRESSING, String::new()),
+            (True, reasons::PROGRESSING, message.to_owned()),
+        ],
+        Outcome::Converged(reason, message) => [
+            (True, reason, message.to_owned()),
+            (False, reason, String::new()),
+            (False, reason, String::new()),
+        ],
+        Outcome::Failed(e @ ReconcileError::Terminal { .. }) => [
+            (False, e.reason(), e.to_string()),
+            (True, e.reason(), e.to_string()),
+            (False, e.reason(), String::new()),
+        ],
+        Outcome::Failed(e) => [
+            (False, e.reason(), e.to_string()),
+            (False, e.reason(), String::new()),
+            (True, e.reason(), e.to_string()),
+        ],
+    }
 }
 
 /// Shows the steps of a running reconcile: `Reconciling` is True with the step as its message, and an
@@ -373,6 +400,7 @@ async fn reconcile_deployment(
             message: report.message,
             fields,
             conditions: report.conditions,
+            failure: report.failure,
         });
     }
     Ok(Converged {
@@ -381,6 +409,7 @@ async fn reconcile_deployment(
         message: report.message,
         fields,
         conditions: report.conditions,
+        failure: report.failure,
     })
 }
 
@@ -434,4 +463,73 @@ async fn cleanup(ctx: &Context, key: &ObjectKey) -> Result<Action, ReconcileErro
         }
     }
     Ok(Action::AwaitChange)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ConditionStatus::{False, True};
+
+    fn statuses(outcome: &Outcome<'_>) -> [(ConditionStatus, &'static str); 3] {
+        summary_conditions(outcome).map(|(status, reason, _)| (status, reason))
+    }
+
+    #[test]
+    fn a_converged_object_is_ready_and_neither_stalled_nor_reconciling() {
+        let [ready, stalled, reconciling] = summary_conditions(&Outcome::Converged(reasons::SUCCEEDED, "ok"));
+        assert_eq!(ready, (True, reasons::SUCCEEDED, "ok".to_owned()));
+        assert_eq!((stalled.0, reconciling.0), (False, False));
+        assert_eq!((stalled.2.as_str(), reconciling.2.as_str()), ("", ""));
+    }
+
+    #[test]
+    fn hosts_still_converging_are_reconciling_and_not_yet_ready_without_an_error() {
+        assert_eq!(
+            statuses(&Outcome::Progressing("2 of 3 hosts")),
+            [
+                (False, reasons::PROGRESSING),
+                (False, reasons::PROGRESSING),
+                (True, reasons::PROGRESSING)
+            ]
+        );
+        assert_eq!(
+            summary_conditions(&Outcome::Progressing("2 of 3 hosts"))[2].2,
+            "2 of 3 hosts"
+        );
+    }
+
+    #[test]
+    fn a_terminal_error_stalls_and_stops_reconciling() {
+        let e = ReconcileError::Terminal {
+            reason: "InvalidSpec",
+            message: "size xl is not offered".into(),
+        };
+        let [ready, stalled, reconciling] = summary_conditions(&Outcome::Failed(&e));
+        assert_eq!(ready, (False, "InvalidSpec", "size xl is not offered".to_owned()));
+        assert_eq!(
+            stalled,
+            (True, "InvalidSpec", "size xl is not offered".to_owned())
+        );
+        assert_eq!(reconciling.0, False);
+    }
+
+    #[test]
+    fn a_transient_error_or_a_rolled_back_deploy_keeps_reconciling_and_is_not_stalled() {
+        let e = ReconcileError::Transient {
+            reason: "DeployFailed",
+            message: "uni-mastodon: health checks failed".into(),
+        };
+        assert_eq!(
+            statuses(&Outcome::Failed(&e)),
+            [
+                (False, "DeployFailed"),
+                (False, "DeployFailed"),
+                (True, "DeployFailed")
+            ]
+        );
+        assert_eq!(
+            summary_conditions(&Outcome::Failed(&e))[0].2,
+            "uni-mastodon: health checks failed"
+        );
+    }
 }
