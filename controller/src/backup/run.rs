@@ -639,12 +639,15 @@ impl Backuper {
         cleaned?;
         if differences.is_empty() {
             // The host remembers that it was restored, so that a controller that lost its status
-            // never restores over data written since.
+            // never restores over data written since; the record also lifts the hold of a host that
+            // started from a snapshot (its units start only once it exists), so it comes first.
             let line = format!(
-                "{}; echo {} >{}/restored",
-                script::start_services(&data.services),
+                "echo {} >{}/restored.tmp; mv {}/restored.tmp {}/restored; {}",
                 shell_word(&chosen.id),
-                self.layout.dir
+                self.layout.dir,
+                self.layout.dir,
+                self.layout.dir,
+                script::start_services(&data.services),
             );
             self.run_ok(shell, "start the services", &line, false).await?;
         }
