@@ -609,8 +609,8 @@ fn sql(lab: &Lab, host: &nixos_support::TestHost, sql: &str) -> String {
 }
 
 #[test]
-fn an_in_place_restore_on_the_command_line_says_what_it_would_lose_and_once_confirmed_puts_the_snapshot_back()
-{
+fn an_in_place_restore_on_the_command_line_says_what_it_would_lose_and_once_confirmed_puts_the_snapshot_back_even_across_a_daemon_kill()
+ {
     backup_support::require_tools();
     std::fs::create_dir_all("/run/postgresql").unwrap();
     let lab = Lab::new();
@@ -657,6 +657,17 @@ runuser -u postgres -- {}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgre
     for i in 0..100u8 {
         std::fs::write(data.join(format!("media/{i}.bin")), vec![i; 2048]).unwrap();
     }
+    // Enough data that restic is still restoring when the daemon is killed below.
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "head -c 120000000 /dev/urandom > '{}/big.bin'",
+            data.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let big = std::fs::read(data.join("big.bin")).unwrap();
 
     let shared = tempfile::tempdir().unwrap();
     std::fs::write(shared.path().join("pw"), "an in-place password\n").unwrap();
@@ -689,11 +700,11 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications: { app: {} }\n",
     wait_for("the Deployment to become Ready", Duration::from_secs(120), || {
         get(&daemon, "/api/v1/deployments/demo").filter(|d| d["status"]["hosts"][0]["phase"] == "Ready")
     });
-    let cli = |args: &[&str]| {
+    let cli = |server: &str, args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
             .args(args)
             .arg("--server")
-            .arg(&daemon.server)
+            .arg(server)
             .output()
             .unwrap();
         let text = format!(
@@ -704,7 +715,10 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications: { app: {} }\n",
         eprintln!("fediversity {args:?}:\n{text}");
         (out.status.code(), text)
     };
-    let (code, _) = cli(&["backup", "deployment", "demo", "--wait", "--timeout", "300s"]);
+    let (code, _) = cli(
+        &daemon.server,
+        &["backup", "deployment", "demo", "--wait", "--timeout", "300s"],
+    );
     assert_eq!(code, Some(0));
     let snapshot = get(&daemon, "/api/v1/deployments/demo").unwrap()["status"]["backups"][0]["snapshot"]
         .as_str()
@@ -744,7 +758,7 @@ UPDATE orders SET amount = 0 WHERE id <= 100",
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&refused.stdout), "400");
     // Without --confirm: what it would do and lose, and nothing done.
-    let (code, text) = cli(&["restore", "deployment", "demo"]);
+    let (code, text) = cli(&daemon.server, &["restore", "deployment", "demo"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains(&format!("with snapshot {} taken {taken}", &snapshot[..8]))
@@ -766,17 +780,20 @@ UPDATE orders SET amount = 0 WHERE id <= 100",
     );
 
     // Confirmed, by the snapshot's ID: the snapshot's data is back and what came after is gone.
-    let (code, text) = cli(&[
-        "restore",
-        "deployment",
-        "demo",
-        "--snapshot",
-        &snapshot[..8],
-        "--confirm",
-        "--wait",
-        "--timeout",
-        "300s",
-    ]);
+    let (code, text) = cli(
+        &daemon.server,
+        &[
+            "restore",
+            "deployment",
+            "demo",
+            "--snapshot",
+            &snapshot[..8],
+            "--confirm",
+            "--wait",
+            "--timeout",
+            "300s",
+        ],
+    );
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("demo-app: Restored"), "{text}");
     assert_eq!(
@@ -827,4 +844,53 @@ UPDATE orders SET amount = 0 WHERE id <= 100",
         "{events}"
     );
     assert!(!d.to_string().contains("an in-place password") && !events.contains("an in-place password"));
+
+    // A daemon killed (with its SSH clients and the host's restic) during an in-place restore finishes
+    // it after a restart: the host recorded it, its data is put back and verified.
+    sql(
+        &lab,
+        &host,
+        "INSERT INTO events(body) SELECT 'after the snapshot ' || i FROM generate_series(1, 300) i",
+    );
+    std::fs::write(data.join("big.bin"), b"overwritten after the snapshot").unwrap();
+    let (code, text) = cli(&daemon.server, &["restore", "deployment", "demo", "--confirm"]);
+    assert_eq!(code, Some(0), "{text}");
+    let repository = shared.path().join("repo");
+    let restoring = wait_for("restic to restore in place", Duration::from_secs(180), || {
+        let pids = restic_running(&repository, "restore");
+        (!pids.is_empty() && repository.join("locks").read_dir().ok()?.next().is_some()).then_some(pids)
+    });
+    kill_daemon(daemon);
+    for pid in &restoring {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+    let record = root.join("backup-files/in-place");
+    assert!(
+        std::fs::read_to_string(&record)
+            .unwrap()
+            .starts_with(&snapshot[..8]),
+        "the host records the unfinished restore"
+    );
+    let daemon = start(&source, &lab.path().join("state"), &lab.catalog());
+    wait_for(
+        "the in-place restore to be finished after the restart",
+        Duration::from_secs(300),
+        || {
+            (!record.exists()).then_some(())?;
+            get(&daemon, "/api/v1/deployments/demo")
+                .filter(|d| d["status"]["restore"]["hosts"][0]["result"] == "Restored")
+        },
+    );
+    let r = &get(&daemon, "/api/v1/deployments/demo").unwrap()["status"]["restore"]["hosts"][0];
+    assert_eq!(r["verified"], true, "{r}");
+    assert!(r["message"].as_str().unwrap().starts_with("in place"), "{r}");
+    assert_eq!(
+        sql(
+            &lab,
+            &host,
+            "SELECT count(*) FROM events WHERE body LIKE 'after the snapshot%'"
+        ),
+        "0"
+    );
+    assert!(std::fs::read(data.join("big.bin")).unwrap() == big);
 }

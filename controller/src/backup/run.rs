@@ -660,6 +660,37 @@ impl Backuper {
         })
     }
 
+    /// Records on the host that an in-place restore from snapshot `id` runs (`Some`), or that it ended
+    /// (`None`), so that one a killed controller left unfinished is found and finished after a restart.
+    pub async fn mark_in_place(&self, shell: &impl Shell, id: Option<&str>) -> Result<(), BackupError> {
+        let d = &self.layout.dir;
+        let line = match id {
+            Some(id) => format!(
+                "set -e; mkdir -p {d}; echo {} >{d}/in-place.tmp; mv {d}/in-place.tmp {d}/in-place",
+                shell_word(id)
+            ),
+            None => format!("rm -f {d}/in-place"),
+        };
+        self.run_ok(shell, "record the in-place restore", &line, false)
+            .await
+            .map(drop)
+    }
+
+    /// The snapshot of an in-place restore that is recorded as running on the host (see
+    /// [`Self::mark_in_place`]).
+    pub async fn unfinished_in_place(&self, shell: &impl Shell) -> Result<Option<String>, BackupError> {
+        let out = self
+            .run_ok(
+                shell,
+                "read the in-place restore record",
+                &format!("cat {}/in-place 2>/dev/null || true", self.layout.dir),
+                false,
+            )
+            .await?;
+        let id = out.stdout.trim();
+        Ok((!id.is_empty()).then(|| id.to_owned()))
+    }
+
     /// The snapshot a host was restored from, when it ever was (its own record, kept on the host).
     pub async fn restored_from(&self, shell: &impl Shell) -> Result<Option<String>, BackupError> {
         let out = self

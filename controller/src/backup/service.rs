@@ -22,6 +22,9 @@ pub const TICK: Duration = Duration::from_secs(30);
 /// How long the health checks may take to pass after a restore started the services.
 pub const HEALTH_AFTER_RESTORE: Duration = Duration::from_secs(300);
 
+/// How `status.restore` messages of in-place restores begin.
+const IN_PLACE: &str = "in place";
+
 /// The first 8 characters of a snapshot ID.
 fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
@@ -250,6 +253,8 @@ struct Memory {
     checks: BTreeMap<String, u64>,
     /// Restore attempts of hosts not restored yet.
     restores: BTreeMap<String, HostClock>,
+    /// Hosts asked whether an in-place restore was left unfinished.
+    in_place_checked: std::collections::BTreeSet<String>,
 }
 
 /// The daemon's backup loop.
@@ -322,6 +327,7 @@ impl BackupService {
     }
 
     async fn tick(&self, memory: &mut Memory, asked: &BTreeMap<String, String>) {
+        self.resume_in_place(memory).await;
         let now = Timestamp::now().unix();
         let all = candidates(&self.desired, |k| self.book.status(k));
         // Hosts that must start from a snapshot are restored first and backed up only afterwards
@@ -505,13 +511,50 @@ impl BackupService {
     /// line with `--confirm`): services stopped, data replaced, verified, services started, health
     /// checked; `status.restore` and the events say what happened on each host.
     async fn restore_in_place(&self, deployment: &str, snapshot: &str) {
+        self.restore_hosts_in_place(deployment, snapshot, None).await;
+    }
+
+    /// Finishes the in-place restores a killed daemon left unfinished: their hosts' services are
+    /// stopped and their data may be half replaced, so each is restored again from the same snapshot.
+    /// The host keeps the record (see [`Backuper::mark_in_place`]); each is asked once per daemon run.
+    async fn resume_in_place(&self, memory: &mut Memory) {
+        for c in candidates(&self.desired, |k| self.book.status(k)) {
+            if memory.in_place_checked.contains(&c.host) {
+                continue;
+            }
+            let env_key = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: crate::api::Name::new(c.environment.clone()),
+            };
+            let Some(Object::RuntimeEnvironment(env)) =
+                self.desired.get(&env_key).map(|e| e.object().clone())
+            else {
+                continue;
+            };
+            let Some(shell) = self.ssh(&env, &c) else {
+                continue;
+            };
+            let Ok(unfinished) = self.backuper.unfinished_in_place(&shell).await else {
+                continue;
+            };
+            memory.in_place_checked.insert(c.host.clone());
+            if let Some(snapshot) = unfinished {
+                tracing::info!(host = %c.host, %snapshot, "finishing an in-place restore a stopped daemon left unfinished");
+                self.restore_hosts_in_place(&c.deployment, &snapshot, Some(&c.host))
+                    .await;
+            }
+        }
+    }
+
+    /// Restores in place the Ready hosts of `deployment` (only `only` when given) from `snapshot`.
+    async fn restore_hosts_in_place(&self, deployment: &str, snapshot: &str, only: Option<&str>) {
         let key = ObjectKey {
             kind: Kind::Deployment,
             name: crate::api::Name::new(deployment),
         };
         let hosts: Vec<Candidate> = candidates(&self.desired, |k| self.book.status(k))
             .into_iter()
-            .filter(|c| c.deployment == deployment)
+            .filter(|c| c.deployment == deployment && only.is_none_or(|h| h == c.host))
             .collect();
         if hosts.is_empty() {
             self.book.record(
@@ -581,10 +624,33 @@ impl BackupService {
                     chosen.time
                 ),
             );
+            // Recorded first, so that a daemon killed from here on finishes the restore after a restart.
+            self.record_restore(
+                c,
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: chosen.id.clone(),
+                    result: "Running".into(),
+                    verified: false,
+                    differences: Vec::new(),
+                    time: Some(Timestamp::now()),
+                    message: Some(format!(
+                        "{IN_PLACE} from snapshot taken {}: services stopped, data being replaced",
+                        chosen.time
+                    )),
+                },
+            );
+            if let Err(e) = self.backuper.mark_in_place(&shell, Some(&chosen.id)).await {
+                self.fail_in_place(c, &chosen.id, e.to_string());
+                continue;
+            }
             let outcome = self
                 .backuper
                 .restore(&shell, &repo, &c.host, &chosen.id, &c.data)
                 .await;
+            if let Err(e) = self.backuper.mark_in_place(&shell, None).await {
+                tracing::warn!(host = %c.host, "cannot clear the in-place restore record: {e}");
+            }
             let report = match outcome {
                 Ok(report) => report,
                 Err(e) => {
@@ -601,16 +667,16 @@ impl BackupService {
             let healthy = matches!(health, Some(Ok(())));
             let message = match (&health, verified) {
                 (_, false) => format!(
-                    "in place from snapshot taken {}: {} differences to the snapshot's manifest; services are held stopped",
+                    "{IN_PLACE} from snapshot taken {}: {} differences to the snapshot's manifest; services are held stopped",
                     chosen.time,
                     report.differences.len()
                 ),
                 (Some(Err(why)), true) => format!(
-                    "in place from snapshot taken {}: verified, services started, but unhealthy: {why}",
+                    "{IN_PLACE} from snapshot taken {}: verified, services started, but unhealthy: {why}",
                     chosen.time
                 ),
                 _ => format!(
-                    "in place from snapshot taken {}: verified ({} files, {} rows), services started, healthy",
+                    "{IN_PLACE} from snapshot taken {}: verified ({} files, {} rows), services started, healthy",
                     chosen.time, report.files, report.rows
                 ),
             };
@@ -663,7 +729,7 @@ impl BackupService {
                 verified: false,
                 differences: Vec::new(),
                 time: Some(Timestamp::now()),
-                message: Some(format!("in place: {message}")),
+                message: Some(format!("{IN_PLACE}: {message}")),
             },
         );
     }
