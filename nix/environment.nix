@@ -7,6 +7,17 @@ let
   inherit (lib) mkOption types;
   cfg = config.fediversity;
   secretPath = name: "${cfg.environment.secretsDir}/${name}";
+  hold = cfg.restoreHold;
+  # The held units of one type (`service`, `timer`): each starts only once the restore marker exists.
+  # A condition is checked when the unit is about to start, so nothing that pulls the unit in (a
+  # target, a timer, `requires`) starts it early; a skipped unit is not failed.
+  heldUnits =
+    type:
+    lib.listToAttrs (
+      map (unit: lib.nameValuePair (lib.removeSuffix ".${type}" unit) {
+        unitConfig.ConditionPathExists = hold.marker;
+      }) (lib.filter (lib.hasSuffix ".${type}") hold.units)
+    );
 in
 {
   options.fediversity = {
@@ -80,6 +91,32 @@ in
       });
     };
 
+    restoreHold = {
+      enable = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          The host starts from a snapshot (the Deployment's `spec.restore`): the application's units stay
+          stopped, from the very first activation and across reboots, until the controller has restored
+          and verified the data and written `marker`; then it starts them. The application never runs on
+          empty data.
+        '';
+      };
+      marker = mkOption {
+        type = types.str;
+        default = "/var/lib/fediversity-backup/restored";
+        description = "The file the controller writes once the restore is done and verified.";
+      };
+      units = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = ''
+          The application's services and timers that write its data, with their suffix (set by each
+          application module; only units the system defines).
+        '';
+      };
+    };
+
     rootAuthorizedKeys = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -124,6 +161,13 @@ in
     security.acme.defaults.server = lib.mkIf (cfg.environment.acme.server != null) cfg.environment.acme.server;
 
     users.users.root.openssh.authorizedKeys.keys = cfg.rootAuthorizedKeys;
+
+    systemd.services = lib.mkIf hold.enable (heldUnits "service");
+    systemd.timers = lib.mkIf hold.enable (heldUnits "timer");
+    # The controller's health check leaves held units out until the marker exists (first line).
+    environment.etc."fediversity/restore-hold" = lib.mkIf hold.enable {
+      text = lib.concatStringsSep "\n" ([ hold.marker ] ++ hold.units) + "\n";
+    };
 
     environment.etc."fediversity/readiness.json".text = builtins.toJSON {
       inherit (cfg.readiness) units firstDeploySeconds;

@@ -165,6 +165,18 @@ fn with_a_token_every_trigger_needs_it_and_browser_requests_are_refused() {
         let (code, body) = request(server, "POST", path, &[bearer], "");
         assert_eq!(code, 202, "{path} with the token: {body}");
     }
+    // An in-place restore needs the token too, and with it still its confirmation.
+    let (code, body) = request(
+        server,
+        "POST",
+        "/api/v1/deployments/web/restore?confirm=true",
+        &[],
+        "",
+    );
+    assert_eq!(code, 401, "restore without the token: {body}");
+    let (code, body) = request(server, "POST", "/api/v1/deployments/web/restore", &[bearer], "");
+    assert_eq!(code, 400, "restore without confirm=true: {body}");
+    assert!(body.contains("confirm=true"), "{body}");
     // Writes from a browser are refused even with the token; reads from one too.
     let (code, _) = request(
         server,

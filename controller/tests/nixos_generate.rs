@@ -233,3 +233,128 @@ fn settings_with_every_json_type_evaluate_back_to_the_same_json() {
     let back: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(back, settings);
 }
+
+/// The few nixpkgs `lib` functions `nix/environment.nix` and the catalog modules use for the restore
+/// hold, written out (nixpkgs itself cannot be fetched here); `mkIf` is applied at once.
+const STUB_LIB: &str = r#"{
+  mkIf = cond: value: if cond then value else { };
+  optional = cond: value: if cond then [ value ] else [ ];
+  listToAttrs = builtins.listToAttrs;
+  nameValuePair = name: value: { inherit name value; };
+  filter = builtins.filter;
+  concatStringsSep = builtins.concatStringsSep;
+  hasSuffix = suffix: s:
+    let n = builtins.stringLength s; k = builtins.stringLength suffix;
+    in k <= n && builtins.substring (n - k) k s == suffix;
+  removeSuffix = suffix: s:
+    let n = builtins.stringLength s; k = builtins.stringLength suffix;
+    in if k <= n && builtins.substring (n - k) k s == suffix then builtins.substring 0 (n - k) s else s;
+}"#;
+
+#[test]
+fn a_host_restored_from_a_snapshot_conditions_each_held_unit_of_its_application_on_the_restore_marker() {
+    let nix = require("nix-instantiate");
+    let scratch = tempfile::tempdir().unwrap();
+    let marker = fediversity::nixos::restore_marker();
+    let mut checked = 0;
+    for (name, mut config) in examples() {
+        if name.contains('-') {
+            continue;
+        }
+        config.restore_hold = Some(marker.clone());
+        let file = scratch.path().join(format!("{name}.nix"));
+        std::fs::write(&file, generate(&config).unwrap()).unwrap();
+        // The generated host's hold, the units its catalog module holds, and what environment.nix
+        // makes of them, evaluated by Nix.
+        let expr = format!(
+            "let
+  lib = {STUB_LIB};
+  host = import {host};
+  appConfig = {{ fediversity = {{
+    {name} = {{ enable = true; adminEmail = \"social@uu.nl\"; domain = \"x.example\"; settings = {{ }}; }};
+    environment = host.fediversity.environment; firstAccount = {{ passwordFile = \"/p\"; }};
+  }}; }};
+  app = (import {module} {{ config = appConfig; inherit lib; pkgs = {{ }}; }}).config.fediversity;
+  env = (import {env} {{
+    config.fediversity.restoreHold = host.fediversity.restoreHold // {{ inherit (app.restoreHold) units; }};
+    inherit lib;
+  }}).config;
+in {{
+  inherit (host.fediversity) restoreHold;
+  units = app.restoreHold.units;
+  ready = app.readiness.units;
+  services = env.systemd.services;
+  timers = env.systemd.timers;
+  published = env.environment.etc.\"fediversity/restore-hold\".text;
+}}",
+            host = file.display(),
+            module = repo().join(format!("nix/applications/{name}.nix")).display(),
+            env = repo().join("nix/environment.nix").display(),
+        );
+        let out = Command::new(&nix)
+            .args(["--eval", "--strict", "--json", "-E", &expr])
+            .env("NIX_CONFIG", NIX_CONFIG)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            value["restoreHold"],
+            json!({"enable": true, "marker": marker}),
+            "{name}"
+        );
+        let units: Vec<&str> = value["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap())
+            .collect();
+        // Every unit of the application that means "ready" (nginx aside) and every service or timer
+        // the Application stops for a restore is held.
+        let app = application(name);
+        let stopped = app
+            .spec
+            .data
+            .as_ref()
+            .map(|d| d.services.clone())
+            .unwrap_or_default();
+        for unit in value["ready"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u.as_str().unwrap().to_owned())
+            .filter(|u| u != "nginx.service")
+            .chain(stopped.into_iter().filter(|u| !u.ends_with(".target")))
+        {
+            assert!(
+                units.contains(&unit.as_str()),
+                "{name}: {unit} is not held: {units:?}"
+            );
+        }
+        // Each held unit starts only once the marker exists; the list is published for the deploy gate.
+        for unit in &units {
+            let (base, kind) = unit.rsplit_once('.').unwrap();
+            let table = match kind {
+                "service" => &value["services"],
+                "timer" => &value["timers"],
+                other => panic!("{name}: {unit}: only services and timers can be held, not {other}"),
+            };
+            assert_eq!(
+                table[base],
+                json!({"unitConfig": {"ConditionPathExists": marker}}),
+                "{name}: {unit}"
+            );
+        }
+        assert_eq!(
+            value["published"].as_str().unwrap(),
+            format!("{marker}\n{}\n", units.join("\n")),
+            "{name}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+}

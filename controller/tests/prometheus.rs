@@ -3,6 +3,7 @@
 //! expression returns data, and the rules load.
 
 mod common;
+mod nixos_support;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -185,5 +186,143 @@ fn scrape_and_check(target: &str) {
     assert!(
         rules_loaded.iter().all(|r| r["health"] != "err"),
         "{rules_loaded:#?}"
+    );
+}
+
+/// Starts a real Prometheus scraping `target` every second with the rules in `rules`.
+fn start_prometheus(dir: &std::path::Path, target: &str, rules: &std::path::Path) -> (Prometheus, String) {
+    let config = format!(
+        "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\nrule_files: [{}]\nscrape_configs:\n  - job_name: fediversity\n    static_configs: [{{ targets: ['{}'] }}]\n",
+        rules.display(),
+        target
+    );
+    std::fs::write(dir.join("prometheus.yml"), config).unwrap();
+    let server = format!("127.0.0.1:{}", free_port());
+    let prometheus = Prometheus(
+        Command::new(prometheus_binary())
+            .arg(format!("--config.file={}", dir.join("prometheus.yml").display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address={server}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    (prometheus, server)
+}
+
+#[test]
+fn a_host_whose_backup_repository_is_unreachable_fires_the_stale_backup_alert_in_a_real_prometheus() {
+    // A real daemon converging a real (loopback) host whose environment backs up every 2 s to an
+    // sftp repository nobody listens for: no backup ever succeeds.
+    let lab = nixos_support::Lab::new();
+    let host = lab.host("stale-app");
+    let source = lab.path().join("source");
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(lab.path().join("restic-password"), "a restic password\n").unwrap();
+    std::fs::write(
+        lab.path().join("sftp_known_hosts"),
+        format!("[127.0.0.1]:1 {}\n", host.host_key),
+    )
+    .unwrap();
+    let closed = free_port();
+    std::fs::write(
+        source.join("env.yaml"),
+        format!(
+            "{}  backup:\n    repository: sftp://root@127.0.0.1:{closed}//srv/restic\n    passwordFile: {}\n    \
+sftpIdentityFile: {}\n    sftpKnownHostsFile: {}\n    schedule: 2s\n",
+            lab.environment_yaml("lab", &[&host]),
+            lab.path().join("restic-password").display(),
+            lab.path().join("id_ed25519").display(),
+            lab.path().join("sftp_known_hosts").display(),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        source.join("app.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: app }\nspec:\n  \
+displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
+data: { paths: [/nix/var/app-data] }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        source.join("stale.yaml"),
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: stale }\nspec:\n  \
+domain: lab.example\n  runtimeEnvironment: lab\n  applications: { app: {} }\n",
+    )
+    .unwrap();
+    let daemon = common::start_with_catalog(
+        &source,
+        &lab.path().join("state"),
+        &lab.catalog(),
+        nixos_support::NIX_CONFIG,
+    );
+    wait_for("the host to become Ready", Duration::from_secs(120), || {
+        let (code, body) = http_get(&daemon.server, "/api/v1/deployments/stale")?;
+        let d: Value = serde_json::from_str(&body).ok()?;
+        (code == 200 && d["status"]["hosts"][0]["phase"] == "Ready").then_some(())
+    });
+
+    // The shipped rule, with its `for: 15m` shortened so that the test need not wait a quarter hour;
+    // the expression is the shipped one.
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(repo_root().join("charts/fediversity/files/alerts.yaml")).unwrap();
+    let at = shipped.find("- alert: FediversityBackupStale").unwrap();
+    let hold = at + shipped[at..].find("for: 15m").unwrap();
+    let rules_text = format!(
+        "{}for: 5s{}",
+        &shipped[..hold],
+        &shipped[hold + "for: 15m".len()..]
+    );
+    let rules = dir.path().join("alerts.yaml");
+    std::fs::write(&rules, rules_text).unwrap();
+    let (_prometheus, server) = start_prometheus(dir.path(), &daemon.server, &rules);
+
+    let alert = wait_for(
+        "FediversityBackupStale to fire in Prometheus",
+        Duration::from_secs(180),
+        || {
+            let (code, body) = http_get(&server, "/api/v1/alerts")?;
+            let value: Value = serde_json::from_str(&body).ok()?;
+            (code == 200).then_some(())?;
+            value["data"]["alerts"]
+                .as_array()?
+                .iter()
+                .find(|a| a["labels"]["alertname"] == "FediversityBackupStale" && a["state"] == "firing")
+                .cloned()
+        },
+    );
+    eprintln!("{alert}");
+    assert_eq!(
+        (
+            alert["labels"]["deployment"].as_str(),
+            alert["labels"]["host"].as_str(),
+            alert["labels"]["severity"].as_str()
+        ),
+        (Some("stale"), Some("stale-app"), Some("critical")),
+        "{alert}"
+    );
+    // The daemon says why: the repository is unreachable, and the attempts are counted.
+    let d = wait_for("status.backups to say so", Duration::from_secs(90), || {
+        let d: Value =
+            serde_json::from_str(&http_get(&daemon.server, "/api/v1/deployments/stale")?.1).ok()?;
+        (d["status"]["backups"][0]["result"] == "Failed").then_some(d)
+    });
+    let b = &d["status"]["backups"][0];
+    assert!(
+        b["message"].as_str().is_some_and(|m| m.contains("unreachable")),
+        "{b}"
+    );
+    assert!(!d.to_string().contains("a restic password"));
+    let failures = query(
+        &server,
+        "fediversity_backup_failures_total{deployment=\"stale\",host=\"stale-app\"}",
+    );
+    assert!(
+        failures
+            .first()
+            .and_then(|f| f["value"][1].as_str()?.parse::<f64>().ok())
+            .is_some_and(|n| n >= 1.0),
+        "{failures:?}"
     );
 }

@@ -101,6 +101,18 @@ in
       '';
     };
 
+    # Held stopped until a restore from a snapshot is done (when the Deployment asks for one).
+    fediversity.restoreHold.units = [
+      # init-dirs mints new secrets when they are missing: never before the restore put them back.
+      "mastodon-init-dirs.service"
+      "mastodon-init-db.service"
+      "mastodon-web.service"
+      "mastodon-streaming-1.service"
+      "mastodon-sidekiq-all.service"
+      "mastodon-media-auto-remove.timer"
+      "fediversity-mastodon-registrations.service"
+    ] ++ lib.optional (cfg.adminEmail != null) "fediversity-first-account.service";
+
     fediversity.readiness = {
       units = [
         "mastodon-web.service"

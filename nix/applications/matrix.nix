@@ -167,6 +167,11 @@ in
       '';
     };
 
+    # Held stopped until a restore from a snapshot is done (when the Deployment asks for one).
+    fediversity.restoreHold.units = [
+      "matrix-synapse.service"
+    ] ++ lib.optional (cfg.adminEmail != null) "fediversity-first-account.service";
+
     fediversity.readiness = {
       units = [
         "matrix-synapse.service"

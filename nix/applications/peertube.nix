@@ -127,6 +127,9 @@ in
         '';
     };
 
+    # Held stopped until a restore from a snapshot is done (when the Deployment asks for one).
+    fediversity.restoreHold.units = [ "peertube.service" ];
+
     fediversity.readiness = {
       units = [
         "peertube.service"

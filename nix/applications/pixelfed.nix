@@ -141,6 +141,14 @@ in
       '';
     };
 
+    # Held stopped until a restore from a snapshot is done (when the Deployment asks for one).
+    fediversity.restoreHold.units = [
+      "pixelfed-data-setup.service"
+      "phpfpm-pixelfed.service"
+      "pixelfed-horizon.service"
+      "pixelfed-cron.timer"
+    ] ++ lib.optional (cfg.adminEmail != null) "fediversity-first-account.service";
+
     fediversity.readiness = {
       units = [
         "phpfpm-pixelfed.service"

@@ -13,8 +13,8 @@ use crate::nixos::command::{self, Output};
 use crate::nixos::escape::shell_word;
 use crate::nixos::host::{HostError, SshHost};
 
-/// Where the backup work happens on a host by default.
-pub const DEFAULT_DIR: &str = "/var/lib/fediversity-backup";
+/// Where the backup work happens on a host by default (the host side knows it for the restore marker).
+pub use crate::nixos::BACKUP_DIR as DEFAULT_DIR;
 
 /// A shell on a host: runs one line with optional stdin and a deadline.
 pub trait Shell: Send + Sync {
@@ -639,12 +639,15 @@ impl Backuper {
         cleaned?;
         if differences.is_empty() {
             // The host remembers that it was restored, so that a controller that lost its status
-            // never restores over data written since.
+            // never restores over data written since; the record also lifts the hold of a host that
+            // started from a snapshot (its units start only once it exists), so it comes first.
             let line = format!(
-                "{}; echo {} >{}/restored",
-                script::start_services(&data.services),
+                "echo {} >{}/restored.tmp; mv {}/restored.tmp {}/restored; {}",
                 shell_word(&chosen.id),
-                self.layout.dir
+                self.layout.dir,
+                self.layout.dir,
+                self.layout.dir,
+                script::start_services(&data.services),
             );
             self.run_ok(shell, "start the services", &line, false).await?;
         }
@@ -655,6 +658,37 @@ impl Backuper {
             differences,
             duration: started.elapsed(),
         })
+    }
+
+    /// Records on the host that an in-place restore from snapshot `id` runs (`Some`), or that it ended
+    /// (`None`), so that one a killed controller left unfinished is found and finished after a restart.
+    pub async fn mark_in_place(&self, shell: &impl Shell, id: Option<&str>) -> Result<(), BackupError> {
+        let d = &self.layout.dir;
+        let line = match id {
+            Some(id) => format!(
+                "set -e; mkdir -p {d}; echo {} >{d}/in-place.tmp; mv {d}/in-place.tmp {d}/in-place",
+                shell_word(id)
+            ),
+            None => format!("rm -f {d}/in-place"),
+        };
+        self.run_ok(shell, "record the in-place restore", &line, false)
+            .await
+            .map(drop)
+    }
+
+    /// The snapshot of an in-place restore that is recorded as running on the host (see
+    /// [`Self::mark_in_place`]).
+    pub async fn unfinished_in_place(&self, shell: &impl Shell) -> Result<Option<String>, BackupError> {
+        let out = self
+            .run_ok(
+                shell,
+                "read the in-place restore record",
+                &format!("cat {}/in-place 2>/dev/null || true", self.layout.dir),
+                false,
+            )
+            .await?;
+        let id = out.stdout.trim();
+        Ok((!id.is_empty()).then(|| id.to_owned()))
     }
 
     /// The snapshot a host was restored from, when it ever was (its own record, kept on the host).

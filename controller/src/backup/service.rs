@@ -19,6 +19,17 @@ use crate::state::{DesiredState, StatusBook};
 /// How often the loop looks for due hosts.
 pub const TICK: Duration = Duration::from_secs(30);
 
+/// How long the health checks may take to pass after a restore started the services.
+pub const HEALTH_AFTER_RESTORE: Duration = Duration::from_secs(300);
+
+/// How `status.restore` messages of in-place restores begin.
+const IN_PLACE: &str = "in place";
+
+/// The first 8 characters of a snapshot ID.
+fn short(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// One host to consider for a backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -176,6 +187,8 @@ pub struct Requests {
     /// The deployer's state folder, known once the loop runs.
     pub nixos_state: std::sync::OnceLock<PathBuf>,
     pending: std::sync::Mutex<BTreeMap<String, String>>,
+    /// In-place restores asked for: Deployment → (token, snapshot).
+    restores: std::sync::Mutex<BTreeMap<String, (String, String)>>,
     wake: tokio::sync::Notify,
     running: std::sync::atomic::AtomicBool,
     next: std::sync::atomic::AtomicU64,
@@ -193,6 +206,29 @@ impl Requests {
             .insert(deployment.to_owned(), token.clone());
         self.wake.notify_one();
         token
+    }
+
+    /// Asks for an in-place restore of `deployment`'s hosts from `snapshot` (`latest`: each host's
+    /// latest; an ID: the host whose snapshot it is); returns the token that
+    /// `status.lastHandledRestoreAt` carries once it was handled.
+    pub fn request_restore(&self, deployment: &str, snapshot: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let token = format!("{}-{n}", Timestamp::now());
+        self.restores
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(deployment.to_owned(), (token.clone(), snapshot.to_owned()));
+        self.wake.notify_one();
+        token
+    }
+
+    fn take_restores(&self) -> BTreeMap<String, (String, String)> {
+        std::mem::take(
+            &mut *self
+                .restores
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     /// Whether a backup loop runs (it does only where hosts are reached over SSH).
@@ -217,6 +253,8 @@ struct Memory {
     checks: BTreeMap<String, u64>,
     /// Restore attempts of hosts not restored yet.
     restores: BTreeMap<String, HostClock>,
+    /// Hosts asked whether an in-place restore was left unfinished.
+    in_place_checked: std::collections::BTreeSet<String>,
 }
 
 /// The daemon's backup loop.
@@ -228,6 +266,8 @@ pub struct BackupService {
     backuper: Backuper,
     metrics: BackupMetrics,
     requests: Arc<Requests>,
+    /// How the health checks after an in-place restore reach the web server (as the deployer's do).
+    http: crate::nixos::HttpTarget,
 }
 
 impl BackupService {
@@ -246,7 +286,15 @@ impl BackupService {
             backuper: Backuper::default(),
             metrics,
             requests,
+            http: crate::nixos::HttpTarget::default(),
         }
+    }
+
+    /// The same loop, whose health checks after an in-place restore reach the web server as `http`.
+    #[must_use]
+    pub fn with_http(mut self, http: crate::nixos::HttpTarget) -> Self {
+        self.http = http;
+        self
     }
 
     /// Runs until shutdown.
@@ -259,6 +307,10 @@ impl BackupService {
         loop {
             if *shutdown.borrow() != ShutdownState::Running {
                 return;
+            }
+            for (deployment, (token, snapshot)) in self.requests.take_restores() {
+                self.restore_in_place(&deployment, &snapshot).await;
+                self.mark(&deployment, "lastHandledRestoreAt", &token);
             }
             let asked = self.requests.take();
             self.tick(&mut memory, &asked).await;
@@ -275,6 +327,7 @@ impl BackupService {
     }
 
     async fn tick(&self, memory: &mut Memory, asked: &BTreeMap<String, String>) {
+        self.resume_in_place(memory).await;
         let now = Timestamp::now().unix();
         let all = candidates(&self.desired, |k| self.book.status(k));
         // Hosts that must start from a snapshot are restored first and backed up only afterwards
@@ -454,6 +507,276 @@ impl BackupService {
         }
     }
 
+    /// Restores the Ready hosts of a running Deployment in place from `snapshot` (asked on the command
+    /// line with `--confirm`): services stopped, data replaced, verified, services started, health
+    /// checked; `status.restore` and the events say what happened on each host.
+    async fn restore_in_place(&self, deployment: &str, snapshot: &str) {
+        self.restore_hosts_in_place(deployment, snapshot, None).await;
+    }
+
+    /// Finishes the in-place restores a killed daemon left unfinished: their hosts' services are
+    /// stopped and their data may be half replaced, so each is restored again from the same snapshot.
+    /// The host keeps the record (see [`Backuper::mark_in_place`]); each is asked once per daemon run.
+    async fn resume_in_place(&self, memory: &mut Memory) {
+        for c in candidates(&self.desired, |k| self.book.status(k)) {
+            if memory.in_place_checked.contains(&c.host) {
+                continue;
+            }
+            let env_key = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: crate::api::Name::new(c.environment.clone()),
+            };
+            let Some(Object::RuntimeEnvironment(env)) =
+                self.desired.get(&env_key).map(|e| e.object().clone())
+            else {
+                continue;
+            };
+            let Some(shell) = self.ssh(&env, &c) else {
+                continue;
+            };
+            let Ok(unfinished) = self.backuper.unfinished_in_place(&shell).await else {
+                continue;
+            };
+            memory.in_place_checked.insert(c.host.clone());
+            if let Some(snapshot) = unfinished {
+                tracing::info!(host = %c.host, %snapshot, "finishing an in-place restore a stopped daemon left unfinished");
+                self.restore_hosts_in_place(&c.deployment, &snapshot, Some(&c.host))
+                    .await;
+            }
+        }
+    }
+
+    /// Restores in place the Ready hosts of `deployment` (only `only` when given) from `snapshot`.
+    async fn restore_hosts_in_place(&self, deployment: &str, snapshot: &str, only: Option<&str>) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        let hosts: Vec<Candidate> = candidates(&self.desired, |k| self.book.status(k))
+            .into_iter()
+            .filter(|c| c.deployment == deployment && only.is_none_or(|h| h == c.host))
+            .collect();
+        if hosts.is_empty() {
+            self.book.record(
+                &key,
+                EventType::Warning,
+                "RestoreFailed",
+                "no Ready host with data whose environment has spec.backup: nothing was restored".to_owned(),
+            );
+            return;
+        }
+        let mut matched = 0;
+        for c in &hosts {
+            let env_key = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: crate::api::Name::new(c.environment.clone()),
+            };
+            let Some(Object::RuntimeEnvironment(env)) =
+                self.desired.get(&env_key).map(|e| e.object().clone())
+            else {
+                continue;
+            };
+            let Some(shell) = self.ssh(&env, c) else {
+                self.fail_in_place(c, snapshot, "the host is not reachable yet".into());
+                continue;
+            };
+            let repo = match env.spec.backup.as_ref().map(Repository::from_spec) {
+                Some(Ok(repo)) => repo,
+                Some(Err(e)) => {
+                    self.fail_in_place(c, snapshot, e.to_string());
+                    continue;
+                }
+                None => continue,
+            };
+            // The snapshot: the host's latest, or the one named (which belongs to one host only).
+            let list = match self
+                .backuper
+                .snapshots(&shell, &repo, Some(&c.host), &["fediversity".to_owned()])
+                .await
+            {
+                Ok(list) => list,
+                Err(e) => {
+                    self.fail_in_place(c, snapshot, e.to_string());
+                    continue;
+                }
+            };
+            let chosen = if snapshot == "latest" {
+                list.last()
+            } else {
+                list.iter()
+                    .find(|s| s.id.starts_with(snapshot) || s.short_id == snapshot)
+            };
+            let Some(chosen) = chosen.cloned() else {
+                if snapshot == "latest" {
+                    self.fail_in_place(c, snapshot, format!("no snapshot of host {} yet", c.host));
+                }
+                continue;
+            };
+            matched += 1;
+            self.book.record(
+                &key,
+                EventType::Warning,
+                "RestoringInPlace",
+                format!(
+                    "{}: services stopped, data replaced with snapshot {} taken {}; what was written since is lost",
+                    c.host,
+                    short(&chosen.id),
+                    chosen.time
+                ),
+            );
+            // Recorded first, so that a daemon killed from here on finishes the restore after a restart.
+            self.record_restore(
+                c,
+                crate::api::HostRestoreStatus {
+                    host: c.host.clone(),
+                    snapshot: chosen.id.clone(),
+                    result: "Running".into(),
+                    verified: false,
+                    differences: Vec::new(),
+                    time: Some(Timestamp::now()),
+                    message: Some(format!(
+                        "{IN_PLACE} from snapshot taken {}: services stopped, data being replaced",
+                        chosen.time
+                    )),
+                },
+            );
+            if let Err(e) = self.backuper.mark_in_place(&shell, Some(&chosen.id)).await {
+                self.fail_in_place(c, &chosen.id, e.to_string());
+                continue;
+            }
+            let outcome = self
+                .backuper
+                .restore(&shell, &repo, &c.host, &chosen.id, &c.data)
+                .await;
+            if let Err(e) = self.backuper.mark_in_place(&shell, None).await {
+                tracing::warn!(host = %c.host, "cannot clear the in-place restore record: {e}");
+            }
+            let report = match outcome {
+                Ok(report) => report,
+                Err(e) => {
+                    self.fail_in_place(c, &chosen.id, e.to_string());
+                    continue;
+                }
+            };
+            let verified = report.verified();
+            let health = if verified {
+                Some(self.health_after_restore(&shell, c).await)
+            } else {
+                None
+            };
+            let healthy = matches!(health, Some(Ok(())));
+            let message = match (&health, verified) {
+                (_, false) => format!(
+                    "{IN_PLACE} from snapshot taken {}: {} differences to the snapshot's manifest; services are held stopped",
+                    chosen.time,
+                    report.differences.len()
+                ),
+                (Some(Err(why)), true) => format!(
+                    "{IN_PLACE} from snapshot taken {}: verified, services started, but unhealthy: {why}",
+                    chosen.time
+                ),
+                _ => format!(
+                    "{IN_PLACE} from snapshot taken {}: verified ({} files, {} rows), services started, healthy",
+                    chosen.time, report.files, report.rows
+                ),
+            };
+            let entry = crate::api::HostRestoreStatus {
+                host: c.host.clone(),
+                snapshot: report.snapshot.clone(),
+                result: if verified && healthy { "Restored" } else { "Failed" }.into(),
+                verified,
+                differences: report.differences.iter().take(20).cloned().collect(),
+                time: Some(Timestamp::now()),
+                message: Some(message.clone()),
+            };
+            let (type_, reason) = if entry.result == "Restored" {
+                (EventType::Normal, "Restored")
+            } else {
+                (EventType::Warning, "RestoreFailed")
+            };
+            self.book
+                .record(&key, type_, reason, format!("{}: {message}", c.host));
+            self.record_restore(c, entry);
+        }
+        if snapshot != "latest" && matched == 0 {
+            self.book.record(
+                &key,
+                EventType::Warning,
+                "RestoreFailed",
+                format!("no host of Deployment {deployment} has snapshot {snapshot}: nothing was restored"),
+            );
+        }
+    }
+
+    /// Records a failed in-place restore of host `c`.
+    fn fail_in_place(&self, c: &Candidate, snapshot: &str, message: String) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(c.deployment.clone()),
+        };
+        self.book.record(
+            &key,
+            EventType::Warning,
+            "RestoreFailed",
+            format!("{}: in-place restore from snapshot {snapshot}: {message}", c.host),
+        );
+        self.record_restore(
+            c,
+            crate::api::HostRestoreStatus {
+                host: c.host.clone(),
+                snapshot: snapshot.to_owned(),
+                result: "Failed".into(),
+                verified: false,
+                differences: Vec::new(),
+                time: Some(Timestamp::now()),
+                message: Some(format!("{IN_PLACE}: {message}")),
+            },
+        );
+    }
+
+    /// The host's health checks after a restore started its services (the deployer's checks: the
+    /// ready units or the system's state, and the Application's HTTP check), retried for a while.
+    async fn health_after_restore(&self, shell: &SshHost, c: &Candidate) -> Result<(), String> {
+        use crate::nixos::host::{Health, HttpCheck, NixHost};
+        let app_key = ObjectKey {
+            kind: Kind::Application,
+            name: crate::api::Name::new(c.application.clone()),
+        };
+        let domain = match self
+            .desired
+            .get(&ObjectKey {
+                kind: Kind::Deployment,
+                name: crate::api::Name::new(c.deployment.clone()),
+            })
+            .map(|d| d.object().clone())
+        {
+            Some(Object::Deployment(d)) => d.spec.domain.clone(),
+            _ => String::new(),
+        };
+        let http = match self.desired.get(&app_key).map(|a| a.object().clone()) {
+            Some(Object::Application(app)) => app.spec.health_check.as_ref().map(|h| HttpCheck {
+                scheme: self.http.scheme.clone(),
+                fqdn: format!("{}.{domain}", c.application),
+                port: self.http.port,
+                path: h.path.clone(),
+                expect_status: h.expect_status,
+            }),
+            _ => None,
+        };
+        let deadline = tokio::time::Instant::now() + HEALTH_AFTER_RESTORE;
+        loop {
+            let why = match shell.health(http.as_ref()).await {
+                Ok(Health::Healthy) => return Ok(()),
+                Ok(Health::NotYet(why)) => why,
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(why);
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
     fn restore_status(&self, deployment: &str) -> crate::api::RestoreStatus {
         let key = ObjectKey {
             kind: Kind::Deployment,
@@ -613,6 +936,11 @@ impl BackupService {
 
     /// Records in the Deployment's status that the backup asked with `token` was handled.
     fn mark_handled(&self, deployment: &str, token: &str) {
+        self.mark(deployment, "lastHandledBackupAt", token);
+    }
+
+    /// Sets `status.FIELD` of the Deployment to `token`.
+    fn mark(&self, deployment: &str, field: &str, token: &str) {
         let key = ObjectKey {
             kind: Kind::Deployment,
             name: crate::api::Name::new(deployment),
@@ -621,7 +949,7 @@ impl BackupService {
             Some(serde_json::Value::Object(map)) => map,
             _ => serde_json::Map::new(),
         };
-        status.insert("lastHandledBackupAt".into(), token.into());
+        status.insert(field.into(), token.into());
         self.book.put_status(&key, serde_json::Value::Object(status));
     }
 

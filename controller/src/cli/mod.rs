@@ -148,6 +148,34 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Restores a running Deployment's hosts in place from a snapshot: services stopped, data paths and
+    /// databases replaced, verified, services started, health checked. Without --confirm it only says
+    /// what it would do, and what would be lost.
+    Restore {
+        /// `deployment` (the only kind that is restored).
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The Deployment.
+        name: String,
+        /// `latest` (each host's latest snapshot) or a snapshot ID as `get backups NAME` lists them.
+        #[arg(long, default_value = "latest")]
+        snapshot: String,
+        /// Restores: everything written to the hosts since the snapshot is lost.
+        #[arg(long)]
+        confirm: bool,
+        /// Waits until the restore finished; exits 1 if a host was not restored, verified and healthy.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "3600s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// The file holding the API token (needed when the daemon has one).
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
     /// Applies the objects of a YAML (or JSON) file through the daemon's API; `-` reads standard input.
     /// Objects owned by a git or directory source are refused.
     Apply {
@@ -322,6 +350,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             // No host backed up (none Ready yet) is not a success either.
             let failed = items.is_empty() || items.iter().any(|b| b["result"] != "Succeeded");
             Ok(if failed { 1 } else { 0 })
+        }
+        Command::Restore {
+            kind,
+            name,
+            snapshot,
+            confirm,
+            wait,
+            timeout,
+            token_file,
+            server,
+        } => {
+            if kind != Kind::Deployment {
+                eprintln!("error: only Deployments are restored: `fediversity restore deployment NAME`");
+                return Ok(2);
+            }
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
+            Ok(remote::restore(&client, &name, &snapshot, confirm, wait.then_some(timeout)).await?)
         }
         Command::Apply {
             file,

@@ -421,9 +421,208 @@ pub async fn reconcile(
     ))
 }
 
+/// One host's part of an in-place restore: the snapshot it would get and what it replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestorePlanHost {
+    /// The host.
+    pub host: String,
+    /// The snapshot's (short) ID.
+    pub snapshot: String,
+    /// When the snapshot was taken.
+    pub time: String,
+    /// The data paths replaced.
+    pub paths: Vec<String>,
+    /// The databases replaced.
+    pub databases: Vec<String>,
+    /// The units stopped during the restore.
+    pub services: Vec<String>,
+}
+
+/// Picks each host's snapshot from the repository's list (`get backups NAME`): its latest for
+/// `latest`, else the one with that ID (which belongs to one host).
+pub fn choose_snapshots(items: &[Value], snapshot: &str) -> Vec<(String, String, String, String)> {
+    let mut by_host: std::collections::BTreeMap<String, (String, String, String)> = Default::default();
+    for item in items {
+        let (Some(host), Some(id), Some(time)) = (
+            item["host"].as_str(),
+            item["snapshot"].as_str(),
+            item["time"].as_str(),
+        ) else {
+            continue;
+        };
+        let application = item["application"].as_str().unwrap_or_default().to_owned();
+        let wanted = if snapshot == "latest" {
+            by_host.get(host).is_none_or(|(_, t, _)| t.as_str() <= time)
+        } else {
+            !id.is_empty() && (id.starts_with(snapshot) || snapshot.starts_with(id))
+        };
+        if wanted {
+            by_host.insert(host.to_owned(), (id.to_owned(), time.to_owned(), application));
+        }
+    }
+    by_host
+        .into_iter()
+        .map(|(host, (id, time, app))| (host, id, time, app))
+        .collect()
+}
+
+/// What an in-place restore would do, in words.
+pub fn restore_plan_text(deployment: &str, plan: &[RestorePlanHost]) -> String {
+    let mut out = format!("Restoring Deployment {deployment} in place would, on each host:\n");
+    let none = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    for h in plan {
+        out.push_str(&format!(
+            "  {}: stop services ({}), replace data paths ({}) and databases ({}) with snapshot {} taken {}, \
+verify them against the snapshot's manifest, start the services and check health.\n",
+            h.host,
+            none(&h.services),
+            none(&h.paths),
+            none(&h.databases),
+            h.snapshot,
+            h.time
+        ));
+    }
+    for h in plan {
+        out.push_str(&format!(
+            "Everything written to {} after {} would be lost.\n",
+            h.host, h.time
+        ));
+    }
+    out
+}
+
+/// `restore deployment NAME [--snapshot ID] [--confirm] [--wait]`: without `confirm`, says what it would
+/// do and does nothing.
+pub async fn restore(
+    client: &Client,
+    name: &str,
+    snapshot: &str,
+    confirm: bool,
+    wait: Option<Duration>,
+) -> Result<i32, ClientError> {
+    let listed = client.get(&format!("backups/{name}")).await?;
+    let items = listed["items"].as_array().cloned().unwrap_or_default();
+    let chosen = choose_snapshots(&items, snapshot);
+    if chosen.is_empty() {
+        eprintln!(
+            "error: the repository has no snapshot {snapshot} of Deployment {name} (`fediversity get backups {name}` lists them); nothing was done"
+        );
+        return Ok(1);
+    }
+    let mut plan = Vec::new();
+    for (host, id, time, application) in chosen {
+        let app = if application.is_empty() {
+            Value::Null
+        } else {
+            client.get(&format!("applications/{application}")).await?
+        };
+        let list = |field: &str| -> Vec<String> {
+            app["spec"]["data"][field]
+                .as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default()
+        };
+        plan.push(RestorePlanHost {
+            host,
+            snapshot: id,
+            time,
+            paths: list("paths"),
+            databases: list("databases"),
+            services: list("services"),
+        });
+    }
+    print!("{}", crate::text::escape(&restore_plan_text(name, &plan)));
+    if !confirm {
+        println!("Nothing was done: run again with --confirm to restore.");
+        return Ok(0);
+    }
+    // One named snapshot goes by the ID shown; `latest` stays `latest` on every host.
+    let asked = if snapshot == "latest" {
+        "latest".to_owned()
+    } else {
+        plan[0].snapshot.clone()
+    };
+    let handled = client
+        .request_and_wait(
+            &format!("deployments/{name}/restore?snapshot={asked}&confirm=true"),
+            &format!("deployments/{name}"),
+            "/status/lastHandledRestoreAt",
+            wait,
+            &format!("the restore of Deployment {name}"),
+        )
+        .await?;
+    let Some(object) = handled else {
+        println!("in-place restore of Deployment {name} requested");
+        return Ok(0);
+    };
+    let hosts = object["status"]["restore"]["hosts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut ok = true;
+    for h in &plan {
+        let entry = hosts.iter().find(|e| e["host"] == h.host.as_str());
+        let result = entry.and_then(|e| e["result"].as_str()).unwrap_or("NotRestored");
+        let message = entry.and_then(|e| e["message"].as_str()).unwrap_or_default();
+        ok &= result == "Restored";
+        println!("{}: {result}: {}", h.host, crate::text::escape(message));
+    }
+    Ok(if ok { 0 } else { 1 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_in_place_restore_picks_each_hosts_latest_or_the_named_snapshot_and_says_what_is_lost() {
+        let item = |host: &str, id: &str, time: &str| serde_json::json!({"host": host, "snapshot": id, "time": time, "application": "app"});
+        let items = [
+            item("op-a", "aaaa0001", "2026-12-01T10:00:00Z"),
+            item("op-a", "aaaa0002", "2026-12-02T10:00:00Z"),
+            item("op-b", "bbbb0001", "2026-12-01T11:00:00Z"),
+        ];
+        let latest: Vec<(String, String)> = choose_snapshots(&items, "latest")
+            .into_iter()
+            .map(|(h, id, _, _)| (h, id))
+            .collect();
+        assert_eq!(
+            latest,
+            vec![
+                ("op-a".to_owned(), "aaaa0002".to_owned()),
+                ("op-b".to_owned(), "bbbb0001".to_owned())
+            ]
+        );
+        let named = choose_snapshots(&items, "aaaa0001ffffffff");
+        assert_eq!(named.len(), 1);
+        assert_eq!(
+            (named[0].0.as_str(), named[0].2.as_str()),
+            ("op-a", "2026-12-01T10:00:00Z")
+        );
+        assert!(choose_snapshots(&items, "cccc0001").is_empty());
+        let text = restore_plan_text(
+            "op",
+            &[RestorePlanHost {
+                host: "op-a".into(),
+                snapshot: "aaaa0001".into(),
+                time: "2026-12-01T10:00:00Z".into(),
+                paths: vec!["/var/lib/app".into()],
+                databases: vec!["app".into()],
+                services: vec![],
+            }],
+        );
+        assert!(text.contains("stop services (none), replace data paths (/var/lib/app) and databases (app) with snapshot aaaa0001 taken 2026-12-01T10:00:00Z"), "{text}");
+        assert!(
+            text.contains("Everything written to op-a after 2026-12-01T10:00:00Z would be lost."),
+            "{text}"
+        );
+    }
 
     #[test]
     fn backups_are_listed_one_row_per_host_with_readable_sizes() {

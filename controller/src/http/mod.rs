@@ -56,6 +56,7 @@ pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
         .route("/api/v1/{resource}/{name}", get(one).delete(write::delete))
         .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
         .route("/api/v1/{resource}/{name}/backup", post(backup))
+        .route("/api/v1/{resource}/{name}/restore", post(restore))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
         ))
@@ -288,6 +289,72 @@ async fn backup(
         );
     }
     let token = state.backups.request(&name);
+    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+}
+
+/// `POST /api/v1/deployments/{name}/restore?snapshot=ID&confirm=true`: restores the running
+/// Deployment's hosts in place. It replaces live data, so it needs `confirm=true`.
+async fn restore(
+    State(state): State<ApiState>,
+    Path((segment, name)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(response) = write::authorize_trigger(&state.writes, &headers) {
+        return *response;
+    }
+    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return error(StatusCode::BAD_REQUEST, "only Deployments are restored");
+    }
+    if query.get("confirm").map(String::as_str) != Some("true") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "an in-place restore replaces the hosts' data with a snapshot's and loses what was written since: \
+confirm it with `confirm=true` (`fediversity restore deployment NAME --confirm`)",
+        );
+    }
+    let snapshot = query.get("snapshot").map_or("latest", String::as_str);
+    let spec = crate::api::RestoreSpec {
+        snapshot: snapshot.to_owned(),
+        from_environment: None,
+    };
+    let mut problems = crate::api::validate::Problems::default();
+    crate::api::validate::Validate::validate(
+        &spec,
+        &crate::yaml::FieldPath::root().key("snapshot"),
+        &mut problems,
+    );
+    if let Some((_, message)) = problems.into_vec().into_iter().next() {
+        return error(StatusCode::BAD_REQUEST, message);
+    }
+    let key = ObjectKey::new(Kind::Deployment, &name);
+    let Some(desired) = state.desired.get(&key) else {
+        return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
+    };
+    let has_backup = match desired.object() {
+        crate::api::Object::Deployment(d) => {
+            let env = ObjectKey {
+                kind: Kind::RuntimeEnvironment,
+                name: d.spec.runtime_environment.clone(),
+            };
+            matches!(state.desired.get(&env).map(|e| e.object().clone()),
+                Some(crate::api::Object::RuntimeEnvironment(e)) if e.spec.backup.is_some())
+        }
+        _ => false,
+    };
+    if !has_backup {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("the RuntimeEnvironment of Deployment {name} has no spec.backup to restore from"),
+        );
+    }
+    if !state.backups.is_running() {
+        return error(
+            StatusCode::CONFLICT,
+            "restores do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
+        );
+    }
+    let token = state.backups.request_restore(&name, snapshot);
     (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
 }
 

@@ -137,6 +137,9 @@ pub struct HostConfig {
     pub environment: HostEnvironment,
     /// The SSH public keys root accepts (the controller's), declared in the system.
     pub root_keys: Vec<String>,
+    /// For a host that must start from a snapshot: the file whose existence says the restore is done.
+    /// Until it exists, the application's units are held stopped (`fediversity.restoreHold`).
+    pub restore_hold: Option<String>,
 }
 
 impl HostConfig {
@@ -162,6 +165,7 @@ impl HostConfig {
             settings: settings.clone(),
             environment: HostEnvironment::default(),
             root_keys: Vec::new(),
+            restore_hold: None,
         }
     }
 }
@@ -227,6 +231,15 @@ pub fn generate(host: &HostConfig) -> Result<String, GenerateError> {
         source,
     })?;
     out.push_str(&format!("  fediversity.rootAuthorizedKeys = {keys};\n\n"));
+    if let Some(marker) = &host.restore_hold {
+        out.push_str(
+            "  # The host starts from a snapshot: its application stays stopped until the restore is done.\n",
+        );
+        out.push_str(&format!(
+            "  fediversity.restoreHold = {{\n    enable = true;\n    marker = {};\n  }};\n\n",
+            esc("restore marker", marker)?
+        ));
+    }
     let app = escape::attr_name(&host.application).map_err(|source| GenerateError::Escape {
         field: "application".into(),
         source,
@@ -296,6 +309,21 @@ mod tests {
             text.contains(r#"registrations = "\"; \${builtins.readFile \"/etc/passwd\"} \"";"#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_host_that_starts_from_a_snapshot_holds_its_application_until_the_restore_marker_exists() {
+        assert!(!generate(&host(json!({}))).unwrap().contains("restoreHold"));
+        let mut h = host(json!({}));
+        h.restore_hold = Some("/var/lib/fediversity-backup/restored".into());
+        let text = generate(&h).unwrap();
+        assert!(
+            text.contains(
+                "  fediversity.restoreHold = {\n    enable = true;\n    marker = \"/var/lib/fediversity-backup/restored\";\n  };\n"
+            ),
+            "{text}"
+        );
+        crate::nixos::check_syntax(&text).unwrap();
     }
 
     #[test]

@@ -444,10 +444,16 @@ echo $? >{d}/rc-{id}.tmp && mv {d}/rc-{id}.tmp {d}/rc-{id}\n"
     pub fn health_script(http: Option<&HttpCheck>) -> String {
         // A system that names its ready units is judged by them alone: a unit waiting on DNS or
         // ACME (which makes the whole system `degraded`) is no reason to roll back.
+        // A host that waits for its restore holds the application's units stopped: they and the HTTP
+        // check do not count until the restore marker exists.
         let units = super::readiness::READY_UNITS_ON_HOST;
+        let hold = super::readiness::RESTORE_HOLD_ON_HOST;
         let mut s = format!(
-            "if [ -f {units} ] && command -v systemctl >/dev/null 2>&1; then \
-for u in $(cat {units}); do echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
+            "held=; if [ -f {hold} ] && [ ! -e \"$(head -n 1 {hold})\" ]; then \
+held=\" $(tail -n +2 {hold} | tr '\\n' ' ')\"; echo held=until-restored; fi; \
+if [ -f {units} ] && command -v systemctl >/dev/null 2>&1; then \
+for u in $(cat {units}); do case \"$held \" in *\" $u \"*) continue;; esac; \
+echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
 elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
 echo system=$(systemctl is-system-running 2>/dev/null || true); fi"
         );
@@ -455,7 +461,7 @@ echo system=$(systemctl is-system-running 2>/dev/null || true); fi"
             let url = format!("{}://{}:{}{}", h.scheme, h.fqdn, h.port, h.path);
             let resolve = format!("{}:{}:127.0.0.1", h.fqdn, h.port);
             s.push_str(&format!(
-                "; echo http=$({} || true)",
+                "; if [ -z \"$held\" ]; then echo http=$({} || true); fi",
                 shell_words(&[
                     "curl",
                     "--silent",
@@ -651,7 +657,8 @@ pub fn judge_health(stdout: &str, http: Option<&HttpCheck>) -> Health {
             }
         }
     }
-    if http.is_some() && !stdout.contains("http=") {
+    let held = stdout.lines().any(|l| l.starts_with("held="));
+    if http.is_some() && !held && !stdout.contains("http=") {
         problems.push("the HTTP check printed nothing".into());
     }
     if problems.is_empty() {
@@ -972,12 +979,16 @@ echo $? >/var/lib/fediversity-deploy/rc-abc-1.tmp && mv /var/lib/fediversity-dep
         };
         assert_eq!(
             SshHost::health_script(Some(&check)),
-            "if [ -f /run/current-system/etc/fediversity/ready-units ] && command -v systemctl >/dev/null 2>&1; then \
-for u in $(cat /run/current-system/etc/fediversity/ready-units); do echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
+            "held=; if [ -f /run/current-system/etc/fediversity/restore-hold ] && \
+[ ! -e \"$(head -n 1 /run/current-system/etc/fediversity/restore-hold)\" ]; then \
+held=\" $(tail -n +2 /run/current-system/etc/fediversity/restore-hold | tr '\\n' ' ')\"; echo held=until-restored; fi; \
+if [ -f /run/current-system/etc/fediversity/ready-units ] && command -v systemctl >/dev/null 2>&1; then \
+for u in $(cat /run/current-system/etc/fediversity/ready-units); do case \"$held \" in *\" $u \"*) continue;; esac; \
+echo unit=$u:$(systemctl is-active $u 2>/dev/null || true); done; \
 elif [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then \
 echo system=$(systemctl is-system-running 2>/dev/null || true); fi; \
-echo http=$(curl --silent --insecure --output /dev/null --max-time 5 --write-out '%{http_code}' \
---resolve mastodon.social.uu.nl:443:127.0.0.1 https://mastodon.social.uu.nl:443/health || true)"
+if [ -z \"$held\" ]; then echo http=$(curl --silent --insecure --output /dev/null --max-time 5 --write-out '%{http_code}' \
+--resolve mastodon.social.uu.nl:443:127.0.0.1 https://mastodon.social.uu.nl:443/health || true); fi"
         );
     }
 
@@ -1031,6 +1042,79 @@ rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy
             "h1 ssh-ed25519 AAAAC3Nz\n"
         );
         assert!(known_hosts_line("h1", "ssh-ed25519 AAAA\nevil").is_err());
+    }
+
+    #[test]
+    fn units_held_until_the_restore_and_the_http_check_do_not_count_before_the_marker_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hold, units, marker) = (
+            dir.path().join("restore-hold"),
+            dir.path().join("ready-units"),
+            dir.path().join("restored"),
+        );
+        std::fs::write(
+            &hold,
+            format!(
+                "{}\nmastodon-web.service\nmastodon-media-auto-remove.timer\n",
+                marker.display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(&units, "mastodon-web.service nginx.service\n").unwrap();
+        let check = HttpCheck {
+            scheme: "http".into(),
+            fqdn: "m.example".into(),
+            port: 9,
+            path: "/health".into(),
+            expect_status: 200,
+        };
+        // The host's script, pointed at these files; `systemctl` answers for itself (or is absent).
+        let script = SshHost::health_script(Some(&check))
+            .replace(
+                super::super::readiness::RESTORE_HOLD_ON_HOST,
+                &hold.to_string_lossy(),
+            )
+            .replace(
+                super::super::readiness::READY_UNITS_ON_HOST,
+                &units.to_string_lossy(),
+            )
+            .replace("command -v systemctl", "command -v sh");
+        let run = || {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&script)
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let held = run();
+        assert!(held.contains("held=until-restored"), "{held}");
+        assert!(
+            !held.contains("mastodon-web.service") && held.contains("unit=nginx.service:"),
+            "{held}"
+        );
+        assert!(!held.contains("http="), "{held}");
+        let nginx_only = held.replace("held=until-restored\n", "").replace(
+            &held
+                .lines()
+                .find(|l| l.starts_with("unit=nginx"))
+                .unwrap()
+                .to_owned(),
+            "unit=nginx.service:active",
+        );
+        assert_eq!(
+            judge_health(&format!("held=until-restored\n{nginx_only}"), Some(&check)),
+            Health::Healthy
+        );
+        // Once restored, every ready unit and the HTTP check count again.
+        std::fs::write(&marker, "4f2a9c1d\n").unwrap();
+        let restored = run();
+        assert!(!restored.contains("held="), "{restored}");
+        assert!(
+            restored.contains("unit=mastodon-web.service:") && restored.contains("http="),
+            "{restored}"
+        );
+        assert!(matches!(judge_health(&restored, Some(&check)), Health::NotYet(_)));
     }
 
     #[test]

@@ -49,6 +49,14 @@ pub fn check_syntax(text: &str) -> Result<(), SyntaxError> {
     }
 }
 
+/// Where backups and restores work on a host by default.
+pub const BACKUP_DIR: &str = "/var/lib/fediversity-backup";
+
+/// The file on a host whose existence says it was restored from its snapshot (written by the restore).
+pub fn restore_marker() -> String {
+    format!("{BACKUP_DIR}/restored")
+}
+
 /// How the deployer reaches an Application's web server for its HTTP health check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpTarget {
@@ -218,6 +226,12 @@ impl NixosDeployer {
 
     /// The Nix text of a host's configuration.
     pub fn configuration(&self, req: &HostRequest<'_>) -> Result<String, PrepareError> {
+        self.configuration_holding(req, false)
+    }
+
+    /// The Nix text of a host's configuration; with `hold`, its application stays stopped until the
+    /// restore from a snapshot is done (a Deployment with `spec.restore`).
+    pub fn configuration_holding(&self, req: &HostRequest<'_>, hold: bool) -> Result<String, PrepareError> {
         let problems = crate::provider::settings::check(req.application.settings.as_ref(), req.settings);
         if let Some((name, message)) = problems.into_iter().next() {
             return Err(PrepareError::Setting { name, message });
@@ -241,6 +255,9 @@ impl NixosDeployer {
             config.platform_module = None;
         }
         config.environment = self.host_environment(req.env);
+        if hold {
+            config.restore_hold = Some(restore_marker());
+        }
         config.root_keys = match (secrets::public_key(&req.env.ssh), &self.config.transport) {
             (Ok(key), _) => vec![key],
             (Err(e), Transport::Ssh) => return Err(e.into()),
@@ -268,6 +285,12 @@ impl NixosDeployer {
 
     /// Converges one host and reports what it runs. Failures are results, never panics.
     pub async fn converge(&self, req: &HostRequest<'_>) -> HostDeployStatus {
+        self.converge_holding(req, false).await
+    }
+
+    /// As [`Self::converge`]; with `hold`, the host's application stays stopped until the restore
+    /// from a snapshot is done (see [`Self::configuration_holding`]).
+    pub async fn converge_holding(&self, req: &HostRequest<'_>, hold: bool) -> HostDeployStatus {
         let mut status = HostDeployStatus {
             name: req.host_name.to_owned(),
             desired_system: None,
@@ -280,7 +303,7 @@ impl NixosDeployer {
             step_seconds: Vec::new(),
         };
         let (builds, deploys) = self.caps(req.environment, req.env.limits.max_concurrent_operations);
-        let text = match self.configuration(req) {
+        let text = match self.configuration_holding(req, hold) {
             Ok(t) => t,
             Err(e) => return self.finish(status, format!("{}: {e}", req.host_name)),
         };

@@ -129,6 +129,8 @@ impl NixosProvider {
         base: &[HostStatus],
     ) -> ProviderReport {
         let email = deployment.spec.initial_user.as_ref().map(|u| u.email.clone());
+        // A Deployment that starts from a snapshot holds its applications stopped until restored.
+        let hold = deployment.spec.restore.is_some();
         let mut tasks = tokio::task::JoinSet::new();
         for host in hosts {
             let Some(Ok(address)) = addresses.get(&host.name).cloned() else {
@@ -148,17 +150,20 @@ impl NixosProvider {
             let sink = crate::provider::progress::current();
             tasks.spawn(crate::provider::progress::within(sink, async move {
                 let status = deployer
-                    .converge(&HostRequest {
-                        environment: env.metadata.name.as_str(),
-                        env: &env.spec,
-                        host_name: &host.name,
-                        application_name: host.application.as_str(),
-                        application: &app.spec,
-                        fqdn: &host.fqdn,
-                        settings: &settings,
-                        admin_email: email.as_deref(),
-                        address: &address,
-                    })
+                    .converge_holding(
+                        &HostRequest {
+                            environment: env.metadata.name.as_str(),
+                            env: &env.spec,
+                            host_name: &host.name,
+                            application_name: host.application.as_str(),
+                            application: &app.spec,
+                            fqdn: &host.fqdn,
+                            settings: &settings,
+                            admin_email: email.as_deref(),
+                            address: &address,
+                        },
+                        hold,
+                    )
                     .await;
                 (address, status)
             }));

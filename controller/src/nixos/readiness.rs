@@ -13,6 +13,10 @@ pub const READINESS_FILE: &str = "etc/fediversity/readiness.json";
 /// The units file on a running host, read by the health check.
 pub const READY_UNITS_ON_HOST: &str = "/run/current-system/etc/fediversity/ready-units";
 
+/// Where a host that starts from a snapshot lists the restore marker (first line) and the units held
+/// stopped until it exists (`fediversity.restoreHold`, written by the catalog's `environment.nix`).
+pub const RESTORE_HOLD_ON_HOST: &str = "/run/current-system/etc/fediversity/restore-hold";
+
 /// How long a rollback waits after the confirmation deadline, so that the controller decides first.
 const ROLLBACK_MARGIN: Duration = Duration::from_secs(120);
 

@@ -97,7 +97,7 @@ fn wait_port(address: &str, port: u16, what: &str, log: &Path) {
 }
 
 /// A PostgreSQL data folder initialised once per test binary and copied into each host.
-fn template_cluster() -> &'static PathBuf {
+pub fn template_cluster() -> &'static PathBuf {
     static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
     TEMPLATE.get_or_init(|| {
         // Templates of earlier test processes that are gone.

@@ -27,7 +27,17 @@ let
   host = module.networking.hostName;
   # The application's option set: what is left besides what the environment provides.
   app = builtins.head (builtins.attrValues
-    (builtins.removeAttrs module.fediversity [ "environment" "rootAuthorizedKeys" ]));
+    (builtins.removeAttrs module.fediversity [ "environment" "rootAuthorizedKeys" "restoreHold" ]));
+  # What systemd does with the application's units on activation: a unit held until the restore
+  # (`fediversity.restoreHold`, a condition on the marker file) is skipped while the marker is missing.
+  hold = module.fediversity.restoreHold or { enable = false; };
+  appStart =
+    if hold.enable or false then ''
+      if [ -e ${hold.marker} ]; then echo "started $(date +%s%N)" >> /nix/var/stand-in/app-starts
+      else echo "held $(date +%s%N)" >> /nix/var/stand-in/app-starts; fi
+    '' else ''
+      echo "started $(date +%s%N)" >> /nix/var/stand-in/app-starts
+    '';
   env = module.fediversity.environment or { };
   # What the catalog's environment.nix publishes: the secret files the system reads, as whom.
   secretFiles =
@@ -49,7 +59,7 @@ let
     if ! { [ -f /nix/var/sshd.pid ] && kill -0 "$(cat /nix/var/sshd.pid)" 2>/dev/null; }; then
       /usr/sbin/sshd -f /nix/var/sshd_config
     fi
-  '' + {
+  '' + appStart + {
     ok = "exit 0\n";
     fail = "echo 'fediversity-probe.service failed to start' >&2\nexit 4\n";
     cut = "kill \"$(cat /nix/var/sshd.pid)\"\nexit 0\n";
@@ -263,6 +273,27 @@ ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  acme: {{ 
         text
     }
 
+    /// `ssh` arguments that log in to `host` as root with the lab's key (for running a line there).
+    pub fn ssh_args(&self, host: &TestHost) -> Vec<String> {
+        vec![
+            "-F".into(),
+            "none".into(),
+            "-i".into(),
+            self.path().join("id_ed25519").to_string_lossy().into_owned(),
+            "-o".into(),
+            "StrictHostKeyChecking=no".into(),
+            "-o".into(),
+            "UserKnownHostsFile=/dev/null".into(),
+            "-o".into(),
+            "BatchMode=yes".into(),
+            "-o".into(),
+            "LogLevel=ERROR".into(),
+            "-p".into(),
+            host.port.to_string(),
+            format!("root@{}", host.address),
+        ]
+    }
+
     /// The catalog root (its `nix/` holds the lab's modules).
     pub fn catalog(&self) -> PathBuf {
         self.path().join("catalog")
@@ -271,12 +302,19 @@ ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  acme: {{ 
     /// Starts a host named `name` on the next free loopback address.
     pub fn host(&self, name: &str) -> TestHost {
         let address = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
-        TestHost::start(self.path(), name, &address, free_port())
+        TestHost::start(self.path(), name, &address, free_port(), "true")
     }
 
     /// Starts a host named `name` on `address:port` (e.g. an address a simulated VM reports).
     pub fn host_at(&self, name: &str, address: &str, port: u16) -> TestHost {
-        TestHost::start(self.path(), name, address, port)
+        TestHost::start(self.path(), name, address, port, "true")
+    }
+
+    /// Starts a host named `name` whose namespace first runs the shell line `setup` (after its
+    /// mounts, before its sshd), e.g. to start a PostgreSQL server of its own.
+    pub fn host_with(&self, name: &str, setup: &str) -> TestHost {
+        let address = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
+        TestHost::start(self.path(), name, &address, free_port(), setup)
     }
 }
 
@@ -341,7 +379,7 @@ pub struct TestHost {
 }
 
 impl TestHost {
-    fn start(lab: &Path, name: &str, address: &str, port: u16) -> Self {
+    fn start(lab: &Path, name: &str, address: &str, port: u16, setup: &str) -> Self {
         let root = lab.join(format!("host-{name}"));
         std::fs::create_dir_all(root.join("nix/var/nix")).unwrap();
         std::fs::create_dir_all(root.join("nix/store")).unwrap();
@@ -372,7 +410,7 @@ AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\n",
         let child = Command::new("unshare")
             .args(["-m", "--propagation", "private", "sh", "-c"])
             .arg(format!(
-                "mount --bind {} /nix && mount --bind {} {} && mount --bind {} {} && exec /usr/sbin/sshd -D -e -f /nix/var/sshd_config",
+                "mount --bind {} /nix && mount --bind {} {} && mount --bind {} {} && {{ {setup}; }} && exec /usr/sbin/sshd -D -e -f /nix/var/sshd_config",
                 root.join("nix").display(),
                 root.join("deploy-files").display(),
                 fediversity::nixos::host::DEFAULT_REMOTE_DIR,
@@ -394,6 +432,19 @@ AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\n",
         };
         host.wait_listening();
         host
+    }
+
+    /// The application starts the stand-in activation recorded on a host (`started` or `held` until
+    /// the restore, each with its time in nanoseconds), in order.
+    pub fn app_starts(&self) -> Vec<(String, u128)> {
+        std::fs::read_to_string(self.root.join("nix/var/stand-in/app-starts"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let (what, at) = l.split_once(' ')?;
+                Some((what.to_owned(), at.trim().parse().ok()?))
+            })
+            .collect()
     }
 
     /// Waits until sshd accepts connections.
