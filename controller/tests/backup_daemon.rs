@@ -307,7 +307,7 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
     )
     .unwrap();
     let state = lab.path().join("state");
-    let mut daemon = start(&source, &state, &lab.catalog());
+    let daemon = start(&source, &state, &lab.catalog());
     // The first backup starts by itself once the host is Ready; the daemon is killed while restic runs.
     wait_for(
         "restic to run for the first backup",
@@ -318,23 +318,7 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
             .then_some(())
         },
     );
-    // SIGKILL of the daemon and of its SSH clients, as a service manager kills the whole unit.
-    let pid = daemon.child.id().to_string();
-    let children: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
-            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect();
-    let _ = daemon.child.kill();
-    for child in &children {
-        let _ = Command::new("kill").args(["-KILL", child]).status();
-    }
-    let _ = daemon.child.wait();
-    drop(daemon);
+    kill_daemon(daemon);
 
     let daemon = start(&source, &state, &lab.catalog());
     let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))

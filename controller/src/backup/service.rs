@@ -30,6 +30,17 @@ fn short(id: &str) -> &str {
     id.get(..8).unwrap_or(id)
 }
 
+/// The desired RuntimeEnvironment named `name`.
+fn environment(desired: &DesiredState, name: &str) -> Option<crate::api::RuntimeEnvironment> {
+    match desired
+        .get(&ObjectKey::new(Kind::RuntimeEnvironment, name))
+        .map(|e| e.object().clone())
+    {
+        Some(Object::RuntimeEnvironment(env)) => Some(env),
+        _ => None,
+    }
+}
+
 /// One host to consider for a backup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -164,11 +175,7 @@ pub async fn repository_snapshots(
             "Deployment {deployment} has no Ready host whose environment has spec.backup"
         ));
     };
-    let env_key = ObjectKey {
-        kind: Kind::RuntimeEnvironment,
-        name: crate::api::Name::new(c.environment.clone()),
-    };
-    let Some(Object::RuntimeEnvironment(env)) = desired.get(&env_key).map(|e| e.object().clone()) else {
+    let Some(env) = environment(desired, &c.environment) else {
         return Err(format!("RuntimeEnvironment {} not found", c.environment));
     };
     let spec = env.spec.backup.as_ref().ok_or("no spec.backup")?;
@@ -354,13 +361,7 @@ impl BackupService {
             by_env.entry(c.environment.clone()).or_default().push(c);
         }
         for (env_name, hosts) in by_env {
-            let env_key = ObjectKey {
-                kind: Kind::RuntimeEnvironment,
-                name: crate::api::Name::new(env_name.clone()),
-            };
-            let Some(Object::RuntimeEnvironment(env)) =
-                self.desired.get(&env_key).map(|e| e.object().clone())
-            else {
+            let Some(env) = environment(&self.desired, &env_name) else {
                 continue;
             };
             let Some(spec) = env.spec.backup.clone() else {
@@ -488,7 +489,7 @@ impl BackupService {
                         if !report.ok {
                             self.metrics.check_failed(&env_name);
                             self.book.record(
-                                &env_key,
+                                &ObjectKey::new(Kind::RuntimeEnvironment, &env_name),
                                 EventType::Warning,
                                 "BackupCheckFailed",
                                 format!("restic check found errors: {}", report.output),
@@ -522,13 +523,7 @@ impl BackupService {
             if memory.in_place_checked.contains(&c.host) {
                 continue;
             }
-            let env_key = ObjectKey {
-                kind: Kind::RuntimeEnvironment,
-                name: crate::api::Name::new(c.environment.clone()),
-            };
-            let Some(Object::RuntimeEnvironment(env)) =
-                self.desired.get(&env_key).map(|e| e.object().clone())
-            else {
+            let Some(env) = environment(&self.desired, &c.environment) else {
                 continue;
             };
             let Some(shell) = self.ssh(&env, &c) else {
@@ -567,13 +562,7 @@ impl BackupService {
         }
         let mut matched = 0;
         for c in &hosts {
-            let env_key = ObjectKey {
-                kind: Kind::RuntimeEnvironment,
-                name: crate::api::Name::new(c.environment.clone()),
-            };
-            let Some(Object::RuntimeEnvironment(env)) =
-                self.desired.get(&env_key).map(|e| e.object().clone())
-            else {
+            let Some(env) = environment(&self.desired, &c.environment) else {
                 continue;
             };
             let Some(shell) = self.ssh(&env, c) else {

@@ -261,9 +261,23 @@ async fn backup(
     if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
         return error(StatusCode::BAD_REQUEST, "only Deployments are backed up");
     }
-    let key = ObjectKey::new(Kind::Deployment, &name);
+    if let Err(response) = check_backed_up(&state, &name, ("backups", "")) {
+        return *response;
+    }
+    let token = state.backups.request(&name);
+    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+}
+
+/// Checks that Deployment `name` exists, that its RuntimeEnvironment has `spec.backup`, and that this
+/// daemon runs backups; `what` names the work (`backups`) and what the backup is for in the message.
+fn check_backed_up(state: &ApiState, name: &str, what: (&str, &str)) -> Result<(), Box<Response>> {
+    let (work, purpose) = what;
+    let key = ObjectKey::new(Kind::Deployment, name);
     let Some(desired) = state.desired.get(&key) else {
-        return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("Deployment {name} not found"),
+        )));
     };
     let has_backup = match desired.object() {
         crate::api::Object::Deployment(d) => {
@@ -277,19 +291,18 @@ async fn backup(
         _ => false,
     };
     if !has_backup {
-        return error(
+        return Err(Box::new(error(
             StatusCode::BAD_REQUEST,
-            format!("the RuntimeEnvironment of Deployment {name} has no spec.backup"),
-        );
+            format!("the RuntimeEnvironment of Deployment {name} has no spec.backup{purpose}"),
+        )));
     }
     if !state.backups.is_running() {
-        return error(
+        return Err(Box::new(error(
             StatusCode::CONFLICT,
-            "backups do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
-        );
+            format!("{work} do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)"),
+        )));
     }
-    let token = state.backups.request(&name);
-    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+    Ok(())
 }
 
 /// `POST /api/v1/deployments/{name}/restore?snapshot=ID&confirm=true`: restores the running
@@ -327,32 +340,8 @@ confirm it with `confirm=true` (`fediversity restore deployment NAME --confirm`)
     if let Some((_, message)) = problems.into_vec().into_iter().next() {
         return error(StatusCode::BAD_REQUEST, message);
     }
-    let key = ObjectKey::new(Kind::Deployment, &name);
-    let Some(desired) = state.desired.get(&key) else {
-        return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found"));
-    };
-    let has_backup = match desired.object() {
-        crate::api::Object::Deployment(d) => {
-            let env = ObjectKey {
-                kind: Kind::RuntimeEnvironment,
-                name: d.spec.runtime_environment.clone(),
-            };
-            matches!(state.desired.get(&env).map(|e| e.object().clone()),
-                Some(crate::api::Object::RuntimeEnvironment(e)) if e.spec.backup.is_some())
-        }
-        _ => false,
-    };
-    if !has_backup {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("the RuntimeEnvironment of Deployment {name} has no spec.backup to restore from"),
-        );
-    }
-    if !state.backups.is_running() {
-        return error(
-            StatusCode::CONFLICT,
-            "restores do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
-        );
+    if let Err(response) = check_backed_up(&state, &name, ("restores", " to restore from")) {
+        return *response;
     }
     let token = state.backups.request_restore(&name, snapshot);
     (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
