@@ -165,7 +165,10 @@ spec:
         .arg("--state-dir")
         .arg(state.path())
         .args(["--listen", &server, "--instance-id", "bench"])
-        .env("RUST_LOG", "error")
+        .env(
+            "RUST_LOG",
+            std::env::var("FEDIVERSITY_BENCH_LOG").unwrap_or_else(|_| "error".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
     if let Some(r) = o.concurrent {
@@ -179,7 +182,12 @@ spec:
     while ready < o.vms {
         if started.elapsed() > limit {
             let _ = child.kill();
-            panic!("only {ready}/{} Deployments Ready after {limit:?}", o.vms);
+            let first = common::http_get(&server, "/api/v1/deployments/b0").map(|(_, b)| b);
+            eprintln!("the VMs: {:?}", sim.vms());
+            panic!(
+                "only {ready}/{} Deployments Ready after {limit:?}; the first: {first:?}",
+                o.vms
+            );
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
         let server = server.clone();

@@ -174,12 +174,13 @@ spec:
         deployed,
         "switched back to the deployed system"
     );
-    let events = get(&server, "/api/v1/events");
-    let warned = events.to_string();
-    assert!(
-        warned.contains("DriftCorrected") && warned.contains("Warning"),
-        "no Warning event: {warned}"
-    );
+    let events = get(&server, "/api/v1/events?kind=Deployment&name=uni");
+    let warning = events["items"].as_array().into_iter().flatten().find(|e| {
+        e["type"] == "Warning"
+            && e["reason"] == "DriftCorrected"
+            && e["message"].as_str().is_some_and(|m| m.contains("out of band"))
+    });
+    assert!(warning.is_some(), "no Warning event for the drift: {events}");
     let metrics = common::http_get(&server, "/metrics").unwrap().1;
     assert!(metrics.contains("fediversity_nixos_drift_total 1"), "{metrics}");
 

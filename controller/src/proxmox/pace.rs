@@ -127,15 +127,16 @@ impl State {
     fn next(&self, watch: &Watch, max_gap: Duration) -> Duration {
         let elapsed = watch.started.elapsed();
         let due = match self.estimate(watch.work) {
-            Some(estimate) => {
-                if watch.last_pending.is_none_or(|p| p < estimate) && elapsed < estimate {
-                    estimate
-                } else {
+            // At the estimated end (at once when that has passed), then at growing short intervals
+            // after each look that found it not done.
+            Some(estimate) => match watch.last_pending {
+                Some(pending) if pending >= estimate => {
                     let gap = estimate.mul_f64(0.1).max(FIRST_POLL)
                         * 2u32.saturating_pow(watch.late_polls.saturating_sub(1));
-                    watch.last_pending.unwrap_or(elapsed) + gap.min(max_gap)
+                    pending + gap.min(max_gap)
                 }
-            }
+                _ => estimate,
+            },
             None => match watch.last_pending {
                 None => FIRST_POLL,
                 Some(p) => p + p.max(FIRST_POLL).min(max_gap),
@@ -303,6 +304,20 @@ mod tests {
         assert!(
             boot > Duration::from_millis(150) && boot < Duration::from_millis(250),
             "{boot:?}"
+        );
+    }
+
+    #[test]
+    fn work_whose_expected_end_passed_unseen_is_polled_at_once() {
+        let pace = Pace::default();
+        pace.state().learned.insert(Work::Boot, 4.0);
+        pace.boot_started(7, Duration::from_secs(10));
+        assert_eq!(pace.next_agent_poll(7), Duration::ZERO);
+        pace.agent_pending(7);
+        let next = pace.next_agent_poll(7);
+        assert!(
+            next > Duration::ZERO && next <= Duration::from_millis(400),
+            "{next:?}"
         );
     }
 
