@@ -203,6 +203,9 @@ pub mod condition_types {
     pub const DNS_PUBLISHED: &str = "DNSPublished";
     /// The operator's names resolve to their hosts.
     pub const DNS_READY: &str = "DNSReady";
+    /// Something was changed out of band (a VM's config or power state, a host's system): found by
+    /// the drift scan, corrected where the plan says so, reported either way.
+    pub const DRIFTED: &str = "Drifted";
 }
 
 /// The reasons the controller gives, in CamelCase.

@@ -9,6 +9,7 @@ use super::deploy::DeployResult;
 pub struct DeployMetrics {
     seconds: HistogramVec,
     results: IntCounterVec,
+    drift: prometheus::IntCounter,
 }
 
 /// Buckets from a 50 ms SSH round trip on a LAN to a 30 min build.
@@ -38,14 +39,28 @@ impl DeployMetrics {
         for result in every_result() {
             results.with_label_values(&[result.label()]);
         }
+        let drift = prometheus::IntCounter::new(
+            "fediversity_nixos_drift_total",
+            "Hosts found running another system than the one deployed (switched out of band), then re-converged.",
+        )?;
         registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(results.clone()))?;
-        Ok(Self { seconds, results })
+        registry.register(Box::new(drift.clone()))?;
+        Ok(Self {
+            seconds,
+            results,
+            drift,
+        })
     }
 
     /// Records the duration of one step.
     pub fn step(&self, step: &str, seconds: f64) {
         self.seconds.with_label_values(&[step]).observe(seconds);
+    }
+
+    /// Counts one host found switched out of band.
+    pub fn drifted(&self) {
+        self.drift.inc();
     }
 
     /// Counts one result.

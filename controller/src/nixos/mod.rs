@@ -377,6 +377,13 @@ impl NixosDeployer {
         self.finish(status, message)
     }
 
+    /// Counts a host found switched out of band.
+    pub fn record_drift(&self) {
+        if let Some(m) = &self.metrics {
+            m.drifted();
+        }
+    }
+
     /// The SSH host key the host at `address` presents now (recorded on first sight of a new VM).
     pub async fn scan_host_key(&self, address: &str, port: u16) -> Result<String, PrepareError> {
         match &self.config.transport {

@@ -21,6 +21,9 @@ use super::{DeployResult, HostAddress, HostDeployStatus, HostRequest, NixosDeplo
 /// The reason of a Deployment whose last deploy failed or was rolled back.
 pub const DEPLOY_FAILED: &str = "DeployFailed";
 
+/// The reason of a host found switched out of band whose switch back failed.
+pub const SYSTEM_DRIFTED: &str = "SystemDrifted";
+
 /// How soon a Deployment whose hosts did not all converge is looked at again.
 pub const NOT_CONVERGED_RETRY: Duration = Duration::from_secs(60);
 
@@ -178,6 +181,8 @@ impl NixosProvider {
             kind: Kind::Deployment,
             name: deployment.metadata.name.clone(),
         };
+        let previous = self.previous_hosts(deployment);
+        let mut drifted = Vec::new();
         let mut statuses = Vec::new();
         let mut problems = Vec::new();
         let mut rolled_back = Vec::new();
@@ -192,6 +197,28 @@ impl NixosProvider {
                 });
             match (addresses.get(&host.name), results.get(&host.name)) {
                 (Some(Ok(_)), Some((address, r))) => {
+                    // The system we deployed, still wanted, yet this pass had to switch to it again:
+                    // the host was switched out of band.
+                    let before = previous.iter().find(|p| p.name == host.name);
+                    if r.changed
+                        && r.desired_system.is_some()
+                        && before.is_some_and(|b| {
+                            b.last_result.as_deref() == Some(DeployResult::Applied.label())
+                                && b.system == r.desired_system
+                                && b.desired_system == r.desired_system
+                        })
+                    {
+                        self.deployer.record_drift();
+                        drifted.push(format!(
+                            "{}: its system profile no longer pointed at the deployed system (switched out of band); {}",
+                            host.name,
+                            if r.last_result == DeployResult::Applied {
+                                "switched back"
+                            } else {
+                                "switching back failed"
+                            }
+                        ));
+                    }
                     status.address = Some(address.address.clone());
                     status.phase = if r.last_result == DeployResult::Applied {
                         "Ready".into()
@@ -272,11 +299,32 @@ impl NixosProvider {
                 problems.join("; ")
             },
         };
+        let message = configured.message.clone();
+        let mut conditions = vec![configured];
+        if !drifted.is_empty() {
+            conditions.push(ProviderCondition {
+                type_: condition_types::DRIFTED,
+                status: ConditionStatus::True,
+                reason: if converged {
+                    crate::proxmox::reasons::DRIFT_CORRECTED
+                } else {
+                    SYSTEM_DRIFTED
+                },
+                message: drifted.join("; "),
+            });
+        } else if converged {
+            conditions.push(ProviderCondition {
+                type_: condition_types::DRIFTED,
+                status: ConditionStatus::False,
+                reason: crate::proxmox::reasons::NO_DRIFT,
+                message: "no out-of-band change found".into(),
+            });
+        }
         ProviderReport {
             converged,
-            message: configured.message.clone(),
+            message,
             hosts: Some(statuses),
-            conditions: vec![configured],
+            conditions,
             retry_after: (!converged).then_some(NOT_CONVERGED_RETRY),
             fields: serde_json::Map::new(),
             // A failed or rolled-back deploy is an error: retried with backoff, not polled as progress.
@@ -347,7 +395,26 @@ impl NixosProvider {
         let mut nixos = self
             .deploy_hosts(&deployment, &env, &hosts, &addresses, &vm_hosts)
             .await;
-        nixos.conditions.extend(report.conditions);
+        // One Drifted condition: the VMs' and the systems' findings together.
+        let drift_of = |c: &[ProviderCondition]| c.iter().position(|c| c.type_ == condition_types::DRIFTED);
+        let mut vm_conditions = report.conditions;
+        if let (Some(i), Some(j)) = (drift_of(&nixos.conditions), drift_of(&vm_conditions)) {
+            let vm = vm_conditions.remove(j);
+            let mine = &mut nixos.conditions[i];
+            if vm.status == ConditionStatus::True {
+                if mine.status == ConditionStatus::True {
+                    mine.message = format!("{}; {}", vm.message, mine.message);
+                } else {
+                    *mine = vm;
+                }
+            }
+        }
+        nixos.conditions.extend(vm_conditions);
+        // The VMs' next drift scan, if sooner.
+        nixos.retry_after = match (nixos.retry_after, report.retry_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         Ok(nixos)
     }
 }

@@ -181,6 +181,17 @@ impl Fleet {
         m.current().map(|g| (g.number, g.path))
     }
 
+    /// Switches the machine at `address` to `path` out of band, as someone running `nixos-rebuild switch`
+    /// on it would: a new generation, the profile pointing at it.
+    pub fn switch_out_of_band(&self, address: &str, path: &StorePath) {
+        self.with(address, |m, now| {
+            m.store.insert(path.clone());
+            m.generations.push(path.clone());
+            m.profile = u32::try_from(m.generations.len()).ok();
+            m.healthy_at = Some(now);
+        });
+    }
+
     /// Runs `f` on the machine at `address` after its fired timers, creating a fresh machine on first use.
     fn with<T>(&self, address: &str, f: impl FnOnce(&mut Machine, Instant) -> T) -> T {
         let now = Instant::now();

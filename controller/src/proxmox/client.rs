@@ -39,6 +39,10 @@ pub enum ProxmoxError {
         /// The message.
         message: String,
     },
+    /// Not ready yet, an expected answer while a VM boots (`QEMU guest agent is not running`, `VM 100 is
+    /// not running`): asked again later, never retried as an error.
+    #[error("not ready: {0}")]
+    NotReady(String),
     /// The endpoint cannot be reached at all.
     #[error("unreachable: {0}")]
     Unreachable(String),
@@ -69,6 +73,7 @@ impl ProxmoxError {
             Self::Unauthorized(_) => "unauthorized",
             Self::Forbidden(_) => "forbidden",
             Self::Transient { .. } => "transient",
+            Self::NotReady(_) => "not_ready",
             Self::Unreachable(_) => "unreachable",
             Self::Tls(_) => "tls",
             Self::BadRequest(_) => "bad_request",
@@ -95,6 +100,11 @@ impl ProxmoxError {
             403 => Self::Forbidden(m),
             _ if lower.contains("does not exist") || lower.contains("no such task") => Self::NotFound(m),
             _ if lower.contains("already exists") => Self::AlreadyExists(m),
+            _ if lower.contains("guest agent is not running")
+                || (lower.starts_with("vm ") && lower.trim_end().ends_with("is not running")) =>
+            {
+                Self::NotReady(m)
+            }
             _ if lower.contains("vm is locked") || lower.contains("can't lock file") => Self::Locked(m),
             400 => Self::BadRequest(m),
             _ => Self::Transient { status, message: m },
@@ -503,19 +513,23 @@ fn form_encode(params: &[(String, String)]) -> String {
 }
 
 impl Inner {
+    /// Makes a call within the cap on calls in flight; the slot is held only while a request is out, not
+    /// through the backoff before a retry.
     async fn call_limited(&self, request: ApiRequest) -> Result<Value, ProxmoxError> {
-        let _permit = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|_| ProxmoxError::Config("the client was shut down".into()))?;
         let mut attempt = 0;
         loop {
             let wait = self.bucket.take();
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
-            match self.call_once(&request).await {
+            let permit = self
+                .in_flight
+                .acquire()
+                .await
+                .map_err(|_| ProxmoxError::Config("the client was shut down".into()))?;
+            let result = self.call_once(&request).await;
+            drop(permit);
+            match result {
                 Err(e) if request.idempotent && e.is_transient() && attempt < RETRIES => {
                     attempt += 1;
                     self.metrics
@@ -559,6 +573,8 @@ pub struct VmResource {
     pub template: bool,
     /// vCPUs (sockets × cores) of the running configuration.
     pub maxcpu: u64,
+    /// Seconds since it started (0 when stopped).
+    pub uptime: u64,
     /// Memory in bytes.
     pub maxmem: u64,
     /// Disk size in bytes.
@@ -707,6 +723,7 @@ impl Api {
                     lock: text(&r["lock"]).filter(|l| !l.is_empty()),
                     template: number(&r["template"]) == 1,
                     maxcpu: number(&r["maxcpu"]),
+                    uptime: number(&r["uptime"]),
                     maxmem: number(&r["maxmem"]),
                     maxdisk: number(&r["maxdisk"]),
                 })
@@ -791,6 +808,27 @@ impl Api {
         Ok(keys)
     }
 
+    /// `GET …/pending`: each key with a new value waiting for a restart, and its running value.
+    pub async fn pending_values(
+        &self,
+        node: &str,
+        vmid: u32,
+    ) -> Result<Vec<(String, Option<String>)>, ProxmoxError> {
+        let v = self
+            .call(ApiRequest::new(
+                Method::Get,
+                format!("/nodes/{node}/qemu/{vmid}/pending"),
+                "pending",
+            ))
+            .await?;
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| !e["pending"].is_null())
+            .filter_map(|e| Some((text(&e["key"])?, text(&e["value"]))))
+            .collect())
+    }
+
     /// `PUT …/config` (synchronous), with the config's digest for optimistic concurrency.
     pub async fn set_config(
         &self,
@@ -870,7 +908,7 @@ impl Api {
         let v = match v {
             Ok(v) => v,
             // "QEMU guest agent is not running", "VM … is not running": not yet.
-            Err(ProxmoxError::Transient { status: 500, .. }) => return Ok(None),
+            Err(ProxmoxError::NotReady(_) | ProxmoxError::Transient { status: 500, .. }) => return Ok(None),
             Err(e) => return Err(e),
         };
         let address = v["result"]
@@ -941,6 +979,8 @@ mod tests {
             (596, "Connection timed out", "transient"),
             (599, "Too many redirections", "transient"),
             (500, "got no worker upid - start worker failed", "transient"),
+            (500, "QEMU guest agent is not running", "not_ready"),
+            (500, "VM 1001 is not running", "not_ready"),
             (400, "Parameter verification failed.", "bad_request"),
         ];
         for (status, message, label) in cases {

@@ -1,14 +1,16 @@
 //! Runs planned steps against one environment: observes once per pass, reserves VMIDs under a lock,
 //! writes intents and inventory before acting, follows every task's UPID to its end.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::client::{
     Api, CloneRequest, ProxmoxError, TaskState, VmResource, encode_ssh_keys, parse_tags, upid_type,
 };
+use super::drift::DriftSchedule;
 use super::metrics::ProxmoxMetrics;
+use super::pace::{INLINE_WAIT, Pace, Work};
 use super::plan::{DesiredVm, HostPlan, PlanContext, RecordPhase, Step, VmRecord};
 use crate::api::{CloneMode, ProxmoxSpec};
 use crate::store::Store;
@@ -17,10 +19,11 @@ use crate::store::Store;
 pub const COMMON_TAG: &str = "fediversity";
 /// How old a shared VM listing may be for a pass that changes nothing.
 pub const LISTING_MAX_AGE: Duration = Duration::from_secs(5);
-/// How long one pass waits for a task before leaving it to the next pass (its UPID is stored).
-const TASK_WAIT: Duration = Duration::from_secs(120);
-/// How long one pass waits for the guest agent.
-const AGENT_WAIT: Duration = Duration::from_secs(3);
+/// How old the listing that a VMID is reserved from may be (VMIDs of our own records come from the
+/// store; a VM created by someone else since then makes the clone fail, and a fresh look follows).
+const ALLOCATION_LISTING_MAX_AGE: Duration = Duration::from_secs(1);
+/// How long a new task may be unknown to the API before it counts as gone.
+const NEW_TASK_GRACE: Duration = Duration::from_secs(5);
 
 /// The inventory key prefix of one Deployment's VMs.
 pub fn record_prefix(deployment: &str) -> String {
@@ -86,6 +89,24 @@ pub struct Environment {
     alloc: tokio::sync::Mutex<()>,
     listing: Mutex<Option<(Instant, Arc<Vec<VmResource>>)>>,
     listing_flight: tokio::sync::Mutex<()>,
+    /// When each VM was last changed by us: a listing older than that is stale for it.
+    changed: Mutex<HashMap<u32, Instant>>,
+    /// When to poll tasks and guest agents, learned from this environment.
+    pub pace: Pace,
+    /// When each owned VM's config is read for drift.
+    pub drift: DriftSchedule,
+}
+
+/// Where a followed task stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Followed {
+    /// It ended.
+    Done(TaskState),
+    /// It runs; look again after this long (the reconcile ends meanwhile).
+    Running {
+        /// When the next poll is due.
+        wake_after: Duration,
+    },
 }
 
 impl Environment {
@@ -108,17 +129,44 @@ impl Environment {
             alloc: tokio::sync::Mutex::new(()),
             listing: Mutex::new(None),
             listing_flight: tokio::sync::Mutex::new(()),
+            changed: Mutex::new(HashMap::new()),
+            pace: Pace::default(),
+            drift: DriftSchedule::new(super::drift::DEFAULT_DRIFT_INTERVAL),
         }
+    }
+
+    /// The same environment with drift scans every `interval` (zero: on every pass, within the budget).
+    pub fn with_drift_interval(mut self, interval: Duration) -> Self {
+        self.drift = DriftSchedule::new(interval);
+        self
     }
 
     /// The VM listing, shared by every pass within `max_age` (one request serves them all).
     pub async fn observe(&self, max_age: Duration) -> Result<Arc<Vec<VmResource>>, ProxmoxError> {
+        self.observe_for(max_age, &[]).await
+    }
+
+    /// The VM listing as [`Self::observe`] gives it, and taken after our last change to any of `vmids`.
+    pub async fn observe_for(
+        &self,
+        max_age: Duration,
+        vmids: &[u32],
+    ) -> Result<Arc<Vec<VmResource>>, ProxmoxError> {
+        let last_change = {
+            let changed = self
+                .changed
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            vmids.iter().filter_map(|v| changed.get(v)).max().copied()
+        };
         let cached = |this: &Self| {
             this.listing
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .as_ref()
-                .filter(|(at, _)| at.elapsed() <= max_age && !max_age.is_zero())
+                .filter(|(at, _)| {
+                    at.elapsed() <= max_age && !max_age.is_zero() && last_change.is_none_or(|c| *at > c)
+                })
                 .map(|(_, l)| l.clone())
         };
         if let Some(l) = cached(self) {
@@ -137,6 +185,18 @@ impl Environment {
         Ok(list)
     }
 
+    /// Marks `vmid` changed by us now: listings taken before are stale for it.
+    pub fn touched(&self, vmid: u32) {
+        let mut changed = self
+            .changed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if changed.len() > 10_000 {
+            changed.retain(|_, at| at.elapsed() < LISTING_MAX_AGE);
+        }
+        changed.insert(vmid, Instant::now());
+    }
+
     /// Forgets the shared listing (after a change of ours).
     pub fn invalidate(&self) {
         *self
@@ -145,14 +205,24 @@ impl Environment {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
-    /// Follows a task to its end (bounded by [`TASK_WAIT`]); `Ok(None)` when it is still running.
-    pub async fn follow(&self, upid: &str) -> Result<Option<TaskState>, ProxmoxError> {
+    /// Follows a task: polls it when the pace says it is likely done, waiting inline only for short
+    /// waits; a longer one ends with [`Followed::Running`] and the time of the next poll.
+    pub async fn follow(&self, upid: &str) -> Result<Followed, ProxmoxError> {
         let started = Instant::now();
-        let mut delay = Duration::from_millis(20);
+        let work = Work::of_task(upid_type(upid));
         loop {
+            let watched = self.pace.next_task_poll(upid);
+            let wait = watched.unwrap_or(Duration::ZERO);
+            if wait > INLINE_WAIT {
+                return Ok(Followed::Running { wake_after: wait });
+            }
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             match self.api.task_state(upid).await {
                 Ok(TaskState::Running) => {}
                 Ok(done) => {
+                    self.pace.task_done(upid);
                     let result = if done == TaskState::Succeeded {
                         "ok"
                     } else {
@@ -162,18 +232,21 @@ impl Environment {
                         .tasks
                         .with_label_values(&[upid_type(upid), result])
                         .inc();
-                    return Ok(Some(done));
+                    return Ok(Followed::Done(done));
                 }
                 // A brand-new task can be unknown for a moment; an old one may have been rotated out.
-                Err(ProxmoxError::NotFound(_)) if started.elapsed() < Duration::from_secs(5) => {}
-                Err(ProxmoxError::NotFound(m)) => return Ok(Some(TaskState::Failed(m))),
+                Err(ProxmoxError::NotFound(_)) if started.elapsed() < NEW_TASK_GRACE => {}
+                Err(ProxmoxError::NotFound(m)) => {
+                    self.pace.task_done(upid);
+                    return Ok(Followed::Done(TaskState::Failed(m)));
+                }
                 Err(e) => return Err(e),
             }
-            if started.elapsed() > TASK_WAIT {
-                return Ok(None);
+            if watched.is_none() {
+                // A task from before a restart: watched from now on.
+                self.pace.task_started(upid, work);
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
+            self.pace.task_pending(upid);
         }
     }
 }
@@ -194,6 +267,10 @@ pub struct HostRun<'a> {
     pub record: Option<VmRecord>,
     /// Whether the VM runs, as observed (kept up to date by the steps).
     pub running: bool,
+    /// Seconds since the VM started, as listed.
+    pub uptime: u64,
+    /// When a wait this run ended in should be looked at again (set with a `Waiting` outcome).
+    pub wake_after: Option<Duration>,
 }
 
 fn waiting(reason: &'static str, message: impl Into<String>) -> HostOutcome {
@@ -269,13 +346,16 @@ impl HostRun<'_> {
         match step {
             Step::FollowTask { upid } => {
                 let state = env.follow(upid).await?;
-                env.invalidate();
                 match state {
-                    None => Ok(waiting(
-                        super::reasons::TASK_RUNNING,
-                        format!("task {} still running", upid_type(upid)),
-                    )),
-                    Some(state) => {
+                    Followed::Running { wake_after } => {
+                        self.wake_after = Some(wake_after);
+                        Ok(waiting(
+                            super::reasons::TASK_RUNNING,
+                            format!("task {} still running", upid_type(upid)),
+                        ))
+                    }
+                    Followed::Done(state) => {
+                        self.task_ended(upid, &state);
                         if let Some(r) = &mut self.record {
                             r.task = None;
                         }
@@ -340,7 +420,7 @@ impl HostRun<'_> {
                 if let Some(upid) = env.api.resize(&node, vmid, "scsi0", *gib).await? {
                     return self.track(upid).await;
                 }
-                env.invalidate();
+                env.touched(vmid);
                 Ok(HostOutcome::Done)
             }
             Step::RefuseShrink { have_gib, want_gib } => Ok(waiting(
@@ -424,14 +504,18 @@ impl HostRun<'_> {
             r.task = Some(upid.clone());
         }
         self.save()?;
-        let state = self.env.follow(&upid).await?;
-        self.env.invalidate();
-        let Some(state) = state else {
-            return Ok(waiting(
-                super::reasons::TASK_RUNNING,
-                format!("task {} still running", upid_type(&upid)),
-            ));
+        self.env.pace.task_started(&upid, Work::of_task(upid_type(&upid)));
+        let state = match self.env.follow(&upid).await? {
+            Followed::Running { wake_after } => {
+                self.wake_after = Some(wake_after);
+                return Ok(waiting(
+                    super::reasons::TASK_RUNNING,
+                    format!("task {} still running", upid_type(&upid)),
+                ));
+            }
+            Followed::Done(state) => state,
         };
+        self.task_ended(&upid, &state);
         if let Some(r) = &mut self.record {
             r.task = None;
         }
@@ -445,6 +529,20 @@ impl HostRun<'_> {
         }
     }
 
+    /// After a task's end: listings from before are stale for the VM, and a started guest's boot is
+    /// watched from now.
+    fn task_ended(&self, upid: &str, state: &TaskState) {
+        if let Some((vmid, _)) = self.vm() {
+            self.env.touched(vmid);
+        }
+        let started = upid_type(upid) == "qmstart"
+            && (*state == TaskState::Succeeded
+                || matches!(state, TaskState::Failed(m) if m.contains("already running")));
+        if let (true, Some((vmid, _))) = (started, self.vm()) {
+            self.env.pace.boot_started(vmid, Duration::ZERO);
+        }
+    }
+
     async fn allocate(&mut self) -> Result<HostOutcome, LifecycleError> {
         let Some(host) = self.desired else {
             return Ok(HostOutcome::Done);
@@ -452,7 +550,7 @@ impl HostRun<'_> {
         let env = self.env;
         let range = env.spec.vmid_range;
         let guard = env.alloc.lock().await;
-        let vms = env.observe(Duration::ZERO).await?;
+        let vms = env.observe(ALLOCATION_LISTING_MAX_AGE).await?;
         if let Some(vm) = vms.iter().find(|vm| {
             !vm.template
                 && vm.tags.contains(&self.ctx.owner_tag)
@@ -541,7 +639,7 @@ impl HostRun<'_> {
                 return Err(e.into());
             }
         };
-        env.invalidate();
+        env.touched(vmid);
         self.track(upid).await
     }
 
@@ -611,7 +709,7 @@ impl HostRun<'_> {
             env.api
                 .set_config(&node, vmid, &changes, current.get("digest").map(String::as_str))
                 .await?;
-            env.invalidate();
+            env.touched(vmid);
         }
         let pending = if self.running && self.desired.is_some() {
             env.api
@@ -633,29 +731,119 @@ impl HostRun<'_> {
         Ok(HostOutcome::Done)
     }
 
+    /// Asks the guest agent for the VM's address when the pace says the guest has likely booted; a
+    /// longer wait ends the run with the time of the next look ("not running yet" is an answer, not an
+    /// error).
     async fn await_agent(&mut self) -> Result<HostOutcome, LifecycleError> {
         let Some((vmid, node)) = self.vm() else {
             return Ok(HostOutcome::Done);
         };
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(50);
+        let pace = &self.env.pace;
+        if !pace.watching_boot(vmid) {
+            // Started before this process looked (or by someone else): its uptime says since when.
+            pace.boot_started(vmid, Duration::from_secs(self.uptime));
+        }
         loop {
+            let wait = pace.next_agent_poll(vmid);
+            if wait > INLINE_WAIT {
+                self.wake_after = Some(wait);
+                return Ok(waiting(
+                    super::reasons::WAITING_FOR_AGENT,
+                    "waiting for the guest agent to report an address",
+                ));
+            }
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
             if let Some(address) = self.env.api.agent_address(&node, vmid).await? {
+                pace.agent_ready(vmid);
                 if let Some(r) = &mut self.record {
                     r.address = Some(address);
                 }
                 self.save()?;
                 return Ok(HostOutcome::Done);
             }
-            if started.elapsed() > AGENT_WAIT {
-                return Ok(waiting(
-                    super::reasons::WAITING_FOR_AGENT,
-                    "waiting for the guest agent to report an address",
-                ));
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
+            pace.agent_pending(vmid);
         }
+    }
+
+    /// The drift scan of one owned, converged VM: reads its config and puts back what was changed out
+    /// of band among the keys the plan manages (a CPU or memory change still pending on a running VM is
+    /// reverted). Returns each drifted key with the value found. What stays pending until a restart is
+    /// recorded, for the plan to restart the VM or report it.
+    pub async fn scan_drift(&mut self) -> Result<Vec<(String, String)>, LifecycleError> {
+        let (Some((vmid, node)), Some(record)) = (self.vm(), self.record.clone()) else {
+            return Ok(Vec::new());
+        };
+        let env = self.env;
+        let current = match env.api.config(&node, vmid).await {
+            Ok(c) => c,
+            // Gone: the next listing shows it, and the plan acts on that.
+            Err(ProxmoxError::NotFound(_)) => {
+                env.touched(vmid);
+                return Ok(Vec::new());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tagged = current
+            .get("tags")
+            .is_some_and(|t| parse_tags(t).contains(&self.ctx.owner_tag));
+        let named = current.get("name").map(String::as_str) == Some(record.name.as_str());
+        if current.contains_key("lock") || !(tagged && named) {
+            // Busy, or no longer ours by its own config: the plan decides on the next listing.
+            env.touched(vmid);
+            return Ok(Vec::new());
+        }
+        let changes = self.desired_config(&current);
+        if changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found: Vec<(String, String)> = changes
+            .iter()
+            .map(|(k, _)| (k.clone(), current.get(k).cloned().unwrap_or_default()))
+            .collect();
+        let mut params = changes;
+        if self.running {
+            let pending = env.api.pending_values(&node, vmid).await?;
+            let mut revert = Vec::new();
+            params.retain(|(k, v)| {
+                let runs_as_wanted = pending
+                    .iter()
+                    .any(|(p, running)| p == k && running.as_deref() == Some(v.as_str()));
+                if runs_as_wanted {
+                    revert.push(k.clone());
+                }
+                !runs_as_wanted
+            });
+            if !revert.is_empty() {
+                params.push(("revert".into(), revert.join(",")));
+            }
+        }
+        env.api
+            .set_config(&node, vmid, &params, current.get("digest").map(String::as_str))
+            .await?;
+        env.touched(vmid);
+        let pending = if self.running {
+            env.api
+                .pending_keys(&node, vmid)
+                .await?
+                .into_iter()
+                .filter(|k| matches!(k.as_str(), "cores" | "memory" | "sockets" | "cpu"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let Some(r) = &mut self.record {
+            r.pending = pending;
+        }
+        self.save()?;
+        tracing::warn!(
+            deployment = self.deployment,
+            vmid,
+            keys = ?found.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            "out-of-band change found on the VM's config and put back"
+        );
+        Ok(found)
     }
 
     async fn destroy(&mut self) -> Result<HostOutcome, LifecycleError> {

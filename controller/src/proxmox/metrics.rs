@@ -21,7 +21,21 @@ pub struct ProxmoxMetrics {
     pub owned: IntGaugeVec,
     /// `fediversity_proxmox_vms_orphaned{environment}`: VMs kept under `Retain` whose Deployment is gone.
     pub orphaned: IntGaugeVec,
+    /// `fediversity_proxmox_drift_total{environment,kind}`: out-of-band changes found on owned VMs.
+    pub drift: IntCounterVec,
 }
+
+/// The `kind` values of `fediversity_proxmox_drift_total`.
+pub const DRIFT_KINDS: [&str; 8] = [
+    "cpu",
+    "memory",
+    "tags",
+    "cloud_init",
+    "network",
+    "agent",
+    "stopped",
+    "other",
+];
 
 impl ProxmoxMetrics {
     /// Creates the metrics and registers them in `registry`.
@@ -71,7 +85,14 @@ impl ProxmoxMetrics {
             ),
             &["environment"],
         )?;
-        for c in [&requests, &retries, &tasks] {
+        let drift = IntCounterVec::new(
+            Opts::new(
+                "fediversity_proxmox_drift_total",
+                "Out-of-band changes found on owned VMs (config keys, a VM stopped), per environment and kind.",
+            ),
+            &["environment", "kind"],
+        )?;
+        for c in [&requests, &retries, &tasks, &drift] {
             registry.register(Box::new(c.clone()))?;
         }
         registry.register(Box::new(latency.clone()))?;
@@ -84,6 +105,7 @@ impl ProxmoxMetrics {
             tasks,
             owned,
             orphaned,
+            drift,
         })
     }
 
@@ -100,5 +122,8 @@ impl ProxmoxMetrics {
     pub fn forget_environment(&self, environment: &str) {
         let _ = self.owned.remove_label_values(&[environment]);
         let _ = self.orphaned.remove_label_values(&[environment]);
+        for kind in DRIFT_KINDS {
+            let _ = self.drift.remove_label_values(&[environment, kind]);
+        }
     }
 }

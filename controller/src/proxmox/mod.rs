@@ -21,8 +21,10 @@
 //! absent (clone again into the same VMID, which Proxmox refuses to create twice).
 
 pub mod client;
+pub mod drift;
 pub mod lifecycle;
 pub mod metrics;
+pub mod pace;
 pub mod plan;
 pub mod tls;
 
@@ -87,6 +89,26 @@ pub mod reasons {
     pub const WAITING_FOR_AGENT: &str = "WaitingForAgent";
     /// Every host has its VM.
     pub const PROVISIONED: &str = "Provisioned";
+    /// Out-of-band changes were found and put back.
+    pub const DRIFT_CORRECTED: &str = "DriftCorrected";
+    /// Out-of-band changes were found; some wait for a restart that is not allowed.
+    pub const DRIFT_PENDING: &str = "DriftPendingRestart";
+    /// The last scans found nothing changed out of band.
+    pub const NO_DRIFT: &str = "NoDrift";
+}
+
+/// What one host's run came to.
+struct HostResult {
+    /// Its status (none for a host being removed).
+    status: Option<HostStatus>,
+    /// Its outcome.
+    outcome: HostOutcome,
+    /// The error that stopped it.
+    error: Option<ReconcileError>,
+    /// When its wait should be looked at again.
+    wake_after: Option<Duration>,
+    /// Out-of-band changes found: (metric kind, description).
+    drift: Vec<(&'static str, String)>,
 }
 
 fn hex(data: &[u8], bytes: usize) -> String {
@@ -165,6 +187,19 @@ impl ProxmoxProvider {
     fn handle(&self) -> Arc<ProviderCore> {
         self.0.clone()
     }
+
+    /// Sets how often each owned VM's config is read for drift (default
+    /// [`drift::DEFAULT_DRIFT_INTERVAL`]; zero: on every pass, within the read budget). Call before
+    /// the first use.
+    pub fn with_drift_interval(self, interval: Duration) -> Self {
+        match Arc::try_unwrap(self.0) {
+            Ok(mut core) => {
+                core.drift_interval = interval;
+                Self(Arc::new(core))
+            }
+            Err(shared) => Self(shared),
+        }
+    }
 }
 
 /// The state behind a [`ProxmoxProvider`].
@@ -176,6 +211,7 @@ pub struct ProviderCore {
     factory: Box<ApiFactory>,
     environments: Mutex<HashMap<String, (String, Arc<Environment>)>>,
     deployment_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    drift_interval: Duration,
 }
 
 impl ProviderCore {
@@ -222,6 +258,7 @@ impl ProviderCore {
             factory,
             environments: Mutex::new(HashMap::new()),
             deployment_locks: Mutex::new(HashMap::new()),
+            drift_interval: drift::DEFAULT_DRIFT_INTERVAL,
         }
     }
 
@@ -249,14 +286,17 @@ impl ProviderCore {
             .public_key_file
             .clone()
             .unwrap_or_else(|| format!("{}.pub", env.spec.ssh.private_key_file));
-        let created = Arc::new(Environment::new(
-            name.clone(),
-            spec,
-            api,
-            instance_prefix(&self.instance_id),
-            (Some(public_key), env.spec.ssh.user.clone()),
-            self.metrics.clone(),
-        ));
+        let created = Arc::new(
+            Environment::new(
+                name.clone(),
+                spec,
+                api,
+                instance_prefix(&self.instance_id),
+                (Some(public_key), env.spec.ssh.user.clone()),
+                self.metrics.clone(),
+            )
+            .with_drift_interval(self.drift_interval),
+        );
         envs.insert(name, (fingerprint, created.clone()));
         Ok(created)
     }
@@ -487,7 +527,16 @@ impl ProviderCore {
         let records = self.records(&name)?;
         let result = self.run_hosts(&environment, &name, &desired, records, &ctx).await;
         self.count_orphans(&env_name);
-        let (statuses, outcomes) = result?;
+        let (statuses, results) = result?;
+        let outcomes: Vec<&HostOutcome> = results.iter().map(|r| &r.outcome).collect();
+        let wake_after = results.iter().filter_map(|r| r.wake_after).min();
+        let drift: Vec<&(&'static str, String)> = results.iter().flat_map(|r| &r.drift).collect();
+        for (kind, _) in &drift {
+            self.metrics
+                .drift
+                .with_label_values(&[env_name.as_str(), kind])
+                .inc();
+        }
         let waits: Vec<(&'static str, String)> = outcomes
             .iter()
             .filter_map(|o| match o {
@@ -529,19 +578,57 @@ impl ProviderCore {
             )
         };
         let retry_after = if converged {
-            None
+            // The next drift scan of one of its VMs.
+            (!environment.drift.interval().is_zero())
+                .then(|| {
+                    self.records(&name)
+                        .unwrap_or_default()
+                        .iter()
+                        .filter(|r| r.phase == RecordPhase::Present)
+                        .map(|r| environment.drift.due_in(r.vmid))
+                        .min()
+                })
+                .flatten()
         } else if waits.iter().all(|(r, _)| *r == reasons::REOBSERVE) {
             Some(Duration::from_millis(200))
         } else if stuck {
             Some(Duration::from_secs(30))
+        } else if let Some(wake) = wake_after {
+            // A task or a boot whose end is expected then.
+            Some(wake.max(Duration::from_millis(50)))
         } else {
             Some(Duration::from_secs(2))
         };
+        let mut conditions = vec![provisioned];
+        if !drift.is_empty() {
+            let pending = waits.iter().any(|(r, _)| *r == reasons::PENDING_RESTART);
+            conditions.push(ProviderCondition {
+                type_: condition_types::DRIFTED,
+                status: ConditionStatus::True,
+                reason: if pending {
+                    reasons::DRIFT_PENDING
+                } else {
+                    reasons::DRIFT_CORRECTED
+                },
+                message: drift
+                    .iter()
+                    .map(|(_, m)| m.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            });
+        } else if converged {
+            conditions.push(ProviderCondition {
+                type_: condition_types::DRIFTED,
+                status: ConditionStatus::False,
+                reason: reasons::NO_DRIFT,
+                message: "no out-of-band change found".into(),
+            });
+        }
         Ok(ProviderReport {
             converged,
             message,
             hosts: Some(statuses),
-            conditions: vec![provisioned],
+            conditions,
             retry_after,
             fields: Map::new(),
             failure: None,
@@ -556,14 +643,15 @@ impl ProviderCore {
         desired: &[DesiredVm],
         records: Vec<VmRecord>,
         ctx: &PlanContext,
-    ) -> Result<(Vec<HostStatus>, Vec<HostOutcome>), ReconcileError> {
+    ) -> Result<(Vec<HostStatus>, Vec<HostResult>), ReconcileError> {
         let env_name = environment.name.clone();
         let records: Vec<VmRecord> = records
             .into_iter()
             .filter(|r| r.environment == env_name)
             .collect();
+        let vmids: Vec<u32> = records.iter().map(|r| r.vmid).collect();
         let vms = environment
-            .observe(lifecycle::LISTING_MAX_AGE)
+            .observe_for(lifecycle::LISTING_MAX_AGE, &vmids)
             .await
             .map_err(|e| api_error(&env_name, &e))?;
         let plans = plan::plan(desired, &vms, &records, ctx);
@@ -573,24 +661,23 @@ impl ProviderCore {
             .into_iter()
             .map(|first| self.run_host(environment, deployment, desired, &records, ctx, &vms, first));
         let mut statuses = Vec::new();
-        let mut outcomes = Vec::new();
+        let mut results = Vec::new();
         let mut first_error = None;
-        for (status, outcome, error) in futures_util::future::join_all(runs).await {
-            if let Some(e) = error {
+        for mut result in futures_util::future::join_all(runs).await {
+            if let Some(e) = result.error.take() {
                 first_error.get_or_insert(e);
             }
-            statuses.extend(status);
-            outcomes.push(outcome);
+            statuses.extend(result.status.take());
+            results.push(result);
         }
         if let Some(e) = first_error {
             return Err(e);
         }
-        Ok((statuses, outcomes))
+        Ok((statuses, results))
     }
 
     /// Runs one host's plan (made from the listing `listed`), observing and planning again after each
-    /// task (up to four rounds); returns its status (none for a host being removed), its outcome and the
-    /// error that stopped it.
+    /// task (up to four rounds); a converged host's config is scanned for drift when its turn comes.
     #[allow(clippy::too_many_arguments)] // reason: the pieces of one Deployment's run, borrowed from run_hosts
     async fn run_host(
         &self,
@@ -601,7 +688,7 @@ impl ProviderCore {
         ctx: &PlanContext,
         listed: &Arc<Vec<client::VmResource>>,
         first: plan::HostPlan,
-    ) -> (Option<HostStatus>, HostOutcome, Option<ReconcileError>) {
+    ) -> HostResult {
         let env_name = &environment.name;
         let host = desired.iter().find(|h| h.application == first.application);
         let mut record = records
@@ -612,6 +699,23 @@ impl ProviderCore {
         let mut outcome = HostOutcome::Done;
         let mut error = None;
         let mut vms = listed.clone();
+        let mut wake_after = None;
+        let mut drift = Vec::new();
+        let no_op = hplan.steps.is_empty();
+        let stopped_out_of_band = record
+            .as_ref()
+            .is_some_and(|r| r.phase == RecordPhase::Present && r.address.is_some() && r.task.is_none())
+            && hplan.steps.contains(&Step::Start);
+        if stopped_out_of_band && let Some((vmid, _)) = hplan.vm {
+            drift.push((
+                "stopped",
+                format!(
+                    "{}: VM {vmid} was stopped out of band; starting it again",
+                    hplan.name
+                ),
+            ));
+        }
+        let mut uptime = 0;
         for round in 0..4 {
             if round > 0 {
                 vms = match environment.observe(Duration::ZERO).await {
@@ -629,10 +733,12 @@ impl ProviderCore {
                     },
                 };
             }
-            let running = hplan
+            let listed_vm = hplan
                 .vm
                 .as_ref()
-                .is_some_and(|(id, _)| vms.iter().any(|v| v.vmid == *id && v.running));
+                .and_then(|(id, _)| vms.iter().find(|v| v.vmid == *id && v.running));
+            let running = listed_vm.is_some();
+            uptime = listed_vm.map_or(0, |v| v.uptime);
             if !hplan.duplicates.is_empty() {
                 tracing::warn!(deployment, host = %hplan.name, duplicates = ?hplan.duplicates, "more than one VM of ours carries this host's name; only one is managed, the others are left alone");
             }
@@ -644,9 +750,12 @@ impl ProviderCore {
                 ctx,
                 record: record.clone(),
                 running,
+                uptime,
+                wake_after: None,
             };
             let result = run.run(&hplan).await;
             record = run.record.clone();
+            wake_after = run.wake_after;
             match result {
                 Ok(HostOutcome::Waiting {
                     reason: reasons::REOBSERVE,
@@ -660,6 +769,66 @@ impl ProviderCore {
                     error = Some(lifecycle_error(env_name, &e));
                     break;
                 }
+            }
+        }
+        // A converged host's drift scan, when its turn comes and the budget allows.
+        let scannable = record
+            .as_ref()
+            .filter(|r| r.phase == RecordPhase::Present && r.task.is_none() && r.address.is_some());
+        if let (true, HostOutcome::Done, None, Some(h), Some(r)) = (no_op, &outcome, &error, host, scannable)
+            && environment.drift.take(r.vmid).is_ok()
+        {
+            let mut run = lifecycle::HostRun {
+                env: environment,
+                store: &self.store,
+                deployment,
+                desired: Some(h),
+                ctx,
+                record: record.clone(),
+                running: vms.iter().any(|v| v.vmid == r.vmid && v.running),
+                uptime,
+                wake_after: None,
+            };
+            match run.scan_drift().await {
+                Ok(found) => {
+                    for (key, value) in &found {
+                        let kind = drift::kind_of_key(key);
+                        let message = if matches!(kind, "cpu" | "memory") {
+                            format!(
+                                "{}: VM {} had {key} {value} (changed out of band); put back",
+                                h.name, r.vmid
+                            )
+                        } else {
+                            format!(
+                                "{}: VM {} had {key} changed out of band; put back",
+                                h.name, r.vmid
+                            )
+                        };
+                        drift.push((kind, message));
+                    }
+                    if !found.is_empty() && run.record.as_ref().is_some_and(|r| !r.pending.is_empty()) {
+                        // What waits for a restart: restart if allowed, else say so.
+                        let step = if ctx.allow_restart {
+                            Step::Restart
+                        } else {
+                            Step::ReportPending
+                        };
+                        let plan = plan::HostPlan {
+                            name: h.name.clone(),
+                            application: h.application.clone(),
+                            vm: Some((r.vmid, r.node.clone())),
+                            steps: vec![step],
+                            duplicates: Vec::new(),
+                        };
+                        match run.run(&plan).await {
+                            Ok(o) => outcome = o,
+                            Err(e) => error = Some(lifecycle_error(env_name, &e)),
+                        }
+                        wake_after = run.wake_after;
+                    }
+                    record = run.record.clone();
+                }
+                Err(e) => error = Some(lifecycle_error(env_name, &e)),
             }
         }
         let status = host.map(|h| {
@@ -679,7 +848,13 @@ impl ProviderCore {
                 ..HostStatus::default()
             }
         });
-        (status, outcome, error)
+        HostResult {
+            status,
+            outcome,
+            error,
+            wake_after,
+            drift,
+        }
     }
 
     /// Removes (or orphans) every VM recorded for a Deployment that is gone, by its recorded policy.
@@ -727,9 +902,10 @@ impl ProviderCore {
             };
             let result = self.run_hosts(&environment, deployment, &[], records, &ctx).await;
             self.count_orphans(&env_name);
-            let (_, outcomes) = result?;
-            if let Some(HostOutcome::Waiting { reason, message }) = outcomes
+            let (_, results) = result?;
+            if let Some(HostOutcome::Waiting { reason, message }) = results
                 .into_iter()
+                .map(|r| r.outcome)
                 .find(|o| matches!(o, HostOutcome::Waiting { .. }))
             {
                 return Err(ReconcileError::Waiting {

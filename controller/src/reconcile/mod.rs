@@ -188,6 +188,13 @@ async fn reconcile_present(
             status.insert(k.clone(), v.clone());
         }
         for c in &done.conditions {
+            // Drift found (or found anew) is an event an operator should see.
+            if c.type_ == condition_types::DRIFTED && c.status == ConditionStatus::True {
+                let before = conditions.iter().find(|o| o.type_ == condition_types::DRIFTED);
+                if before.is_none_or(|o| o.status != ConditionStatus::True || o.message != c.message) {
+                    ctx.book.record(key, EventType::Warning, c.reason, &c.message);
+                }
+            }
             set_condition(
                 &mut conditions,
                 condition(c.type_, c.status, c.reason, &c.message, generation),
@@ -403,8 +410,12 @@ async fn reconcile_deployment(
             failure: report.failure,
         });
     }
+    // A provider may want to look again before the resync (say, for its next drift scan).
+    let next = report
+        .retry_after
+        .map_or(RESYNC, |d| d.clamp(Duration::from_secs(1), RESYNC));
     Ok(Converged {
-        action: Action::Requeue(RESYNC),
+        action: Action::Requeue(next),
         reason: reasons::SUCCEEDED,
         message: report.message,
         fields,
