@@ -106,7 +106,9 @@ impl Leadership {
 /// Runs the election for one replica.
 pub struct Elector {
     store: Arc<Store>,
-    client: Client,
+    /// A client per etcd member; calls go to `current`, which moves on when a member fails.
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
     key: Vec<u8>,
     config: ElectionConfig,
     role: watch::Sender<Role>,
@@ -121,7 +123,7 @@ impl Elector {
         config: ElectionConfig,
         registry: &prometheus::Registry,
     ) -> Result<(Self, Leadership), LeaderError> {
-        let (etcd, client) = store.etcd().ok_or(LeaderError::NotEtcd)?;
+        let (etcd, clients) = store.etcd().ok_or(LeaderError::NotEtcd)?;
         if config.renew_deadline >= config.lease || config.renew_deadline <= config.retry {
             return Err(LeaderError::Timings {
                 lease: config.lease,
@@ -147,7 +149,8 @@ impl Elector {
         Ok((
             Self {
                 store,
-                client,
+                clients,
+                current: std::sync::atomic::AtomicUsize::new(0),
                 key: format!("{}leader", etcd.prefix).into_bytes(),
                 config,
                 role: tx,
@@ -180,15 +183,33 @@ impl Elector {
         let _ = self.role.send(role);
     }
 
-    /// A call to etcd bounded by the retry period (a lost quorum makes calls hang).
+    /// The client of the member calls go to now.
+    fn client(&self) -> Client {
+        let i = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.clients[i % self.clients.len()].clone()
+    }
+
+    /// A call to etcd bounded by the retry period (a lost quorum makes calls hang); when the member
+    /// cannot be reached, the next call goes to the next member.
     async fn bounded<T>(
         &self,
         call: impl Future<Output = Result<T, etcd_client::Error>>,
     ) -> Result<T, String> {
+        let next = || {
+            self.current.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        };
         match tokio::time::timeout(self.config.retry.max(Duration::from_millis(500)), call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("no answer in time".into()),
+            Ok(Err(e)) => {
+                if crate::store::unreachable(&e) {
+                    next();
+                }
+                Err(e.to_string())
+            }
+            Err(_) => {
+                next();
+                Err("no answer in time".into())
+            }
         }
     }
 
@@ -205,7 +226,7 @@ impl Elector {
             // A lease of our own, kept alive while following so that taking over needs one call.
             let id = match lease {
                 Some(id) => {
-                    let mut c = self.client.clone();
+                    let mut c = self.client();
                     match self.bounded(c.lease_keep_alive(id)).await {
                         Ok((mut keeper, mut stream)) => {
                             let alive = self
@@ -232,7 +253,7 @@ impl Elector {
             let id = match id {
                 Some(id) => id,
                 None => {
-                    let mut c = self.client.clone();
+                    let mut c = self.client();
                     match self.bounded(c.lease_grant(ttl, None)).await {
                         Ok(r) => r.id(),
                         Err(e) => {
@@ -247,7 +268,7 @@ impl Elector {
             };
             lease = Some(id);
             let attempt_at = Instant::now();
-            let mut c = self.client.clone();
+            let mut c = self.client();
             let won = self
                 .bounded(crate::store::try_lead(
                     &mut c,
@@ -281,7 +302,7 @@ impl Elector {
             valid_until,
         }));
         self.set_role(Role::Leader);
-        let mut c = self.client.clone();
+        let mut c = self.client();
         let mut keeper = self.bounded(c.lease_keep_alive(lease)).await.ok();
         let mut tick = tokio::time::interval(self.config.retry);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -300,7 +321,7 @@ impl Elector {
             }
             let sent = Instant::now();
             if keeper.is_none() {
-                let mut c = self.client.clone();
+                let mut c = self.client();
                 keeper = self.bounded(c.lease_keep_alive(lease)).await.ok();
             }
             let renewed = match &mut keeper {
@@ -337,7 +358,7 @@ impl Elector {
     async fn resign(&self, lease: i64) {
         self.store.set_fence(None);
         self.set_role(Role::Follower);
-        let mut c = self.client.clone();
+        let mut c = self.client();
         match self.bounded(c.lease_revoke(lease)).await {
             Ok(_) => tracing::info!("resigned the leadership"),
             Err(e) => tracing::warn!(error = %e, "cannot revoke the leader lease; it expires on its own"),

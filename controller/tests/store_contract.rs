@@ -198,7 +198,7 @@ fn etcd_writes_that_guard_actions_need_a_current_fence() {
 
     // Holding the leader key: writes pass.
     let leader_key = b"/fence/leader".to_vec();
-    let (_, mut client) = store.etcd().unwrap();
+    let mut client = store.etcd().unwrap().1.remove(0);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

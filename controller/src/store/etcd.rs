@@ -131,7 +131,9 @@ pub struct Fence {
 
 /// The etcd backend.
 pub(super) struct Etcd {
-    client: Client,
+    /// One client per member; calls go to `current` and move on to the next member when it fails.
+    clients: Vec<Client>,
+    current: std::sync::atomic::AtomicUsize,
     runtime: Option<tokio::runtime::Runtime>,
     config: EtcdConfig,
     /// Whether guarded writes need a fence (several replicas); without, they are plain writes.
@@ -253,6 +255,8 @@ impl Etcd {
         } else {
             "http"
         };
+        // A client per member rather than one balanced over all: a dead member's connection errors would
+        // otherwise reach every few calls; here a failing member is skipped until the others fail too.
         let endpoints: Vec<String> = config
             .endpoints
             .iter()
@@ -260,9 +264,19 @@ impl Etcd {
             .collect();
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         runtime.spawn(async move {
-            let _ = tx.send(Client::connect(endpoints, Some(options)).await);
+            let mut clients = Vec::new();
+            for endpoint in endpoints {
+                match Client::connect([endpoint], Some(options.clone())).await {
+                    Ok(c) => clients.push(c),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            let _ = tx.send(Ok(clients));
         });
-        let client = wait(rx)
+        let clients = wait(rx)
             .map_err(|_| StoreError::Config("the etcd client's runtime stopped".into()))?
             .map_err(|e| etcd_error(config, e))?;
         let commits = prometheus::IntCounter::new(
@@ -270,7 +284,8 @@ impl Etcd {
             "Write transactions committed to the store since start.",
         )?;
         let store = Self {
-            client,
+            clients,
+            current: std::sync::atomic::AtomicUsize::new(0),
             runtime: Some(runtime),
             config: config.clone(),
             fenced: std::sync::atomic::AtomicBool::new(false),
@@ -294,8 +309,8 @@ impl Etcd {
         &self.config
     }
 
-    pub(super) fn client(&self) -> Client {
-        self.client.clone()
+    pub(super) fn clients(&self) -> Vec<Client> {
+        self.clients.clone()
     }
 
     pub(super) fn commit_counter(&self) -> prometheus::IntCounter {
@@ -339,22 +354,43 @@ impl Etcd {
         self.key(&format!("events/{id}#"))
     }
 
-    /// Runs `f` on the store's runtime and waits for it, within the configured timeout.
-    fn run<T, F>(&self, f: impl FnOnce(Client) -> F) -> Result<T, StoreError>
+    /// Runs `f` on the store's runtime and waits for it, within the configured timeout; a member that
+    /// cannot be reached is skipped for the next one.
+    fn run<T, F>(&self, f: impl Fn(Client) -> F + Send + Sync + 'static) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
-        let future = f(self.client.clone());
         let timeout = self.config.timeout;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let Some(runtime) = &self.runtime else {
             return Err(StoreError::Config("the etcd client's runtime stopped".into()));
         };
+        let clients = self.clients.clone();
+        let first = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        let (used_tx, used_rx) = std::sync::mpsc::sync_channel(1);
         runtime.spawn(async move {
-            let _ = tx.send(tokio::time::timeout(timeout, future).await);
+            let attempts = async {
+                let mut last = None;
+                for step in 0..clients.len() {
+                    let index = (first + step) % clients.len();
+                    match f(clients[index].clone()).await {
+                        Err(e) if unreachable(&e) => last = Some(e),
+                        other => {
+                            let _ = used_tx.send(index);
+                            return other;
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| etcd_client::Error::EndpointError("no endpoint".into())))
+            };
+            let _ = tx.send(tokio::time::timeout(timeout, attempts).await);
         });
-        match wait(rx) {
+        let result = wait(rx);
+        if let Ok(index) = used_rx.try_recv() {
+            self.current.store(index, std::sync::atomic::Ordering::Relaxed);
+        }
+        match result {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(e))) => Err(etcd_error(&self.config, e)),
             Ok(Err(_)) => Err(StoreError::EtcdTimeout {
@@ -366,23 +402,28 @@ impl Etcd {
     }
 
     fn get(&self, key: Vec<u8>) -> Result<Option<(Vec<u8>, i64)>, StoreError> {
-        self.run(move |mut c| async move {
-            let resp = c.get(key, None).await?;
-            Ok(resp
-                .kvs()
-                .first()
-                .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+        self.run(move |mut c| {
+            let key = key.clone();
+            async move {
+                let resp = c.get(key, None).await?;
+                Ok(resp
+                    .kvs()
+                    .first()
+                    .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+            }
         })
     }
 
     fn scan_prefix(&self, prefix: Vec<u8>) -> Result<Vec<Entry>, StoreError> {
         let end = prefix_end(&prefix);
-        self.run(move |c| scan(c, prefix, end))
+        self.run(move |c| scan(c, prefix.clone(), end.clone()))
     }
 
     fn txn(&self, compares: Vec<Compare>, ops: Vec<TxnOp>) -> Result<bool, StoreError> {
-        let ok = self.run(move |mut c| async move {
-            Ok(c.txn(Txn::new().when(compares).and_then(ops)).await?.succeeded())
+        let txn = Txn::new().when(compares).and_then(ops);
+        let ok = self.run(move |mut c| {
+            let txn = txn.clone();
+            async move { Ok(c.txn(txn).await?.succeeded()) }
         })?;
         if ok {
             self.commits.inc();
@@ -392,23 +433,26 @@ impl Etcd {
 
     /// Writes `value` at `key` unless the key exists; returns the value it then holds.
     fn claim(&self, key: Vec<u8>, value: Vec<u8>) -> Result<Vec<u8>, StoreError> {
-        let held = self.run(move |mut c| async move {
-            let txn = Txn::new()
-                .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), value.clone(), None)])
-                .or_else([TxnOp::get(key, None)]);
-            let resp = c.txn(txn).await?;
-            if resp.succeeded() {
-                return Ok(value);
-            }
-            for op in resp.op_responses() {
-                if let etcd_client::TxnOpResponse::Get(get) = op
-                    && let Some(kv) = get.kvs().first()
-                {
-                    return Ok(kv.value().to_vec());
+        let held = self.run(move |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                let txn = Txn::new()
+                    .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.clone(), value.clone(), None)])
+                    .or_else([TxnOp::get(key, None)]);
+                let resp = c.txn(txn).await?;
+                if resp.succeeded() {
+                    return Ok(value);
                 }
+                for op in resp.op_responses() {
+                    if let etcd_client::TxnOpResponse::Get(get) = op
+                        && let Some(kv) = get.kvs().first()
+                    {
+                        return Ok(kv.value().to_vec());
+                    }
+                }
+                Ok(value)
             }
-            Ok(value)
         })?;
         self.commits.inc();
         Ok(held)
@@ -710,6 +754,19 @@ pub async fn try_lead(
     Ok(resp
         .succeeded()
         .then(|| resp.header().map(|h| h.revision()).unwrap_or(0)))
+}
+
+/// Whether `e` says the member could not be reached (so another member may answer).
+pub fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            i32::from(status.code()),
+            // gRPC's UNKNOWN, DEADLINE_EXCEEDED and UNAVAILABLE.
+            2 | 4 | 14
+        ),
+        _ => false,
+    }
 }
 
 /// Waits on a reply channel; inside a multi-threaded tokio runtime, tells it this thread blocks.

@@ -15,7 +15,7 @@ use crate::api::{Event, ObjectKey, Timestamp};
 mod embedded;
 mod etcd;
 
-pub use etcd::{EtcdConfig, EtcdTls, Fence, try_lead};
+pub use etcd::{EtcdConfig, EtcdTls, Fence, try_lead, unreachable};
 
 /// The store format this build writes; a store written by a newer format is refused.
 pub const FORMAT_VERSION: u64 = 1;
@@ -211,11 +211,11 @@ impl Store {
         }
     }
 
-    /// The etcd settings and a client, when the store is etcd.
-    pub fn etcd(&self) -> Option<(EtcdConfig, etcd_client::Client)> {
+    /// The etcd settings and a client per member, when the store is etcd.
+    pub fn etcd(&self) -> Option<(EtcdConfig, Vec<etcd_client::Client>)> {
         match &self.backend {
             Backend::Redb(_) => None,
-            Backend::Etcd(s) => Some((s.config().clone(), s.client())),
+            Backend::Etcd(s) => Some((s.config().clone(), s.clients())),
         }
     }
 
