@@ -414,3 +414,66 @@ async fn work_goes_on_with_one_etcd_member_down_and_stops_without_a_quorum_until
         .into();
     assert_one_vm_per_host(&sim, &wanted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_the_leader_hands_over_at_once_and_each_replica_reports_its_role() {
+    let cluster = EtcdCluster::start();
+    let sim = sim(SimConfig::new().latency_scale(0.04).seed(9)).await;
+    let folder = Folder::new(&endpoint(&sim), "");
+    let mut replicas = Replicas::start(folder.dir.path(), &cluster.url("ha-term"));
+    folder.write_deployment("d0", &["mastodon: {}"], "Retain", "");
+    replicas.wait_ready(1, Duration::from_secs(60));
+    let old = replicas.wait_leader(Duration::from_secs(10));
+    let follower = (old + 1) % 3;
+    let readyz = |i: usize| {
+        http_get(&replicas.all[i].server, "/readyz")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    let metrics = |i: usize| {
+        http_get(&replicas.all[i].server, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default()
+    };
+    assert_eq!(readyz(old), "ready (leader)\n");
+    wait_for("the follower to be ready", Duration::from_secs(10), || {
+        (readyz(follower) == "ready (follower)\n").then_some(())
+    });
+    assert!(
+        metrics(old).contains("\nfediversity_leader 1\n"),
+        "{}",
+        metrics(old)
+    );
+    assert!(metrics(old).contains("\nfediversity_leader_changes_total 1\n"));
+    assert!(metrics(follower).contains("\nfediversity_leader 0\n"));
+    assert_eq!(replicas.all[follower].api("leader")["role"], "follower");
+
+    replicas.all[old].signal("-TERM");
+    let sent = Instant::now();
+    let new = wait_for("another replica to lead", Duration::from_secs(10), || {
+        replicas
+            .all
+            .iter()
+            .enumerate()
+            .position(|(i, r)| i != old && r.role().as_deref() == Some("leader"))
+    });
+    let handover = sent.elapsed();
+    // The lease is 3 s: a handover well under it means the old leader resigned rather than expired.
+    assert!(handover < Duration::from_secs(2), "handover took {handover:?}");
+    let status = wait_for("the old leader to exit", Duration::from_secs(15), || {
+        replicas.all[old].child.try_wait().unwrap()
+    });
+    assert!(status.success(), "the resigned leader exited with {status:?}");
+    folder.write_deployment("d1", &["pixelfed: {}"], "Retain", "");
+    wait_for("the new leader to build d1", Duration::from_secs(60), || {
+        let items = replicas.all[new].api("deployments")["items"]
+            .as_array()
+            .cloned()?;
+        (items.len() == 2
+            && items
+                .iter()
+                .all(|d| condition(d, "Ready").is_some_and(|c| c.0 == "True")))
+        .then_some(())
+    });
+    eprintln!("handover after SIGTERM: {handover:?}");
+}

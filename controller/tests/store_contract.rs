@@ -289,3 +289,76 @@ fn an_unreachable_etcd_is_reported_with_its_address_and_what_to_check() {
         assert!(EtcdConfig::parse(bad).is_err(), "{bad} was accepted");
     }
 }
+
+fn copy(from: &str, to: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args(["store", "copy", "--from", from, "--to", to])
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn store_copy_moves_an_installation_to_etcd_and_back_record_for_record() {
+    let cluster = EtcdCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let original = {
+        let store = Store::open(dir.path()).unwrap();
+        let (a, b) = (key("copy-a"), key("copy-b"));
+        store
+            .observe_specs([(&a, "h1".to_owned()), (&b, "h2".to_owned())])
+            .unwrap();
+        store.put_status(&a, &json!({"ready": true})).unwrap();
+        for i in 0..(MAX_EVENTS_PER_OBJECT + 3) {
+            store.record_event(&a, &event(&format!("e{i}"))).unwrap();
+        }
+        store
+            .put_inventory("vm/copy-a/mastodon", &json!({"vmid": 1001}))
+            .unwrap();
+        store
+            .claim_inventory("installation/id", &"inst-1".to_owned())
+            .unwrap();
+        store.dump().unwrap().sorted()
+    };
+    let url = cluster.url("copied");
+    let (ok, text) = copy(&dir.path().display().to_string(), &url);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("verified") && text.contains(&format!("{MAX_EVENTS_PER_OBJECT} events")),
+        "{text}"
+    );
+    let etcd = Store::open_etcd(&EtcdConfig::parse(&url).unwrap()).unwrap();
+    assert_eq!(etcd.dump().unwrap().sorted(), original);
+    assert_eq!(
+        etcd.inventory::<String>("installation/id").unwrap().as_deref(),
+        Some("inst-1")
+    );
+    assert_eq!(
+        etcd.events(&key("copy-a")).unwrap().last().unwrap().message,
+        format!("e{}", MAX_EVENTS_PER_OBJECT + 2)
+    );
+    // The copy goes on from where the original was: the next event follows the last one.
+    etcd.record_event(&key("copy-a"), &event("after")).unwrap();
+    assert_eq!(
+        etcd.events(&key("copy-a")).unwrap().last().unwrap().message,
+        "after"
+    );
+    drop(etcd);
+
+    // Into a store that already holds records: refused, nothing mixed.
+    let (ok, text) = copy(&dir.path().display().to_string(), &url);
+    assert!(!ok && text.contains("already holds"), "{text}");
+
+    let back = tempfile::tempdir().unwrap();
+    let (ok, text) = copy(&url, &back.path().display().to_string());
+    assert!(ok, "{text}");
+    let restored = Store::open(back.path()).unwrap();
+    let dump = restored.dump().unwrap().sorted();
+    assert_eq!(dump.objects.len(), original.objects.len());
+    assert_eq!(dump.inventory, original.inventory);
+    assert_eq!(dump.events.len(), MAX_EVENTS_PER_OBJECT);
+    let last = restored.events(&key("copy-a")).unwrap().pop().unwrap();
+    assert_eq!(last.message, "after", "the event added in etcd came back");
+}

@@ -370,6 +370,53 @@ impl Redb {
         Ok(held)
     }
 
+    pub(super) fn dump(&self) -> Result<super::Dump, StoreError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let raw = |table: TableDefinition<&str, &[u8]>| -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            let table = txn.open_table(table).map_err(dberr)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(dberr)? {
+                let (k, v) = entry.map_err(dberr)?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        };
+        let mut dump = super::Dump {
+            objects: raw(OBJECTS)?,
+            statuses: raw(STATUS)?,
+            inventory: raw(INVENTORY)?,
+            events: Vec::new(),
+        };
+        let table = txn.open_table(EVENTS).map_err(dberr)?;
+        for entry in table.iter().map_err(dberr)? {
+            let (k, v) = entry.map_err(dberr)?;
+            let (id, seq) = k.value();
+            dump.events.push((id.to_owned(), seq, v.value().to_vec()));
+        }
+        Ok(dump)
+    }
+
+    pub(super) fn load_dump(&self, dump: &super::Dump) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            for (table, rows) in [
+                (OBJECTS, &dump.objects),
+                (STATUS, &dump.statuses),
+                (INVENTORY, &dump.inventory),
+            ] {
+                let mut table = txn.open_table(table).map_err(dberr)?;
+                for (k, v) in rows {
+                    table.insert(k.as_str(), v.as_slice()).map_err(dberr)?;
+                }
+            }
+            let mut events = txn.open_table(EVENTS).map_err(dberr)?;
+            for (id, seq, v) in &dump.events {
+                events.insert((id.as_str(), *seq), v.as_slice()).map_err(dberr)?;
+            }
+        }
+        self.commit(txn)
+    }
+
     #[cfg(test)]
     pub(super) fn set_format_version(&self, version: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(dberr)?;

@@ -696,6 +696,63 @@ impl Etcd {
             .collect()
     }
 
+    pub(super) fn dump(&self) -> Result<super::Dump, StoreError> {
+        let raw = |table: &str| -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+            Ok(self
+                .scan_prefix(self.key(table))?
+                .into_iter()
+                .map(|(k, v, _)| (self.strip(&k, table), v))
+                .collect())
+        };
+        let mut dump = super::Dump {
+            objects: raw("objects/")?,
+            statuses: raw("status/")?,
+            inventory: raw("inventory/")?,
+            events: Vec::new(),
+        };
+        for (key, value) in raw("events/")? {
+            let Some((id, seq)) = key.rsplit_once('#') else {
+                continue;
+            };
+            let Ok(seq) = seq.parse() else { continue };
+            dump.events.push((id.to_owned(), seq, value));
+        }
+        Ok(dump)
+    }
+
+    pub(super) fn load_dump(&self, dump: &super::Dump) -> Result<(), StoreError> {
+        let mut ops: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        for (table, rows) in [
+            ("objects/", &dump.objects),
+            ("status/", &dump.statuses),
+            ("inventory/", &dump.inventory),
+        ] {
+            ops.extend(
+                rows.iter()
+                    .map(|(k, v)| (self.key(&format!("{table}{k}")), v.clone())),
+            );
+        }
+        for (id, seq, v) in &dump.events {
+            let mut key = self.event_prefix(id);
+            key.extend_from_slice(format!("{seq:020}").as_bytes());
+            ops.push((key, v.clone()));
+        }
+        let mut batch: Vec<TxnOp> = Vec::new();
+        let mut bytes = 0;
+        for (k, v) in ops {
+            if batch.len() >= MAX_TXN_OPS || bytes + v.len() > MAX_TXN_BYTES {
+                self.txn(Vec::new(), std::mem::take(&mut batch))?;
+                bytes = 0;
+            }
+            bytes += v.len();
+            batch.push(TxnOp::put(k, v, None));
+        }
+        if !batch.is_empty() {
+            self.txn(Vec::new(), batch)?;
+        }
+        Ok(())
+    }
+
     fn inventory_guard(&self, id: &str) -> Result<Option<Compare>, StoreError> {
         if UNFENCED_INVENTORY.iter().any(|p| id.starts_with(p)) {
             return Ok(None);

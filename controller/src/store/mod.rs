@@ -73,6 +73,16 @@ pub enum StoreError {
     /// A write that guards an external action was refused: this replica does not hold leadership.
     #[error("this replica is not the leader (or could not renew its lease in time); it does not act")]
     NotLeader,
+    /// A copy would mix two installations' records.
+    #[error(
+        "the store {at} already holds {records} records; copy only into an empty store (a new etcd prefix or state directory)"
+    )]
+    NotEmpty {
+        /// The destination.
+        at: String,
+        /// How many records it holds.
+        records: usize,
+    },
     /// Other replicas kept changing the records this write read.
     #[error("the write kept conflicting with other replicas' writes; it is retried on the next change")]
     Contended,
@@ -166,6 +176,40 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> R
 pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain data with string keys always serializes.
     serde_json::to_vec(value).unwrap_or_default()
+}
+
+/// Every record of a store as stored (JSON bytes), for moving an installation between stores.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dump {
+    /// Object records by object id.
+    pub objects: Vec<(String, Vec<u8>)>,
+    /// Statuses by object id.
+    pub statuses: Vec<(String, Vec<u8>)>,
+    /// Events by object id and sequence number.
+    pub events: Vec<(String, u64, Vec<u8>)>,
+    /// Inventory entries by id.
+    pub inventory: Vec<(String, Vec<u8>)>,
+}
+
+impl Dump {
+    /// The same records in one order whatever store they came from.
+    pub fn sorted(mut self) -> Self {
+        self.objects.sort();
+        self.statuses.sort();
+        self.events.sort();
+        self.inventory.sort();
+        self
+    }
+
+    /// How many records it holds.
+    pub fn len(&self) -> usize {
+        self.objects.len() + self.statuses.len() + self.events.len() + self.inventory.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Which engine holds the records.
@@ -394,6 +438,29 @@ impl Store {
         match &self.backend {
             Backend::Redb(s) => s.remove_inventory(id),
             Backend::Etcd(s) => s.remove_inventory(id),
+        }
+    }
+
+    /// Every record, as stored.
+    pub fn dump(&self) -> Result<Dump, StoreError> {
+        match &self.backend {
+            Backend::Redb(s) => s.dump(),
+            Backend::Etcd(s) => s.dump(),
+        }
+    }
+
+    /// Writes every record of `dump` into this store, which must hold nothing yet.
+    pub fn load_dump(&self, dump: &Dump) -> Result<(), StoreError> {
+        let held = self.dump()?.len();
+        if held > 0 {
+            return Err(StoreError::NotEmpty {
+                at: self.location(),
+                records: held,
+            });
+        }
+        match &self.backend {
+            Backend::Redb(s) => s.load_dump(dump),
+            Backend::Etcd(s) => s.load_dump(dump),
         }
     }
 
