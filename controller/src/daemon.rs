@@ -642,6 +642,23 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     }
 
     let election = elector.map(|elector| tokio::spawn(elector.run(election_stop)));
+    // A follower serves what its leader writes: it reads the statuses and events back now and then.
+    if let Some(leadership) = &leadership {
+        let (leadership, book, store) = (leadership.clone(), book.clone(), store.clone());
+        let every = leader_retry.max(Duration::from_secs(1)) * 2;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if leadership.role() == crate::leader::Role::Leader {
+                    continue;
+                }
+                let (book, store) = (book.clone(), store.clone());
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || book.reload(&store)).await {
+                    tracing::debug!(error = %e, "cannot read the leader's statuses");
+                }
+            }
+        }));
+    }
     let (outcome, lost) = match &leadership {
         None => (runner.run(shutdown.clone()).await, false),
         Some(leadership) => lead(runner, leadership, shutdown.clone(), stop_election).await,

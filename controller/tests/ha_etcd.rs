@@ -447,6 +447,13 @@ async fn sigterm_on_the_leader_hands_over_at_once_and_each_replica_reports_its_r
     assert!(metrics(old).contains("\nfediversity_leader_changes_total 1\n"));
     assert!(metrics(follower).contains("\nfediversity_leader 0\n"));
     assert_eq!(replicas.all[follower].api("leader")["role"], "follower");
+    // A follower serves the status its leader wrote.
+    wait_for("the follower to show d0 Ready", Duration::from_secs(15), || {
+        let items = replicas.all[follower].api("deployments")["items"]
+            .as_array()
+            .cloned()?;
+        (items.len() == 1 && condition(&items[0], "Ready").is_some_and(|c| c.0 == "True")).then_some(())
+    });
 
     replicas.all[old].signal("-TERM");
     let sent = Instant::now();
