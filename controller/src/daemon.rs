@@ -92,7 +92,8 @@ pub struct RunArgs {
     /// The infrastructure backend: `proxmox` creates VMs; `plan-only` plans hosts and touches nothing.
     #[arg(long, env = "FEDIVERSITY_PROVIDER", value_enum, default_value = "proxmox")]
     pub provider: crate::proxmox::ProviderKind,
-    /// This controller's identity in VM owner tags (default: generated once, kept in the state directory).
+    /// This controller's identity in VM owner tags (default: generated once, kept in the store, shared by
+    /// the replicas of one installation).
     #[arg(long, env = "FEDIVERSITY_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// The catalog root that Applications' `nixosModule` paths are relative to (this repository's root

@@ -843,3 +843,29 @@ fn etcd_error(config: &EtcdConfig, e: etcd_client::Error) -> StoreError {
         source: Box::new(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_url_names_every_member_and_a_prefix_that_defaults_to_fediversity() {
+        let c = EtcdConfig::parse("etcd://10.0.0.1:2379, 10.0.0.2:2379,[::1]:2379/team/a/").unwrap();
+        assert_eq!(c.endpoints, ["10.0.0.1:2379", "10.0.0.2:2379", "[::1]:2379"]);
+        assert_eq!(c.prefix, "/team/a/");
+        assert_eq!(
+            c.display(),
+            "etcd://10.0.0.1:2379,10.0.0.2:2379,[::1]:2379/team/a"
+        );
+        assert_eq!(EtcdConfig::parse("etcd://h:1").unwrap().prefix, "/fediversity/");
+        let err = EtcdConfig::parse("etcd://h:99999").unwrap_err().to_string();
+        assert!(err.contains("HOST:PORT") && err.contains("h:99999"), "{err}");
+    }
+
+    #[test]
+    fn the_end_of_a_prefix_range_is_the_first_key_after_it() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+        assert_eq!(prefix_end(&[0xff]), vec![0]);
+    }
+}
