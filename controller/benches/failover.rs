@@ -2,7 +2,8 @@
 //! simulator; the leader is SIGKILLed again and again, and each time the time from its death to the first
 //! reconcile completed by the new leader is measured (it includes the rest of the dead leader's lease).
 //! Run with `cargo bench -p fediversity --bench failover` (BENCH_KILLS, default 5; BENCH_LEASE, default
-//! 15s, the renew deadline and retry period scaled as 10/15 and 2/15 of it).
+//! 15s, the renew deadline and retry period scaled as 10/15 and 2/15 of it). Under `cargo test` it makes
+//! a short run: two kills with a 3 s lease.
 
 #[path = "../tests/etcd_support/mod.rs"]
 mod etcd_support;
@@ -70,14 +71,15 @@ fn reconciles(r: &Replica) -> f64 {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
     let kills: usize = std::env::var("BENCH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(if full { 5 } else { 2 });
     let lease = std::env::var("BENCH_LEASE")
         .ok()
         .and_then(|v| fediversity::cli::parse_duration(&v).ok())
-        .unwrap_or(Duration::from_secs(15));
+        .unwrap_or(Duration::from_secs(if full { 15 } else { 3 }));
     let cluster = etcd_support::EtcdCluster::start();
     let sim = sim(SimConfig::new().latency_scale(0.04).seed(1)).await;
     let folder = Folder::new(&endpoint(&sim), "");

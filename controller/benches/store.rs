@@ -1,7 +1,8 @@
 //! Benchmark of the two stores: the embedded redb store against a real three-member etcd cluster on
 //! loopback. Status writes per second (batched as the status writer does, and one at a time), recording
 //! 10,000 new objects (what a start does before reconciling), and the CPU of a no-op pass over them
-//! (what a resync with nothing changed costs the store). Run with `cargo bench -p fediversity --bench store`.
+//! (what a resync with nothing changed costs the store). Run with `cargo bench -p fediversity --bench store`;
+//! under `cargo test` it makes a short run over 500 objects.
 
 #[path = "../tests/etcd_support/mod.rs"]
 mod etcd_support;
@@ -70,10 +71,11 @@ fn bench(name: &str, store: &Store, objects: usize) {
 }
 
 fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
     let objects: usize = std::env::var("BENCH_OBJECTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
+        .unwrap_or(if full { 10_000 } else { 500 });
     let dir = tempfile::tempdir().expect("temp dir");
     bench("redb", &Store::open(dir.path()).expect("redb"), objects);
     let cluster = etcd_support::EtcdCluster::start();
