@@ -14,6 +14,9 @@ use fediversity_testbed::{SimConfig, SimHandle};
 use proxmox_support::*;
 use serde_json::Value;
 
+/// The bearer token of API writes on every replica.
+const API_TOKEN: &str = "ha-api-token";
+
 /// One replica: `fediversity run` against the shared etcd store, with short election timings.
 struct Replica {
     child: Child,
@@ -36,11 +39,15 @@ impl Replica {
     fn spawn(source: &Path, store: &str) -> Self {
         let state = tempfile::tempdir().unwrap();
         let port = free_port();
+        let token = state.path().join("api-token");
+        std::fs::write(&token, API_TOKEN).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
             .args(["run", "--source"])
             .arg(source)
             .arg("--state-dir")
             .arg(state.path())
+            .arg("--api-token-file")
+            .arg(&token)
             .args(["--store", store])
             .args([
                 "--leader-lease",
@@ -447,6 +454,36 @@ async fn sigterm_on_the_leader_hands_over_at_once_and_each_replica_reports_its_r
     assert!(metrics(old).contains("\nfediversity_leader_changes_total 1\n"));
     assert!(metrics(follower).contains("\nfediversity_leader 0\n"));
     assert_eq!(replicas.all[follower].api("leader")["role"], "follower");
+    // A follower refuses API writes and says where to send them.
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, API_TOKEN).unwrap();
+    let file = dir.path().join("d9.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: d9 }\nspec:\n  domain: d9.example.org\n  \
+         runtimeEnvironment: sim\n  applications:\n    mastodon: {}\n  initialUser: { displayName: Admin, email: admin@example.org }\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+        .args(["apply", "-f"])
+        .arg(&file)
+        .arg("--token-file")
+        .arg(&token)
+        .args(["--server", &replicas.all[follower].server])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success() && text.contains("follower") && text.contains("leader"),
+        "{text}"
+    );
+    assert!(!text.contains(API_TOKEN));
+
     // A follower serves the status its leader wrote.
     wait_for("the follower to show d0 Ready", Duration::from_secs(15), || {
         let items = replicas.all[follower].api("deployments")["items"]
