@@ -61,6 +61,46 @@ in
       '';
     };
 
+    store = lib.mkOption {
+      type = lib.types.nullOr lib.types.str;
+      default = null;
+      example = "etcd://10.0.0.1:2379,10.0.0.2:2379,10.0.0.3:2379/fediversity";
+      description = ''
+        Where the controller keeps its state: `null` for the embedded store under
+        /var/lib/fediversity (one controller), or an etcd cluster `etcd://HOST:PORT,…[/PREFIX]` shared
+        by several controllers (on several machines) that elect one leader; the others take over when
+        it stops. Move an existing installation with `fediversity store copy`.
+      '';
+    };
+
+    etcd = {
+      caFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "The CA certificate (PEM) of the etcd members; enables TLS. An absolute path, not copied to the Nix store.";
+      };
+      certFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "This controller's client certificate (PEM) for etcd, with `keyFile`.";
+      };
+      keyFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "The client certificate's private key, readable by the `fediversity` user. An absolute path, not copied to the Nix store.";
+      };
+      user = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "The etcd user, with `passwordFile`.";
+      };
+      passwordFile = lib.mkOption {
+        type = lib.types.nullOr lib.types.str;
+        default = null;
+        description = "A file holding the etcd user's password, readable by the `fediversity` user.";
+      };
+    };
+
     extraArgs = lib.mkOption {
       type = lib.types.listOf lib.types.str;
       default = [ ];
@@ -69,6 +109,17 @@ in
   };
 
   config = lib.mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = (cfg.etcd.certFile == null) == (cfg.etcd.keyFile == null);
+        message = "services.fediversity-controller.etcd: certFile and keyFile go together.";
+      }
+      {
+        assertion = (cfg.etcd.user == null) == (cfg.etcd.passwordFile == null);
+        message = "services.fediversity-controller.etcd: user and passwordFile go together.";
+      }
+    ];
+
     # A fixed system user rather than DynamicUser: Nix's `trusted-users` needs a name that exists.
     users.users.fediversity = {
       isSystemUser = true;
@@ -99,9 +150,16 @@ in
         ExecStart = systemdEscape (lib.escapeShellArgs (
           [ "${cfg.package}/bin/fediversity" "run" ]
           ++ lib.concatMap (source: [ "--source" source ]) cfg.sources
+          ++ lib.optionals (cfg.store != null) [ "--store" cfg.store ]
+          ++ lib.optionals (cfg.etcd.caFile != null) [ "--etcd-ca" cfg.etcd.caFile ]
+          ++ lib.optionals (cfg.etcd.certFile != null) [ "--etcd-cert" cfg.etcd.certFile ]
+          ++ lib.optionals (cfg.etcd.keyFile != null) [ "--etcd-key" cfg.etcd.keyFile ]
+          ++ lib.optionals (cfg.etcd.user != null) [ "--etcd-user" cfg.etcd.user ]
+          ++ lib.optionals (cfg.etcd.passwordFile != null) [ "--etcd-password-file" cfg.etcd.passwordFile ]
           ++ cfg.extraArgs
         ));
         EnvironmentFile = lib.mkIf (cfg.environmentFile != null) cfg.environmentFile;
+        # Also after a lost leadership (exit 3): the fresh start follows the new leader.
         Restart = "on-failure";
         RestartSec = "5s";
         TimeoutStopSec = "45s";

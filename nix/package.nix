@@ -1,7 +1,7 @@
 # Builds the `fediversity` binary from this repository: `pkgs.callPackage ./nix/package.nix { }`.
 # The workspace's `rust-version` is the oldest rustc that builds it: nixpkgs releases whose rustc is
 # older (nixos-25.05 ships 1.86) are refused here with a message, not deep inside cargo.
-{ lib, rustPlatform, rustc }:
+{ lib, rustPlatform, rustc, protobuf }:
 
 let
   workspace = (lib.importTOML ../Cargo.toml).workspace.package;
@@ -27,6 +27,8 @@ rustPlatform.buildRustPackage {
   inherit src;
   cargoLock.lockFile = ../Cargo.lock;
   cargoBuildFlags = [ "--package" "fediversity" ];
+  # The etcd client's gRPC code is generated from .proto files at build time.
+  nativeBuildInputs = [ protobuf ];
   # The test suite needs a Proxmox simulator, sshd, Nix and Prometheus: it runs in the project's CI
   # (scripts/test.sh), not in the sandbox.
   doCheck = false;

@@ -41,6 +41,14 @@ if [ ! -x /usr/lib/postgresql/15/bin/initdb ] || ! command -v pg_dump >/dev/null
   fi
   apt_install postgresql
 fi
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  log "installing etcd-server and etcd-client (the shared store is tested against a real three-member etcd cluster)"
+  apt_install etcd-server etcd-client
+fi
+if ! command -v protoc >/dev/null || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then
+  log "installing protobuf-compiler and libprotobuf-dev (the etcd client's gRPC code is generated at build time)"
+  apt_install protobuf-compiler libprotobuf-dev
+fi
 if ! command -v restic >/dev/null; then
   log "installing restic (backups go to a real restic repository over sftp on a loopback sshd)"
   apt_install restic

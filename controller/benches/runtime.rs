@@ -1,5 +1,9 @@
 //! Benchmark of the reconcile runtime: 10,000 objects with the plan-only provider, from start to all
 //! Ready. Run with `cargo bench -p fediversity --bench runtime`; prints one line per figure.
+//! `BENCH_STORE=etcd` keeps the state in a three-member etcd cluster on loopback instead of redb.
+
+#[path = "../tests/etcd_support/mod.rs"]
+mod etcd_support;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -38,9 +42,17 @@ async fn main() {
     let state = tempfile::tempdir().expect("temp dir");
     fixtures::write_tree(dir.path(), count, 100).expect("objects");
 
+    let etcd = (std::env::var("BENCH_STORE").as_deref() == Ok("etcd")).then(etcd_support::EtcdCluster::start);
+    // The clock starts once etcd is up: what is measured is the controller's start, not etcd's.
     let cpu_start = cpu_time();
     let started = Instant::now();
-    let store = Arc::new(Store::open(state.path()).expect("store"));
+    let store = Arc::new(match &etcd {
+        None => Store::open(state.path()).expect("store"),
+        Some(cluster) => {
+            let config = fediversity::store::EtcdConfig::parse(&cluster.url("bench")).expect("url");
+            Store::open_etcd(&config).expect("etcd store")
+        }
+    });
     let registry = prometheus::Registry::new();
     let desired = Arc::new(DesiredState::default());
     let (book, writer) = StatusBook::load(store.clone()).expect("book");

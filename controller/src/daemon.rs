@@ -93,7 +93,8 @@ pub struct RunArgs {
     /// The infrastructure backend: `proxmox` creates VMs; `plan-only` plans hosts and touches nothing.
     #[arg(long, env = "FEDIVERSITY_PROVIDER", value_enum, default_value = "proxmox")]
     pub provider: crate::proxmox::ProviderKind,
-    /// This controller's identity in VM owner tags (default: generated once, kept in the state directory).
+    /// This controller's identity in VM owner tags (default: generated once, kept in the store, shared by
+    /// the replicas of one installation).
     #[arg(long, env = "FEDIVERSITY_INSTANCE_ID")]
     pub instance_id: Option<String>,
     /// The catalog root that Applications' `nixosModule` paths are relative to (this repository's root
@@ -101,6 +102,55 @@ pub struct RunArgs {
     /// VMs once they have an address. Without it, hosts are only provisioned.
     #[arg(long, env = "FEDIVERSITY_NIXOS_CATALOG")]
     pub nixos_catalog: Option<PathBuf>,
+    /// Where state is kept: the embedded store under --state-dir (default), or an etcd cluster
+    /// `etcd://HOST:PORT,HOST:PORT[/PREFIX]` shared by several replicas, one of which leads.
+    #[arg(long, env = "FEDIVERSITY_STORE")]
+    pub store: Option<String>,
+    /// etcd over TLS: the CA certificate (PEM) that signed the members' certificates.
+    #[arg(long, env = "FEDIVERSITY_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// etcd over TLS: this controller's client certificate (PEM), with --etcd-key.
+    #[arg(long, env = "FEDIVERSITY_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// etcd over TLS: the client certificate's private key (PEM).
+    #[arg(long, env = "FEDIVERSITY_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// The etcd user (with --etcd-password-file).
+    #[arg(long, env = "FEDIVERSITY_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// A file holding the etcd user's password.
+    #[arg(long, env = "FEDIVERSITY_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// With etcd: how long the leader key outlives the leader's last renewal.
+    #[arg(long, env = "FEDIVERSITY_LEADER_LEASE", default_value = "15s", value_parser = crate::api::parse_duration)]
+    pub leader_lease: Duration,
+    /// With etcd: the leader stops acting when it could not renew for this long (shorter than the lease).
+    #[arg(long, env = "FEDIVERSITY_LEADER_RENEW_DEADLINE", default_value = "10s", value_parser = crate::api::parse_duration)]
+    pub leader_renew_deadline: Duration,
+    /// With etcd: how often the leader renews and the others try to take over.
+    #[arg(long, env = "FEDIVERSITY_LEADER_RETRY", default_value = "2s", value_parser = crate::api::parse_duration)]
+    pub leader_retry: Duration,
+}
+
+/// The etcd settings the flags name, when `--store` is an etcd URL.
+pub fn etcd_config(
+    url: &str,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+) -> anyhow::Result<crate::store::EtcdConfig> {
+    let mut config = crate::store::EtcdConfig::parse(url)?;
+    if ca.is_some() || cert.is_some() || key.is_some() {
+        config.tls = Some(crate::store::EtcdTls { ca, cert, key });
+    }
+    match (user, password_file) {
+        (Some(user), Some(file)) => config.user = Some((user, file)),
+        (None, None) => {}
+        _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
+    }
+    Ok(config)
 }
 
 fn parse_source(text: &str) -> Result<SourceSpec, String> {
@@ -303,6 +353,15 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         provider,
         instance_id,
         nixos_catalog,
+        store: store_url,
+        etcd_ca,
+        etcd_cert,
+        etcd_key,
+        etcd_user,
+        etcd_password_file,
+        leader_lease,
+        leader_renew_deadline,
+        leader_retry,
     } = args;
     init_logging(log_format, std::io::stderr, false);
     let open_files = crate::http::serve::raise_open_files_limit();
@@ -323,8 +382,15 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     }
     crate::source::spec::check_unique(&sources)?;
     let token = api_token_file.as_deref().map(read_token).transpose()?;
-    let store = Arc::new(Store::open(&state_dir)?);
-    tracing::info!(store = %store.path().display(), "store opened");
+    let store = Arc::new(match &store_url {
+        None => Store::open(&state_dir)?,
+        Some(url) => {
+            let config = etcd_config(url, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file)?;
+            let open = tokio::task::spawn_blocking(move || Store::open_etcd(&config));
+            open.await.context("the etcd client stopped")??
+        }
+    });
+    tracing::info!(store = %store.location(), "store opened");
 
     let registry = Registry::new();
     #[cfg(target_os = "linux")]
@@ -341,6 +407,24 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     registry.register(Box::new(build_info.clone()))?;
     registry.register(Box::new(store.commit_counter()))?;
     build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    // With a shared store, replicas elect one leader; only it runs the work queue.
+    let (stop_election, election_stop) = watch::channel(false);
+    let (elector, leadership) = if store.etcd().is_some() {
+        let identity = format!("{}-{}", crate::leader::host_name(), std::process::id());
+        let (elector, leadership) = crate::leader::Elector::new(
+            store.clone(),
+            crate::leader::ElectionConfig {
+                lease: leader_lease,
+                renew_deadline: leader_renew_deadline,
+                retry: leader_retry,
+                identity,
+            },
+            &registry,
+        )?;
+        (Some(elector), Some(leadership))
+    } else {
+        (None, None)
+    };
 
     let desired = Arc::new(DesiredState::default());
     let (book, writer) = StatusBook::load(store.clone())?;
@@ -499,6 +583,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             desired: desired.clone(),
             book: book.clone(),
             registry: registry.clone(),
+            leadership: leadership.clone(),
             trigger,
             writes: Arc::new(crate::http::Writes {
                 token,
@@ -558,7 +643,31 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         tasks.push(tokio::spawn(service.run(shutdown.clone())));
     }
 
-    let outcome = runner.run(shutdown.clone()).await;
+    let election = elector.map(|elector| tokio::spawn(elector.run(election_stop)));
+    // A follower serves what its leader writes: it reads the statuses and events back now and then.
+    if let Some(leadership) = &leadership {
+        let (leadership, book, store) = (leadership.clone(), book.clone(), store.clone());
+        let every = leader_retry.max(Duration::from_secs(1)) * 2;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if leadership.role() == crate::leader::Role::Leader {
+                    continue;
+                }
+                let (book, store) = (book.clone(), store.clone());
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || book.reload(&store)).await {
+                    tracing::debug!(error = %e, "cannot read the leader's statuses");
+                }
+            }
+        }));
+    }
+    let (outcome, lost) = match &leadership {
+        None => (runner.run(shutdown.clone()).await, false),
+        Some(leadership) => lead(runner, leadership, shutdown.clone(), stop_election).await,
+    };
+    if let Some(election) = election {
+        let _ = election.await;
+    }
     feeder.abort();
     for task in tasks {
         task.abort();
@@ -567,6 +676,10 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     drop(book);
     writer.abort();
     server.abort();
+    if lost {
+        tracing::error!("lost the leadership: exiting so that a fresh start follows the new leader");
+        return Ok(3);
+    }
     match outcome {
         RunOutcome::Drained => {
             tracing::info!("drained: every running reconcile finished; exiting");
@@ -577,6 +690,58 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
             Ok(1)
         }
     }
+}
+
+/// With several replicas: waits for leadership (or shutdown), then runs the work queue until shutdown
+/// or until leadership is lost (then everything running is aborted at once). On shutdown the
+/// leadership is resigned first, so that another replica takes over while this one drains; what still
+/// runs here can no longer make guarded writes. Returns the outcome and whether leadership was lost.
+async fn lead(
+    runner: Runner,
+    leadership: &crate::leader::Leadership,
+    shutdown: watch::Receiver<ShutdownState>,
+    stop_election: watch::Sender<bool>,
+) -> (RunOutcome, bool) {
+    use crate::leader::Role;
+    let mut role = leadership.watch();
+    let mut outer = shutdown.clone();
+    tokio::select! {
+        _ = role.wait_for(|r| *r == Role::Leader) => {}
+        _ = outer.wait_for(|s| *s != ShutdownState::Running) => {
+            let _ = stop_election.send(true);
+            return (RunOutcome::Drained, false);
+        }
+    }
+    let (tx, rx) = watch::channel(ShutdownState::Running);
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let relay = {
+        let lost = lost.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = outer.changed() => {
+                        if changed.is_err() { return }
+                        let state = *outer.borrow();
+                        if state != ShutdownState::Running {
+                            let _ = stop_election.send(true);
+                        }
+                        let _ = tx.send(state);
+                    }
+                    changed = role.changed() => {
+                        if changed.is_err() { return }
+                        if *role.borrow() != Role::Leader && *outer.borrow() == ShutdownState::Running {
+                            lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                            let _ = stop_election.send(true);
+                            let _ = tx.send(ShutdownState::Aborting);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let outcome = runner.run(rx).await;
+    relay.abort();
+    (outcome, lost.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 /// The store entry that remembers a source across restarts.

@@ -48,8 +48,8 @@ pub fn installation_id(
         dir: state_dir.display().to_string(),
         source,
     })?;
-    store.put_inventory(INVENTORY_ID, &id)?;
-    Ok(id)
+    // Replicas starting together agree on whichever id reached the store first.
+    Ok(store.claim_inventory(INVENTORY_ID, &id)?)
 }
 
 /// The file in the state directory that keeps the controller instance id.

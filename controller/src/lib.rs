@@ -8,6 +8,7 @@ pub mod dns;
 pub mod fixtures;
 pub mod http;
 pub mod installation;
+pub mod leader;
 pub mod load;
 pub mod nixos;
 pub mod provider;

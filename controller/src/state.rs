@@ -363,6 +363,32 @@ impl StatusBook {
         Ok((book, write_batches(store, rx)))
     }
 
+    /// Replaces what the book holds with what the store holds, without writing anything: a follower
+    /// replica's view of the statuses and events its leader writes.
+    pub fn reload(&self, store: &Store) -> Result<(), StoreError> {
+        let parse = |id: &str| id.parse::<ObjectKey>().ok();
+        let statuses: HashMap<ObjectKey, serde_json::Value> = store
+            .statuses()?
+            .into_iter()
+            .filter_map(|(id, v)| Some((parse(&id)?, v)))
+            .collect();
+        let mut events: HashMap<ObjectKey, VecDeque<Event>> = HashMap::new();
+        for (id, event) in store.all_events()? {
+            if let Some(key) = parse(&id) {
+                events.entry(key).or_default().push_back(event);
+            }
+        }
+        *self
+            .statuses
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = statuses;
+        *self
+            .events
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = events;
+        Ok(())
+    }
+
     /// An object's status.
     pub fn status(&self, key: &ObjectKey) -> Option<serde_json::Value> {
         self.statuses

@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     // persistence and the engine
     "store",
     "installation",
+    "leader",
     "runtime",
     // what providers are given and report
     "provider",

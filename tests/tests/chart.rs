@@ -122,6 +122,51 @@ fn the_chart_runs_one_hardened_replica_with_its_state_on_a_kept_volume() {
 }
 
 #[test]
+fn with_an_etcd_endpoint_the_chart_runs_three_replicas_on_the_shared_store_without_a_volume() {
+    let manifests = render(&[
+        "--set",
+        "etcd.endpoints=etcd://etcd-0:2379\\,etcd-1:2379\\,etcd-2:2379/fediversity",
+        "--set",
+        "etcd.existingSecret=etcd-client",
+        "--set",
+        "etcd.tls=true",
+        "--set",
+        "etcd.clientCertificate=true",
+    ]);
+    let docs: Vec<serde_json::Value> = manifests
+        .split("\n---")
+        .filter_map(|d| yaml_serde::from_str::<serde_json::Value>(d).ok())
+        .filter(|d| d.is_object())
+        .collect();
+    assert!(!docs.iter().any(|d| d["kind"] == "PersistentVolumeClaim"));
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert_eq!(deployment["spec"]["strategy"]["type"], "RollingUpdate");
+    let args: Vec<&str> = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    for arg in [
+        "--store=etcd://etcd-0:2379,etcd-1:2379,etcd-2:2379/fediversity",
+        "--etcd-ca=/run/secrets/fediversity/etcd/ca.pem",
+        "--etcd-cert=/run/secrets/fediversity/etcd/cert.pem",
+        "--etcd-key=/run/secrets/fediversity/etcd/key.pem",
+    ] {
+        assert!(args.contains(&arg), "{arg} missing from {args:?}");
+    }
+    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+    let etcd = volumes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "etcd")
+        .unwrap();
+    assert_eq!(etcd["secret"]["secretName"], "etcd-client");
+}
+
+#[test]
 fn alert_rules_pass_promtool_check_and_their_unit_tests() {
     let promtool = tool("PROMTOOL", "promtool");
     let out = run(Command::new(&promtool)

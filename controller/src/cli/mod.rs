@@ -5,6 +5,7 @@ mod client;
 mod demo;
 mod output;
 mod remote;
+mod store;
 mod validate;
 mod write;
 
@@ -59,6 +60,9 @@ pub enum Command {
     /// SSH (the controller's key, the host key the controller pinned) and deleted on the host. Give it
     /// to the operator, who changes it at first login.
     FirstPassword(Box<FirstPasswordArgs>),
+    /// Works on the controller's store: `copy` moves an installation to etcd (or back).
+    #[command(subcommand)]
+    Store(store::StoreCommand),
     /// Prints the Kubernetes CustomResourceDefinitions of the three kinds, or writes one file per kind.
     Crds {
         /// Writes `fediversity.eu_<plural>.yaml` files into this folder instead of printing.
@@ -225,6 +229,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Demo(args) => demo::run(*args).await,
         Command::Validate { paths, quiet } => Ok(validate::run(&paths, quiet, &mut std::io::stdout())?),
         Command::FirstPassword(args) => first_password(*args).await,
+        Command::Store(command) => {
+            tokio::task::spawn_blocking(move || store::run(command, &mut std::io::stdout())).await?
+        }
         Command::Crds { output_dir: None } => {
             print!("{}", crate::api::crd::all_yaml());
             Ok(0)

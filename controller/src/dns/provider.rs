@@ -249,6 +249,13 @@ impl Core {
                     return Ok(Outcome::Foreign(format!("not updated: the store failed: {e}")));
                 }
             }
+            // With several replicas only a leader that renewed its lease recently changes a zone.
+            if !self.store.may_act() {
+                return Ok(Outcome::Foreign(format!(
+                    "not updated: {}",
+                    crate::store::StoreError::NotLeader
+                )));
+            }
             match zone.apply(&change).await? {
                 Applied::Done => {
                     self.metrics.result(kind.label());

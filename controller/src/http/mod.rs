@@ -27,6 +27,8 @@ pub struct ApiState {
     pub book: Arc<StatusBook>,
     /// Every metric.
     pub registry: prometheus::Registry,
+    /// This replica's role, when several share an etcd store.
+    pub leadership: Option<crate::leader::Leadership>,
     /// Wakes an object now.
     pub trigger: Trigger,
     /// Writes over the API and the sources' endpoints.
@@ -46,6 +48,7 @@ pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/leader", get(leader))
         .route("/api/v1/events", get(events))
         .route("/api/v1/source", get(source))
         .route("/api/v1/sources", get(write::sources))
@@ -72,14 +75,33 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 async fn readyz(State(state): State<ApiState>) -> Response {
+    let role = state.leadership.as_ref().map(|l| l.role());
+    if role == Some(crate::leader::Role::Unavailable) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "etcd is unreachable or has no quorum: not acting\n",
+        )
+            .into_response();
+    }
     if state.desired.is_ready() {
-        (StatusCode::OK, "ready\n").into_response()
+        match role {
+            Some(role) => (StatusCode::OK, format!("ready ({})\n", role.as_str())).into_response(),
+            None => (StatusCode::OK, "ready\n").into_response(),
+        }
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             "waiting for the first complete snapshot\n",
         )
             .into_response()
+    }
+}
+
+/// This replica's role: `leader`, `follower`, `unavailable`, or `single` without a shared store.
+async fn leader(State(state): State<ApiState>) -> Response {
+    match &state.leadership {
+        None => axum::Json(json!({ "role": "single" })).into_response(),
+        Some(l) => axum::Json(json!({ "role": l.role().as_str(), "identity": l.identity })).into_response(),
     }
 }
 

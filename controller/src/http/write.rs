@@ -100,6 +100,10 @@ fn refusal(e: &ApiSourceError) -> Response {
         ApiSourceError::Empty | ApiSourceError::WrongKind { .. } => {
             error(StatusCode::BAD_REQUEST, e.to_string())
         }
+        ApiSourceError::Store(crate::store::StoreError::NotLeader) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica is a follower: send writes to the leader (GET /api/v1/leader on each replica)",
+        ),
         ApiSourceError::Store(_) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }

@@ -281,6 +281,16 @@ fn waiting(reason: &'static str, message: impl Into<String>) -> HostOutcome {
 }
 
 impl HostRun<'_> {
+    /// Refuses to touch Proxmox unless this replica may act now (it leads, with a lease renewed
+    /// recently enough; always true with the embedded store). Checked right before each change.
+    fn may_act(&self) -> Result<(), LifecycleError> {
+        if self.store.may_act() {
+            Ok(())
+        } else {
+            Err(crate::store::StoreError::NotLeader.into())
+        }
+    }
+
     fn save(&self) -> Result<(), LifecycleError> {
         if let Some(r) = &self.record {
             self.store
@@ -417,6 +427,7 @@ impl HostRun<'_> {
                 let Some((vmid, node)) = self.vm() else {
                     return Ok(HostOutcome::Done);
                 };
+                self.may_act()?;
                 if let Some(upid) = env.api.resize(&node, vmid, "scsi0", *gib).await? {
                     return self.track(upid).await;
                 }
@@ -433,6 +444,7 @@ impl HostRun<'_> {
                 let Some((vmid, node)) = self.vm() else {
                     return Ok(HostOutcome::Done);
                 };
+                self.may_act()?;
                 let upid = env.api.power(&node, vmid, true).await?;
                 let outcome = self.track(upid).await?;
                 self.running = true;
@@ -449,11 +461,13 @@ impl HostRun<'_> {
                 let Some((vmid, node)) = self.vm() else {
                     return Ok(HostOutcome::Done);
                 };
+                self.may_act()?;
                 let upid = env.api.power(&node, vmid, false).await?;
                 let outcome = self.track(upid).await?;
                 if outcome != HostOutcome::Done {
                     return Ok(outcome);
                 }
+                self.may_act()?;
                 let upid = env.api.power(&node, vmid, true).await?;
                 let outcome = self.track(upid).await?;
                 if let Some(r) = &mut self.record {
@@ -624,6 +638,7 @@ impl HostRun<'_> {
             storage: Some(env.spec.storage.clone()),
             pool: env.spec.pool.clone(),
         };
+        self.may_act()?;
         let upid = match env.api.clone_vm(&request).await {
             Ok(upid) => upid,
             Err(ProxmoxError::AlreadyExists(m)) => {
@@ -706,6 +721,7 @@ impl HostRun<'_> {
         }
         let changes = self.desired_config(&current);
         if !changes.is_empty() {
+            self.may_act()?;
             env.api
                 .set_config(&node, vmid, &changes, current.get("digest").map(String::as_str))
                 .await?;
@@ -882,12 +898,14 @@ impl HostRun<'_> {
             ));
         }
         if self.running {
+            self.may_act()?;
             let upid = env.api.power(&node, vmid, false).await?;
             let outcome = self.track(upid).await?;
             if outcome != HostOutcome::Done {
                 return Ok(outcome);
             }
         }
+        self.may_act()?;
         let upid = match env.api.destroy(&node, vmid).await {
             Ok(upid) => upid,
             Err(ProxmoxError::NotFound(_)) => {

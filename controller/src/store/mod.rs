@@ -1,16 +1,21 @@
-//! The embedded store (redb) under the state directory: generations, status, events and the inventory.
+//! The store: generations, status, events and the inventory, in embedded redb or in etcd.
 //!
-//! Every write is one ACID transaction committed with fsync, so the store survives `kill -9` at any
-//! moment: after a restart each value is exactly as last committed.
+//! redb (the default) lives under the state directory; every write is one ACID transaction committed
+//! with fsync, so the store survives `kill -9` at any moment. etcd holds the same records for several
+//! replicas, and conditions the writes that guard external actions on leadership (see `crate::leader`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::api::{Event, ObjectKey, Timestamp};
+
+mod embedded;
+mod etcd;
+
+pub use etcd::{EtcdConfig, EtcdTls, Fence, try_lead, unreachable};
 
 /// The store format this build writes; a store written by a newer format is refused.
 pub const FORMAT_VERSION: u64 = 1;
@@ -18,12 +23,6 @@ pub const FORMAT_VERSION: u64 = 1;
 pub const FILE_NAME: &str = "state.redb";
 /// Events kept per object; older ones are dropped (like Kubernetes' event TTL, but by count).
 pub const MAX_EVENTS_PER_OBJECT: usize = 64;
-
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
-const STATUS: TableDefinition<&str, &[u8]> = TableDefinition::new("status");
-const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
-const INVENTORY: TableDefinition<&str, &[u8]> = TableDefinition::new("inventory");
 
 /// A failure of the embedded store.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +50,42 @@ pub enum StoreError {
         /// The version found.
         found: u64,
     },
+    /// The store URL or an etcd option is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// etcd refused or failed a call.
+    #[error("etcd at {at} failed: {source}; check that the cluster is reachable and has a quorum")]
+    Etcd {
+        /// The store URL.
+        at: String,
+        /// Why.
+        #[source]
+        source: Box<etcd_client::Error>,
+    },
+    /// etcd did not answer in time (a lost quorum looks like this).
+    #[error("etcd at {at} did not answer within {seconds} s; check that a majority of its members is up")]
+    EtcdTimeout {
+        /// The store URL.
+        at: String,
+        /// The timeout.
+        seconds: f64,
+    },
+    /// A write that guards an external action was refused: this replica does not hold leadership.
+    #[error("this replica is not the leader (or could not renew its lease in time); it does not act")]
+    NotLeader,
+    /// A copy would mix two installations' records.
+    #[error(
+        "the store {at} already holds {records} records; copy only into an empty store (a new etcd prefix or state directory)"
+    )]
+    NotEmpty {
+        /// The destination.
+        at: String,
+        /// How many records it holds.
+        records: usize,
+    },
+    /// Other replicas kept changing the records this write read.
+    #[error("the write kept conflicting with other replicas' writes; it is retried on the next change")]
+    Contended,
     /// A database operation failed.
     #[error("store operation failed: {0}")]
     Database(#[source] Box<redb::Error>),
@@ -66,10 +101,6 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
-}
-
-fn dberr<E: Into<redb::Error>>(e: E) -> StoreError {
-    StoreError::Database(Box::new(e.into()))
 }
 
 /// One write of a batch given to [`Store::apply`].
@@ -135,201 +166,178 @@ pub fn canonical_hash(value: &serde_json::Value) -> String {
         .collect()
 }
 
-/// The controller's durable memory.
-pub struct Store {
-    db: Database,
-    path: PathBuf,
-    commits: prometheus::IntCounter,
-}
-
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
-    }
-}
-
-fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+pub(crate) fn decode<T: for<'de> Deserialize<'de>>(key: &str, bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
         key: key.into(),
         source,
     })
 }
 
-fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Plain data with string keys always serializes.
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// Every record of a store as stored (JSON bytes), for moving an installation between stores.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Dump {
+    /// Object records by object id.
+    pub objects: Vec<(String, Vec<u8>)>,
+    /// Statuses by object id.
+    pub statuses: Vec<(String, Vec<u8>)>,
+    /// Events by object id and sequence number.
+    pub events: Vec<(String, u64, Vec<u8>)>,
+    /// Inventory entries by id.
+    pub inventory: Vec<(String, Vec<u8>)>,
+}
+
+impl Dump {
+    /// The same records in one order whatever store they came from.
+    pub fn sorted(mut self) -> Self {
+        self.objects.sort();
+        self.statuses.sort();
+        self.events.sort();
+        self.inventory.sort();
+        self
+    }
+
+    /// How many records it holds.
+    pub fn len(&self) -> usize {
+        self.objects.len() + self.statuses.len() + self.events.len() + self.inventory.len()
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Which engine holds the records.
+enum Backend {
+    /// The embedded redb file (one replica).
+    Redb(embedded::Redb),
+    /// An etcd cluster (one or more replicas).
+    Etcd(Box<etcd::Etcd>),
+}
+
+/// The controller's durable memory: the embedded redb store by default, or etcd for several replicas.
+/// Both keep the same records with the same meaning (the store contract).
+pub struct Store {
+    backend: Backend,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("at", &self.location()).finish()
+    }
+}
+
 impl Store {
-    /// Opens (or creates) the store in `state_dir`.
+    /// Opens (or creates) the embedded store in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<Self, StoreError> {
-        std::fs::create_dir_all(state_dir).map_err(|source| StoreError::CreateDir {
-            path: state_dir.into(),
-            source,
-        })?;
-        let path = state_dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
-            other => dberr(other),
-        })?;
-        // A store that already has its format and every table is opened without a write: a restart
-        // with nothing changed leaves the file as it was.
-        let complete = {
-            let txn = db.begin_read().map_err(dberr)?;
-            let found = match txn.open_table(META) {
-                Ok(meta) => meta.get("format_version").map_err(dberr)?.map(|v| v.value()),
-                Err(redb::TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(dberr(e)),
-            };
-            if let Some(found) = found
-                && found > FORMAT_VERSION
-            {
-                return Err(StoreError::NewerFormat { path, found });
-            }
-            found.is_some()
-                && txn.open_table(OBJECTS).is_ok()
-                && txn.open_table(STATUS).is_ok()
-                && txn.open_table(EVENTS).is_ok()
-                && txn.open_table(INVENTORY).is_ok()
-        };
-        if !complete {
-            let txn = db.begin_write().map_err(dberr)?;
-            {
-                let mut meta = txn.open_table(META).map_err(dberr)?;
-                if meta.get("format_version").map_err(dberr)?.is_none() {
-                    meta.insert("format_version", FORMAT_VERSION).map_err(dberr)?;
-                }
-                txn.open_table(OBJECTS).map_err(dberr)?;
-                txn.open_table(STATUS).map_err(dberr)?;
-                txn.open_table(EVENTS).map_err(dberr)?;
-                txn.open_table(INVENTORY).map_err(dberr)?;
-            }
-            txn.commit().map_err(dberr)?;
+        Ok(Self {
+            backend: Backend::Redb(embedded::Redb::open(state_dir)?),
+        })
+    }
+
+    /// Connects to the etcd store `config` names (creating its format record on first use).
+    pub fn open_etcd(config: &EtcdConfig) -> Result<Self, StoreError> {
+        Ok(Self {
+            backend: Backend::Etcd(Box::new(etcd::Etcd::open(config)?)),
+        })
+    }
+
+    /// Where the records are: the redb file or the etcd URL (without credentials).
+    pub fn location(&self) -> String {
+        match &self.backend {
+            Backend::Redb(s) => s.path().display().to_string(),
+            Backend::Etcd(s) => s.config().display(),
         }
-        let commits = prometheus::IntCounter::new(
-            "fediversity_store_commits_total",
-            "Write transactions committed to the embedded store since start.",
-        )?;
-        Ok(Self { db, path, commits })
+    }
+
+    /// The etcd settings and a client per member, when the store is etcd.
+    pub fn etcd(&self) -> Option<(EtcdConfig, Vec<etcd_client::Client>)> {
+        match &self.backend {
+            Backend::Redb(_) => None,
+            Backend::Etcd(s) => Some((s.config().clone(), s.clients())),
+        }
+    }
+
+    /// Makes writes that guard external actions need leadership (several replicas share the store).
+    /// Only etcd stores can be shared; for redb this does nothing.
+    pub fn require_leadership(&self) {
+        if let Backend::Etcd(s) = &self.backend {
+            s.set_fenced(true);
+        }
+    }
+
+    /// Sets (or clears) the proof of leadership guarded writes are conditioned on.
+    pub fn set_fence(&self, fence: Option<Fence>) {
+        if let Backend::Etcd(s) = &self.backend {
+            s.set_fence(fence);
+        }
+    }
+
+    /// Whether this replica may act on external systems now: always for a store nobody else shares,
+    /// else only while it holds a leadership it renewed recently enough.
+    pub fn may_act(&self) -> bool {
+        match &self.backend {
+            Backend::Redb(_) => true,
+            Backend::Etcd(s) => s.may_act(),
+        }
     }
 
     /// The counter of write transactions committed since the store was opened, for the metrics registry.
     pub fn commit_counter(&self) -> prometheus::IntCounter {
-        self.commits.clone()
-    }
-
-    fn commit(&self, txn: redb::WriteTransaction) -> Result<(), StoreError> {
-        txn.commit().map_err(dberr)?;
-        self.commits.inc();
-        Ok(())
-    }
-
-    /// The store file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        match &self.backend {
+            Backend::Redb(s) => s.commit_counter(),
+            Backend::Etcd(s) => s.commit_counter(),
+        }
     }
 
     /// Records the current spec hash of each object and returns each object's generation: 1 for a new
-    /// object, one more than before for a changed spec, unchanged otherwise. One transaction for all.
+    /// object, one more than before for a changed spec, unchanged otherwise. One transaction for all
+    /// (with etcd: one per chunk, each conditioned on the records it read).
     pub fn observe_specs<'a>(
         &self,
         specs: impl IntoIterator<Item = (&'a ObjectKey, String)>,
     ) -> Result<BTreeMap<ObjectKey, u64>, StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
-        let mut generations = BTreeMap::new();
-        let mut wrote = false;
-        {
-            let mut table = txn.open_table(OBJECTS).map_err(dberr)?;
-            for (key, spec_hash) in specs {
-                let id = key.to_string();
-                let old: Option<ObjectRecord> = match table.get(id.as_str()).map_err(dberr)? {
-                    Some(bytes) => Some(decode(&id, bytes.value())?),
-                    None => None,
-                };
-                let record = match old {
-                    Some(old) if old.spec_hash == spec_hash => old,
-                    Some(old) => ObjectRecord {
-                        generation: old.generation + 1,
-                        spec_hash,
-                        ..old
-                    },
-                    None => ObjectRecord {
-                        generation: 1,
-                        spec_hash,
-                        created: Timestamp::now(),
-                        next_event: 0,
-                    },
-                };
-                if table.get(id.as_str()).map_err(dberr)?.map(|b| b.value().to_vec()) != Some(encode(&record))
-                {
-                    table
-                        .insert(id.as_str(), encode(&record).as_slice())
-                        .map_err(dberr)?;
-                    wrote = true;
-                }
-                generations.insert(key.clone(), record.generation);
-            }
+        match &self.backend {
+            Backend::Redb(s) => s.observe_specs(specs),
+            Backend::Etcd(s) => s.observe_specs(specs),
         }
-        if wrote {
-            self.commit(txn)?;
-        } else {
-            txn.abort().map_err(dberr)?;
-        }
-        Ok(generations)
     }
 
     /// What the store keeps of an object.
     pub fn object(&self, key: &ObjectKey) -> Result<Option<ObjectRecord>, StoreError> {
-        let id = key.to_string();
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(OBJECTS).map_err(dberr)?;
-        let value = table.get(id.as_str()).map_err(dberr)?;
-        value.map(|v| decode(&id, v.value())).transpose()
+        match &self.backend {
+            Backend::Redb(s) => s.object(key),
+            Backend::Etcd(s) => s.object(key),
+        }
     }
 
     /// Every object the store knows, with its record.
     pub fn objects(&self) -> Result<Vec<(String, ObjectRecord)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(OBJECTS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(dberr)? {
-            let (k, v) = entry.map_err(dberr)?;
-            out.push((k.value().to_owned(), decode(k.value(), v.value())?));
+        match &self.backend {
+            Backend::Redb(s) => s.objects(),
+            Backend::Etcd(s) => s.objects(),
         }
-        Ok(out)
     }
 
     /// Writes an object's status if it differs from the stored one; returns whether it wrote.
     pub fn put_status<T: Serialize>(&self, key: &ObjectKey, status: &T) -> Result<bool, StoreError> {
-        let id = key.to_string();
-        let bytes = encode(status);
-        let txn = self.db.begin_write().map_err(dberr)?;
-        let changed = {
-            let mut table = txn.open_table(STATUS).map_err(dberr)?;
-            let same = table
-                .get(id.as_str())
-                .map_err(dberr)?
-                .is_some_and(|old| old.value() == bytes.as_slice());
-            if !same {
-                table.insert(id.as_str(), bytes.as_slice()).map_err(dberr)?;
-            }
-            !same
-        };
-        if changed {
-            self.commit(txn)?;
-        } else {
-            txn.abort().map_err(dberr)?;
+        match &self.backend {
+            Backend::Redb(s) => s.put_status(key, status),
+            Backend::Etcd(s) => s.put_status(key, encode(status)),
         }
-        Ok(changed)
     }
 
     /// An object's status.
     pub fn status<T: for<'de> Deserialize<'de>>(&self, key: &ObjectKey) -> Result<Option<T>, StoreError> {
-        let id = key.to_string();
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(STATUS).map_err(dberr)?;
-        let value = table.get(id.as_str()).map_err(dberr)?;
-        value.map(|v| decode(&id, v.value())).transpose()
+        match &self.backend {
+            Backend::Redb(s) => s.status(key),
+            Backend::Etcd(s) => s.status(key)?.map(|v| decode(&key.to_string(), &v)).transpose(),
+        }
     }
 
     /// Appends an event to an object's log, dropping the oldest beyond [`MAX_EVENTS_PER_OBJECT`]. Events
@@ -340,18 +348,10 @@ impl Store {
 
     /// An object's events, oldest first.
     pub fn events(&self, key: &ObjectKey) -> Result<Vec<Event>, StoreError> {
-        let id = key.to_string();
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(EVENTS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for entry in table
-            .range((id.as_str(), 0)..=(id.as_str(), u64::MAX))
-            .map_err(dberr)?
-        {
-            let (_, v) = entry.map_err(dberr)?;
-            out.push(decode(&id, v.value())?);
+        match &self.backend {
+            Backend::Redb(s) => s.events(key),
+            Backend::Etcd(s) => s.events(key),
         }
-        Ok(out)
     }
 
     /// Removes an object's record, status and events (after its cleanup succeeded).
@@ -360,102 +360,61 @@ impl Store {
     }
 
     /// Applies many status, event and removal writes in one transaction (one fsync): the status
-    /// writer's batches. Statuses are written as given (the caller has already compared them).
+    /// writer's batches. Statuses are written as given (the caller has already compared them). With
+    /// etcd, large batches take several transactions, each whole per object.
     pub fn apply(&self, writes: &[Write]) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
+        match &self.backend {
+            Backend::Redb(s) => s.apply(writes),
+            Backend::Etcd(s) => s.apply(writes),
         }
-        let txn = self.db.begin_write().map_err(dberr)?;
-        {
-            let mut objects = txn.open_table(OBJECTS).map_err(dberr)?;
-            let mut status = txn.open_table(STATUS).map_err(dberr)?;
-            let mut events = txn.open_table(EVENTS).map_err(dberr)?;
-            for write in writes {
-                match write {
-                    Write::Status(key, value) => {
-                        let id = key.to_string();
-                        status
-                            .insert(id.as_str(), encode(value).as_slice())
-                            .map_err(dberr)?;
-                    }
-                    Write::Event(key, event) => {
-                        let id = key.to_string();
-                        let record: Option<ObjectRecord> = match objects.get(id.as_str()).map_err(dberr)? {
-                            Some(bytes) => Some(decode(&id, bytes.value())?),
-                            None => None,
-                        };
-                        let Some(mut record) = record else { continue };
-                        let seq = record.next_event;
-                        record.next_event += 1;
-                        objects
-                            .insert(id.as_str(), encode(&record).as_slice())
-                            .map_err(dberr)?;
-                        events
-                            .insert((id.as_str(), seq), encode(event).as_slice())
-                            .map_err(dberr)?;
-                        let keep_from = (seq + 1).saturating_sub(MAX_EVENTS_PER_OBJECT as u64);
-                        if keep_from > 0 {
-                            events
-                                .retain_in((id.as_str(), 0)..(id.as_str(), keep_from), |_, _| false)
-                                .map_err(dberr)?;
-                        }
-                    }
-                    Write::Forget(key) => {
-                        let id = key.to_string();
-                        objects.remove(id.as_str()).map_err(dberr)?;
-                        status.remove(id.as_str()).map_err(dberr)?;
-                        events
-                            .retain_in((id.as_str(), 0)..=(id.as_str(), u64::MAX), |_, _| false)
-                            .map_err(dberr)?;
-                    }
-                }
-            }
-        }
-        self.commit(txn)
     }
 
     /// Every stored status, by object.
     pub fn statuses(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(STATUS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(dberr)? {
-            let (k, v) = entry.map_err(dberr)?;
-            out.push((k.value().to_owned(), decode(k.value(), v.value())?));
+        match &self.backend {
+            Backend::Redb(s) => s.statuses(),
+            Backend::Etcd(s) => s.statuses(),
         }
-        Ok(out)
     }
 
     /// The newest events of every object, oldest first per object.
     pub fn all_events(&self) -> Result<Vec<(String, Event)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(EVENTS).map_err(dberr)?;
-        let mut out = Vec::new();
-        for entry in table.iter().map_err(dberr)? {
-            let (k, v) = entry.map_err(dberr)?;
-            let id = k.value().0.to_owned();
-            let event = decode(&id, v.value())?;
-            out.push((id, event));
+        match &self.backend {
+            Backend::Redb(s) => s.all_events(),
+            Backend::Etcd(s) => s.all_events(),
         }
-        Ok(out)
     }
 
-    /// Records (or replaces) an inventory entry: an external thing the controller created or is creating.
+    /// Records (or replaces) an inventory entry: an external thing the controller created or is
+    /// creating. When leadership is required, the write is conditioned on holding it (fencing) and
+    /// fails with [`StoreError::NotLeader`] otherwise.
     pub fn put_inventory<T: Serialize>(&self, id: &str, entry: &T) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
-        txn.open_table(INVENTORY)
-            .map_err(dberr)?
-            .insert(id, encode(entry).as_slice())
-            .map_err(dberr)?;
-        self.commit(txn)
+        match &self.backend {
+            Backend::Redb(s) => s.put_inventory(id, entry),
+            Backend::Etcd(s) => s.put_inventory(id, encode(entry)),
+        }
+    }
+
+    /// Writes an inventory entry unless one exists (never conditioned on leadership); returns the
+    /// entry the store then holds, so that every replica agrees on it.
+    pub fn claim_inventory<T: Serialize + for<'de> Deserialize<'de>>(
+        &self,
+        id: &str,
+        entry: &T,
+    ) -> Result<T, StoreError> {
+        let held = match &self.backend {
+            Backend::Redb(s) => s.claim_inventory(id, &encode(entry))?,
+            Backend::Etcd(s) => s.claim_inventory(id, encode(entry))?,
+        };
+        decode(id, &held)
     }
 
     /// One inventory entry.
     pub fn inventory<T: for<'de> Deserialize<'de>>(&self, id: &str) -> Result<Option<T>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(INVENTORY).map_err(dberr)?;
-        let value = table.get(id).map_err(dberr)?;
-        value.map(|v| decode(id, v.value())).transpose()
+        match &self.backend {
+            Backend::Redb(s) => s.inventory(id),
+            Backend::Etcd(s) => s.inventory(id)?.map(|v| decode(id, &v)).transpose(),
+        }
     }
 
     /// Every inventory entry whose id starts with `prefix`.
@@ -463,37 +422,54 @@ impl Store {
         &self,
         prefix: &str,
     ) -> Result<Vec<(String, T)>, StoreError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
-        let table = txn.open_table(INVENTORY).map_err(dberr)?;
-        let mut out = Vec::new();
-        for entry in table.range(prefix..).map_err(dberr)? {
-            let (k, v) = entry.map_err(dberr)?;
-            if !k.value().starts_with(prefix) {
-                break;
-            }
-            out.push((k.value().to_owned(), decode(k.value(), v.value())?));
+        match &self.backend {
+            Backend::Redb(s) => s.inventory_list(prefix),
+            Backend::Etcd(s) => s
+                .inventory_list(prefix)?
+                .into_iter()
+                .map(|(k, v)| decode(&k, &v).map(|value| (k, value)))
+                .collect(),
         }
-        Ok(out)
     }
 
-    /// Removes an inventory entry (after the external thing is gone).
+    /// Removes an inventory entry (after the external thing is gone); conditioned on leadership like
+    /// [`Store::put_inventory`].
     pub fn remove_inventory(&self, id: &str) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
-        txn.open_table(INVENTORY)
-            .map_err(dberr)?
-            .remove(id)
-            .map_err(dberr)?;
-        self.commit(txn)
+        match &self.backend {
+            Backend::Redb(s) => s.remove_inventory(id),
+            Backend::Etcd(s) => s.remove_inventory(id),
+        }
+    }
+
+    /// Every record, as stored.
+    pub fn dump(&self) -> Result<Dump, StoreError> {
+        match &self.backend {
+            Backend::Redb(s) => s.dump(),
+            Backend::Etcd(s) => s.dump(),
+        }
+    }
+
+    /// Writes every record of `dump` into this store, which must hold nothing yet.
+    pub fn load_dump(&self, dump: &Dump) -> Result<(), StoreError> {
+        let held = self.dump()?.len();
+        if held > 0 {
+            return Err(StoreError::NotEmpty {
+                at: self.location(),
+                records: held,
+            });
+        }
+        match &self.backend {
+            Backend::Redb(s) => s.load_dump(dump),
+            Backend::Etcd(s) => s.load_dump(dump),
+        }
     }
 
     #[cfg(test)]
     fn set_format_version(&self, version: u64) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
-        txn.open_table(META)
-            .map_err(dberr)?
-            .insert("format_version", version)
-            .map_err(dberr)?;
-        self.commit(txn)
+        match &self.backend {
+            Backend::Redb(s) => s.set_format_version(version),
+            Backend::Etcd(_) => Ok(()),
+        }
     }
 }
 
