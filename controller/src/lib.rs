@@ -9,6 +9,7 @@ pub mod fixtures;
 pub mod http;
 pub mod installation;
 pub mod load;
+pub mod migrate;
 pub mod nixos;
 pub mod proxmox;
 pub mod reconcile;
