@@ -701,7 +701,7 @@ async fn runner_process_of_the_kill_test() {
 #[test]
 fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_target_per_application() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let rig = rt.block_on(Rig::new(2_000));
+    let rig = rt.block_on(Rig::new(30_000));
     let plan = serde_json::to_string(&rig.plan).unwrap();
     let spawn = || {
         Command::new(std::env::current_exe().unwrap())
@@ -742,7 +742,7 @@ fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_ta
         });
         // Random points: mostly within a step (a copy, a verification, a restore), sometimes right
         // after a step was persisted.
-        if rng.u8(0..4) == 0 {
+        if rng.u8(0..6) == 0 {
             let _ = rx.recv_timeout(Duration::from_secs(120));
         }
         std::thread::sleep(Duration::from_millis(rng.u64(50..2_500)));

@@ -1,6 +1,8 @@
 //! Moving a Deployment to another RuntimeEnvironment with its data: a pure phase machine, its record
 //! persisted in the store, the runner that copies with restic and verifies, and the metrics.
 
+pub mod decide;
+pub mod delta;
 pub mod metrics;
 pub mod phase;
 pub mod record;

@@ -218,42 +218,63 @@ impl Migrator {
         action: &Action,
     ) -> Result<Result<u64, Vec<String>>, WorldError> {
         let apps = world.applications();
+        // The pre-copy goes host after host: the first backup may create the repository, which two
+        // at once would race for. Everything during the downtime runs on all hosts at once.
+        let results = if *action == Action::PreCopy {
+            let mut results = Vec::new();
+            for app in &apps {
+                results.push(self.perform_one(world, r, app, action).await);
+            }
+            results
+        } else {
+            futures_util::future::join_all(apps.iter().map(|app| self.perform_one(world, r, app, action)))
+                .await
+        };
         let mut bytes = 0;
         let mut differences = Vec::new();
-        for app in &apps {
-            match action {
-                Action::Provision => world.provision(app).await?,
-                Action::PreCopy => bytes += self.copy(world, r, app, false).await?.0,
-                Action::StopSource => world.source_services(app, false).await?,
-                Action::FinalCopy => {
-                    let (added, diffs) = self.copy(world, r, app, true).await?;
-                    bytes += added;
-                    differences.extend(diffs);
-                }
-                Action::Verify => differences.extend(self.verify(world, app).await?),
-                Action::StartTarget => world.start_target(app).await?,
-                Action::SwitchNames => world.switch_names(app).await?,
-                Action::RetireSource { destroy: true } => world.destroy_source(app).await?,
-                Action::RetireSource { destroy: false } => world.source_services(app, false).await?,
-                Action::RestoreSource {
-                    start_source,
-                    remove_target,
-                } => {
-                    if *start_source {
-                        world.source_services(app, true).await?;
-                    }
-                    if *remove_target {
-                        world.remove_target(app).await?;
-                    }
-                }
-                Action::WaitUntil(_) | Action::Nothing => {}
-            }
+        for result in results {
+            let (b, d) = result?;
+            bytes += b;
+            differences.extend(d);
         }
         Ok(if differences.is_empty() {
             Ok(bytes)
         } else {
             Err(differences)
         })
+    }
+
+    async fn perform_one<W: World>(
+        &self,
+        world: &W,
+        r: &MigrationRecord,
+        app: &AppMove,
+        action: &Action,
+    ) -> Result<(u64, Vec<String>), WorldError> {
+        match action {
+            Action::Provision => world.provision(app).await?,
+            Action::PreCopy => return Ok((self.copy(world, r, app, false).await?.0, Vec::new())),
+            Action::StopSource => world.source_services(app, false).await?,
+            Action::FinalCopy => return self.copy(world, r, app, true).await,
+            Action::Verify => return Ok((0, self.verify(world, app).await?)),
+            Action::StartTarget => world.start_target(app).await?,
+            Action::SwitchNames => world.switch_names(app).await?,
+            Action::RetireSource { destroy: true } => world.destroy_source(app).await?,
+            Action::RetireSource { destroy: false } => world.source_services(app, false).await?,
+            Action::RestoreSource {
+                start_source,
+                remove_target,
+            } => {
+                if *start_source {
+                    world.source_services(app, true).await?;
+                }
+                if *remove_target {
+                    world.remove_target(app).await?;
+                }
+            }
+            Action::WaitUntil(_) | Action::Nothing => {}
+        }
+        Ok((0, Vec::new()))
     }
 
     /// Backs the source up and restores the snapshot onto the target (services held stopped there).
@@ -292,16 +313,40 @@ impl Migrator {
             services: Vec::new(),
             ..app.data.clone()
         };
+        if !last {
+            self.backuper
+                .restore(target, &self.repository, &app.host, &report.snapshot, &held)
+                .await?;
+            return Ok((report.total_bytes, Vec::new()));
+        }
+        // The final copy takes only what changed since the pre-copy; should that not verify, the
+        // whole snapshot is restored instead.
+        self.backuper.deliver_secrets(target, &self.repository).await?;
+        let delta = super::delta::restore_changes(
+            target,
+            self.backuper.layout(),
+            &self.repository,
+            &report.snapshot,
+            &held,
+            Duration::from_secs(6 * 3600),
+        )
+        .await;
+        let cleaned = self.backuper.clean_up(target).await;
+        let delta = delta?;
+        cleaned?;
+        if delta.differences.is_empty() {
+            return Ok((report.bytes_added, Vec::new()));
+        }
+        tracing::warn!(
+            host = %app.host,
+            differences = delta.differences.len(),
+            "the changes alone did not verify; restoring the whole snapshot"
+        );
         let restored = self
             .backuper
             .restore(target, &self.repository, &app.host, &report.snapshot, &held)
             .await?;
-        let bytes = if last {
-            report.bytes_added
-        } else {
-            report.total_bytes
-        };
-        Ok((bytes, if last { restored.differences } else { Vec::new() }))
+        Ok((report.bytes_added, restored.differences))
     }
 
     /// Compares the live data of both sides: every file (size, SHA-256, mode, owner) and every
