@@ -111,6 +111,95 @@ pub fn event(step: &Step) -> Option<(EventType, String, String)> {
     Some((type_, reason, message))
 }
 
+/// Why a rollback or a restore from the last backup cannot go ahead.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoveryError {
+    /// No migration moved the Deployment, or it never switched.
+    #[error("Deployment {0}: no finished migration to roll back (only one that switched the names can be)")]
+    NothingToRollBack(String),
+    /// The source is gone.
+    #[error(
+        "Deployment {deployment}: the source in {from} was {state}; there is nothing to go back to (restore from a backup instead)"
+    )]
+    SourceGone {
+        /// The Deployment.
+        deployment: String,
+        /// The old environment.
+        from: String,
+        /// What became of it.
+        state: &'static str,
+    },
+    /// Restoring from the last backup loses writes; it needs the operator's word.
+    #[error(
+        "Deployment {deployment}: {from} cannot be reached, so its data cannot be copied live; restoring from the last backup (snapshot {snapshot} of {time}) loses every write since then; confirm to go ahead"
+    )]
+    NeedsConfirmation {
+        /// The Deployment.
+        deployment: String,
+        /// The unreachable environment.
+        from: String,
+        /// The snapshot.
+        snapshot: String,
+        /// When it was taken: the data-loss window starts here.
+        time: String,
+    },
+}
+
+/// `fediversity migrate rollback`: during the grace period (or with a retained source), brings the
+/// Deployment back to its old environment as a new migration from the new one: the target's writes
+/// since the switch are copied back, and the old hosts are reused (provisioning keeps existing ones).
+/// Returns the finished migration, its source now kept, and the migration back.
+pub fn rollback(r: &MigrationRecord, now: u64) -> Result<(MigrationRecord, MigrationRecord), RecoveryError> {
+    if !matches!(r.phase, Phase::RetiringSource | Phase::Succeeded) {
+        return Err(RecoveryError::NothingToRollBack(r.deployment.clone()));
+    }
+    if r.source == phase::SourceState::Destroyed {
+        return Err(RecoveryError::SourceGone {
+            deployment: r.deployment.clone(),
+            from: r.from.clone(),
+            state: "destroyed after its grace period",
+        });
+    }
+    let mut kept = r.clone();
+    kept.retire = RetirePolicy::Retain;
+    kept.retire_at_ms = None;
+    kept.source = phase::SourceState::Retained;
+    if kept.phase == Phase::RetiringSource {
+        kept.phase = Phase::Succeeded;
+        kept.finished_ms = Some(now);
+    }
+    kept.reason = Some("rolled back: the source is kept and the Deployment moves back".into());
+    let back = phase::begin(&r.deployment, &r.to, &r.from, r.retire, r.failed_target, now);
+    Ok((kept, back))
+}
+
+/// When the old environment cannot be reached: the restore from the last backup that replaces the
+/// pre-copy, only with the operator's confirmation, which names the data-loss window. Returns the
+/// snapshot to put in `spec.restore`.
+pub fn restore_from_backup(
+    deployment: &str,
+    from: &str,
+    last: Option<(&str, &str)>,
+    confirmed: bool,
+) -> Result<String, RecoveryError> {
+    let Some((snapshot, time)) = last else {
+        return Err(RecoveryError::SourceGone {
+            deployment: deployment.to_owned(),
+            from: from.to_owned(),
+            state: "unreachable and never backed up",
+        });
+    };
+    if !confirmed {
+        return Err(RecoveryError::NeedsConfirmation {
+            deployment: deployment.to_owned(),
+            from: from.to_owned(),
+            snapshot: snapshot.to_owned(),
+            time: time.to_owned(),
+        });
+    }
+    Ok(snapshot.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +317,60 @@ mod tests {
         .unwrap();
         assert_eq!((t, reason.as_str()), (EventType::Warning, "MigrationRetrying"));
         assert!(message.contains("host unreachable"));
+    }
+
+    #[test]
+    fn a_rollback_in_the_grace_period_keeps_the_source_and_moves_back() {
+        let policy = (
+            RetirePolicy::Delete { grace_ms: 86_400_000 },
+            FailedTarget::Remove,
+        );
+        let mut r = begin("op", "a", "b", policy.0, policy.1, 0);
+        assert!(matches!(
+            rollback(&r, 1),
+            Err(RecoveryError::NothingToRollBack(_))
+        ));
+        while r.phase != Phase::RetiringSource {
+            r = advance(&r, Outcome::ok(), 10);
+        }
+        let (kept, back) = rollback(&r, 20).unwrap();
+        assert_eq!(
+            (kept.phase, kept.source),
+            (Phase::Succeeded, phase::SourceState::Retained)
+        );
+        assert_eq!(
+            phase::action(&kept, u64::MAX),
+            Action::Nothing,
+            "never destroyed now"
+        );
+        assert_eq!(
+            (back.from.as_str(), back.to.as_str(), back.phase),
+            ("b", "a", Phase::Provisioning)
+        );
+        // After the grace period the source is gone.
+        let at = r.retire_at_ms.unwrap();
+        let gone = advance(&r, Outcome::ok(), at);
+        let err = rollback(&gone, at).unwrap_err();
+        assert!(
+            err.to_string().contains("destroyed after its grace period"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_restore_from_the_last_backup_states_the_data_loss_window_and_needs_confirmation() {
+        let last = Some(("4f2a9c1e", "2026-12-01T03:00:00Z"));
+        let err = restore_from_backup("op", "a", last, false).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("snapshot 4f2a9c1e of 2026-12-01T03:00:00Z")
+                && err.to_string().contains("confirm"),
+            "{err}"
+        );
+        assert_eq!(restore_from_backup("op", "a", last, true).unwrap(), "4f2a9c1e");
+        assert!(matches!(
+            restore_from_backup("op", "a", None, true),
+            Err(RecoveryError::SourceGone { .. })
+        ));
     }
 }
