@@ -169,6 +169,18 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
         .unwrap();
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     let downtime = phase::downtime_seconds(&r, 0).unwrap();
+    for p in [
+        "StoppingSource",
+        "FinalCopying",
+        "Verifying",
+        "StartingTarget",
+        "SwitchingNames",
+    ] {
+        eprintln!(
+            "  {p}: {:.1} s",
+            r.durations_ms.get(p).copied().unwrap_or(0) as f64 / 1000.0
+        );
+    }
 
     // The naive path on the same data: stop, full backup into an empty repository, restore, start.
     let started = Instant::now();
@@ -196,6 +208,7 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
     assert!(restored.verified(), "{:?}", restored.differences);
     fresh.sh("mkdir -p /var/lib/service && touch /var/lib/service/serving");
     let naive = started.elapsed().as_secs_f64();
+    eprintln!("  {mib} MiB: downtime {downtime:.1} s, naive {naive:.1} s");
     (downtime, naive, r.bytes_pre_copied, r.bytes_finally_copied)
 }
 

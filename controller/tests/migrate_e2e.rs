@@ -703,6 +703,12 @@ fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_ta
     let rt = tokio::runtime::Runtime::new().unwrap();
     let rig = rt.block_on(Rig::new(30_000));
     let plan = serde_json::to_string(&rig.plan).unwrap();
+    let source_before: Vec<_> = rig
+        .src
+        .iter()
+        .zip(&rig.plan.apps)
+        .map(|(h, (_, _, data))| rt.block_on(backuper().live_state(&h.ssh(), data)).unwrap())
+        .collect();
     let spawn = || {
         Command::new(std::env::current_exe().unwrap())
             .args([
@@ -741,8 +747,10 @@ fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_ta
             }
         });
         // Random points: mostly within a step (a copy, a verification, a restore), sometimes right
-        // after a step was persisted.
-        if rng.u8(0..6) == 0 {
+        // after a step was persisted; after three kills in one phase, past its end (so that the kills
+        // spread over the phases however long each takes).
+        let stuck = seen.len() >= 3 && seen[seen.len() - 3..].iter().all(|p| Some(p) == seen.last());
+        if stuck || rng.u8(0..6) == 0 {
             let _ = rx.recv_timeout(Duration::from_secs(120));
         }
         std::thread::sleep(Duration::from_millis(rng.u64(50..2_500)));
@@ -763,7 +771,7 @@ fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_ta
             );
         }
     }
-    eprintln!("killed {kills} times in phases {seen:?}");
+    println!("killed {kills} times, in phases {seen:?}");
     assert!(kills >= 20, "the migration ended after {kills} kills");
     assert!(seen.iter().any(|p| *p >= Phase::StoppingSource), "{seen:?}");
     // Let it finish undisturbed.
@@ -773,6 +781,13 @@ fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_ta
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     assert!(r.verified);
     rt.block_on(rig.assert_same_data());
+    // The source's data is as it was before the migration: only ever read.
+    for ((h, (_, _, data)), before) in rig.src.iter().zip(&rig.plan.apps).zip(&source_before) {
+        assert_eq!(
+            &rt.block_on(backuper().live_state(&h.ssh(), data)).unwrap(),
+            before
+        );
+    }
     let journal = rig.journal();
     assert_eq!(journal.matches("created op-app").count(), 1, "{journal}");
     assert_eq!(journal.matches("created op-media").count(), 1, "{journal}");

@@ -102,15 +102,35 @@ async fn run(
     }
 }
 
-/// Brings the target's data (held stopped, holding an earlier copy) to snapshot `id`, taking from the
-/// repository only what differs, restoring the databases from the snapshot's dumps, and comparing
-/// the result with the snapshot's manifest. The secrets must have been delivered; the caller cleans up.
+/// The target's live manifest (taken while the source's final backup runs).
+pub async fn target_manifest(
+    shell: &impl Shell,
+    layout: &Layout,
+    data: &DataSpec,
+    timeout: Duration,
+) -> Result<FileManifest, BackupError> {
+    Ok(FileManifest::parse(
+        &run(
+            shell,
+            "take the target's manifest",
+            &script::live_manifest(layout, &data.paths),
+            timeout,
+        )
+        .await?,
+    )?)
+}
+
+/// Brings the target's data (held stopped, holding an earlier copy whose manifest is `have`) to
+/// snapshot `id`, taking from the repository only what differs, restoring the databases from the
+/// snapshot's dumps, and comparing the result with the snapshot's manifest. The secrets must have been
+/// delivered; the caller cleans up.
 pub async fn restore_changes(
     shell: &impl Shell,
     layout: &Layout,
     repo: &Repository,
     id: &str,
     data: &DataSpec,
+    have: &FileManifest,
     timeout: Duration,
 ) -> Result<DeltaReport, BackupError> {
     let r = layout.restore();
@@ -143,16 +163,7 @@ pub async fn restore_changes(
         )
         .await?,
     )?;
-    let have = FileManifest::parse(
-        &run(
-            shell,
-            "take the target's manifest",
-            &script::live_manifest(layout, &data.paths),
-            timeout,
-        )
-        .await?,
-    )?;
-    let delta = plan(&want, &have);
+    let delta = plan(&want, have);
     for chunk in delta.fetch.chunks(CHUNK) {
         let mut words = vec![
             "restic".to_owned(),

@@ -294,33 +294,32 @@ impl Migrator {
         } else {
             "migration-pre-copy"
         };
-        let report = self
-            .backuper
-            .backup(
-                source,
-                &self.repository,
-                &BackupTarget {
-                    host: &app.host,
-                    deployment: &r.deployment,
-                    application: &app.application,
-                    revision,
-                    data: &app.data,
-                },
-            )
-            .await?;
         // The target's services stay stopped: the restore starts none.
         let held = DataSpec {
             services: Vec::new(),
             ..app.data.clone()
         };
+        let what = BackupTarget {
+            host: &app.host,
+            deployment: &r.deployment,
+            application: &app.application,
+            revision,
+            data: &app.data,
+        };
+        let backup = self.backuper.backup(source, &self.repository, &what);
         if !last {
+            let report = backup.await?;
             self.backuper
                 .restore(target, &self.repository, &app.host, &report.snapshot, &held)
                 .await?;
             return Ok((report.total_bytes, Vec::new()));
         }
-        // The final copy takes only what changed since the pre-copy; should that not verify, the
-        // whole snapshot is restored instead.
+        // The final copy takes only what changed since the pre-copy (what the target holds is read
+        // while the source is backed up); should that not verify, the whole snapshot is restored.
+        let timeout = Duration::from_secs(6 * 3600);
+        let have = super::delta::target_manifest(target, self.backuper.layout(), &held, timeout);
+        let (report, have) = tokio::join!(backup, have);
+        let (report, have) = (report?, have?);
         self.backuper.deliver_secrets(target, &self.repository).await?;
         let delta = super::delta::restore_changes(
             target,
@@ -328,7 +327,8 @@ impl Migrator {
             &self.repository,
             &report.snapshot,
             &held,
-            Duration::from_secs(6 * 3600),
+            &have,
+            timeout,
         )
         .await;
         let cleaned = self.backuper.clean_up(target).await;
@@ -352,8 +352,12 @@ impl Migrator {
     /// Compares the live data of both sides: every file (size, SHA-256, mode, owner) and every
     /// database (row counts and checksums per table).
     async fn verify<W: World>(&self, world: &W, app: &AppMove) -> Result<Vec<String>, WorldError> {
-        let (src_files, src_dbs) = self.backuper.live_state(world.source(app)?, &app.data).await?;
-        let (dst_files, dst_dbs) = self.backuper.live_state(world.target(app)?, &app.data).await?;
+        let (source, target) = (world.source(app)?, world.target(app)?);
+        let (src, dst) = tokio::join!(
+            self.backuper.live_state(source, &app.data),
+            self.backuper.live_state(target, &app.data)
+        );
+        let ((src_files, src_dbs), (dst_files, dst_dbs)) = (src?, dst?);
         let mut out: Vec<String> = manifest::compare_files(&src_files, &dst_files)
             .into_iter()
             .map(|d| format!("{}: {d}", app.host))
