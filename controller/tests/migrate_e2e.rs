@@ -746,14 +746,18 @@ fn a_migration_runner_killed_twenty_times_at_random_points_completes_with_one_ta
                 }
             }
         });
-        // Random points: mostly within a step (a copy, a verification, a restore), sometimes right
-        // after a step was persisted; after three kills in one phase, past its end (so that the kills
-        // spread over the phases however long each takes).
-        let stuck = seen.len() >= 3 && seen[seen.len() - 3..].iter().all(|p| Some(p) == seen.last());
-        if stuck || rng.u8(0..6) == 0 {
+        // Random points: mostly within a step (a copy, a verification, a restore), sometimes just
+        // after a step was persisted; after three kills in one phase, just past its end (so that the
+        // kills spread over the phases however long each takes). While the source waits out its grace
+        // period, only within the wait (the next step ends the migration).
+        let last = seen.last().copied();
+        let stuck = seen.len() >= 3 && seen[seen.len() - 3..].iter().all(|p| Some(*p) == last);
+        if last != Some(Phase::RetiringSource) && (stuck || rng.u8(0..6) == 0) {
             let _ = rx.recv_timeout(Duration::from_secs(120));
+            std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.u64(50..2_500)));
         }
-        std::thread::sleep(Duration::from_millis(rng.u64(50..2_500)));
         if child.try_wait().unwrap().is_some() {
             break;
         }
