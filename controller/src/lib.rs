@@ -10,6 +10,7 @@ pub mod http;
 pub mod installation;
 pub mod leader;
 pub mod load;
+pub mod migrate;
 pub mod nixos;
 pub mod provider;
 pub mod proxmox;

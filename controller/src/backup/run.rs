@@ -181,6 +181,11 @@ pub fn env_file_to_exports(path: &str, text: &str) -> Result<String, BackupError
 }
 
 impl Repository {
+    /// How restic reaches the repository (no secret: those are files delivered to hosts).
+    pub fn access(&self) -> &ResticAccess {
+        &self.access
+    }
+
     /// Reads the secrets an environment's `spec.backup` names.
     pub fn from_spec(spec: &BackupSpec) -> Result<Self, BackupError> {
         let password = read_secret("the restic password file", &spec.password_file)?;
@@ -396,6 +401,11 @@ impl Backuper {
             layout: Layout { dir },
             timeouts,
         }
+    }
+
+    /// Where the work happens on every host.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     fn fail(&self, shell: &impl Shell, step: &'static str, out: &Output) -> BackupError {

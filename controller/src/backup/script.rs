@@ -89,7 +89,7 @@ pub fn remove_secrets(layout: &Layout) -> String {
 
 /// The prologue every restic line starts with: strict mode, the host's lock, restic's environment.
 /// The password reaches restic as `RESTIC_PASSWORD_FILE`, backend keys from the sourced env file.
-fn prologue(layout: &Layout, access: &ResticAccess) -> String {
+pub fn prologue(layout: &Layout, access: &ResticAccess) -> String {
     let d = &layout.dir;
     let s = layout.secrets();
     let mut out = format!(
