@@ -10,7 +10,7 @@ mod etcd_support;
 use std::time::{Duration, Instant};
 
 use fediversity::api::{Kind, ObjectKey};
-use fediversity::store::{EtcdConfig, Store, Write};
+use fediversity::store::{EtcdConfig, StatusJson, Store, Write};
 
 /// This process's CPU time (user + system) so far, from /proc (Linux; zero elsewhere).
 fn cpu() -> Duration {
@@ -51,7 +51,7 @@ fn bench(name: &str, store: &Store, objects: usize) {
         let writes: Vec<Write> = chunk
             .iter()
             .enumerate()
-            .map(|(i, k)| Write::Status(k.clone(), status(i, 1)))
+            .map(|(i, k)| Write::Status(k.clone(), StatusJson::from_value(&status(i, 1))))
             .collect();
         store.apply(&writes).expect("apply");
     }

@@ -12,6 +12,7 @@ pub mod leader;
 pub mod load;
 pub mod migrate;
 pub mod nixos;
+pub mod process;
 pub mod provider;
 pub mod proxmox;
 pub mod reconcile;

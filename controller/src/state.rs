@@ -11,7 +11,7 @@ use crate::api::{Event, EventType, Kind, Object, ObjectKey, Timestamp};
 use crate::load::Diagnostic;
 use crate::source::set::{Merged, Owned};
 use crate::source::{Snapshot, SourcedObject};
-use crate::store::{MAX_EVENTS_PER_OBJECT, Store, StoreError, Write, canonical_hash};
+use crate::store::{MAX_EVENTS_PER_OBJECT, StatusJson, Store, StoreError, Write, canonical_hash};
 
 /// One desired object as the runtime sees it.
 #[derive(Debug, Clone)]
@@ -330,7 +330,8 @@ enum Message {
 /// Status and events of every object, served from memory and persisted by a background writer that
 /// commits everything pending in one transaction (one fsync per batch rather than per write).
 pub struct StatusBook {
-    statuses: RwLock<HashMap<ObjectKey, serde_json::Value>>,
+    /// Each status as its compact JSON text (parsed values took ten times the memory).
+    statuses: RwLock<HashMap<ObjectKey, StatusJson>>,
     events: RwLock<HashMap<ObjectKey, VecDeque<Event>>>,
     requests: Mutex<HashMap<ObjectKey, String>>,
     next_request: AtomicU64,
@@ -367,7 +368,7 @@ impl StatusBook {
     /// replica's view of the statuses and events its leader writes.
     pub fn reload(&self, store: &Store) -> Result<(), StoreError> {
         let parse = |id: &str| id.parse::<ObjectKey>().ok();
-        let statuses: HashMap<ObjectKey, serde_json::Value> = store
+        let statuses: HashMap<ObjectKey, StatusJson> = store
             .statuses()?
             .into_iter()
             .filter_map(|(id, v)| Some((parse(&id)?, v)))
@@ -391,6 +392,11 @@ impl StatusBook {
 
     /// An object's status.
     pub fn status(&self, key: &ObjectKey) -> Option<serde_json::Value> {
+        self.status_json(key).map(|s| s.parse())
+    }
+
+    /// An object's status as its compact JSON text, shared, not copied.
+    pub fn status_json(&self, key: &ObjectKey) -> Option<StatusJson> {
         self.statuses
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -398,17 +404,14 @@ impl StatusBook {
             .cloned()
     }
 
-    /// Runs `f` on an object's status without copying it.
+    /// Runs `f` on an object's status.
     pub fn with_status<T>(&self, key: &ObjectKey, f: impl FnOnce(Option<&serde_json::Value>) -> T) -> T {
-        f(self
-            .statuses
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(key))
+        f(self.status(key).as_ref())
     }
 
     /// Sets an object's status; writes it only when it changed. Returns whether it changed.
     pub fn put_status(&self, key: &ObjectKey, status: serde_json::Value) -> bool {
+        let status = StatusJson::from_value(&status);
         let mut statuses = self
             .statuses
             .write()

@@ -1,4 +1,4 @@
-//! Untrusted text made safe to show: control characters (ESC, NUL, direction overrides) escaped, passwords in URLs hidden.
+//! Untrusted text made safe to show or to pass on: control characters (ESC, NUL, direction overrides) escaped, passwords in URLs hidden, POSIX shell words quoted.
 
 use std::borrow::Cow;
 
@@ -59,6 +59,44 @@ pub fn redact(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// Hides the password of every URL among the space-separated words of `line` (quoted URLs too), so
+/// that a program's message can be shown and logged.
+pub fn redact_words(line: &str) -> String {
+    line.split(' ')
+        .map(|word| {
+            let trimmed = word.trim_matches(|c| c == '\'' || c == '"');
+            if trimmed.contains("://") {
+                word.replace(trimmed, &redact(trimmed))
+            } else {
+                word.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A POSIX shell word whose value is exactly `s`: unchanged when it holds only safe characters,
+/// single-quoted otherwise (`'` itself written as `'\''`).
+pub fn shell_word(s: &str) -> String {
+    let safe = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./-_".contains(&b));
+    if safe {
+        s.to_owned()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
+}
+
+/// Shell words joined by spaces, each escaped.
+pub fn shell_words<S: AsRef<str>>(words: &[S]) -> String {
+    words
+        .iter()
+        .map(|w| shell_word(w.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]

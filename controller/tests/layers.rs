@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     // vocabulary
     "text",
+    "process",
     "yaml",
     "api",
     "fixtures",

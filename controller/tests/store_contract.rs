@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use etcd_support::EtcdCluster;
 use fediversity::api::{Event, EventType, Kind, ObjectKey, Timestamp};
-use fediversity::store::{EtcdConfig, Fence, MAX_EVENTS_PER_OBJECT, Store, StoreError, Write};
+use fediversity::store::{EtcdConfig, Fence, MAX_EVENTS_PER_OBJECT, StatusJson, Store, StoreError, Write};
 use serde_json::{Value, json};
 
 fn key(name: &str) -> ObjectKey {
@@ -54,7 +54,12 @@ fn status_is_written_only_when_it_changes(open: Open) {
     assert!(store.put_status(&a, &status).unwrap());
     assert!(!store.put_status(&a, &status).unwrap());
     assert_eq!(store.status::<Value>(&a).unwrap(), Some(status.clone()));
-    assert!(store.statuses().unwrap().contains(&(a.to_string(), status)));
+    assert!(
+        store
+            .statuses()
+            .unwrap()
+            .contains(&(a.to_string(), StatusJson::from_value(&status)))
+    );
 }
 
 fn the_event_log_keeps_only_the_newest_events_and_forget_removes_everything(open: Open) {
@@ -100,9 +105,9 @@ fn a_batch_applies_statuses_events_and_forgets_in_order(open: Open) {
         .unwrap();
     store
         .apply(&[
-            Write::Status(a.clone(), json!({"n": 1})),
+            Write::Status(a.clone(), StatusJson::from_value(&json!({"n": 1}))),
             Write::Event(a.clone(), event("one")),
-            Write::Status(a.clone(), json!({"n": 2})),
+            Write::Status(a.clone(), StatusJson::from_value(&json!({"n": 2}))),
             Write::Event(a.clone(), event("two")),
             Write::Event(b.clone(), event("b")),
             Write::Forget(b.clone()),
@@ -255,7 +260,7 @@ fn etcd_batches_beyond_its_transaction_and_page_limits_are_kept_whole() {
     assert!(generations.values().all(|g| *g == 1) && generations.len() == keys.len());
     let mut writes: Vec<Write> = keys
         .iter()
-        .map(|k| Write::Status(k.clone(), json!({"ok": k.to_string()})))
+        .map(|k| Write::Status(k.clone(), StatusJson::from_value(&json!({"ok": k.to_string()}))))
         .collect();
     writes.extend(keys.iter().map(|k| Write::Event(k.clone(), event("made"))));
     store.apply(&writes).unwrap();

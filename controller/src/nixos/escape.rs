@@ -138,27 +138,7 @@ fn number(n: &serde_json::Number) -> Result<String, EscapeError> {
     })
 }
 
-/// A POSIX shell word whose value is exactly `s`: unchanged when it holds only safe characters,
-/// single-quoted otherwise (`'` itself written as `'\''`).
-pub fn shell_word(s: &str) -> String {
-    let safe = !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"@%+=:,./-_".contains(&b));
-    if safe {
-        s.to_owned()
-    } else {
-        format!("'{}'", s.replace('\'', "'\\''"))
-    }
-}
-
-/// Shell words joined by spaces, each escaped.
-pub fn shell_words<S: AsRef<str>>(words: &[S]) -> String {
-    words
-        .iter()
-        .map(|w| shell_word(w.as_ref()))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
+pub use crate::text::{shell_word, shell_words};
 
 #[cfg(test)]
 mod tests {

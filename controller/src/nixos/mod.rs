@@ -1,7 +1,8 @@
 //! NixOS host convergence: generate a host's configuration, build it, copy, activate, confirm, roll back.
 
 pub mod build;
-pub mod command;
+/// Subprocesses, under the name the NixOS layer and its callers have always used.
+pub use crate::process as command;
 pub mod deploy;
 pub mod error;
 pub mod escape;

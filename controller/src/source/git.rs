@@ -1,9 +1,7 @@
 //! The git source: fetches a branch with the system `git` into a cache under the state directory,
 //! checks each new commit out atomically and loads it like a folder; the commit is the revision.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +11,8 @@ use super::dir::DirSource;
 use super::spec::redact;
 use super::{Baseline, Fetch, Lineage, Snapshot, Update};
 use crate::api::Timestamp;
+use crate::process::{self, CommandError, CommandSpec};
+use crate::text::redact_words;
 use crate::yaml::Limits;
 
 /// The default poll interval.
@@ -116,39 +116,40 @@ impl GitSource {
         work_tree: Option<&Path>,
     ) -> Result<String, GitError> {
         let command = args.first().copied().unwrap_or_default().to_owned();
-        let mut cmd = tokio::process::Command::new("git");
-        let mut git_dir = OsString::from("--git-dir=");
-        git_dir.push(self.repo());
-        cmd.arg(git_dir);
+        let utf8 = |path: &Path| {
+            path.to_str().map(str::to_owned).ok_or_else(|| GitError::Cache {
+                path: path.to_path_buf(),
+                message: "the path is not valid UTF-8 (choose a state directory whose path is)".into(),
+            })
+        };
+        let mut argv = vec![format!("--git-dir={}", utf8(&self.repo())?)];
         if let Some(work_tree) = work_tree {
-            let mut arg = OsString::from("--work-tree=");
-            arg.push(work_tree);
-            cmd.arg(arg);
+            argv.push(format!("--work-tree={}", utf8(work_tree)?));
         }
-        cmd.args([
-            "-c",
-            "core.symlinks=false",
-            "-c",
-            "gc.auto=0",
-            "-c",
-            "core.hooksPath=/dev/null",
-        ])
-        .args(args)
-        .current_dir(&self.config.cache)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .env("GIT_TERMINAL_PROMPT", "0")
-        .env(
-            "GIT_SSH_COMMAND",
-            format!(
-                "{} -o BatchMode=yes -o ConnectTimeout=15",
-                self.config.ssh_command
-            ),
-        )
-        .env("LC_ALL", "C");
-        for var in [
+        argv.extend(
+            [
+                "-c",
+                "core.symlinks=false",
+                "-c",
+                "gc.auto=0",
+                "-c",
+                "core.hooksPath=/dev/null",
+            ]
+            .map(str::to_owned),
+        );
+        argv.extend(args.iter().map(|a| (*a).to_owned()));
+        let mut spec = CommandSpec::new("git", argv, COMMAND_TIMEOUT)
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env(
+                "GIT_SSH_COMMAND",
+                &format!(
+                    "{} -o BatchMode=yes -o ConnectTimeout=15",
+                    self.config.ssh_command
+                ),
+            )
+            .env("LC_ALL", "C");
+        spec.current_dir = Some(self.config.cache.clone());
+        spec.env_remove = [
             "GIT_DIR",
             "GIT_WORK_TREE",
             "GIT_INDEX_FILE",
@@ -157,21 +158,20 @@ impl GitSource {
             "GIT_SSH",
             "GIT_OBJECT_DIRECTORY",
             "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-        ] {
-            cmd.env_remove(var);
-        }
+        ]
+        .map(str::to_owned)
+        .to_vec();
         if let Some(index) = index {
-            cmd.env("GIT_INDEX_FILE", index);
+            spec = spec.env("GIT_INDEX_FILE", &utf8(index)?);
         }
-        let child = cmd.spawn().map_err(|e| GitError::Spawn(e.to_string()))?;
-        let output = tokio::time::timeout(COMMAND_TIMEOUT, child.wait_with_output())
-            .await
-            .map_err(|_| GitError::Timeout(command.clone()))?
-            .map_err(|e| GitError::Spawn(e.to_string()))?;
-        if output.status.success() {
-            return Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned());
+        let output = process::run(&spec).await.map_err(|e| match e {
+            CommandError::TimedOut { .. } => GitError::Timeout(command.clone()),
+            other => GitError::Spawn(other.to_string()),
+        })?;
+        if output.success() {
+            return Ok(output.stdout.trim().to_owned());
         }
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = output.stderr;
         let mut message: String = stderr
             .lines()
             .map(str::trim)
@@ -180,7 +180,7 @@ impl GitSource {
             .collect::<Vec<_>>()
             .join("; ");
         if message.is_empty() {
-            message = format!("exit status {}", output.status.code().unwrap_or(-1));
+            message = format!("exit status {}", output.code.unwrap_or(-1));
         }
         if message.len() > MAX_ERROR {
             let cut = (0..=MAX_ERROR)
@@ -424,20 +424,6 @@ impl GitSource {
 }
 
 /// Hides passwords in any URL inside a line of git's output.
-fn redact_words(line: &str) -> String {
-    line.split(' ')
-        .map(|word| {
-            let trimmed = word.trim_matches(|c| c == '\'' || c == '"');
-            if trimmed.contains("://") {
-                word.replace(trimmed, &redact(trimmed))
-            } else {
-                word.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

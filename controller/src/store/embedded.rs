@@ -7,7 +7,8 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    FILE_NAME, FORMAT_VERSION, MAX_EVENTS_PER_OBJECT, ObjectRecord, StoreError, Write, decode, encode,
+    FILE_NAME, FORMAT_VERSION, MAX_EVENTS_PER_OBJECT, ObjectRecord, StatusJson, StoreError, Write, decode,
+    encode,
 };
 use crate::api::{Event, ObjectKey, Timestamp};
 
@@ -34,6 +35,9 @@ impl std::fmt::Debug for Redb {
     }
 }
 
+/// The page cache redb may hold in memory.
+const CACHE_BYTES: usize = 16 << 20;
+
 impl Redb {
     /// Opens (or creates) the store in `state_dir`.
     pub(super) fn open(state_dir: &Path) -> Result<Self, StoreError> {
@@ -42,10 +46,15 @@ impl Redb {
             source,
         })?;
         let path = state_dir.join(FILE_NAME);
-        let db = Database::create(&path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
-            other => dberr(other),
-        })?;
+        // redb caches up to 1 GiB by default, which on a large installation would grow to hold the
+        // whole file; reads here are few (start, copy), writes are batched, so a small cache costs nothing.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.clone()),
+                other => dberr(other),
+            })?;
         // A store that already has its format and every table is opened without a write: a restart
         // with nothing changed leaves the file as it was.
         let complete = {
@@ -241,7 +250,7 @@ impl Redb {
                     Write::Status(key, value) => {
                         let id = key.to_string();
                         status
-                            .insert(id.as_str(), encode(value).as_slice())
+                            .insert(id.as_str(), value.as_str().as_bytes())
                             .map_err(dberr)?;
                     }
                     Write::Event(key, event) => {
@@ -281,13 +290,16 @@ impl Redb {
     }
 
     /// Every stored status, by object.
-    pub(super) fn statuses(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+    pub(super) fn statuses(&self) -> Result<Vec<(String, StatusJson)>, StoreError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let table = txn.open_table(STATUS).map_err(dberr)?;
         let mut out = Vec::new();
         for entry in table.iter().map_err(dberr)? {
             let (k, v) = entry.map_err(dberr)?;
-            out.push((k.value().to_owned(), decode(k.value(), v.value())?));
+            out.push((
+                k.value().to_owned(),
+                StatusJson::from_stored(k.value(), v.value())?,
+            ));
         }
         Ok(out)
     }

@@ -14,7 +14,9 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
 };
 
-use super::{FORMAT_VERSION, MAX_EVENTS_PER_OBJECT, ObjectRecord, StoreError, Write, decode, encode};
+use super::{
+    FORMAT_VERSION, MAX_EVENTS_PER_OBJECT, ObjectRecord, StatusJson, StoreError, Write, decode, encode,
+};
 use crate::api::{Event, ObjectKey, Timestamp};
 
 /// Most operations in one transaction (etcd refuses more than `--max-txn-ops`, 128 by default).
@@ -573,7 +575,8 @@ impl Etcd {
         for write in writes {
             match write {
                 Write::Status(key, value) => {
-                    groups.entry(key.to_string()).or_default().status = Some(encode(value));
+                    groups.entry(key.to_string()).or_default().status =
+                        Some(value.as_str().as_bytes().to_vec());
                 }
                 Write::Event(key, event) => {
                     let group = groups.entry(key.to_string()).or_default();
@@ -670,12 +673,12 @@ impl Etcd {
         Err(StoreError::Contended)
     }
 
-    pub(super) fn statuses(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+    pub(super) fn statuses(&self) -> Result<Vec<(String, StatusJson)>, StoreError> {
         self.scan_prefix(self.key("status/"))?
             .into_iter()
             .map(|(k, v, _)| {
                 let id = self.strip(&k, "status/");
-                let value = decode(&id, &v)?;
+                let value = StatusJson::from_stored(&id, &v)?;
                 Ok((id, value))
             })
             .collect()

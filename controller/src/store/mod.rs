@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -103,11 +104,44 @@ pub enum StoreError {
     },
 }
 
+/// A status as its compact JSON text: what the store keeps, and what the status book holds in memory
+/// (a tenth of the size of a parsed `serde_json::Value`, and served as is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusJson(Arc<str>);
+
+impl StatusJson {
+    /// The compact text of `value`.
+    pub fn from_value(value: &serde_json::Value) -> Self {
+        Self(value.to_string().into())
+    }
+
+    /// Text read back from a store, checked to be JSON without building it.
+    pub(crate) fn from_stored(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
+        decode::<serde::de::IgnoredAny>(key, bytes)?;
+        let text = std::str::from_utf8(bytes).map_err(|e| StoreError::Decode {
+            key: key.into(),
+            source: serde::de::Error::custom(e),
+        })?;
+        Ok(Self(text.into()))
+    }
+
+    /// The status, parsed.
+    pub fn parse(&self) -> serde_json::Value {
+        // Only ever built from a value or checked text.
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+
+    /// The compact JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// One write of a batch given to [`Store::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
     /// Replace an object's status.
-    Status(ObjectKey, serde_json::Value),
+    Status(ObjectKey, StatusJson),
     /// Append an event to an object's log (ignored for objects the store does not track).
     Event(ObjectKey, Event),
     /// Remove an object's record, status and events.
@@ -370,7 +404,7 @@ impl Store {
     }
 
     /// Every stored status, by object.
-    pub fn statuses(&self) -> Result<Vec<(String, serde_json::Value)>, StoreError> {
+    pub fn statuses(&self) -> Result<Vec<(String, StatusJson)>, StoreError> {
         match &self.backend {
             Backend::Redb(s) => s.statuses(),
             Backend::Etcd(s) => s.statuses(),
@@ -480,6 +514,37 @@ mod tests {
 
     fn key(name: &str) -> ObjectKey {
         ObjectKey::new(Kind::Deployment, name)
+    }
+
+    #[test]
+    fn a_status_kept_as_text_parses_back_equal_and_equal_statuses_have_equal_text() {
+        let a = serde_json::json!({"b": [1, {"c": "d\"e"}], "a": null});
+        let b = serde_json::json!({"a": null, "b": [1, {"c": "d\"e"}]});
+        let text = StatusJson::from_value(&a);
+        assert_eq!(text.parse(), a);
+        assert_eq!(
+            text,
+            StatusJson::from_value(&b),
+            "key order does not change the text"
+        );
+        assert_ne!(text, StatusJson::from_value(&serde_json::json!({"a": 1})));
+    }
+
+    #[test]
+    fn a_stored_status_that_is_not_json_is_a_decode_error_naming_its_key() {
+        assert_eq!(
+            StatusJson::from_stored("Deployment/a", br#"{"ready":true}"#)
+                .unwrap()
+                .as_str(),
+            r#"{"ready":true}"#
+        );
+        for bad in [&b"{\"ready\":"[..], b"\xff\xfe", b""] {
+            let err = StatusJson::from_stored("Deployment/a", bad).unwrap_err();
+            assert!(
+                matches!(&err, StoreError::Decode { key, .. } if key == "Deployment/a"),
+                "{err:?}"
+            );
+        }
     }
 
     #[test]
