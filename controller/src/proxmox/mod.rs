@@ -22,6 +22,8 @@
 
 pub mod client;
 pub mod drift;
+pub mod error;
+pub mod http;
 pub mod lifecycle;
 pub mod metrics;
 pub mod pace;
