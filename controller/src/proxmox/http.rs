@@ -12,6 +12,7 @@ use super::error::ProxmoxError;
 use super::metrics::{PROVIDER, ProxmoxMetrics};
 use crate::api::{EnvironmentLimits, ProxmoxSpec};
 use crate::runtime::BoxFuture;
+use crate::runtime::bucket::TokenBucket;
 
 /// Politeness limits of one client.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,41 +30,6 @@ impl Default for RateLimit {
         Self {
             per_second: 50.0,
             burst: 100.0,
-        }
-    }
-}
-
-/// A token bucket.
-#[derive(Debug)]
-struct Bucket {
-    limit: RateLimit,
-    state: Mutex<(f64, Instant)>,
-}
-
-impl Bucket {
-    fn new(limit: RateLimit) -> Self {
-        Self {
-            limit,
-            state: Mutex::new((limit.burst, Instant::now())),
-        }
-    }
-
-    /// Takes a token, returning how long to wait first.
-    fn take(&self) -> Duration {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = Instant::now();
-        let (tokens, last) = *state;
-        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.limit.per_second)
-            .min(self.limit.burst)
-            - 1.0;
-        *state = (tokens, now);
-        if tokens >= 0.0 || self.limit.per_second <= 0.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64(-tokens / self.limit.per_second)
         }
     }
 }
@@ -132,7 +98,7 @@ struct Inner {
     http: reqwest::Client,
     base: String,
     auth: Auth,
-    bucket: Bucket,
+    bucket: Mutex<TokenBucket>,
     in_flight: Semaphore,
     metrics: ProxmoxMetrics,
 }
@@ -191,7 +157,11 @@ impl HttpProxmox {
                 http,
                 base: format!("{}/api2/json", spec.endpoint.trim_end_matches('/')),
                 auth,
-                bucket: Bucket::new(rate),
+                bucket: Mutex::new(TokenBucket::new(
+                    rate.per_second,
+                    rate.burst,
+                    tokio::time::Instant::now(),
+                )),
                 in_flight: Semaphore::new(limits.max_concurrent_operations.max(1) as usize),
                 metrics,
             }),
@@ -368,7 +338,11 @@ impl Inner {
     async fn call_limited(&self, request: ApiRequest) -> Result<Value, ProxmoxError> {
         let mut attempt = 0;
         loop {
-            let wait = self.bucket.take();
+            let wait = self
+                .bucket
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .reserve(tokio::time::Instant::now());
             if !wait.is_zero() {
                 tokio::time::sleep(wait).await;
             }
@@ -407,21 +381,6 @@ impl ProxmoxApi for HttpProxmox {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_token_bucket_lets_a_burst_pass_then_spaces_requests() {
-        let bucket = Bucket::new(RateLimit {
-            per_second: 10.0,
-            burst: 2.0,
-        });
-        assert_eq!(bucket.take(), Duration::ZERO);
-        assert_eq!(bucket.take(), Duration::ZERO);
-        let wait = bucket.take();
-        assert!(
-            wait > Duration::from_millis(50) && wait <= Duration::from_millis(100),
-            "{wait:?}"
-        );
-    }
 
     #[test]
     fn credentials_never_show_in_debug_output() {

@@ -1,5 +1,6 @@
 //! The reconcile runtime: work queue, backoff, runner, shutdown — the machinery between snapshots and reconcilers.
 
+pub mod bucket;
 pub mod metrics;
 pub mod queue;
 pub mod runner;

@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::bucket::TokenBucket;
 use super::{Action, ReconcileError};
 use crate::api::{Kind, ObjectKey};
 
@@ -191,41 +192,6 @@ struct KeyState {
     generation: u64,
 }
 
-/// A token bucket refilled continuously.
-#[derive(Debug)]
-struct TokenBucket {
-    per_second: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    fn new(limit: RateLimit, now: Instant) -> Self {
-        let burst = f64::from(limit.burst.max(1));
-        Self {
-            per_second: f64::from(limit.per_second.max(1)),
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Takes a token, or tells when the next one is available.
-    fn try_take(&mut self, now: Instant) -> Result<(), Instant> {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
-        self.last = now;
-        // Tolerate float rounding so a wake-up at the computed instant finds a whole token.
-        if self.tokens >= 1.0 - 1e-9 {
-            self.tokens = (self.tokens - 1.0).max(0.0);
-            Ok(())
-        } else {
-            Err(now + Duration::from_secs_f64((1.0 - self.tokens) / self.per_second))
-        }
-    }
-}
-
 /// The pure scheduling core of the work queue. See the module docs for the semantics.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -240,7 +206,9 @@ pub struct Scheduler {
 impl Scheduler {
     /// An empty queue; `now` starts the token bucket full.
     pub fn new(config: QueueConfig, now: Instant) -> Self {
-        let bucket = config.rate_limit.map(|limit| TokenBucket::new(limit, now));
+        let bucket = config
+            .rate_limit
+            .map(|limit| TokenBucket::new(f64::from(limit.per_second.max(1)), f64::from(limit.burst), now));
         Self {
             config,
             keys: HashMap::new(),
