@@ -11,7 +11,7 @@ use super::client::{
 use super::drift::DriftSchedule;
 use super::metrics::ProxmoxMetrics;
 use super::pace::{INLINE_WAIT, Pace, Work};
-use super::plan::{DesiredVm, HostPlan, PlanContext, RecordPhase, Step, VmRecord};
+use super::plan::{ConfigOwnership, DesiredVm, HostPlan, PlanContext, RecordPhase, Step, VmRecord, is_ours};
 use crate::api::{CloneMode, ProxmoxSpec};
 use crate::store::Store;
 
@@ -565,11 +565,7 @@ impl HostRun<'_> {
         let range = env.spec.vmid_range;
         let guard = env.alloc.lock().await;
         let vms = env.observe(ALLOCATION_LISTING_MAX_AGE).await?;
-        if let Some(vm) = vms.iter().find(|vm| {
-            !vm.template
-                && vm.tags.contains(&self.ctx.owner_tag)
-                && vm.name.as_deref() == Some(host.name.as_str())
-        }) {
+        if let Some(vm) = vms.iter().find(|vm| is_ours(vm, &self.ctx.owner_tag, &host.name)) {
             drop(guard);
             // It appeared since the pass began: adopt it on the next pass.
             tracing::info!(
@@ -708,10 +704,8 @@ impl HostRun<'_> {
         };
         // Ownership, checked on the config itself right before writing: our name, and our tag or our
         // open intent on this VMID.
-        let tagged = current
-            .get("tags")
-            .is_some_and(|t| parse_tags(t).contains(&self.ctx.owner_tag));
-        let named = current.get("name").map(String::as_str) == Some(record.name.as_str());
+        let ConfigOwnership { tagged, named } =
+            ConfigOwnership::of(&current, &self.ctx.owner_tag, &record.name);
         if !named || !(tagged || record.phase == RecordPhase::Creating) {
             env.invalidate();
             return Ok(waiting(
@@ -801,10 +795,8 @@ impl HostRun<'_> {
             }
             Err(e) => return Err(e.into()),
         };
-        let tagged = current
-            .get("tags")
-            .is_some_and(|t| parse_tags(t).contains(&self.ctx.owner_tag));
-        let named = current.get("name").map(String::as_str) == Some(record.name.as_str());
+        let ConfigOwnership { tagged, named } =
+            ConfigOwnership::of(&current, &self.ctx.owner_tag, &record.name);
         if current.contains_key("lock") || !(tagged && named) {
             // Busy, or no longer ours by its own config: the plan decides on the next listing.
             env.touched(vmid);
@@ -877,10 +869,8 @@ impl HostRun<'_> {
             }
             Err(e) => return Err(e.into()),
         };
-        let tagged = current
-            .get("tags")
-            .is_some_and(|t| parse_tags(t).contains(&record.owner_tag));
-        let named = current.get("name").map(String::as_str) == Some(record.name.as_str());
+        let ConfigOwnership { tagged, named } =
+            ConfigOwnership::of(&current, &record.owner_tag, &record.name);
         if !(tagged && named) {
             tracing::warn!(
                 deployment = self.deployment,

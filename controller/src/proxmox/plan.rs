@@ -4,9 +4,11 @@
 //! name of an open creation intent), and never plans a second VM for a host: a new VM is only planned
 //! when no VM of ours exists for the host and no creation is open.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use super::client::VmResource;
+use super::client::{VmResource, parse_tags};
 use crate::api::DeletionPolicy;
 
 const GIB: u64 = 1 << 30;
@@ -164,8 +166,30 @@ pub struct HostPlan {
     pub duplicates: Vec<u32>,
 }
 
-fn is_ours(vm: &VmResource, owner_tag: &str, name: &str) -> bool {
+/// Whether a listed VM is ours: not a template, our owner tag, the host's name.
+pub fn is_ours(vm: &VmResource, owner_tag: &str, name: &str) -> bool {
     !vm.template && vm.tags.contains(owner_tag) && vm.name.as_deref() == Some(name)
+}
+
+/// What a VM's own config says of ownership, read right before acting on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfigOwnership {
+    /// It carries our owner tag.
+    pub tagged: bool,
+    /// It has the host's name.
+    pub named: bool,
+}
+
+impl ConfigOwnership {
+    /// Reads `config` (as the API returns it) for `owner_tag` and `name`.
+    pub fn of(config: &BTreeMap<String, String>, owner_tag: &str, name: &str) -> Self {
+        Self {
+            tagged: config
+                .get("tags")
+                .is_some_and(|t| parse_tags(t).contains(owner_tag)),
+            named: config.get("name").map(String::as_str) == Some(name),
+        }
+    }
 }
 
 /// Whether `vm` is the VM an open intent is creating: the intent's VMID, and the intent's name or a
@@ -449,6 +473,29 @@ mod tests {
             address: Some("192.0.2.5".into()),
             deletion_policy: DeletionPolicy::Retain,
         }
+    }
+
+    #[test]
+    fn a_config_is_ours_only_with_our_tag_among_its_tags_and_the_host_name() {
+        let config = |tags: &str, name: &str| -> BTreeMap<String, String> {
+            [
+                ("tags".to_owned(), tags.to_owned()),
+                ("name".to_owned(), name.to_owned()),
+            ]
+            .into()
+        };
+        let own = |c: &BTreeMap<String, String>| {
+            let o = ConfigOwnership::of(c, OWNER, "uni-mastodon");
+            (o.tagged, o.named)
+        };
+        assert_eq!(
+            own(&config(&format!("fediversity;{OWNER}"), "uni-mastodon")),
+            (true, true)
+        );
+        assert_eq!(own(&config("fediversity", "uni-mastodon")), (false, true));
+        assert_eq!(own(&config(&format!("{OWNER}x"), "uni-mastodon")), (false, true));
+        assert_eq!(own(&config(OWNER, "uni-pixelfed")), (true, false));
+        assert_eq!(own(&BTreeMap::new()), (false, false));
     }
 
     #[test]
