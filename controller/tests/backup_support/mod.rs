@@ -3,7 +3,7 @@
 //! sftp by another loopback sshd.
 #![allow(dead_code)] // reason: each test binary uses its own subset of these helpers
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -56,14 +56,11 @@ pub fn require_tools() {
     }
 }
 
-/// A TCP port free on loopback right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../common/ports.rs"]
+#[allow(clippy::duplicate_mod)]
+// reason: a test binary may hold this support module and `common` side by side
+mod ports;
+pub use ports::free_port;
 
 static NEXT_ADDRESS: AtomicU8 = AtomicU8::new(60);
 

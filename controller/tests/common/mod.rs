@@ -1,7 +1,6 @@
 //! Helpers shared by the tests that run the real `fediversity` daemon.
 #![allow(dead_code)] // reason: each test binary uses its own subset of these helpers
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,13 +22,8 @@ impl Drop for Daemon {
     }
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+mod ports;
+pub use ports::free_port;
 
 /// Starts `fediversity run ARGS --listen 127.0.0.1:PORT` on a free port, without waiting.
 pub fn spawn(args: &[std::ffi::OsString]) -> Daemon {

@@ -1,18 +1,15 @@
 //! A real three-member etcd cluster (Debian's `etcd`) on loopback ports chosen at run time.
 #![allow(dead_code)] // reason: each test binary uses its own subset of these helpers
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../common/ports.rs"]
+#[allow(clippy::duplicate_mod)]
+// reason: a test binary may hold this support module and `common` side by side
+mod ports;
+use ports::free_port;
 
 /// One member: its ports and, while it runs, its process.
 struct Member {

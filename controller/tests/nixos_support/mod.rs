@@ -144,14 +144,11 @@ pub fn require_tools() {
     }
 }
 
-/// A TCP port free on loopback right now.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+#[path = "../common/ports.rs"]
+#[allow(clippy::duplicate_mod)]
+// reason: a test binary may hold this support module and `common` side by side
+mod ports;
+pub use ports::free_port;
 
 /// Each host gets its own loopback address.
 static NEXT_ADDRESS: AtomicU8 = AtomicU8::new(10);
