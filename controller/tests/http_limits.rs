@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, free_port, http_get, wait_for};
+use common::{Daemon, free_port, http_get, wait_for, wait_ready};
 use fediversity::fixtures;
 
 /// Starts the daemon on a folder holding one Deployment, with an API token, and waits until it is ready.
@@ -20,35 +20,18 @@ fn daemon(dir: &std::path::Path) -> Daemon {
     )
     .unwrap();
     std::fs::write(dir.join("token"), "the-token\n").unwrap();
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .arg("run")
-        .arg("--source")
-        .arg(dir.join("objects"))
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--api-token-file")
-        .arg(dir.join("token"))
-        .args([
-            "--provider",
-            "plan-only",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon {
-        child,
-        server: format!("127.0.0.1:{port}"),
-    };
-    wait_for("the daemon to become ready", Duration::from_secs(20), || {
-        http_get(&daemon.server, "/readyz")
-            .is_some_and(|(code, _)| code == 200)
-            .then_some(())
-    });
+    let args: Vec<std::ffi::OsString> = vec![
+        "--source".into(),
+        dir.join("objects").into(),
+        "--state-dir".into(),
+        dir.join("state").into(),
+        "--api-token-file".into(),
+        dir.join("token").into(),
+        "--provider".into(),
+        "plan-only".into(),
+    ];
+    let daemon = common::spawn(&args);
+    wait_ready(&daemon, Duration::from_secs(20));
     daemon
 }
 

@@ -5,11 +5,11 @@ mod common;
 mod sources_support;
 
 use std::io::{Read, Write};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::wait_ready;
 use fediversity::fixtures;
-use sources_support::{Daemon, Repo, api, cli, free_port, http_get, ready, source, wait_for};
+use sources_support::{Repo, api, cli, ready, source, wait_for};
 
 /// POSTs `body` with a bearer token over a raw socket; returns the status code.
 fn post(server: &str, path: &str, token: &str, body: &str) -> u16 {
@@ -42,31 +42,22 @@ fn relative_paths_work_for_folder_git_and_api_sources_alike() {
     )
     .unwrap();
     std::fs::write(cwd.path().join("token"), "relative-token\n").unwrap();
-    let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
-        .current_dir(cwd.path())
-        .args(["run", "--source", "./objects", "--source", &repo.url()])
-        .args(["--state-dir", "./state", "--api-token-file", "token"])
-        .args([
-            "--provider",
-            "plan-only",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let daemon = Daemon {
-        child,
-        server: format!("127.0.0.1:{port}"),
-    };
-    wait_for("the daemon to become ready", Duration::from_secs(30), || {
-        http_get(&daemon.server, "/readyz")
-            .is_some_and(|(code, _)| code == 200)
-            .then_some(())
-    });
+    let args: Vec<std::ffi::OsString> = [
+        "--source",
+        "./objects",
+        "--source",
+        &repo.url(),
+        "--state-dir",
+        "./state",
+        "--api-token-file",
+        "token",
+        "--provider",
+        "plan-only",
+    ]
+    .map(Into::into)
+    .to_vec();
+    let daemon = common::spawn_in(cwd.path(), &args);
+    wait_ready(&daemon, Duration::from_secs(30));
 
     let git = source(&daemon, "remote");
     assert!(git["lastError"].is_null(), "{git}");

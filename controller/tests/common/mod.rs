@@ -32,8 +32,21 @@ pub fn spawn(args: &[std::ffi::OsString]) -> Daemon {
 
 /// As [`spawn`], with extra environment variables for the daemon.
 pub fn spawn_with_env(args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Daemon {
+    spawn_from(None, args, env)
+}
+
+/// As [`spawn`], run from `cwd`, so that relative paths among ARGS are the daemon's own.
+pub fn spawn_in(cwd: &Path, args: &[std::ffi::OsString]) -> Daemon {
+    spawn_from(Some(cwd), args, &[])
+}
+
+fn spawn_from(cwd: Option<&Path>, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Daemon {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fediversity"));
+    if let Some(cwd) = cwd {
+        command.current_dir(cwd);
+    }
+    let child = command
         .arg("run")
         .args(args)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -47,6 +60,15 @@ pub fn spawn_with_env(args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Daem
         child,
         server: format!("127.0.0.1:{port}"),
     }
+}
+
+/// Waits until the daemon answers `/readyz` with 200.
+pub fn wait_ready(daemon: &Daemon, within: Duration) {
+    wait_for("the daemon to become ready", within, || {
+        http_get(&daemon.server, "/readyz")
+            .is_some_and(|(code, _)| code == 200)
+            .then_some(())
+    });
 }
 
 /// Starts the daemon with the plan-only provider on one source folder, converging NixOS hosts from
@@ -80,11 +102,7 @@ pub fn start(source: &Path, state: &Path) -> Daemon {
     let mut args: Vec<std::ffi::OsString> = args.iter().map(|a| a.to_os_string()).collect();
     args.extend(["--provider", "plan-only"].map(Into::into));
     let daemon = spawn(&args);
-    wait_for("the daemon to become ready", Duration::from_secs(20), || {
-        http_get(&daemon.server, "/readyz")
-            .is_some_and(|(code, _)| code == 200)
-            .then_some(())
-    });
+    wait_ready(&daemon, Duration::from_secs(20));
     daemon
 }
 
