@@ -93,6 +93,11 @@ pub struct RunArgs {
     /// The infrastructure backend: `proxmox` creates VMs; `plan-only` plans hosts and touches nothing.
     #[arg(long, env = "FEDIVERSITY_PROVIDER", value_enum, default_value = "proxmox")]
     pub provider: crate::proxmox::ProviderKind,
+    /// How often each owned VM's config is read to find changes made outside the controller (in the
+    /// Proxmox UI, say); scans are spread over the interval. `0s` reads on every pass, within the budget
+    /// of 5 config reads a second per environment.
+    #[arg(long, env = "FEDIVERSITY_DRIFT_INTERVAL", default_value = "10m", value_parser = crate::api::parse_duration)]
+    pub drift_interval: Duration,
     /// This controller's identity in VM owner tags (default: generated once, kept in the store, shared by
     /// the replicas of one installation).
     #[arg(long, env = "FEDIVERSITY_INSTANCE_ID")]
@@ -351,6 +356,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         max_reconcile_rate,
         shutdown_grace,
         provider,
+        drift_interval,
         instance_id,
         nixos_catalog,
         store: store_url,
@@ -458,6 +464,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     let infrastructure = crate::nixos::provider::with_nixos(
         crate::proxmox::build_provider(
             provider,
+            drift_interval,
             Some(&installation),
             &state_dir,
             &store,

@@ -943,3 +943,6 @@ fn read_public_key(path: Option<&str>) -> Option<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
