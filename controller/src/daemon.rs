@@ -1192,3 +1192,39 @@ fn report(feed: &Feed, tracked: &mut [Tracked]) {
     }
     feed.desired.set_sources(statuses);
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The daemon's flags on their own.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn the_drift_interval_defaults_to_ten_minutes_and_takes_a_duration() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["fediversity", "--source", "objects"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let default = parse(&[]).expect("the defaults parse");
+        assert_eq!(
+            default.run.drift_interval,
+            crate::proxmox::drift::DEFAULT_DRIFT_INTERVAL
+        );
+        let short = parse(&["--drift-interval", "90s"]).expect("a duration parses");
+        assert_eq!(short.run.drift_interval, Duration::from_secs(90));
+        let every_pass = parse(&["--drift-interval", "0s"]).expect("zero parses");
+        assert_eq!(every_pass.run.drift_interval, Duration::ZERO);
+        let error = parse(&["--drift-interval", "soon"])
+            .err()
+            .expect("a word is refused");
+        assert!(error.to_string().contains("drift-interval"), "{error}");
+    }
+}
