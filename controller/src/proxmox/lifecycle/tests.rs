@@ -934,3 +934,202 @@ async fn the_drift_scan_puts_back_changed_keys_and_reverts_a_memory_change_still
     assert_eq!(found[1].1, "8192", "the value found is reported");
     assert_eq!(rig.stored().expect("saved").pending, Vec::<String>::new());
 }
+
+/// A config that matches what the plan wants for `host()`, with our tags.
+fn converged_config() -> Result<serde_json::Value, ProxmoxError> {
+    Ok(json!({
+        "name": "uni-mastodon",
+        "tags": format!("fediversity;{OWNER}"),
+        "cores": 2,
+        "memory": "4096",
+        "net0": "virtio=BC:24:11:00:00:01,bridge=vmbr0",
+        "ipconfig0": "ip=dhcp",
+        "ciuser": "root",
+        "agent": "1",
+        "digest": "d8"
+    }))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vm_of_ours_found_without_a_record_is_adopted_and_never_cloned() {
+    let rig = rig();
+    let (host, ctx) = (host(), ctx(DeletionPolicy::Retain));
+    let steps = plan::plan_host(&host, None, &[template(), ours(107, true)], &ctx).steps;
+    assert_eq!(
+        steps,
+        vec![
+            Step::Adopt {
+                vmid: 107,
+                node: NODE.into()
+            },
+            Step::Configure,
+            Step::ReportPending,
+            Step::AwaitAgent
+        ]
+    );
+    // Its config is what we want already: nothing is written.
+    rig.api
+        .expect(Get, &qemu(107, "/config"), converged_config())
+        .expect(Get, &qemu(107, "/pending"), Ok(json!([])))
+        .expect(
+            Get,
+            &qemu(107, "/agent/network-get-interfaces"),
+            agent_answer("192.0.2.17"),
+        );
+
+    let ran = rig.run(Some(&host), &ctx, None, true, steps).await;
+
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Done);
+    rig.api.assert_done();
+    assert!(rig.api.calls().iter().all(|c| c.method == Get), "only reads");
+    let stored = rig.stored().expect("adopted");
+    assert_eq!((stored.vmid, stored.phase), (107, RecordPhase::Present));
+    assert_eq!(stored.configured.as_deref(), Some("h1"));
+    assert_eq!(stored.address.as_deref(), Some("192.0.2.17"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn pending_cpu_changes_restart_the_vm_only_when_restarts_are_allowed() {
+    let mut pending = record(101, RecordPhase::Present);
+    pending.pending = vec!["cores".into()];
+    pending.address = Some("192.0.2.10".into());
+    let host = host();
+
+    // Not allowed: said in status, nothing is called.
+    let quiet = rig();
+    let ran = quiet
+        .run(
+            Some(&host),
+            &ctx(DeletionPolicy::Retain),
+            Some(pending.clone()),
+            true,
+            vec![Step::ReportPending],
+        )
+        .await;
+    match ran.outcome.expect("not an error") {
+        HostOutcome::Waiting { reason, message } => {
+            assert_eq!(reason, reasons::PENDING_RESTART);
+            assert!(
+                message.contains(crate::api::ALLOW_RESTART_ANNOTATION),
+                "{message}"
+            );
+        }
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    assert!(quiet.api.calls().is_empty());
+
+    // Allowed: stop, start, and the new address.
+    let rig = rig();
+    let mut allowed = ctx(DeletionPolicy::Retain);
+    allowed.allow_restart = true;
+    expect_task(&rig.api, Post, &qemu(101, "/status/stop"), 101, "qmstop", "OK");
+    expect_task(&rig.api, Post, &qemu(101, "/status/start"), 101, "qmstart", "OK");
+    rig.api.expect(
+        Get,
+        &qemu(101, "/agent/network-get-interfaces"),
+        agent_answer("192.0.2.12"),
+    );
+    let ran = rig
+        .run(Some(&host), &allowed, Some(pending), true, vec![Step::Restart])
+        .await;
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Done);
+    rig.api.assert_done();
+    let stored = rig.stored().expect("kept");
+    assert!(stored.pending.is_empty());
+    assert_eq!(stored.address.as_deref(), Some("192.0.2.12"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_locked_vm_is_waited_for_without_a_single_call() {
+    let rig = rig();
+    let (host, ctx) = (host(), ctx(DeletionPolicy::Retain));
+    let mut locked = ours(101, false);
+    locked.lock = Some("backup".into());
+    let steps = plan::plan_host(&host, Some(&record(101, RecordPhase::Present)), &[locked], &ctx).steps;
+    assert_eq!(
+        steps,
+        vec![Step::AwaitUnlock {
+            lock: "backup".into()
+        }]
+    );
+
+    let ran = rig
+        .run(
+            Some(&host),
+            &ctx,
+            Some(record(101, RecordPhase::Present)),
+            false,
+            steps,
+        )
+        .await;
+
+    match ran.outcome.expect("not an error") {
+        HostOutcome::Waiting { reason, .. } => assert_eq!(reason, reasons::VM_LOCKED),
+        other => panic!("expected a wait, got {other:?}"),
+    }
+    assert!(rig.api.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn removal_under_retain_orphans_the_vm_and_forgets_one_already_gone_without_a_call() {
+    let rig = rig();
+    let ctx = ctx(DeletionPolicy::Retain);
+    let present = record(101, RecordPhase::Present);
+    rig.store
+        .put_inventory(&record_key("uni", "mastodon"), &present)
+        .unwrap();
+    let steps = plan::plan_removal(&present, &[ours(101, true)], &ctx).steps;
+    assert_eq!(steps, vec![Step::Orphan]);
+    let ran = rig.run(None, &ctx, Some(present.clone()), true, steps).await;
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Removed);
+    assert_eq!(rig.stored().map(|r| r.phase), Some(RecordPhase::Orphaned));
+
+    let steps = plan::plan_removal(&present, &[template()], &ctx).steps;
+    assert_eq!(steps, vec![Step::Forget]);
+    let ran = rig.run(None, &ctx, Some(present), false, steps).await;
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Removed);
+    assert_eq!(rig.stored(), None);
+    assert!(rig.api.calls().is_empty(), "a VM kept is never touched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_vmid_range_and_a_missing_template_are_errors_and_nothing_is_cloned() {
+    let (host, ctx) = (host(), ctx(DeletionPolicy::Retain));
+    let full: Vec<VmResource> = std::iter::once(template())
+        .chain((100..=199).map(|vmid| VmResource {
+            vmid,
+            node: NODE.into(),
+            name: Some(format!("other-{vmid}")),
+            ..VmResource::default()
+        }))
+        .collect();
+    let exhausted = rig();
+    exhausted.api.expect(Get, "/cluster/resources", listing(&full));
+    let ran = exhausted
+        .run(Some(&host), &ctx, None, false, vec![Step::Allocate])
+        .await;
+    match ran.outcome {
+        Err(e @ LifecycleError::RangeExhausted { start: 100, end: 199 }) => {
+            assert!(e.to_string().contains("100-199"), "{e}");
+        }
+        other => panic!(
+            "expected an exhausted range, got {:?}",
+            other.map_err(|e| e.to_string())
+        ),
+    }
+    exhausted.api.assert_done();
+    assert_eq!(exhausted.stored(), None, "no intent without a VMID");
+
+    let rig = rig();
+    rig.api.expect(Get, "/cluster/resources", Ok(json!([])));
+    let ran = rig
+        .run(Some(&host), &ctx, None, false, vec![Step::Allocate])
+        .await;
+    assert!(
+        matches!(ran.outcome, Err(LifecycleError::TemplateMissing(9000))),
+        "{:?}",
+        ran.outcome.map_err(|e| e.to_string())
+    );
+    rig.api.assert_done();
+    assert_eq!(rig.calls_to("/clone"), 0);
+}
