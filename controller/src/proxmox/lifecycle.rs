@@ -205,15 +205,15 @@ impl Environment {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
-    /// Follows a task: polls it when the pace says it is likely done, waiting inline only for short
-    /// waits; a longer one ends with [`Followed::Running`] and the time of the next poll.
+    /// Follows a task: polls it when the pace says it is likely done, waiting inline for at most
+    /// [`INLINE_WAIT`] in all; a longer wait ends with [`Followed::Running`] and the time of the next poll.
     pub async fn follow(&self, upid: &str) -> Result<Followed, ProxmoxError> {
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let work = Work::of_task(upid_type(upid));
         loop {
             let watched = self.pace.next_task_poll(upid);
             let wait = watched.unwrap_or(Duration::ZERO);
-            if wait > INLINE_WAIT {
+            if !wait.is_zero() && started.elapsed() + wait > INLINE_WAIT {
                 return Ok(Followed::Running { wake_after: wait });
             }
             if !wait.is_zero() {
@@ -747,8 +747,8 @@ impl HostRun<'_> {
         Ok(HostOutcome::Done)
     }
 
-    /// Asks the guest agent for the VM's address when the pace says the guest has likely booted; a
-    /// longer wait ends the run with the time of the next look ("not running yet" is an answer, not an
+    /// Asks the guest agent for the VM's address when the pace says the guest has likely booted; waits
+    /// of more than [`INLINE_WAIT`] in all end the run with the time of the next look ("not running yet" is an answer, not an
     /// error).
     async fn await_agent(&mut self) -> Result<HostOutcome, LifecycleError> {
         let Some((vmid, node)) = self.vm() else {
@@ -759,9 +759,10 @@ impl HostRun<'_> {
             // Started before this process looked (or by someone else): its uptime says since when.
             pace.boot_started(vmid, Duration::from_secs(self.uptime));
         }
+        let started = tokio::time::Instant::now();
         loop {
             let wait = pace.next_agent_poll(vmid);
-            if wait > INLINE_WAIT {
+            if !wait.is_zero() && started.elapsed() + wait > INLINE_WAIT {
                 self.wake_after = Some(wait);
                 return Ok(waiting(
                     super::reasons::WAITING_FOR_AGENT,

@@ -21,7 +21,7 @@ use std::time::Duration;
 // tokio's clock: the same as std's, except under a paused test clock, where waits are exact.
 use tokio::time::Instant;
 
-/// Waits up to this long happen inside the reconcile; longer ones end it with a wake-up time.
+/// Waits up to this long in all happen inside the reconcile; longer ones end it with a wake-up time.
 pub const INLINE_WAIT: Duration = Duration::from_millis(400);
 /// The first poll of work with no estimate, doubled after each.
 const FIRST_POLL: Duration = Duration::from_millis(20);
