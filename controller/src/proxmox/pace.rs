@@ -121,9 +121,7 @@ impl State {
     fn learn(&mut self, watch: &Watch, done_at: Duration) {
         // Done somewhere between the last look that saw it pending and this one; a look later than
         // planned bounds the end by the planned time only (see the module docs).
-        let done_by = watch.planned.map_or(done_at, |planned| {
-            done_at.min(planned.max(watch.last_pending.unwrap_or_default()))
-        });
+        let done_by = watch.done_by(done_at);
         let sample = match watch.last_pending {
             Some(pending) => (pending + done_by) / 2,
             None => done_by.mul_f64(0.8),
@@ -214,13 +212,16 @@ impl Pace {
         }
     }
 
-    /// The task was seen stopped: learn from it.
-    pub fn task_done(&self, upid: &str) {
+    /// The task was seen stopped: learn from it. Returns how long ago it had ended at the latest (more
+    /// than zero when this look came later than planned; a start's boot is watched from then).
+    pub fn task_done(&self, upid: &str) -> Duration {
         let mut s = self.state();
-        if let Some(w) = s.tasks.remove(upid) {
-            let elapsed = w.started.elapsed();
-            s.learn(&w, elapsed);
-        }
+        let Some(w) = s.tasks.remove(upid) else {
+            return Duration::ZERO;
+        };
+        let elapsed = w.started.elapsed();
+        s.learn(&w, elapsed);
+        elapsed.saturating_sub(w.done_by(elapsed))
     }
 
     /// The guest of `vmid` started `ago` (zero: just now); its agent is awaited.
@@ -276,6 +277,14 @@ impl Pace {
 }
 
 impl Watch {
+    /// When the work had ended at the latest, seen done at `done_at`: a look later than planned proves
+    /// only that it ended by the planned time.
+    fn done_by(&self, done_at: Duration) -> Duration {
+        self.planned.map_or(done_at, |planned| {
+            done_at.min(planned.max(self.last_pending.unwrap_or_default()))
+        })
+    }
+
     /// Seen not done now; a look at or after the estimated end counts as a late poll.
     fn pending(&mut self, estimate: Option<Duration>) {
         let elapsed = self.started.elapsed();
@@ -356,7 +365,11 @@ mod tests {
         // The reconcile that should have looked after 1 s waited 8 s more for a runner slot.
         tokio::time::advance(Duration::from_secs(9)).await;
         assert_eq!(pace.next_task_poll("UPID:d"), Some(Duration::ZERO));
-        pace.task_done("UPID:d");
+        assert_eq!(
+            pace.task_done("UPID:d"),
+            Duration::from_secs(8),
+            "it had ended 8 s ago at the latest"
+        );
         let resize = pace.estimate(Work::Resize).unwrap();
         assert!(resize <= Duration::from_secs(1), "{resize:?}");
         let boot = pace.estimate(Work::Boot).unwrap();
