@@ -12,7 +12,8 @@
 //! proves only that the work ended by the planned time, never that it took until the look: learning
 //! the late look's time would count the controller's own queueing as the cluster's slowness, and the
 //! inflated estimate would put the next polls later still (a feedback loop that, at 100 VMs, once
-//! scheduled agent polls 80–100 s out for 20-s boots).
+//! scheduled agent polls 80–100 s out for 20-s boots). Nor is it a sign that the work was shorter:
+//! such a look teaches nothing, except that work seen running before took at least that long.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +32,9 @@ const MAX_TASK_GAP: Duration = Duration::from_secs(2);
 const MAX_AGENT_GAP: Duration = Duration::from_secs(5);
 /// Weight of a new observation in an estimate.
 const ALPHA: f64 = 0.3;
+/// How much later than planned a look may come and still count as on time (a poll's own request, a
+/// moment in the queue).
+const LATE_SLACK: Duration = Duration::from_millis(100);
 /// Watches older than this are dropped (their task or VM was given up on).
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -119,12 +123,17 @@ impl State {
     }
 
     fn learn(&mut self, watch: &Watch, done_at: Duration) {
-        // Done somewhere between the last look that saw it pending and this one; a look later than
-        // planned bounds the end by the planned time only (see the module docs).
-        let done_by = watch.done_by(done_at);
-        let sample = match watch.last_pending {
-            Some(pending) => (pending + done_by) / 2,
-            None => done_by.mul_f64(0.8),
+        let late = watch
+            .planned
+            .is_some_and(|planned| done_at > planned + planned.mul_f64(0.1).max(LATE_SLACK));
+        let sample = match (watch.last_pending, late) {
+            // Done somewhere between the last look that saw it pending and this one.
+            (Some(pending), false) => (pending + done_at) / 2,
+            (None, false) => done_at.mul_f64(0.8),
+            // A late look proves only that the work ended by the planned time (see the module docs):
+            // all that is certain is that it took longer than when it was last seen running.
+            (Some(pending), true) if self.estimate(watch.work).is_none_or(|e| e < pending) => pending,
+            (_, true) => return,
         }
         .as_secs_f64();
         let learned = self.learned.entry(watch.work).or_insert(sample);
@@ -375,14 +384,17 @@ mod tests {
         let boot = pace.estimate(Work::Boot).unwrap();
         assert!(boot <= Duration::from_secs(20), "{boot:?}");
 
-        // A look on time that finds the work still running is evidence, and lengthens the estimate.
+        // Nor does it shorten them: many late looks in a row once drove the estimates to a fraction.
+        assert_eq!(resize, Duration::from_secs(1));
+
+        // A look that finds the work still running is evidence, and lengthens the estimate.
         pace.task_started("UPID:e", Work::Resize);
         let first = pace.next_task_poll("UPID:e").unwrap();
         tokio::time::advance(first).await;
         pace.task_pending("UPID:e");
         let gap = pace.next_task_poll("UPID:e").unwrap();
-        tokio::time::advance(gap + Duration::from_secs(3)).await;
-        pace.task_done("UPID:e");
+        tokio::time::advance(gap).await;
+        assert_eq!(pace.task_done("UPID:e"), Duration::ZERO, "on time");
         assert!(pace.estimate(Work::Resize).unwrap() > resize);
     }
 
