@@ -94,6 +94,11 @@ pub struct RunArgs {
     /// The infrastructure backend: `proxmox` creates VMs; `plan-only` plans hosts and touches nothing.
     #[arg(long, env = "FEDIVERSITY_PROVIDER", value_enum, default_value = "proxmox")]
     pub provider: crate::proxmox::ProviderKind,
+    /// How often each owned VM's config is read to find changes made outside the controller (in the
+    /// Proxmox UI, say); scans are spread over the interval. `0s` reads on every pass, within the budget
+    /// of 5 config reads a second per environment.
+    #[arg(long, env = "FEDIVERSITY_DRIFT_INTERVAL", default_value = "10m", value_parser = crate::api::parse_duration)]
+    pub drift_interval: Duration,
     /// This controller's identity in VM owner tags (default: generated once, kept in the store, shared by
     /// the replicas of one installation).
     #[arg(long, env = "FEDIVERSITY_INSTANCE_ID")]
@@ -223,6 +228,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         max_reconcile_rate,
         shutdown_grace,
         provider,
+        drift_interval,
         instance_id,
         nixos_catalog,
         store: store_url,
@@ -330,6 +336,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     let infrastructure = crate::nixos::provider::with_nixos(
         crate::proxmox::build_provider(
             provider,
+            drift_interval,
             Some(&installation),
             &state_dir,
             &store,
@@ -614,4 +621,40 @@ async fn lead(
     let outcome = runner.run(rx).await;
     relay.abort();
     (outcome, lost.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// The daemon's flags on their own.
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[test]
+    fn the_drift_interval_defaults_to_ten_minutes_and_takes_a_duration() {
+        let parse = |extra: &[&str]| {
+            let mut args = vec!["fediversity", "--source", "objects"];
+            args.extend_from_slice(extra);
+            Cli::try_parse_from(args)
+        };
+        let default = parse(&[]).expect("the defaults parse");
+        assert_eq!(
+            default.run.drift_interval,
+            crate::proxmox::drift::DEFAULT_DRIFT_INTERVAL
+        );
+        let short = parse(&["--drift-interval", "90s"]).expect("a duration parses");
+        assert_eq!(short.run.drift_interval, Duration::from_secs(90));
+        let every_pass = parse(&["--drift-interval", "0s"]).expect("zero parses");
+        assert_eq!(every_pass.run.drift_interval, Duration::ZERO);
+        let error = parse(&["--drift-interval", "soon"])
+            .err()
+            .expect("a word is refused");
+        assert!(error.to_string().contains("drift-interval"), "{error}");
+    }
 }

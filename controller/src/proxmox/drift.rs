@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: the same as std's, except under a paused test clock.
+use tokio::time::Instant;
 
 /// How often each owned VM's config is read to find changes made out of band.
 pub const DEFAULT_DRIFT_INTERVAL: Duration = Duration::from_secs(600);
@@ -136,6 +139,29 @@ mod tests {
         assert!(hourly.take(7).is_ok());
         let again = hourly.take(7).unwrap_err();
         assert!(again > Duration::from_secs(3590), "{again:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shorter_interval_scans_each_vm_sooner_and_more_often() {
+        let short = DriftSchedule::new(Duration::from_secs(60));
+        let default = DriftSchedule::new(DEFAULT_DRIFT_INTERVAL);
+        let vmids = 100..110;
+        for vmid in vmids.clone() {
+            let (sooner, later) = (short.due_in(vmid), default.due_in(vmid));
+            assert!(
+                sooner < Duration::from_secs(60) && sooner < later,
+                "{vmid}: {sooner:?} vs {later:?}"
+            );
+        }
+        // Ten minutes, looking every second as passes would.
+        let mut scans = [0usize; 2];
+        for _ in 0..600 {
+            for (count, schedule) in scans.iter_mut().zip([&short, &default]) {
+                *count += vmids.clone().filter(|v| schedule.take(*v).is_ok()).count();
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(scans, [100, 10], "once a minute against once in ten minutes");
     }
 
     #[test]

@@ -100,8 +100,13 @@ pub struct Environment {
 /// Where a followed task stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Followed {
-    /// It ended.
-    Done(TaskState),
+    /// It ended (at the latest `ended_ago`, when this look came later than planned).
+    Done {
+        /// How it ended.
+        state: TaskState,
+        /// How long ago it had ended at the latest.
+        ended_ago: Duration,
+    },
     /// It runs; look again after this long (the reconcile ends meanwhile).
     Running {
         /// When the next poll is due.
@@ -205,15 +210,15 @@ impl Environment {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
-    /// Follows a task: polls it when the pace says it is likely done, waiting inline only for short
-    /// waits; a longer one ends with [`Followed::Running`] and the time of the next poll.
+    /// Follows a task: polls it when the pace says it is likely done, waiting inline for at most
+    /// [`INLINE_WAIT`] in all; a longer wait ends with [`Followed::Running`] and the time of the next poll.
     pub async fn follow(&self, upid: &str) -> Result<Followed, ProxmoxError> {
-        let started = Instant::now();
+        let started = tokio::time::Instant::now();
         let work = Work::of_task(upid_type(upid));
         loop {
             let watched = self.pace.next_task_poll(upid);
             let wait = watched.unwrap_or(Duration::ZERO);
-            if wait > INLINE_WAIT {
+            if !wait.is_zero() && started.elapsed() + wait > INLINE_WAIT {
                 return Ok(Followed::Running { wake_after: wait });
             }
             if !wait.is_zero() {
@@ -222,7 +227,7 @@ impl Environment {
             match self.api.task_state(upid).await {
                 Ok(TaskState::Running) => {}
                 Ok(done) => {
-                    self.pace.task_done(upid);
+                    let ended_ago = self.pace.task_done(upid);
                     let result = if done == TaskState::Succeeded {
                         "ok"
                     } else {
@@ -232,13 +237,19 @@ impl Environment {
                         .tasks
                         .with_label_values(&[upid_type(upid), result])
                         .inc();
-                    return Ok(Followed::Done(done));
+                    return Ok(Followed::Done {
+                        state: done,
+                        ended_ago,
+                    });
                 }
                 // A brand-new task can be unknown for a moment; an old one may have been rotated out.
                 Err(ProxmoxError::NotFound(_)) if started.elapsed() < NEW_TASK_GRACE => {}
                 Err(ProxmoxError::NotFound(m)) => {
                     self.pace.task_done(upid);
-                    return Ok(Followed::Done(TaskState::Failed(m)));
+                    return Ok(Followed::Done {
+                        state: TaskState::Failed(m),
+                        ended_ago: Duration::ZERO,
+                    });
                 }
                 Err(e) => return Err(e),
             }
@@ -364,8 +375,8 @@ impl HostRun<'_> {
                             format!("task {} still running", upid_type(upid)),
                         ))
                     }
-                    Followed::Done(state) => {
-                        self.task_ended(upid, &state);
+                    Followed::Done { state, ended_ago } => {
+                        self.task_ended(upid, &state, ended_ago);
                         if let Some(r) = &mut self.record {
                             r.task = None;
                         }
@@ -519,7 +530,7 @@ impl HostRun<'_> {
         }
         self.save()?;
         self.env.pace.task_started(&upid, Work::of_task(upid_type(&upid)));
-        let state = match self.env.follow(&upid).await? {
+        let (state, ended_ago) = match self.env.follow(&upid).await? {
             Followed::Running { wake_after } => {
                 self.wake_after = Some(wake_after);
                 return Ok(waiting(
@@ -527,9 +538,9 @@ impl HostRun<'_> {
                     format!("task {} still running", upid_type(&upid)),
                 ));
             }
-            Followed::Done(state) => state,
+            Followed::Done { state, ended_ago } => (state, ended_ago),
         };
-        self.task_ended(&upid, &state);
+        self.task_ended(&upid, &state, ended_ago);
         if let Some(r) = &mut self.record {
             r.task = None;
         }
@@ -544,8 +555,8 @@ impl HostRun<'_> {
     }
 
     /// After a task's end: listings from before are stale for the VM, and a started guest's boot is
-    /// watched from now.
-    fn task_ended(&self, upid: &str, state: &TaskState) {
+    /// watched from when the start had ended at the latest (`ended_ago`).
+    fn task_ended(&self, upid: &str, state: &TaskState, ended_ago: Duration) {
         if let Some((vmid, _)) = self.vm() {
             self.env.touched(vmid);
         }
@@ -553,7 +564,7 @@ impl HostRun<'_> {
             && (*state == TaskState::Succeeded
                 || matches!(state, TaskState::Failed(m) if m.contains("already running")));
         if let (true, Some((vmid, _))) = (started, self.vm()) {
-            self.env.pace.boot_started(vmid, Duration::ZERO);
+            self.env.pace.boot_started(vmid, ended_ago);
         }
     }
 
@@ -741,8 +752,8 @@ impl HostRun<'_> {
         Ok(HostOutcome::Done)
     }
 
-    /// Asks the guest agent for the VM's address when the pace says the guest has likely booted; a
-    /// longer wait ends the run with the time of the next look ("not running yet" is an answer, not an
+    /// Asks the guest agent for the VM's address when the pace says the guest has likely booted; waits
+    /// of more than [`INLINE_WAIT`] in all end the run with the time of the next look ("not running yet" is an answer, not an
     /// error).
     async fn await_agent(&mut self) -> Result<HostOutcome, LifecycleError> {
         let Some((vmid, node)) = self.vm() else {
@@ -753,9 +764,10 @@ impl HostRun<'_> {
             // Started before this process looked (or by someone else): its uptime says since when.
             pace.boot_started(vmid, Duration::from_secs(self.uptime));
         }
+        let started = tokio::time::Instant::now();
         loop {
             let wait = pace.next_agent_poll(vmid);
-            if wait > INLINE_WAIT {
+            if !wait.is_zero() && started.elapsed() + wait > INLINE_WAIT {
                 self.wake_after = Some(wait);
                 return Ok(waiting(
                     super::reasons::WAITING_FOR_AGENT,
@@ -933,3 +945,6 @@ fn read_public_key(path: Option<&str>) -> Option<String> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

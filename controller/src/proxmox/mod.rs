@@ -23,6 +23,8 @@
 pub mod client;
 pub mod drift;
 pub mod error;
+#[cfg(test)]
+pub(crate) mod fake;
 pub mod http;
 pub mod lifecycle;
 pub mod metrics;
@@ -720,7 +722,10 @@ impl ProviderCore {
         let mut uptime = 0;
         for round in 0..4 {
             if round > 0 {
-                vms = match environment.observe(Duration::ZERO).await {
+                // A listing taken after our last change to this host's VM: the pass sees what the last
+                // step did, and hosts that finished a step at about the same time share one listing.
+                let vmids: Vec<u32> = record.iter().map(|r| r.vmid).collect();
+                vms = match environment.observe_for(lifecycle::LISTING_MAX_AGE, &vmids).await {
                     Ok(v) => v,
                     Err(e) => {
                         error = Some(api_error(env_name, &e));
@@ -1023,9 +1028,11 @@ pub enum BuildError {
     Metrics(#[from] prometheus::Error),
 }
 
-/// Builds the daemon's provider, registering its metrics in `registry`.
+/// Builds the daemon's provider, registering its metrics in `registry`; owned VMs are scanned for drift
+/// every `drift_interval`.
 pub fn build_provider(
     kind: ProviderKind,
+    drift_interval: Duration,
     instance: Option<&str>,
     state_dir: &Path,
     store: &Arc<Store>,
@@ -1041,20 +1048,115 @@ pub fn build_provider(
             })?;
             let metrics = ProxmoxMetrics::register(registry)?;
             tracing::info!(owner_tag_prefix = %instance_prefix(&id), "Proxmox provider enabled");
-            Ok(Arc::new(ProxmoxProvider::new(
-                store.clone(),
-                desired,
-                id,
-                metrics,
-                RateLimit::default(),
-            )))
+            Ok(Arc::new(
+                ProxmoxProvider::new(store.clone(), desired, id, metrics, RateLimit::default())
+                    .with_drift_interval(drift_interval),
+            ))
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::api::Object;
+    use crate::proxmox::client::Method::Get;
+    use crate::proxmox::fake::ScriptedApi;
+
+    /// No desired objects at all.
+    struct Nothing;
+
+    impl Objects for Nothing {
+        fn object(&self, _: &ObjectKey) -> Option<Object> {
+            None
+        }
+
+        fn is_known(&self, _: &ObjectKey) -> bool {
+            false
+        }
+    }
+
+    fn lab() -> RuntimeEnvironment {
+        serde_json::from_value(json!({
+            "apiVersion": "fediversity.eu/v1alpha1",
+            "kind": "RuntimeEnvironment",
+            "metadata": { "name": "lab" },
+            "spec": {
+                "proxmox": {
+                    "endpoint": "https://pve.example.net:8006",
+                    "credentials": { "tokenId": "ci@pve!ctl", "secretFile": "/run/secrets/token" },
+                    "nodes": ["pve"],
+                    "template": { "vmid": 9000 },
+                    "storage": "local-lvm",
+                    "bridge": "vmbr0",
+                    "vmidRange": { "start": 100, "end": 199 }
+                },
+                "ssh": { "privateKeyFile": "/run/secrets/key" }
+            }
+        }))
+        .expect("a valid RuntimeEnvironment")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_over_a_scripted_api_checks_its_environment_and_scans_at_the_drift_interval_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let api = ScriptedApi::new();
+        let ours = owner_tag("instance-1", "uni");
+        api.expect(Get, "/version", Ok(json!({ "version": "9.1.3", "release": "9.1" })))
+            .expect(
+                Get,
+                "/nodes",
+                Ok(json!([{ "node": "pve", "status": "online" }, { "node": "pve2", "status": "offline" }])),
+            )
+            .expect(
+                Get,
+                "/cluster/resources",
+                Ok(json!([
+                    { "type": "qemu", "vmid": 9000, "node": "pve", "name": "nixos", "template": 1 },
+                    { "type": "qemu", "vmid": 101, "node": "pve", "name": "uni-mastodon", "tags": format!("fediversity;{ours}") },
+                    { "type": "qemu", "vmid": 102, "node": "pve", "name": "someone-else", "tags": "prod" }
+                ])),
+            );
+        let built = Arc::new(Mutex::new(0));
+        let factory = {
+            let (api, built) = (api.api(), built.clone());
+            move |_: &RuntimeEnvironment, _: ProxmoxMetrics| {
+                *built.lock().unwrap() += 1;
+                Ok(api.clone())
+            }
+        };
+        let metrics = ProxmoxMetrics::register(&prometheus::Registry::new()).unwrap();
+        let provider = ProxmoxProvider::with_factory(
+            store,
+            Arc::new(Nothing),
+            "instance-1".into(),
+            metrics,
+            Box::new(factory),
+        )
+        .with_drift_interval(Duration::from_secs(90));
+
+        let report = provider
+            .check_environment(&lab())
+            .await
+            .expect("the check passes");
+
+        api.assert_done();
+        assert_eq!(report.fields["version"], json!("9.1.3"));
+        assert_eq!(report.fields["nodes"], json!(["pve"]));
+        assert_eq!(
+            report.fields["vmsOwned"],
+            json!(1),
+            "only the VM with our owner tag"
+        );
+        assert_eq!(report.fields["templatePresent"], json!(true));
+        let environment = provider.environment(&lab()).unwrap();
+        assert_eq!(*built.lock().unwrap(), 1, "one client per environment");
+        assert_eq!(environment.drift.interval(), Duration::from_secs(90));
+        assert!(environment.drift.due_in(101) <= Duration::from_secs(90));
+    }
 
     #[test]
     fn owner_tags_are_valid_proxmox_tags_distinct_per_deployment_and_instance() {

@@ -7,12 +7,22 @@
 //! work. With no estimate at all the first polls back off from 20 ms. A poll is planned at the
 //! estimated end, then at short, growing intervals. A wait longer than [`INLINE_WAIT`] is not spent
 //! holding a reconcile: the caller returns and is woken when the next poll is due.
+//!
+//! A look that comes later than planned (its reconcile waited for a runner slot or a request token)
+//! proves only that the work ended by the planned time, never that it took until the look: learning
+//! the late look's time would count the controller's own queueing as the cluster's slowness, and the
+//! inflated estimate would put the next polls later still (a feedback loop that, at 100 VMs, once
+//! scheduled agent polls 80–100 s out for 20-s boots). Nor is it a sign that the work was shorter:
+//! such a look teaches nothing, except that work seen running before took at least that long.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Waits up to this long happen inside the reconcile; longer ones end it with a wake-up time.
+// tokio's clock: the same as std's, except under a paused test clock, where waits are exact.
+use tokio::time::Instant;
+
+/// Waits up to this long in all happen inside the reconcile; longer ones end it with a wake-up time.
 pub const INLINE_WAIT: Duration = Duration::from_millis(400);
 /// The first poll of work with no estimate, doubled after each.
 const FIRST_POLL: Duration = Duration::from_millis(20);
@@ -22,6 +32,9 @@ const MAX_TASK_GAP: Duration = Duration::from_secs(2);
 const MAX_AGENT_GAP: Duration = Duration::from_secs(5);
 /// Weight of a new observation in an estimate.
 const ALPHA: f64 = 0.3;
+/// How much later than planned a look may come and still count as on time (a poll's own request, a
+/// moment in the queue).
+const LATE_SLACK: Duration = Duration::from_millis(100);
 /// Watches older than this are dropped (their task or VM was given up on).
 const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -80,6 +93,8 @@ struct Watch {
     started: Instant,
     /// When it was last seen not done (time since `started`).
     last_pending: Option<Duration>,
+    /// When the next look was planned (time since `started`), as last given out.
+    planned: Option<Duration>,
     /// Polls after the estimated end so far.
     late_polls: u32,
 }
@@ -108,10 +123,17 @@ impl State {
     }
 
     fn learn(&mut self, watch: &Watch, done_at: Duration) {
-        // Done somewhere between the last look that saw it pending and this one.
-        let sample = match watch.last_pending {
-            Some(pending) => (pending + done_at) / 2,
-            None => done_at.mul_f64(0.8),
+        let late = watch
+            .planned
+            .is_some_and(|planned| done_at > planned + planned.mul_f64(0.1).max(LATE_SLACK));
+        let sample = match (watch.last_pending, late) {
+            // Done somewhere between the last look that saw it pending and this one.
+            (Some(pending), false) => (pending + done_at) / 2,
+            (None, false) => done_at.mul_f64(0.8),
+            // A late look proves only that the work ended by the planned time (see the module docs):
+            // all that is certain is that it took longer than when it was last seen running.
+            (Some(pending), true) if self.estimate(watch.work).is_none_or(|e| e < pending) => pending,
+            (_, true) => return,
         }
         .as_secs_f64();
         let learned = self.learned.entry(watch.work).or_insert(sample);
@@ -123,8 +145,8 @@ impl State {
         }
     }
 
-    /// How long from now until `watch` should be looked at.
-    fn next(&self, watch: &Watch, max_gap: Duration) -> Duration {
+    /// How long from now until `watch` should be looked at; the planned time is kept on the watch.
+    fn next(&self, watch: &mut Watch, max_gap: Duration) -> Duration {
         let elapsed = watch.started.elapsed();
         let due = match self.estimate(watch.work) {
             // At the estimated end (at once when that has passed), then at growing short intervals
@@ -142,6 +164,7 @@ impl State {
                 Some(p) => p + p.max(FIRST_POLL).min(max_gap),
             },
         };
+        watch.planned = Some(due);
         due.saturating_sub(elapsed)
     }
 
@@ -173,6 +196,7 @@ impl Pace {
                 work,
                 started: Instant::now(),
                 last_pending: None,
+                planned: None,
                 late_polls: 0,
             },
         );
@@ -181,8 +205,11 @@ impl Pace {
     /// How long until the task should be polled; `None` for a task not watched (started before this
     /// process looked: it may have ended long ago, so poll now).
     pub fn next_task_poll(&self, upid: &str) -> Option<Duration> {
-        let s = self.state();
-        s.tasks.get(upid).map(|w| s.next(w, MAX_TASK_GAP))
+        let mut s = self.state();
+        let mut watch = *s.tasks.get(upid)?;
+        let next = s.next(&mut watch, MAX_TASK_GAP);
+        s.tasks.insert(upid.to_owned(), watch);
+        Some(next)
     }
 
     /// The task was seen running.
@@ -194,13 +221,16 @@ impl Pace {
         }
     }
 
-    /// The task was seen stopped: learn from it.
-    pub fn task_done(&self, upid: &str) {
+    /// The task was seen stopped: learn from it. Returns how long ago it had ended at the latest (more
+    /// than zero when this look came later than planned; a start's boot is watched from then).
+    pub fn task_done(&self, upid: &str) -> Duration {
         let mut s = self.state();
-        if let Some(w) = s.tasks.remove(upid) {
-            let elapsed = w.started.elapsed();
-            s.learn(&w, elapsed);
-        }
+        let Some(w) = s.tasks.remove(upid) else {
+            return Duration::ZERO;
+        };
+        let elapsed = w.started.elapsed();
+        s.learn(&w, elapsed);
+        elapsed.saturating_sub(w.done_by(elapsed))
     }
 
     /// The guest of `vmid` started `ago` (zero: just now); its agent is awaited.
@@ -214,6 +244,7 @@ impl Pace {
                 work: Work::Boot,
                 started,
                 last_pending: None,
+                planned: None,
                 late_polls: 0,
             },
         );
@@ -226,10 +257,13 @@ impl Pace {
 
     /// How long until the agent of `vmid` should be asked (zero when its boot is not watched).
     pub fn next_agent_poll(&self, vmid: u32) -> Duration {
-        let s = self.state();
-        s.boots
-            .get(&vmid)
-            .map_or(Duration::ZERO, |w| s.next(w, MAX_AGENT_GAP))
+        let mut s = self.state();
+        let Some(mut watch) = s.boots.get(&vmid).copied() else {
+            return Duration::ZERO;
+        };
+        let next = s.next(&mut watch, MAX_AGENT_GAP);
+        s.boots.insert(vmid, watch);
+        next
     }
 
     /// The agent of `vmid` did not answer yet.
@@ -252,6 +286,14 @@ impl Pace {
 }
 
 impl Watch {
+    /// When the work had ended at the latest, seen done at `done_at`: a look later than planned proves
+    /// only that it ended by the planned time.
+    fn done_by(&self, done_at: Duration) -> Duration {
+        self.planned.map_or(done_at, |planned| {
+            done_at.min(planned.max(self.last_pending.unwrap_or_default()))
+        })
+    }
+
     /// Seen not done now; a look at or after the estimated end counts as a late poll.
     fn pending(&mut self, estimate: Option<Duration>) {
         let elapsed = self.started.elapsed();
@@ -296,6 +338,7 @@ mod tests {
             work: Work::Clone,
             started: Instant::now(),
             last_pending: Some(Duration::from_millis(25)),
+            planned: None,
             late_polls: 0,
         };
         // A clone of about 30 ms: a tenth of a millisecond per modelled second of 3 s, so 0.01 pace.
@@ -319,6 +362,40 @@ mod tests {
             next > Duration::ZERO && next <= Duration::from_millis(400),
             "{next:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_look_later_than_planned_that_finds_the_work_done_does_not_lengthen_the_estimates() {
+        let pace = Pace::default();
+        pace.state().learned.insert(Work::Resize, 1.0);
+        pace.state().pace = Some(1.0);
+        pace.task_started("UPID:d", Work::Resize);
+        assert_eq!(pace.next_task_poll("UPID:d"), Some(Duration::from_secs(1)));
+        // The reconcile that should have looked after 1 s waited 8 s more for a runner slot.
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert_eq!(pace.next_task_poll("UPID:d"), Some(Duration::ZERO));
+        assert_eq!(
+            pace.task_done("UPID:d"),
+            Duration::from_secs(8),
+            "it had ended 8 s ago at the latest"
+        );
+        let resize = pace.estimate(Work::Resize).unwrap();
+        assert!(resize <= Duration::from_secs(1), "{resize:?}");
+        let boot = pace.estimate(Work::Boot).unwrap();
+        assert!(boot <= Duration::from_secs(20), "{boot:?}");
+
+        // Nor does it shorten them: many late looks in a row once drove the estimates to a fraction.
+        assert_eq!(resize, Duration::from_secs(1));
+
+        // A look that finds the work still running is evidence, and lengthens the estimate.
+        pace.task_started("UPID:e", Work::Resize);
+        let first = pace.next_task_poll("UPID:e").unwrap();
+        tokio::time::advance(first).await;
+        pace.task_pending("UPID:e");
+        let gap = pace.next_task_poll("UPID:e").unwrap();
+        tokio::time::advance(gap).await;
+        assert_eq!(pace.task_done("UPID:e"), Duration::ZERO, "on time");
+        assert!(pace.estimate(Work::Resize).unwrap() > resize);
     }
 
     #[test]
