@@ -255,6 +255,25 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
     let orders_a = sql(&lab_a, &host_a, "SELECT count(*), sum(amount) FROM orders");
     assert_eq!(events_a, "700");
 
+    // The API never stops services for an export without the confirmation.
+    let refused = Command::new("curl")
+        .args([
+            "--silent",
+            "--output",
+            "/dev/null",
+            "--write-out",
+            "%{http_code}",
+            "-X",
+            "POST",
+        ])
+        .arg(format!(
+            "http://{}/api/v1/deployments/op/final-backup",
+            daemon_a.server
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&refused.stdout), "400");
+
     // Export, final.
     let out = tempfile::tempdir().unwrap();
     let dir = out.path().join("op-bundle");
@@ -329,11 +348,11 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
     assert_eq!(in_bundle[0].id, index.hosts[0].snapshot);
     let d = get(&daemon_a, "/api/v1/deployments/op").unwrap();
     assert_eq!(d["status"]["export"]["final"], true, "{d}");
-    assert_eq!(
-        d["status"]["export"]["hosts"][0]["snapshot"]
-            .as_str()
-            .map(|s| s.len()),
-        Some(64)
+    // The final snapshot (restic's short ID) is the one the bundle carries a copy of.
+    let final_id = d["status"]["export"]["hosts"][0]["snapshot"].as_str().unwrap();
+    assert!(
+        final_id.len() >= 8 && index.hosts[0].original.starts_with(final_id),
+        "{d}"
     );
     let events = get(&daemon_a, "/api/v1/events?kind=Deployment&name=op")
         .unwrap()

@@ -688,7 +688,8 @@ pub async fn provider_snapshots(
     Ok(list)
 }
 
-/// Creates the bundle's repository (with its own password file) and copies `ids` from the provider's
+/// Creates the bundle's repository (with its own password file, and the provider repository's chunker
+/// parameters, so the copy deduplicates as the original did) and copies `ids` from the provider's
 /// repository into it; returns what the bundle's repository then holds.
 pub async fn copy_out(
     work: &WorkDir,
@@ -702,7 +703,7 @@ pub async fn copy_out(
     backuper.deliver_secrets(&shell, repo).await?;
     let line = format!(
         "{}export RESTIC_FROM_REPOSITORY=\"$RESTIC_REPOSITORY\" RESTIC_FROM_PASSWORD_FILE=\"$RESTIC_PASSWORD_FILE\" \
-RESTIC_REPOSITORY={} RESTIC_PASSWORD_FILE={}; restic init >/dev/null; {} >&2; restic snapshots --json",
+RESTIC_REPOSITORY={} RESTIC_PASSWORD_FILE={}; restic init --copy-chunker-params >/dev/null; {} >&2; restic snapshots --json",
         script::prologue(backuper.layout(), repo.access()),
         shell_word(&repository.to_string_lossy()),
         shell_word(&password_file.to_string_lossy()),

@@ -158,7 +158,10 @@ pub async fn export(
     let mut picked: Vec<&Pinned> = Vec::new();
     for host in hosts.keys() {
         let found = match chosen.get(host) {
-            Some(id) => listed.iter().find(|s| &s.id == id),
+            // restic's backup summary gives the short ID.
+            Some(id) => listed
+                .iter()
+                .find(|s| id.len() >= 8 && s.id.starts_with(id.as_str()) && &s.hostname == host),
             None if final_snapshot => None,
             None => listed.iter().rev().find(|s| &s.hostname == host),
         };
