@@ -1158,6 +1158,56 @@ mod tests {
     }
 
     #[test]
+    fn a_manifest_that_differs_from_its_snapshots_names_each_file_and_table() {
+        let meta = serde_json::from_str(
+            "{\"database\":\"app\",\"owner\":\"app\",\"encoding\":\"UTF8\",\"collate\":\"C\",\"ctype\":\"C\"}",
+        )
+        .unwrap();
+        let table = |rows| manifest::TableSum {
+            rows,
+            checksum: "7".into(),
+        };
+        let entry = |sha: &str| manifest::Entry {
+            kind: 'f',
+            mode: "644".into(),
+            owner: "root:root".into(),
+            size: Some(1),
+            sha256: Some(sha.into()),
+            link: None,
+        };
+        let inside = HostManifest {
+            files: FileManifest {
+                entries: BTreeMap::from([("/d/a".to_owned(), entry(ID_A))]),
+            },
+            databases: BTreeMap::from([(
+                "app".to_owned(),
+                DatabaseSums {
+                    meta,
+                    tables: BTreeMap::from([("public.t".to_owned(), table(2))]),
+                },
+            )]),
+        };
+        assert!(compare_manifests(&inside, &inside).is_empty());
+        let mut recorded = inside.clone();
+        recorded.files.entries.insert("/d/a".into(), entry(ID_B));
+        recorded
+            .databases
+            .get_mut("app")
+            .unwrap()
+            .tables
+            .insert("public.t".into(), table(3));
+        assert_eq!(
+            compare_manifests(&recorded, &inside),
+            vec![
+                "content differs: /d/a",
+                "database app: table public.t has 3 rows instead of 2"
+            ]
+        );
+        recorded.databases.clear();
+        assert!(compare_manifests(&recorded, &inside).contains(&"database app missing".to_owned()));
+    }
+
+    #[test]
     fn a_new_password_is_long_and_different_each_time() {
         let (a, b) = (new_password().unwrap(), new_password().unwrap());
         assert_eq!(a.len(), 64);

@@ -415,7 +415,15 @@ remove it (restic forget) or import into another environment",
     }
     let placed = bundle::placed_deployment(&bundle.deployment, environment, &snapshot_for(&ids));
     let yaml = yaml_serde::to_string(&placed).unwrap_or_default();
-    let (out, code) = writer.apply(&format!("import-{name}.yaml"), yaml).await?;
+    let (out, code) = match writer.apply(&format!("import-{name}.yaml"), yaml).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            return Err(MoveError::Refused(format!(
+                "the snapshots were copied into the repository of RuntimeEnvironment {environment}, but the Deployment \
+was not created: {e}; run the import again once that is fixed (snapshots already there are not copied twice)"
+            )));
+        }
+    };
     print!("{}", crate::text::escape(&out));
     if code != 0 {
         return Ok(code);

@@ -459,6 +459,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             token_file,
             server,
         } => {
+            if token_file.is_none() {
+                eprintln!(
+                    "error: import creates the Deployment through the daemon's API: give --token-file (or FEDIVERSITY_TOKEN_FILE); nothing was done"
+                );
+                return Ok(2);
+            }
             let writer = write::Writer::new(&server.server, token_file.as_deref())?;
             let client = client::Client::new(&server.server);
             match bundle::import(&client, &writer, &dir, &environment, wait.then_some(timeout)).await {
@@ -517,6 +523,38 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["fediversity", "get", "pods"]).is_err());
+    }
+
+    #[test]
+    fn export_and_import_take_their_folder_final_and_environment() {
+        let cli = Cli::try_parse_from([
+            "fediversity",
+            "export",
+            "deployment",
+            "op",
+            "-o",
+            "out",
+            "--final",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Export { kind: Kind::Deployment, final_snapshot: true, ref output, .. } if output == &PathBuf::from("out")
+        ));
+        let cli =
+            Cli::try_parse_from(["fediversity", "import", "out", "--environment", "ams", "--wait"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Import { wait: true, ref environment, .. } if environment == "ams"
+        ));
+        assert!(
+            Cli::try_parse_from(["fediversity", "import", "out"]).is_err(),
+            "--environment is required"
+        );
+        assert!(
+            Cli::try_parse_from(["fediversity", "export", "deployment", "op"]).is_err(),
+            "-o is required"
+        );
     }
 }
 
