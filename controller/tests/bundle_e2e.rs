@@ -23,6 +23,11 @@ const APP: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetad
 displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
 data: { paths: [/nix/var/app-data], databases: [app] }\n";
 
+/// A second Application whose host holds only files.
+const FILES: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: files }\nspec:\n  \
+displayName: Files\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
+data: { paths: [/nix/var/files-data] }\n";
+
 /// The first provider's repository password: it must never reach the bundle or any output.
 const PROVIDER_PASSWORD: &str = "correct horse battery staple";
 
@@ -108,11 +113,11 @@ fn sql(lab: &Lab, host: &TestHost, sql: &str) -> String {
 }
 
 /// The environment `name` of `lab` with `host`, backed up to `repo`'s sftp repository.
-fn environment(lab: &Lab, name: &str, host: &TestHost, repo: &backup_support::Lab) -> String {
+fn environment(lab: &Lab, name: &str, hosts: &[&TestHost], repo: &backup_support::Lab) -> String {
     let b = repo.backup_spec();
     format!(
         "{}  backup: {{ repository: \"{}\", passwordFile: {}, sftpIdentityFile: {}, sftpKnownHostsFile: {}, schedule: 1d }}\n",
-        lab.environment_yaml(name, &[host]),
+        lab.environment_yaml(name, hosts),
         b.repository,
         b.password_file,
         b.sftp_identity_file.unwrap(),
@@ -194,6 +199,16 @@ fn a_deployment_exported_final_from_one_provider_is_imported_at_another_ready_wi
     let lab_a = Lab::new();
     let repo_a = backup_support::Lab::new();
     let (host_a, _pg_a) = pg_host(&lab_a, "op-app");
+    let files_a = lab_a.host("op-files");
+    let plain_a = files_a.root.join("nix/var/files-data");
+    std::fs::create_dir_all(&plain_a).unwrap();
+    for i in 0..20u8 {
+        std::fs::write(
+            plain_a.join(format!("{i}.txt")),
+            vec![b'a' + i; 100 + usize::from(i)],
+        )
+        .unwrap();
+    }
     on_host(
         &lab_a,
         &host_a,
@@ -222,14 +237,15 @@ fn a_deployment_exported_final_from_one_provider_is_imported_at_another_ready_wi
     std::fs::create_dir_all(&source_a).unwrap();
     std::fs::write(
         source_a.join("env.yaml"),
-        environment(&lab_a, "lab-a", &host_a, &repo_a),
+        environment(&lab_a, "lab-a", &[&host_a, &files_a], &repo_a),
     )
     .unwrap();
     std::fs::write(source_a.join("app.yaml"), APP).unwrap();
+    std::fs::write(source_a.join("files.yaml"), FILES).unwrap();
     std::fs::write(
         source_a.join("op.yaml"),
         "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: { name: op, labels: { tier: gold } }\nspec:\n  \
-domain: op.example\n  runtimeEnvironment: lab-a\n  applications: { app: {} }\n",
+domain: op.example\n  runtimeEnvironment: lab-a\n  applications: { app: {}, files: {} }\n",
     )
     .unwrap();
     let daemon_a = common::start_with_catalog(
@@ -238,11 +254,18 @@ domain: op.example\n  runtimeEnvironment: lab-a\n  applications: { app: {} }\n",
         &lab_a.catalog(),
         NIX_CONFIG,
     );
-    // The first scheduled backup runs once the host is Ready.
-    wait_for("the first backup on provider A", Duration::from_secs(300), || {
-        get(&daemon_a, "/api/v1/deployments/op")
-            .filter(|d| d["status"]["backups"][0]["result"] == "Succeeded")
-    });
+    // The first scheduled backup of each host runs once it is Ready.
+    wait_for(
+        "the first backups on provider A",
+        Duration::from_secs(300),
+        || {
+            get(&daemon_a, "/api/v1/deployments/op").filter(|d| {
+                d["status"]["backups"]
+                    .as_array()
+                    .is_some_and(|b| b.len() == 2 && b.iter().all(|b| b["result"] == "Succeeded"))
+            })
+        },
+    );
     // Written after that backup: only a final snapshot carries it.
     sql(
         &lab_a,
@@ -251,6 +274,7 @@ domain: op.example\n  runtimeEnvironment: lab-a\n  applications: { app: {} }\n",
 UPDATE orders SET amount = amount + 1 WHERE id <= 50",
     );
     std::fs::write(data_a.join("after.txt"), "written after the last backup").unwrap();
+    std::fs::write(plain_a.join("late.txt"), "also after the last backup").unwrap();
     let events_a = sql(&lab_a, &host_a, "SELECT count(*) FROM events");
     let orders_a = sql(&lab_a, &host_a, "SELECT count(*), sum(amount) FROM orders");
     assert_eq!(events_a, "700");
@@ -274,8 +298,41 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&refused.stdout), "400");
 
-    // Export, final.
+    // A trial export while the services run: each host's latest snapshot, without the later writes.
     let out = tempfile::tempdir().unwrap();
+    let trial = out.path().join("trial");
+    let (code, text) = cli(
+        &daemon_a,
+        &["export", "deployment", "op", "-o", trial.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("Not final: the services still run"), "{text}");
+    let trial_index: Index =
+        serde_json::from_str(&std::fs::read_to_string(trial.join("bundle.json")).unwrap()).unwrap();
+    assert!(!trial_index.final_snapshot);
+    let trial_manifest: bundle::HostManifest =
+        serde_json::from_slice(&std::fs::read(trial.join("manifests/op-app.json")).unwrap()).unwrap();
+    assert!(
+        trial_manifest
+            .files
+            .entries
+            .contains_key("/nix/var/app-data/media/001.bin")
+    );
+    assert!(
+        !trial_manifest
+            .files
+            .entries
+            .contains_key("/nix/var/app-data/after.txt")
+    );
+    // A folder in use is refused.
+    let (code, text) = cli(
+        &daemon_a,
+        &["export", "deployment", "op", "-o", trial.to_str().unwrap()],
+    );
+    assert_eq!(code, 1);
+    assert!(text.contains("exists and is not empty"), "{text}");
+
+    // Export, final.
     let dir = out.path().join("op-bundle");
     let (code, text) = cli(
         &daemon_a,
@@ -332,7 +389,7 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
     let index: Index =
         serde_json::from_str(&std::fs::read_to_string(dir.join("bundle.json")).unwrap()).unwrap();
     assert!(index.final_snapshot);
-    assert_eq!(index.hosts.len(), 1);
+    assert_eq!(index.hosts.len(), 2);
     // The bundle's repository is its own: only this Deployment's final snapshot, under the new password.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -344,36 +401,46 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
             &dir.join("repository.password"),
         ))
         .unwrap();
-    assert_eq!(in_bundle.len(), 1, "{in_bundle:?}");
-    assert_eq!(in_bundle[0].id, index.hosts[0].snapshot);
+    let mut held: Vec<&str> = in_bundle.iter().map(|s| s.id.as_str()).collect();
+    let mut listed: Vec<&str> = index.hosts.iter().map(|h| h.snapshot.as_str()).collect();
+    held.sort();
+    listed.sort();
+    assert_eq!(held, listed, "{in_bundle:?}");
     let d = get(&daemon_a, "/api/v1/deployments/op").unwrap();
     assert_eq!(d["status"]["export"]["final"], true, "{d}");
     // The final snapshot (restic's short ID) is the one the bundle carries a copy of.
-    let final_id = d["status"]["export"]["hosts"][0]["snapshot"].as_str().unwrap();
-    assert!(
-        final_id.len() >= 8 && index.hosts[0].original.starts_with(final_id),
-        "{d}"
-    );
+    for h in &index.hosts {
+        let entry = d["status"]["export"]["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["host"] == h.host.as_str())
+            .unwrap();
+        let final_id = entry["snapshot"].as_str().unwrap();
+        assert!(final_id.len() >= 8 && h.original.starts_with(final_id), "{d}");
+    }
     let events = get(&daemon_a, "/api/v1/events?kind=Deployment&name=op")
         .unwrap()
         .to_string();
     assert!(events.contains("StoppedForExport"), "{events}");
-    let (files_a, dbs_a) = live(&lab_a, &host_a);
+    let (live_a, dbs_a) = live(&lab_a, &host_a);
     drop(daemon_a);
 
     // Provider B: a fresh host, its own repository, its own controller with an API token.
     let lab_b = Lab::new();
     let repo_b = backup_support::Lab::new();
     let (host_b, _pg_b) = pg_host(&lab_b, "op-app");
+    let files_b_host = lab_b.host("op-files");
     assert!(!host_b.root.join("nix/var/app-data").exists());
     let source_b = lab_b.path().join("source");
     std::fs::create_dir_all(&source_b).unwrap();
     std::fs::write(
         source_b.join("env.yaml"),
-        environment(&lab_b, "lab-b", &host_b, &repo_b),
+        environment(&lab_b, "lab-b", &[&host_b, &files_b_host], &repo_b),
     )
     .unwrap();
     std::fs::write(source_b.join("app.yaml"), APP).unwrap();
+    std::fs::write(source_b.join("files.yaml"), FILES).unwrap();
     let token = lab_b.path().join("token");
     std::fs::write(&token, "an api token for provider b\n").unwrap();
     let args: Vec<std::ffi::OsString> = vec![
@@ -493,12 +560,17 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
     let d = get(&daemon_b, "/api/v1/deployments/op").unwrap();
     assert_eq!(d["spec"]["runtimeEnvironment"], "lab-b");
     assert_eq!(d["metadata"]["labels"]["tier"], "gold", "{d}");
-    let r = &d["status"]["restore"]["hosts"][0];
-    assert_eq!(
-        (r["result"].as_str(), r["verified"].as_bool()),
-        (Some("Restored"), Some(true)),
-        "{r}"
-    );
+    let restored = d["status"]["restore"]["hosts"].as_array().unwrap();
+    assert_eq!(restored.len(), 2, "{d}");
+    for r in restored {
+        assert_eq!(
+            (r["result"].as_str(), r["verified"].as_bool()),
+            (Some("Restored"), Some(true)),
+            "{r}"
+        );
+    }
+    // Two hosts: each started from `latest`, which the import checked is the bundle's snapshot.
+    assert_eq!(d["spec"]["restore"]["snapshot"], "latest", "{d}");
     assert_eq!(common::ready(&d).map(|(s, _)| s), Some("True".to_owned()), "{d}");
     assert!(!d.to_string().contains(bundle_password.trim()));
     // Equal data: rows and sums (including what was written after the last regular backup), every
@@ -509,8 +581,8 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
         orders_a
     );
     let (files_b, dbs_b) = live(&lab_b, &host_b);
-    assert!(files_a.files() > 200);
-    assert_eq!(manifest::compare_files(&files_a, &files_b), Vec::<String>::new());
+    assert!(live_a.files() > 200);
+    assert_eq!(manifest::compare_files(&live_a, &files_b), Vec::<String>::new());
     assert_eq!(dbs_a, dbs_b);
     let recorded: bundle::HostManifest =
         serde_json::from_slice(&std::fs::read(dir.join("manifests/op-app.json")).unwrap()).unwrap();
@@ -523,18 +595,26 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
         std::fs::read(host_b.root.join("nix/var/app-data/after.txt")).unwrap(),
         b"written after the last backup"
     );
+    for name in ["0.txt", "19.txt", "late.txt"] {
+        assert_eq!(
+            std::fs::read(files_b_host.root.join("nix/var/files-data").join(name)).unwrap(),
+            std::fs::read(plain_a.join(name)).unwrap(),
+            "{name}"
+        );
+    }
     // Provider B's repository now holds the snapshot (the same content: the same tree).
     let listed = repo_b.restic(&["snapshots", "--json"]);
     let listed: Value = serde_json::from_slice(&listed.stdout).unwrap();
-    assert!(
-        listed
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|s| s["tree"] == index.hosts[0].tree.as_str()
-                && s["original"] == index.hosts[0].original.as_str()),
-        "{listed}"
-    );
+    for h in &index.hosts {
+        assert!(
+            listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["tree"] == h.tree.as_str() && s["original"] == h.original.as_str()),
+            "{listed}"
+        );
+    }
     // Importing again is refused: the Deployment exists.
     let (code, text) = import(&dir);
     assert_eq!(code, 1);
