@@ -306,8 +306,16 @@ impl Index {
                     ));
                 }
             }
-            if crate::api::Timestamp::parse(&h.time).is_none() && !h.time.contains('T') {
-                return Err(field(at("time"), format!("`{}` is not a time", h.time)));
+            // restic writes RFC 3339 with nanoseconds and the machine's offset.
+            let time_ok = h
+                .time
+                .get(..19)
+                .is_some_and(|p| crate::api::Timestamp::parse(&format!("{p}Z")).is_some())
+                && h.time
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-:.+".contains(&b));
+            if !time_ok {
+                return Err(field(at("time"), format!("`{}` is not an RFC 3339 time", h.time)));
             }
             if !h.staging.starts_with('/')
                 || !script::plain_word(&h.staging)
@@ -1063,6 +1071,10 @@ mod tests {
                 "field `hosts[0].staging`",
             ),
             (sealed_with(|i| i.deployment = "Op!".into()), "field `deployment`"),
+            (
+                sealed_with(|i| i.hosts[0].time = "yesterday".into()),
+                "field `hosts[0].time`",
+            ),
             (sealed_with(|i| i.hosts.clear()), "field `hosts`"),
             (
                 sealed_with(|i| {

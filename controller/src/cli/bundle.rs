@@ -296,8 +296,9 @@ as you would the data itself.\n"
     if final_snapshot {
         out.push_str(&format!(
             "Final: the services of Deployment {name} are stopped on this provider and stay stopped, so nothing is written \
-after the snapshot. To serve from here again instead, start them on each host (`systemctl start UNIT…`, \
-the units of each Application's `spec.data.services`) or reboot the hosts.\n"
+after the snapshot. Set `suspend: true` on the Deployment here until the move is done: a later activation of \
+its hosts or a reboot starts them again. To serve from here again instead, start them on each host \
+(`systemctl start UNIT…`, the units of each Application's `spec.data.services`) or reboot the hosts.\n"
         ));
     } else {
         out.push_str(
