@@ -287,6 +287,8 @@ struct Memory {
     restores: BTreeMap<String, HostClock>,
     /// Hosts asked whether an in-place restore was left unfinished.
     in_place_checked: std::collections::BTreeSet<String>,
+    /// Environments whose repository is known to exist.
+    repositories: std::collections::BTreeSet<String>,
 }
 
 /// The daemon's backup loop.
@@ -466,6 +468,18 @@ impl BackupService {
                     .iter()
                     .map(|(c, _)| memory.hosts.get(&c.host).cloned().unwrap_or_default())
                     .collect();
+                // Several hosts at once into a repository that may not exist yet: one host creates it
+                // first, so that they never race two `restic init`s.
+                if chosen.len() > 1 && !memory.repositories.contains(&env_name) {
+                    match self.backuper.ensure_repository(&chosen[0].1, &repo).await {
+                        Ok(()) => {
+                            memory.repositories.insert(env_name.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!(environment = %env_name, "cannot create or open the repository: {e}")
+                        }
+                    }
+                }
                 let revision = chosen[0].0.revision.clone();
                 let results = schedule::run_round(
                     &self.backuper,
