@@ -160,6 +160,24 @@ fn with_a_token_every_trigger_needs_it_and_browser_requests_are_refused() {
     let (code, body) = request(server, "POST", "/api/v1/deployments/web/restore", &[bearer], "");
     assert_eq!(code, 400, "restore without confirm=true: {body}");
     assert!(body.contains("confirm=true"), "{body}");
+    // So is the final backup of an export, which stops the services and leaves them stopped.
+    let (code, body) = request(
+        server,
+        "POST",
+        "/api/v1/deployments/web/final-backup?confirm=true",
+        &[],
+        "",
+    );
+    assert_eq!(code, 401, "final backup without the token: {body}");
+    let (code, body) = request(
+        server,
+        "POST",
+        "/api/v1/deployments/web/final-backup",
+        &[bearer],
+        "",
+    );
+    assert_eq!(code, 400, "final backup without confirm=true: {body}");
+    assert!(body.contains("leaves them stopped"), "{body}");
     // Writes from a browser are refused even with the token; reads from one too.
     let (code, _) = request(
         server,

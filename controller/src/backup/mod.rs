@@ -1,5 +1,6 @@
 //! Backups and restores of hosts' data with restic and `pg_dump`, run on each host over SSH.
 
+pub mod bundle;
 pub mod manifest;
 pub mod metrics;
 pub mod run;

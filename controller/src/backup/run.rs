@@ -526,6 +526,24 @@ impl Backuper {
         })
     }
 
+    /// Creates the repository when there is none, from this one host: hosts that back up at once into a
+    /// new repository would otherwise each run `restic init`, and two racing inits leave a key that
+    /// cannot open the config that was written last (every later run then fails).
+    pub async fn ensure_repository(&self, shell: &impl Shell, repo: &Repository) -> Result<(), BackupError> {
+        self.deliver_secrets(shell, repo).await?;
+        let result = self
+            .run_ok(
+                shell,
+                "create the repository",
+                &script::ensure_repository(&self.layout, &repo.access),
+                false,
+            )
+            .await;
+        let cleaned = self.clean_up(shell).await;
+        result?;
+        cleaned
+    }
+
     /// Lists the snapshots, optionally of one host and with all of `tags`.
     pub async fn snapshots(
         &self,

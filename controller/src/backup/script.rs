@@ -185,11 +185,8 @@ pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> Stri
     let d = &layout.dir;
     let mut s = prologue(layout, access);
     s.push_str(&format!(
-        "restic unlock >/dev/null 2>&1 || true; \
-if ! restic cat config >/dev/null 2>{d}/config.err; then \
-if grep -q 'Is there a repository at the following location' {d}/config.err; then restic init >/dev/null; \
-else cat {d}/config.err >&2; exit 1; fi; fi; \
-rm -rf {st}; mkdir -p {st}/databases; "
+        "restic unlock >/dev/null 2>&1 || true; {}rm -rf {st}; mkdir -p {st}/databases; ",
+        init_if_missing(layout)
     ));
     if !plan.databases.is_empty() {
         s.push_str(&dump_function());
@@ -221,6 +218,21 @@ rm -rf {st}; mkdir -p {st}/databases; "
         shell_words(&words)
     ));
     s
+}
+
+/// Creates the repository when `restic cat config` says there is none; any other failure stops the line.
+fn init_if_missing(layout: &Layout) -> String {
+    let d = &layout.dir;
+    format!(
+        "if ! restic cat config >/dev/null 2>{d}/config.err; then \
+if grep -q 'Is there a repository at the following location' {d}/config.err; then restic init >/dev/null; \
+else cat {d}/config.err >&2; exit 1; fi; fi; "
+    )
+}
+
+/// The line that creates the repository when there is none (and does nothing when there is one).
+pub fn ensure_repository(layout: &Layout, access: &ResticAccess) -> String {
+    format!("{}{}true", prologue(layout, access), init_if_missing(layout))
 }
 
 /// The line that lists snapshots as JSON, optionally only those with all of `tags`.
@@ -444,6 +456,23 @@ mod tests {
             has_env: true,
             sftp: Some(SftpRepository::parse("sftp:backup@192.0.2.7:/srv/restic").unwrap()),
         }
+    }
+
+    #[test]
+    fn the_repository_is_created_by_the_same_words_alone_or_before_a_backup() {
+        let init = "if ! restic cat config >/dev/null 2>/var/lib/fediversity-backup/config.err; then \
+if grep -q 'Is there a repository at the following location' /var/lib/fediversity-backup/config.err; then restic init >/dev/null; \
+else cat /var/lib/fediversity-backup/config.err >&2; exit 1; fi; fi; ";
+        let alone = ensure_repository(&layout(), &access());
+        assert!(alone.ends_with(&format!("{init}true")), "{alone}");
+        assert!(alone.contains("flock -w"), "{alone}");
+        let plan = BackupPlan {
+            host: "h".into(),
+            paths: vec![],
+            databases: vec![],
+            tags: vec![],
+        };
+        assert!(backup(&layout(), &access(), &plan).contains(init));
     }
 
     #[test]

@@ -196,6 +196,8 @@ pub struct Requests {
     pending: std::sync::Mutex<BTreeMap<String, String>>,
     /// In-place restores asked for: Deployment → (token, snapshot).
     restores: std::sync::Mutex<BTreeMap<String, (String, String)>>,
+    /// Final backups for an export asked for: Deployment → token.
+    finals: std::sync::Mutex<BTreeMap<String, String>>,
     wake: tokio::sync::Notify,
     running: std::sync::atomic::AtomicBool,
     next: std::sync::atomic::AtomicU64,
@@ -227,6 +229,29 @@ impl Requests {
             .insert(deployment.to_owned(), (token.clone(), snapshot.to_owned()));
         self.wake.notify_one();
         token
+    }
+
+    /// Asks for the final backup of an export of `deployment`: each host's services stopped (and
+    /// left stopped), then a backup; returns the token that `status.lastHandledFinalBackupAt` carries
+    /// once it was handled, when `status.export` says what was done.
+    pub fn request_final_backup(&self, deployment: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let token = format!("{}-{n}", Timestamp::now());
+        self.finals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(deployment.to_owned(), token.clone());
+        self.wake.notify_one();
+        token
+    }
+
+    fn take_finals(&self) -> BTreeMap<String, String> {
+        std::mem::take(
+            &mut *self
+                .finals
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     fn take_restores(&self) -> BTreeMap<String, (String, String)> {
@@ -262,6 +287,8 @@ struct Memory {
     restores: BTreeMap<String, HostClock>,
     /// Hosts asked whether an in-place restore was left unfinished.
     in_place_checked: std::collections::BTreeSet<String>,
+    /// Environments whose repository is known to exist.
+    repositories: std::collections::BTreeSet<String>,
 }
 
 /// The daemon's backup loop.
@@ -318,6 +345,10 @@ impl BackupService {
             for (deployment, (token, snapshot)) in self.requests.take_restores() {
                 self.restore_in_place(&deployment, &snapshot).await;
                 self.mark(&deployment, "lastHandledRestoreAt", &token);
+            }
+            for (deployment, token) in self.requests.take_finals() {
+                self.final_backup(&deployment).await;
+                self.mark(&deployment, "lastHandledFinalBackupAt", &token);
             }
             let asked = self.requests.take();
             self.tick(&mut memory, &asked).await;
@@ -437,6 +468,18 @@ impl BackupService {
                     .iter()
                     .map(|(c, _)| memory.hosts.get(&c.host).cloned().unwrap_or_default())
                     .collect();
+                // Several hosts at once into a repository that may not exist yet: one host creates it
+                // first, so that they never race two `restic init`s.
+                if chosen.len() > 1 && !memory.repositories.contains(&env_name) {
+                    match self.backuper.ensure_repository(&chosen[0].1, &repo).await {
+                        Ok(()) => {
+                            memory.repositories.insert(env_name.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!(environment = %env_name, "cannot create or open the repository: {e}")
+                        }
+                    }
+                }
                 let revision = chosen[0].0.revision.clone();
                 let results = schedule::run_round(
                     &self.backuper,
@@ -506,6 +549,107 @@ impl BackupService {
                 }
             }
         }
+    }
+
+    /// The final backup of an export: on each Ready host with data, the Application's services are
+    /// stopped (and left stopped, so nothing is written after the snapshot), then a backup is taken;
+    /// `status.export` lists each host's snapshot, the units stopped, and failures.
+    async fn final_backup(&self, deployment: &str) {
+        let key = ObjectKey {
+            kind: Kind::Deployment,
+            name: crate::api::Name::new(deployment),
+        };
+        let hosts: Vec<Candidate> = candidates(&self.desired, |k| self.book.status(k))
+            .into_iter()
+            .filter(|c| c.deployment == deployment)
+            .collect();
+        let mut entries = Vec::new();
+        for c in &hosts {
+            let outcome = self.final_backup_host(c).await;
+            let entry = match outcome {
+                Ok(report) => {
+                    self.book.record(
+                        &key,
+                        EventType::Warning,
+                        "StoppedForExport",
+                        format!(
+                            "{}: services stopped for the export and left stopped; final snapshot {}",
+                            c.host,
+                            short(&report.snapshot)
+                        ),
+                    );
+                    serde_json::json!({
+                        "host": c.host, "application": c.application, "result": "Succeeded",
+                        "snapshot": report.snapshot, "servicesStopped": c.data.services,
+                    })
+                }
+                Err(message) => {
+                    self.book.record(
+                        &key,
+                        EventType::Warning,
+                        "FinalBackupFailed",
+                        format!("{}: {message}", c.host),
+                    );
+                    serde_json::json!({
+                        "host": c.host, "application": c.application, "result": "Failed",
+                        "message": message, "servicesStopped": c.data.services,
+                    })
+                }
+            };
+            entries.push(entry);
+        }
+        let mut status = match self.book.status(&key) {
+            Some(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        };
+        status.insert(
+            "export".into(),
+            serde_json::json!({ "final": true, "time": Timestamp::now().to_string(), "hosts": entries }),
+        );
+        self.book.put_status(&key, serde_json::Value::Object(status));
+    }
+
+    async fn final_backup_host(&self, c: &Candidate) -> Result<super::run::BackupReport, String> {
+        let env = environment(&self.desired, &c.environment)
+            .ok_or_else(|| format!("RuntimeEnvironment {} not found", c.environment))?;
+        let spec = env.spec.backup.as_ref().ok_or("no spec.backup")?;
+        let repo = Repository::from_spec(spec).map_err(|e| e.to_string())?;
+        let shell = self
+            .ssh(&env, c)
+            .ok_or_else(|| "the host is not reachable yet".to_owned())?;
+        let stop = super::script::stop_services(&c.data.services);
+        if !stop.is_empty() {
+            use super::run::Shell;
+            let out = shell
+                .run(
+                    "stop the services",
+                    &format!("set -e; {stop}true"),
+                    None,
+                    Duration::from_secs(300),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            if !out.success() {
+                return Err(format!(
+                    "cannot stop the services: {}",
+                    crate::nixos::command::tail(&out.stderr)
+                ));
+            }
+        }
+        self.backuper
+            .backup(
+                &shell,
+                &repo,
+                &super::run::BackupTarget {
+                    host: &c.host,
+                    deployment: &c.deployment,
+                    application: &c.application,
+                    revision: &c.revision,
+                    data: &c.data,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Restores the Ready hosts of a running Deployment in place from `snapshot` (asked on the command

@@ -1,5 +1,6 @@
 //! The `fediversity` command line: argument parsing and one module per group of subcommands.
 
+mod bundle;
 mod client;
 #[cfg(feature = "demo")]
 mod demo;
@@ -174,6 +175,55 @@ pub enum Command {
         #[arg(long, default_value = "3600s", value_parser = parse_duration)]
         timeout: Duration,
         /// The file holding the API token (needed when the daemon has one).
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Writes a portable bundle of a Deployment for another provider's controller: the Deployment without
+    /// provider fields, a restic repository of its own holding only this Deployment's snapshots, and
+    /// each host's verification manifest. Runs on the controller's machine (it reads the repository's
+    /// secrets the RuntimeEnvironment names).
+    Export {
+        /// `deployment` (the only kind that is exported).
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The Deployment.
+        name: String,
+        /// The bundle's folder (new, or empty).
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        /// Stops the Deployment's services first and leaves them stopped, then takes the final backup:
+        /// nothing written after it is lost by the move.
+        #[arg(long = "final")]
+        final_snapshot: bool,
+        /// How long the final backup may take.
+        #[arg(long, default_value = "3600s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// The file holding the API token (needed when the daemon has one).
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Imports a bundle written by `fediversity export` at another provider: checks it (index,
+    /// checksums, repository, manifests) before anything is created, copies its snapshots into the
+    /// environment's repository, and creates the Deployment with `spec.restore`.
+    Import {
+        /// The bundle's folder.
+        dir: PathBuf,
+        /// The RuntimeEnvironment the Deployment runs on here (it needs `spec.backup`).
+        #[arg(long)]
+        environment: String,
+        /// Waits until every host was restored, verified and the Deployment is Ready; exits 1 otherwise.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits.
+        #[arg(long, default_value = "3600s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// The file holding the API token (creating the Deployment needs it).
         #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
         token_file: Option<PathBuf>,
         /// Where the daemon is.
@@ -376,6 +426,55 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             let client = client::Client::new(&server.server).with_token(token);
             Ok(remote::restore(&client, &name, &snapshot, confirm, wait.then_some(timeout)).await?)
         }
+        Command::Export {
+            kind,
+            name,
+            output,
+            final_snapshot,
+            timeout,
+            token_file,
+            server,
+        } => {
+            if kind != Kind::Deployment {
+                eprintln!(
+                    "error: only Deployments are exported: `fediversity export deployment NAME -o DIR`"
+                );
+                return Ok(2);
+            }
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
+            match bundle::export(&client, &name, &output, final_snapshot, timeout).await {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    eprintln!("error: {}", crate::text::escape(&e.to_string()));
+                    Ok(1)
+                }
+            }
+        }
+        Command::Import {
+            dir,
+            environment,
+            wait,
+            timeout,
+            token_file,
+            server,
+        } => {
+            if token_file.is_none() {
+                eprintln!(
+                    "error: import creates the Deployment through the daemon's API: give --token-file (or FEDIVERSITY_TOKEN_FILE); nothing was done"
+                );
+                return Ok(2);
+            }
+            let writer = write::Writer::new(&server.server, token_file.as_deref())?;
+            let client = client::Client::new(&server.server);
+            match bundle::import(&client, &writer, &dir, &environment, wait.then_some(timeout)).await {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    eprintln!("error: {}", crate::text::escape(&e.to_string()));
+                    Ok(1)
+                }
+            }
+        }
         Command::Apply {
             file,
             token_file,
@@ -424,6 +523,38 @@ mod tests {
             }
         ));
         assert!(Cli::try_parse_from(["fediversity", "get", "pods"]).is_err());
+    }
+
+    #[test]
+    fn export_and_import_take_their_folder_final_and_environment() {
+        let cli = Cli::try_parse_from([
+            "fediversity",
+            "export",
+            "deployment",
+            "op",
+            "-o",
+            "out",
+            "--final",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Export { kind: Kind::Deployment, final_snapshot: true, ref output, .. } if output == &PathBuf::from("out")
+        ));
+        let cli =
+            Cli::try_parse_from(["fediversity", "import", "out", "--environment", "ams", "--wait"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Import { wait: true, ref environment, .. } if environment == "ams"
+        ));
+        assert!(
+            Cli::try_parse_from(["fediversity", "import", "out"]).is_err(),
+            "--environment is required"
+        );
+        assert!(
+            Cli::try_parse_from(["fediversity", "export", "deployment", "op"]).is_err(),
+            "-o is required"
+        );
     }
 }
 

@@ -60,6 +60,7 @@ pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
         .route("/api/v1/{resource}/{name}/reconcile", post(reconcile))
         .route("/api/v1/{resource}/{name}/backup", post(backup))
         .route("/api/v1/{resource}/{name}/restore", post(restore))
+        .route("/api/v1/{resource}/{name}/final-backup", post(final_backup))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
         ))
@@ -366,6 +367,35 @@ confirm it with `confirm=true` (`fediversity restore deployment NAME --confirm`)
         return *response;
     }
     let token = state.backups.request_restore(&name, snapshot);
+    (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+}
+
+/// `POST /api/v1/deployments/{name}/final-backup?confirm=true`: the final backup of an export to
+/// another provider. It stops the Deployment's services and leaves them stopped, so it needs
+/// `confirm=true`.
+async fn final_backup(
+    State(state): State<ApiState>,
+    Path((segment, name)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(response) = write::authorize_trigger(&state.writes, &headers) {
+        return *response;
+    }
+    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return error(StatusCode::BAD_REQUEST, "only Deployments are exported");
+    }
+    if query.get("confirm").map(String::as_str) != Some("true") {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a final backup stops the Deployment's services and leaves them stopped: confirm it with \
+`confirm=true` (`fediversity export deployment NAME --final`)",
+        );
+    }
+    if let Err(response) = check_backed_up(&state, &name, ("final backups", " to export from")) {
+        return *response;
+    }
+    let token = state.backups.request_final_backup(&name);
     (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
 }
 
