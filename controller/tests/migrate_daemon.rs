@@ -528,3 +528,75 @@ fn a_migration_rolled_back_during_the_grace_period_carries_the_writes_since_the_
     );
     assert!(rig.events().contains("MigrationRollback"));
 }
+
+#[test]
+fn setting_the_environment_back_during_the_pre_copy_cancels_and_the_source_serves_on_with_its_data() {
+    let rig = Rig::new("Retain");
+    let files = hashes(&rig.data);
+    let rows: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_old, &rig.old_host, q))
+        .collect();
+    rig.place("new");
+    wait_for("the pre-copy", Duration::from_secs(240), || {
+        rig.migration().filter(|m| m["phase"] == "PreCopying")
+    });
+    rig.place("old");
+    let cancelled = wait_for("the cancel", Duration::from_secs(300), || {
+        let m = rig.migration()?;
+        assert!(m["phase"] != "Failed", "{m}");
+        (m["phase"] == "Cancelled").then_some(m)
+    });
+    assert_eq!(cancelled["source"], "Serving", "{cancelled}");
+    assert!(
+        cancelled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("set to old")),
+        "{cancelled}"
+    );
+    // The source was never stopped for good: untouched, or started again.
+    let marker = std::fs::read_to_string(rig.old_host.root.join("backup-files/migration"));
+    assert!(
+        marker.as_deref().map_or(true, |m| m.trim() == "serving"),
+        "{marker:?}"
+    );
+    assert_eq!(hashes(&rig.data), files);
+    let now: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_old, &rig.old_host, q))
+        .collect();
+    assert_eq!(now, rows);
+    // The target given up has its services stopped.
+    assert_eq!(
+        std::fs::read_to_string(rig.new_host.root.join("backup-files/migration"))
+            .unwrap()
+            .trim(),
+        "removed"
+    );
+    let d = wait_for(
+        "the Deployment to be Ready in old",
+        Duration::from_secs(120),
+        || {
+            get(rig.daemon(), "/api/v1/deployments/demo").filter(|d| {
+                d["status"]["runtimeEnvironment"] == "old"
+                    && common::ready(d).is_some_and(|(status, _)| status == "True")
+            })
+        },
+    );
+    let migrating = d["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Migrating")
+        .cloned()
+        .unwrap();
+    assert_eq!(migrating["reason"], "MigrationCancelled", "{migrating}");
+    let events = rig.events();
+    for reason in ["MigrationCancelling", "MigrationCancelled"] {
+        assert_eq!(
+            events.matches(&format!("\"{reason}\"")).count(),
+            1,
+            "one {reason} event: {events}"
+        );
+    }
+}

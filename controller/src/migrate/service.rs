@@ -102,17 +102,20 @@ impl Migrations {
     }
 
     /// Applies `spec.runtimeEnvironment = environment` to `deployment`'s migration: a running driver
-    /// takes it between two steps; otherwise the cancelled record is persisted now.
-    pub fn cancel(&self, deployment: &str, environment: &str) -> Result<(), StoreError> {
+    /// takes it between two steps; otherwise the cancelled record is persisted now. Returns false
+    /// when the same cancel was already waiting for the driver.
+    pub fn cancel(&self, deployment: &str, environment: &str) -> Result<bool, StoreError> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if running.contains(deployment) {
-            self.cancels
+            let before = self
+                .cancels
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(deployment.to_owned(), environment.to_owned());
-            return Ok(());
+            return Ok(before.as_deref() != Some(environment));
         }
-        self.apply_cancel(deployment, environment)
+        self.apply_cancel(deployment, environment)?;
+        Ok(true)
     }
 
     fn apply_cancel(&self, deployment: &str, environment: &str) -> Result<(), StoreError> {

@@ -151,13 +151,14 @@ pub(super) fn reconcile(
         }
         Decision::Continue => {}
         Decision::Cancel(r) => {
-            migrations.cancel(name, wanted).map_err(store_failed)?;
-            ctx.book.record(
-                key,
-                EventType::Normal,
-                "MigrationCancelling",
-                r.reason.clone().unwrap_or_default(),
-            );
+            if migrations.cancel(name, wanted).map_err(store_failed)? {
+                ctx.book.record(
+                    key,
+                    EventType::Normal,
+                    "MigrationCancelling",
+                    r.reason.clone().unwrap_or_default(),
+                );
+            }
         }
         Decision::Refuse(e) => {
             let message = e.to_string();
