@@ -600,3 +600,57 @@ fn setting_the_environment_back_during_the_pre_copy_cancels_and_the_source_serve
         );
     }
 }
+
+#[test]
+fn a_rollback_needs_the_api_token_and_a_daemon_that_runs_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    common::copy_examples(&source);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-long-api-token-for-the-rollback-test\n").unwrap();
+    let args: Vec<std::ffi::OsString> = [
+        "--source".as_ref(),
+        source.as_os_str(),
+        "--state-dir".as_ref(),
+        dir.path().join("state").as_os_str(),
+        "--provider".as_ref(),
+        "plan-only".as_ref(),
+        "--api-token-file".as_ref(),
+        token.as_os_str(),
+    ]
+    .iter()
+    .map(|a| a.to_os_string())
+    .collect();
+    let daemon = common::spawn(&args);
+    wait_for("the example Deployment", Duration::from_secs(30), || {
+        get(&daemon, "/api/v1/deployments/uni-utrecht")
+    });
+    let rollback = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+            .args(["migrate", "rollback"])
+            .args(extra)
+            .args(["--server", &daemon.server])
+            .env_remove("FEDIVERSITY_TOKEN_FILE")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = rollback(&["deployment", "uni-utrecht"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("Bearer"), "{text}");
+    let token = token.to_string_lossy().into_owned();
+    let (code, text) = rollback(&["deployment", "uni-utrecht", "--token-file", &token]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("migrations do not run in this daemon"), "{text}");
+    let (code, text) = rollback(&["deployment", "nobody", "--token-file", &token]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("Deployment nobody not found"), "{text}");
+    let (code, text) = rollback(&["application", "mastodon", "--token-file", &token]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("only Deployments migrate"), "{text}");
+}

@@ -58,7 +58,8 @@ pub struct Migrations {
     backuper: Backuper,
     metrics: MigrationMetrics,
     running: Mutex<BTreeSet<String>>,
-    cancels: Mutex<BTreeMap<String, String>>,
+    /// Cancels asked of running drivers: the environment asked, and whether the driver applied it.
+    cancels: Mutex<BTreeMap<String, (String, bool)>>,
 }
 
 impl Migrations {
@@ -107,12 +108,15 @@ impl Migrations {
     pub fn cancel(&self, deployment: &str, environment: &str) -> Result<bool, StoreError> {
         let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
         if running.contains(deployment) {
-            let before = self
-                .cancels
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(deployment.to_owned(), environment.to_owned());
-            return Ok(before.as_deref() != Some(environment));
+            let mut cancels = self.cancels.lock().unwrap_or_else(PoisonError::into_inner);
+            if cancels
+                .get(deployment)
+                .is_some_and(|(asked, _)| asked == environment)
+            {
+                return Ok(false);
+            }
+            cancels.insert(deployment.to_owned(), (environment.to_owned(), false));
+            return Ok(true);
         }
         self.apply_cancel(deployment, environment)?;
         Ok(true)
@@ -127,11 +131,23 @@ impl Migrations {
         Ok(())
     }
 
+    /// The cancel a driver has yet to apply (it stays known as applied until the driver stops).
     fn take_cancel(&self, deployment: &str) -> Option<String> {
+        let mut cancels = self.cancels.lock().unwrap_or_else(PoisonError::into_inner);
+        match cancels.get_mut(deployment) {
+            Some((environment, applied)) if !*applied => {
+                *applied = true;
+                Some(environment.clone())
+            }
+            _ => None,
+        }
+    }
+
+    fn forget_cancel(&self, deployment: &str) {
         self.cancels
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(deployment)
+            .remove(deployment);
     }
 
     /// Starts a driver for `deployment`'s recorded migration unless one runs. `repository` is the
@@ -226,9 +242,12 @@ impl Migrations {
                         .cancels
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .contains_key(deployment);
+                        .get(deployment)
+                        .is_some_and(|(_, applied)| !applied);
                     if !pending {
                         running.remove(deployment);
+                        drop(running);
+                        self.forget_cancel(deployment);
                         return;
                     }
                 }
@@ -266,5 +285,114 @@ impl Migrations {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(deployment);
+        self.forget_cancel(deployment);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migrate::phase::{FailedTarget, Phase, RetirePolicy, begin};
+
+    fn migrations(dir: &std::path::Path) -> Migrations {
+        let registry = prometheus::Registry::new();
+        Migrations::new(
+            Arc::new(Store::open(dir).unwrap()),
+            Providers {
+                hosts: Arc::new(crate::provider::PlanOnly),
+                names: Arc::new(crate::provider::PlanOnly),
+                http: crate::nixos::HttpTarget::default(),
+            },
+            dir.join("known_hosts"),
+            Backuper::default(),
+            MigrationMetrics::register(&registry).unwrap(),
+        )
+    }
+
+    #[test]
+    fn a_revert_asked_of_a_running_driver_is_announced_once_and_applied_between_two_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = migrations(dir.path());
+        let r = begin(
+            "op",
+            "old",
+            "new",
+            RetirePolicy::Retain,
+            FailedTarget::Remove,
+            now_ms(),
+        );
+        m.save(&r).unwrap();
+        m.running.lock().unwrap().insert("op".into());
+        assert!(m.cancel("op", "old").unwrap(), "the first ask is news");
+        assert!(!m.cancel("op", "old").unwrap(), "asked again while waiting");
+        // Nothing changes under a running step: the driver applies it between two steps.
+        assert_eq!(m.load("op").unwrap().unwrap().phase, Phase::Provisioning);
+        assert_eq!(m.take_cancel("op").as_deref(), Some("old"));
+        assert!(
+            !m.cancel("op", "old").unwrap(),
+            "taken but not yet saved: still the same cancel"
+        );
+        assert_eq!(m.take_cancel("op"), None);
+        m.apply_cancel("op", "old").unwrap();
+        let cancelled = m.load("op").unwrap().unwrap();
+        assert_eq!(
+            (cancelled.phase, cancelled.rollback_to),
+            (Phase::RollingBack, Some(Phase::Cancelled))
+        );
+        m.stop("op");
+        assert!(!m.is_running("op"));
+        assert!(m.cancels.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_revert_without_a_running_driver_is_persisted_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = migrations(dir.path());
+        let r = begin(
+            "op",
+            "old",
+            "new",
+            RetirePolicy::Retain,
+            FailedTarget::Remove,
+            now_ms(),
+        );
+        m.save(&r).unwrap();
+        assert!(m.cancel("op", "old").unwrap());
+        assert_eq!(m.load("op").unwrap().unwrap().phase, Phase::RollingBack);
+    }
+
+    #[test]
+    fn a_rollback_needs_a_switched_migration_the_spec_set_back_and_no_running_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = migrations(dir.path());
+        let mut r = begin(
+            "op",
+            "old",
+            "new",
+            RetirePolicy::Delete { grace_ms: 86_400_000 },
+            FailedTarget::Remove,
+            now_ms(),
+        );
+        m.save(&r).unwrap();
+        assert!(matches!(m.rollback("op", "old"), Err(RollbackError::Recovery(_))));
+        while r.phase != Phase::RetiringSource {
+            r = phase::advance(&r, phase::Outcome::ok(), now_ms());
+        }
+        m.save(&r).unwrap();
+        let err = m.rollback("op", "new").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("set spec.runtimeEnvironment back to old first"),
+            "{err}"
+        );
+        m.running.lock().unwrap().insert("op".into());
+        assert!(matches!(m.rollback("op", "old"), Err(RollbackError::Busy(_))));
+        m.stop("op");
+        let back = m.rollback("op", "old").unwrap();
+        assert_eq!(
+            (back.from.as_str(), back.to.as_str(), back.phase),
+            ("new", "old", Phase::Provisioning)
+        );
+        assert_eq!(m.load("op").unwrap(), Some(back));
     }
 }
