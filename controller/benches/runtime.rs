@@ -73,6 +73,7 @@ async fn main() {
         provider: Arc::new(PlanOnly),
         trigger,
         waiters: Default::default(),
+        migrations: None,
     });
     let queue = QueueConfig {
         rate_limit: rate.map(|per_second| fediversity::runtime::RateLimit {

@@ -356,21 +356,40 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         book.clone(),
         &registry,
     )?;
+    let full_provider = crate::dns::with_dns(
+        infrastructure.clone(),
+        installation,
+        &store,
+        desired.clone(),
+        book.clone(),
+        &registry,
+        embedding.dns_zones.clone(),
+    )?;
+    // Migrations move data between real hosts: only where hosts are deployed over SSH.
+    let migration_metrics = crate::migrate::MigrationMetrics::register(&registry)?;
+    let migrations = (nixos_catalog.is_some()
+        && matches!(embedding.nixos_transport, crate::nixos::Transport::Ssh))
+    .then(|| {
+        Arc::new(crate::migrate::service::Migrations::new(
+            store.clone(),
+            crate::migrate::hosts::Providers {
+                hosts: infrastructure,
+                names: full_provider.clone(),
+                http: crate::nixos::HttpTarget::default(),
+            },
+            state_dir.join("migration").join("known_hosts"),
+            crate::backup::Backuper::default(),
+            migration_metrics,
+        ))
+    });
     let ctx = Arc::new(Context {
         desired: desired.clone(),
         book: book.clone(),
         metrics: object_metrics,
-        provider: crate::dns::with_dns(
-            infrastructure,
-            installation,
-            &store,
-            desired.clone(),
-            book.clone(),
-            &registry,
-            embedding.dns_zones.clone(),
-        )?,
+        provider: full_provider,
         trigger: trigger.clone(),
         waiters: Default::default(),
+        migrations: migrations.clone(),
     });
     let runner = Runner::new(Arc::new(Dispatcher::new(ctx)), config, Some(runtime_metrics));
     let handle = runner.handle();
@@ -459,6 +478,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     let api = crate::http::router(
         crate::http::ApiState {
             backups: backup_requests.clone(),
+            migrations,
             desired: desired.clone(),
             book: book.clone(),
             registry: registry.clone(),

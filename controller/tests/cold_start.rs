@@ -49,6 +49,7 @@ impl Harness {
             provider: Arc::new(PlanOnly),
             trigger,
             waiters: Default::default(),
+            migrations: None,
         });
         let runner = Runner::new(
             Arc::new(Dispatcher::new(ctx)),

@@ -92,7 +92,17 @@ pub fn candidates(
             kind: Kind::Deployment,
             name: dep.metadata.name.clone(),
         };
-        let hosts: Vec<HostStatus> = status_of(&key)
+        let status = status_of(&key);
+        // A migrating Deployment's hosts are being copied: its backups wait until it is done.
+        let migrating = status
+            .as_ref()
+            .and_then(|s| s.pointer("/migration/phase"))
+            .and_then(serde_json::Value::as_str)
+            .is_some_and(|p| !matches!(p, "RetiringSource" | "Succeeded" | "Failed" | "Cancelled"));
+        if migrating {
+            continue;
+        }
+        let hosts: Vec<HostStatus> = status
             .and_then(|s| s.get("hosts").cloned())
             .and_then(|h| serde_json::from_value(h).ok())
             .unwrap_or_default();

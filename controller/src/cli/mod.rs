@@ -257,6 +257,33 @@ pub enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Migrations between RuntimeEnvironments (a change of `spec.runtimeEnvironment` starts one).
+    Migrate {
+        /// What to do.
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+}
+
+/// `fediversity migrate ...`.
+#[derive(Debug, Subcommand)]
+pub enum MigrateAction {
+    /// Moves a migrated Deployment back to the environment it left, with the writes made since the
+    /// switch: during the grace period, or while its old hosts are retained. Set its
+    /// `spec.runtimeEnvironment` back first.
+    Rollback {
+        /// `deployment` (the only kind that migrates).
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The Deployment.
+        name: String,
+        /// The file holding the API token.
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 fn parse_reconcile_target(text: &str) -> Result<ReconcileTarget, String> {
@@ -494,6 +521,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => {
             let writer = write::Writer::new(&server.server, token_file.as_deref())?;
             print!("{}", crate::text::escape(&writer.delete(kind, &name).await?));
+            Ok(0)
+        }
+        Command::Migrate {
+            action:
+                MigrateAction::Rollback {
+                    kind,
+                    name,
+                    token_file,
+                    server,
+                },
+        } => {
+            if kind != Kind::Deployment {
+                eprintln!("error: only Deployments migrate: `fediversity migrate rollback deployment NAME`");
+                return Ok(2);
+            }
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
+            let back = client.post(&format!("deployments/{name}/rollback")).await?;
+            let text = format!(
+                "Deployment {name} moves back from {} to {} (status.migration shows its phases)\n",
+                back["from"].as_str().unwrap_or("?"),
+                back["to"].as_str().unwrap_or("?")
+            );
+            print!("{}", crate::text::escape(&text));
             Ok(0)
         }
     }

@@ -35,6 +35,8 @@ pub struct ApiState {
     pub writes: Arc<write::Writes>,
     /// On-demand backups.
     pub backups: Arc<crate::backup::service::Requests>,
+    /// Migrations between environments (where hosts are real).
+    pub migrations: Option<Arc<crate::migrate::service::Migrations>>,
 }
 
 pub use write::Writes;
@@ -61,6 +63,7 @@ pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
         .route("/api/v1/{resource}/{name}/backup", post(backup))
         .route("/api/v1/{resource}/{name}/restore", post(restore))
         .route("/api/v1/{resource}/{name}/final-backup", post(final_backup))
+        .route("/api/v1/{resource}/{name}/rollback", post(rollback))
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
         ))
@@ -397,6 +400,54 @@ async fn final_backup(
     }
     let token = state.backups.request_final_backup(&name);
     (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
+}
+
+/// `POST /api/v1/deployments/{name}/rollback`: moves a migrated Deployment back to the environment it
+/// left (during the grace period, or while its old hosts are retained). Needs the API token.
+async fn rollback(
+    State(state): State<ApiState>,
+    Path((segment, name)): Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(response) = write::authorize(&state.writes, &headers) {
+        return *response;
+    }
+    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return error(StatusCode::BAD_REQUEST, "only Deployments are migrated");
+    }
+    let key = ObjectKey::new(Kind::Deployment, &name);
+    let wanted = match state.desired.get(&key).map(|d| d.object().clone()) {
+        Some(crate::api::Object::Deployment(d)) => d.spec.runtime_environment.to_string(),
+        _ => return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found")),
+    };
+    let Some(migrations) = &state.migrations else {
+        return error(
+            StatusCode::CONFLICT,
+            "migrations do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
+        );
+    };
+    use crate::migrate::service::RollbackError;
+    match migrations.rollback(&name, &wanted) {
+        Ok(back) => {
+            state.book.record(
+                &key,
+                crate::api::EventType::Normal,
+                "MigrationRollback",
+                format!(
+                    "rolling back: moving from {} to {} with the writes since the switch",
+                    back.from, back.to
+                ),
+            );
+            (state.trigger)(&key);
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({ "from": back.from, "to": back.to, "phase": back.phase.as_str() })),
+            )
+                .into_response()
+        }
+        Err(e @ RollbackError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
 }
 
 async fn reconcile(

@@ -45,7 +45,7 @@ fn same_secret(a: &str, b: &str) -> bool {
 }
 
 /// Checks the request's bearer token. The token is never logged or echoed.
-fn authorize(writes: &Writes, headers: &HeaderMap) -> Result<(), Box<Response>> {
+pub(super) fn authorize(writes: &Writes, headers: &HeaderMap) -> Result<(), Box<Response>> {
     let Some(expected) = &writes.token else {
         return Err(Box::new(error(
             StatusCode::FORBIDDEN,

@@ -3,10 +3,12 @@
 
 pub mod decide;
 pub mod delta;
+pub mod hosts;
 pub mod metrics;
 pub mod phase;
 pub mod record;
 pub mod run;
+pub mod service;
 
 pub use metrics::MigrationMetrics;
 pub use phase::{Action, FailedTarget, MigrationRecord, Outcome, Phase, RetirePolicy, SourceState};

@@ -2,6 +2,7 @@
 
 pub mod deployment;
 pub mod metrics;
+pub mod migration;
 pub mod waiters;
 
 use std::sync::Arc;
@@ -41,6 +42,8 @@ pub struct Context {
     pub trigger: Trigger,
     /// Deployments waiting on a RuntimeEnvironment or Application, woken when it turns Ready.
     pub waiters: waiters::Waiters,
+    /// Moves Deployments whose `spec.runtimeEnvironment` changed (none: a change is applied in place).
+    pub migrations: Option<Arc<crate::migrate::service::Migrations>>,
 }
 
 /// The successful outcome of one kind's reconcile.
@@ -52,6 +55,8 @@ struct Converged {
     fields: Map<String, Value>,
     /// Domain conditions to set (e.g. `Provisioned`).
     conditions: Vec<ProviderCondition>,
+    /// Further conditions, complete (e.g. `Migrating`).
+    extra_conditions: Vec<Condition>,
     /// The attempt failed after all: the fields and conditions are recorded, then this error is
     /// returned (retried with backoff).
     failure: Option<ReconcileError>,
@@ -159,6 +164,7 @@ async fn reconcile_present(
                 message: report.message,
                 fields: report.fields,
                 conditions: Vec::new(),
+                extra_conditions: Vec::new(),
                 failure: None,
             })
         }
@@ -168,6 +174,7 @@ async fn reconcile_present(
             message: format!("valid: {} size(s) offered", app.spec.sizes.len()),
             fields: Map::new(),
             conditions: Vec::new(),
+            extra_conditions: Vec::new(),
             failure: None,
         }),
         Object::Deployment(dep) => {
@@ -199,6 +206,9 @@ async fn reconcile_present(
                 &mut conditions,
                 condition(c.type_, c.status, c.reason, &c.message, generation),
             );
+        }
+        for c in &done.extra_conditions {
+            set_condition(&mut conditions, c.clone());
         }
     }
     let outcome = match &result {
@@ -350,13 +360,13 @@ fn progress_sink(ctx: &Context, key: &ObjectKey, generation: u64) -> progress::S
 async fn reconcile_deployment(
     ctx: &Context,
     key: &ObjectKey,
-    _desired: &Desired,
+    desired: &Desired,
     dep: &crate::api::Deployment,
     old: Option<&Value>,
 ) -> Result<Converged, ReconcileError> {
     let resolved = deployment::resolve(dep, &ctx.desired, |k| is_ready(&ctx.book, k))
         .and_then(|applications| Ok((deployment::plan(dep, &applications)?, applications)));
-    let (hosts, _applications) = match resolved {
+    let (hosts, applications) = match resolved {
         Ok(resolved) => resolved,
         Err(waiting @ ReconcileError::Waiting { .. }) => {
             wait_for_dependencies(ctx, key, dep);
@@ -374,6 +384,15 @@ async fn reconcile_deployment(
             message: format!("waiting for RuntimeEnvironment {} to exist", env_key.name),
             retry_after: deployment::DEPENDENCY_RETRY,
         });
+    };
+    let (mut migration_fields, migration_conditions) = match &ctx.migrations {
+        Some(m) => {
+            match migration::reconcile(ctx, m, key, desired.generation, dep, &hosts, &applications, old)? {
+                migration::Next::Migrating(done) => return Ok(done),
+                migration::Next::Stay(fields, conditions) => (fields, conditions),
+            }
+        }
+        None => (Map::new(), Vec::new()),
     };
     let previous: Vec<crate::api::HostStatus> = old
         .and_then(|s| s.get("hosts"))
@@ -401,15 +420,25 @@ async fn reconcile_deployment(
     fields.insert("endpoints".into(), Value::Object(endpoints));
     fields.extend(report.fields);
     if !report.converged {
+        fields.extend(migration_fields);
         return Ok(Converged {
             action: Action::Requeue(report.retry_after.unwrap_or(Duration::from_secs(10))),
             reason: reasons::PROGRESSING,
             message: report.message,
             fields,
             conditions: report.conditions,
+            extra_conditions: migration_conditions,
             failure: report.failure,
         });
     }
+    if ctx.migrations.is_some() && report.failure.is_none() {
+        // Where the hosts run: a later change of spec.runtimeEnvironment moves them from here.
+        migration_fields.insert(
+            migration::PLACED_FIELD.into(),
+            Value::String(dep.spec.runtime_environment.to_string()),
+        );
+    }
+    fields.extend(migration_fields);
     // A provider may want to look again before the resync (say, for its next drift scan).
     let next = report
         .retry_after
@@ -420,6 +449,7 @@ async fn reconcile_deployment(
         message: report.message,
         fields,
         conditions: report.conditions,
+        extra_conditions: migration_conditions,
         failure: report.failure,
     })
 }

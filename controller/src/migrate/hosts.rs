@@ -1,0 +1,358 @@
+//! The migration's world over the daemon's providers: hosts reached over SSH, target hosts provisioned
+//! through the provider with their services held stopped, names switched through the provider's DNS.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::run::{AppMove, World, WorldError};
+use crate::api::{Deployment, RestoreSpec, RuntimeEnvironment};
+use crate::backup::script;
+use crate::nixos::HttpTarget;
+use crate::nixos::escape::shell_word;
+use crate::nixos::host::{Health, HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, known_hosts_line};
+use crate::provider::{PlannedHost, Provider};
+
+/// How long the target's health checks may take to pass after its services started.
+pub const HEALTH_AFTER_START: Duration = Duration::from_secs(300);
+/// How long provisioning the target hosts may take (new VMs, a first NixOS deploy).
+pub const PROVISION_DEADLINE: Duration = Duration::from_secs(1800);
+/// What a one-line service command on a host may take.
+const COMMAND: Duration = Duration::from_secs(300);
+
+/// The name of the file (in the backup work folder of a host) that records what the migration did
+/// to the host's services: `stopped` or `serving` on the source, `retired` when it was retired,
+/// `removed` on a target given up.
+pub const MARKER: &str = "migration";
+
+/// Everything a migration of one Deployment needs from the desired objects.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// The Deployment as its spec is now.
+    pub deployment: Deployment,
+    /// The environment it leaves.
+    pub from: RuntimeEnvironment,
+    /// The environment it moves to.
+    pub to: RuntimeEnvironment,
+    /// Its planned hosts (the same names on both sides).
+    pub hosts: Vec<PlannedHost>,
+    /// The applications whose data moves.
+    pub apps: Vec<AppMove>,
+    /// The health check of each application (by Application name), if it declares one.
+    pub health: BTreeMap<String, crate::api::HealthCheck>,
+}
+
+/// The providers a migration works through.
+#[derive(Clone)]
+pub struct Providers {
+    /// Creates and deploys hosts without touching names (the infrastructure and NixOS layers).
+    pub hosts: Arc<dyn Provider>,
+    /// The whole provider, names included: the switch converges the target through it.
+    pub names: Arc<dyn Provider>,
+    /// How health checks reach the web server.
+    pub http: HttpTarget,
+}
+
+/// A [`World`] over the daemon's providers: existing machines (`staticHosts`) on both sides.
+pub struct ProviderWorld {
+    inputs: Inputs,
+    providers: Providers,
+    sources: BTreeMap<String, SshHost>,
+    targets: BTreeMap<String, SshHost>,
+    marker_dir: String,
+    provisioned: tokio::sync::Mutex<bool>,
+    switched: tokio::sync::Mutex<bool>,
+}
+
+fn shell_for(known_hosts_dir: &Path, env: &RuntimeEnvironment, host: &str) -> Result<SshHost, WorldError> {
+    let Some(s) = env.spec.static_hosts.iter().find(|s| s.name.as_str() == host) else {
+        return Err(WorldError::fatal(format!(
+            "host {host} is not among the staticHosts of RuntimeEnvironment {}; migrations move \
+             Deployments between existing machines (staticHosts) so far",
+            env.metadata.name
+        )));
+    };
+    let dir = known_hosts_dir.join(env.metadata.name.as_str());
+    let pinned = dir.join(host);
+    let line = known_hosts_line(host, &s.host_key).map_err(|e| WorldError::fatal(e.to_string()))?;
+    std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&pinned, line))
+        .map_err(|e| {
+            WorldError::fatal(format!(
+                "cannot write the known_hosts file {}: {e}",
+                pinned.display()
+            ))
+        })?;
+    SshHost::new(
+        SshTarget {
+            name: host.to_owned(),
+            user: env.spec.ssh.user.clone(),
+            address: s.address.clone(),
+            port: s.port,
+            identity_file: env.spec.ssh.private_key_file.clone().into(),
+            known_hosts: pinned,
+        },
+        SshTimeouts::default(),
+    )
+    .map_err(|e| WorldError::fatal(e.to_string()))
+}
+
+impl ProviderWorld {
+    /// The world of `inputs`, pinning the hosts' keys under `known_hosts_dir/ENV/HOST`; `marker_dir`
+    /// is the hosts' backup work folder.
+    pub fn new(
+        inputs: Inputs,
+        providers: Providers,
+        known_hosts_dir: &Path,
+        marker_dir: &str,
+    ) -> Result<Self, WorldError> {
+        let mut sources = BTreeMap::new();
+        let mut targets = BTreeMap::new();
+        for app in &inputs.apps {
+            sources.insert(
+                app.host.clone(),
+                shell_for(known_hosts_dir, &inputs.from, &app.host)?,
+            );
+            targets.insert(
+                app.host.clone(),
+                shell_for(known_hosts_dir, &inputs.to, &app.host)?,
+            );
+        }
+        Ok(Self {
+            inputs,
+            providers,
+            sources,
+            targets,
+            marker_dir: marker_dir.to_owned(),
+            provisioned: tokio::sync::Mutex::new(false),
+            switched: tokio::sync::Mutex::new(false),
+        })
+    }
+
+    /// The Deployment with its hosts held stopped until their data is restored.
+    fn held(&self) -> Deployment {
+        let mut d = self.inputs.deployment.clone();
+        d.spec.restore = Some(RestoreSpec {
+            snapshot: "latest".into(),
+            from_environment: Some(self.inputs.from.metadata.name.clone()),
+        });
+        d
+    }
+
+    /// Converges the target hosts through `provider` until they are converged (or the deadline).
+    async fn converge_target(
+        &self,
+        provider: &Arc<dyn Provider>,
+        deployment: &Deployment,
+    ) -> Result<(), WorldError> {
+        let deadline = tokio::time::Instant::now() + PROVISION_DEADLINE;
+        loop {
+            let report = provider
+                .converge(deployment, &self.inputs.to, &self.inputs.hosts)
+                .await
+                .map_err(|e| WorldError {
+                    transient: !matches!(e, crate::runtime::ReconcileError::Terminal { .. }),
+                    reason: format!("in {}: {e}", self.inputs.to.metadata.name),
+                })?;
+            if let Some(e) = report.failure {
+                return Err(WorldError::transient(format!(
+                    "in {}: {e}",
+                    self.inputs.to.metadata.name
+                )));
+            }
+            if report.converged {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(WorldError::transient(format!(
+                    "the target hosts in {} are not ready after {} s: {}",
+                    self.inputs.to.metadata.name,
+                    PROVISION_DEADLINE.as_secs(),
+                    report.message
+                )));
+            }
+            let wait = report.retry_after.unwrap_or(Duration::from_secs(5));
+            tokio::time::sleep(wait.clamp(Duration::from_millis(200), Duration::from_secs(30))).await;
+        }
+    }
+
+    async fn run_line(&self, shell: &SshHost, step: &'static str, line: &str) -> Result<(), WorldError> {
+        let out = crate::backup::Shell::run(shell, step, line, None, COMMAND)
+            .await
+            .map_err(|e| WorldError::transient(format!("{}: {step}: {e}", shell.name())))?;
+        if out.success() {
+            Ok(())
+        } else {
+            Err(WorldError::transient(format!(
+                "{}: {step} failed (exit {:?}): {}",
+                shell.name(),
+                out.code,
+                crate::text::one_line(&out.stderr.trim().chars().take(300).collect::<String>())
+            )))
+        }
+    }
+}
+
+/// The line that starts (`run`) or stops `services`, then records `state` in `marker_dir/migration`.
+pub fn services_line(marker_dir: &str, services: &[String], run: bool, state: &str) -> String {
+    let d = shell_word(marker_dir);
+    let services = if run {
+        script::start_services(services)
+    } else {
+        format!("{}true", script::stop_services(services))
+    };
+    format!(
+        "set -e; {services}; mkdir -p {d}; echo {state} >{d}/{MARKER}.tmp; mv {d}/{MARKER}.tmp {d}/{MARKER}",
+        state = shell_word(state)
+    )
+}
+
+impl World for ProviderWorld {
+    type Shell = SshHost;
+
+    fn applications(&self) -> Vec<AppMove> {
+        self.inputs.apps.clone()
+    }
+
+    fn source(&self, app: &AppMove) -> Result<&SshHost, WorldError> {
+        self.sources
+            .get(&app.host)
+            .ok_or_else(|| WorldError::fatal(format!("no source host {}", app.host)))
+    }
+
+    fn target(&self, app: &AppMove) -> Result<&SshHost, WorldError> {
+        self.targets
+            .get(&app.host)
+            .ok_or_else(|| WorldError::fatal(format!("no target host {}", app.host)))
+    }
+
+    async fn provision(&self, _app: &AppMove) -> Result<(), WorldError> {
+        // All hosts of the Deployment are converged at once, by the first application that asks.
+        let mut done = self.provisioned.lock().await;
+        if !*done {
+            let held = self.held();
+            self.converge_target(&self.providers.hosts, &held).await?;
+            *done = true;
+        }
+        Ok(())
+    }
+
+    async fn source_services(&self, app: &AppMove, run: bool) -> Result<(), WorldError> {
+        let shell = self.source(app)?;
+        let line = services_line(
+            &self.marker_dir,
+            &app.data.services,
+            run,
+            if run { "serving" } else { "stopped" },
+        );
+        self.run_line(shell, "set the source's services", &line).await
+    }
+
+    async fn start_target(&self, app: &AppMove) -> Result<(), WorldError> {
+        let shell = self.target(app)?;
+        let line = format!(
+            "{}; rm -f {}/{MARKER}",
+            script::start_services(&app.data.services),
+            self.marker_dir
+        );
+        self.run_line(shell, "start the target's services", &line).await?;
+        let http = self.inputs.health.get(&app.application).map(|h| HttpCheck {
+            scheme: self.providers.http.scheme.clone(),
+            fqdn: format!("{}.{}", app.application, self.inputs.deployment.spec.domain),
+            port: self.providers.http.port,
+            path: h.path.clone(),
+            expect_status: h.expect_status,
+        });
+        let deadline = tokio::time::Instant::now() + HEALTH_AFTER_START;
+        loop {
+            let why = match shell.health(http.as_ref()).await {
+                Ok(Health::Healthy) => return Ok(()),
+                Ok(Health::NotYet(why)) => why,
+                Err(e) => e.to_string(),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                return Err(WorldError::transient(format!(
+                    "{}: the target is not healthy: {why}",
+                    app.host
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn switch_names(&self, _app: &AppMove) -> Result<(), WorldError> {
+        if self.inputs.to.spec.dns.is_none() {
+            // No zone is kept for this environment: the operator's records name the hosts.
+            return Ok(());
+        }
+        let mut done = self.switched.lock().await;
+        if !*done {
+            let deployment = self.inputs.deployment.clone();
+            self.converge_target(&self.providers.names, &deployment).await?;
+            *done = true;
+        }
+        Ok(())
+    }
+
+    async fn destroy_source(&self, app: &AppMove) -> Result<(), WorldError> {
+        // An existing machine is not the controller's to destroy: its services stay stopped and
+        // it is marked retired (its data stays until its owner wipes it).
+        let shell = self.source(app)?;
+        let line = services_line(&self.marker_dir, &app.data.services, false, "retired");
+        self.run_line(shell, "retire the source", &line).await
+    }
+
+    async fn remove_target(&self, app: &AppMove) -> Result<(), WorldError> {
+        let shell = self.target(app)?;
+        let line = services_line(&self.marker_dir, &app.data.services, false, "removed");
+        self.run_line(shell, "give up the target", &line).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn environment(yaml: &str) -> RuntimeEnvironment {
+        let docs = crate::yaml::parse_documents(yaml, &crate::yaml::Limits::default()).unwrap();
+        match crate::api::parse_object(&docs[0].1).unwrap() {
+            crate::api::Object::RuntimeEnvironment(e) => e,
+            other => panic!("not a RuntimeEnvironment: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_service_lines_stop_or_start_the_units_and_record_the_state_on_the_host() {
+        assert_eq!(
+            services_line(
+                "/var/lib/fediversity-backup",
+                &["mastodon-web.service".into()],
+                false,
+                "stopped"
+            ),
+            "set -e; if [ -d /run/systemd/system ]; then systemctl stop mastodon-web.service; fi; true; \
+mkdir -p /var/lib/fediversity-backup; echo stopped >/var/lib/fediversity-backup/migration.tmp; \
+mv /var/lib/fediversity-backup/migration.tmp /var/lib/fediversity-backup/migration"
+        );
+        assert_eq!(
+            services_line("/var/lib/x y", &[], true, "serving"),
+            "set -e; true; mkdir -p '/var/lib/x y'; echo serving >'/var/lib/x y'/migration.tmp; \
+mv '/var/lib/x y'/migration.tmp '/var/lib/x y'/migration"
+        );
+    }
+
+    #[test]
+    fn a_host_that_is_not_an_existing_machine_of_the_environment_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = environment(&crate::fixtures::environment_yaml("cluster"));
+        let err = shell_for(dir.path(), &env, "uni-mastodon").unwrap_err();
+        assert!(!err.transient);
+        assert!(
+            err.reason
+                .contains("uni-mastodon is not among the staticHosts of RuntimeEnvironment cluster"),
+            "{}",
+            err.reason
+        );
+    }
+}

@@ -1,0 +1,280 @@
+//! The Deployment reconcile's part in migrations: decide, begin, cancel or refuse, keep a driver
+//! stepping the persisted record, and show it as `status.migration` and the `Migrating` condition.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+
+use super::{Context, Converged};
+use crate::api::{
+    Application, Condition, DeletionPolicy, Deployment, EventType, Kind, Name, Object, ObjectKey,
+    RuntimeEnvironment, reasons,
+};
+use crate::migrate::decide::{self, Decision};
+use crate::migrate::hosts::Inputs;
+use crate::migrate::phase::{DEFAULT_GRACE_MS, FailedTarget, MigrationRecord, Phase, RetirePolicy};
+use crate::migrate::run::now_ms;
+use crate::migrate::service::{Migrations, Report};
+use crate::migrate::{AppMove, record};
+use crate::provider::PlannedHost;
+use crate::runtime::ReconcileError;
+
+/// The status field naming the environment the Deployment's hosts were last converged in.
+pub const PLACED_FIELD: &str = "runtimeEnvironment";
+/// The status field holding the generation whose change began the last migration.
+const GENERATION_FIELD: &str = "migrationGeneration";
+/// How often a migrating Deployment's status is refreshed without a step (its downtime grows).
+const REFRESH: Duration = Duration::from_secs(15);
+
+/// What the reconcile does after looking at migrations.
+pub(super) enum Next {
+    /// Reconcile the hosts as usual, adding these status fields and conditions.
+    Stay(Map<String, Value>, Vec<Condition>),
+    /// A migration runs: leave both sides alone and report this.
+    Migrating(Converged),
+}
+
+fn store_failed(e: impl std::fmt::Display) -> ReconcileError {
+    ReconcileError::Transient {
+        reason: "StoreFailed",
+        message: format!("cannot read or write the migration record: {e}"),
+    }
+}
+
+fn environment(ctx: &Context, name: &str) -> Option<RuntimeEnvironment> {
+    match ctx
+        .desired
+        .get(&ObjectKey::new(Kind::RuntimeEnvironment, name))
+        .map(|d| d.object().clone())
+    {
+        Some(Object::RuntimeEnvironment(env)) => Some(env),
+        _ => None,
+    }
+}
+
+/// The retire policy that follows the Deployment's deletion policy.
+pub fn retire_policy(dep: &Deployment) -> RetirePolicy {
+    match dep.spec.deletion_policy {
+        DeletionPolicy::Retain => RetirePolicy::Retain,
+        DeletionPolicy::Delete => RetirePolicy::Delete {
+            grace_ms: DEFAULT_GRACE_MS,
+        },
+    }
+}
+
+/// The record as status shows it: `status.migration` and the `Migrating` condition.
+fn shown(r: &MigrationRecord, generation: u64) -> (Map<String, Value>, Vec<Condition>) {
+    let now = now_ms();
+    let mut fields = Map::new();
+    fields.insert(
+        "migration".into(),
+        serde_json::to_value(record::status(r, now)).unwrap_or(Value::Null),
+    );
+    (fields, vec![record::condition(r, now, generation)])
+}
+
+/// Decides about `dep`'s environment; begins, cancels or refuses, and keeps a driver stepping a
+/// running migration.
+#[allow(clippy::too_many_arguments)] // reason: the reconcile's resolved pieces, passed as they are
+pub(super) fn reconcile(
+    ctx: &Context,
+    migrations: &Arc<Migrations>,
+    key: &ObjectKey,
+    generation: u64,
+    dep: &Deployment,
+    hosts: &[PlannedHost],
+    applications: &BTreeMap<Name, Application>,
+    old: Option<&Value>,
+) -> Result<Next, ReconcileError> {
+    let name = dep.metadata.name.as_str();
+    let wanted = dep.spec.runtime_environment.as_str();
+    let record = migrations.load(name).map_err(store_failed)?;
+    let seen = old.and_then(|s| s.get(PLACED_FIELD)).and_then(Value::as_str);
+    let policy = (retire_policy(dep), FailedTarget::Remove);
+    let now = now_ms();
+    let mut begun = false;
+    match decide::decide(name, wanted, seen, record.as_ref(), policy, now) {
+        Decision::Stay => {
+            let (fields, conditions) = record.as_ref().map(|r| shown(r, generation)).unwrap_or_default();
+            return Ok(Next::Stay(fields, conditions));
+        }
+        Decision::Begin(r) => {
+            let last_generation = old.and_then(|s| s.get(GENERATION_FIELD)).and_then(Value::as_u64);
+            if let Some(prev) = &record
+                && prev.phase == Phase::Failed
+                && prev.to == r.to
+                && last_generation == Some(generation)
+            {
+                // Not tried again on its own: the same spec would fail the same way.
+                return Err(ReconcileError::Terminal {
+                    reason: "MigrationFailed",
+                    message: format!(
+                        "the migration from {} to {} failed in {}: {}; the Deployment still runs in {}; \
+                         edit the Deployment (or set spec.runtimeEnvironment back) to try again",
+                        prev.from,
+                        prev.to,
+                        prev.failed_in.map_or("?", Phase::as_str),
+                        prev.reason.as_deref().unwrap_or("no reason recorded"),
+                        prev.from
+                    ),
+                });
+            }
+            let from = environment(ctx, &r.from).ok_or_else(|| ReconcileError::Waiting {
+                reason: reasons::DEPENDENCY_NOT_READY,
+                message: format!(
+                    "waiting for RuntimeEnvironment {} (where the hosts run now) to exist, to move them to {}",
+                    r.from, r.to
+                ),
+                retry_after: super::deployment::DEPENDENCY_RETRY,
+            })?;
+            if from.spec.backup.is_none() {
+                return Err(ReconcileError::Terminal {
+                    reason: "MigrationRefused",
+                    message: format!(
+                        "cannot move to {}: RuntimeEnvironment {} has no spec.backup, and a migration copies \
+                         the data through its restic repository; add spec.backup to {} or set \
+                         spec.runtimeEnvironment back to {}",
+                        r.to, r.from, r.from, r.from
+                    ),
+                });
+            }
+            migrations.save(&r).map_err(store_failed)?;
+            begun = true;
+            ctx.book.record(
+                key,
+                EventType::Normal,
+                "MigrationStarted",
+                format!("moving from {} to {} with the data", r.from, r.to),
+            );
+        }
+        Decision::Continue => {}
+        Decision::Cancel(r) => {
+            if migrations.cancel(name, wanted).map_err(store_failed)? {
+                ctx.book.record(
+                    key,
+                    EventType::Normal,
+                    "MigrationCancelling",
+                    r.reason.clone().unwrap_or_default(),
+                );
+            }
+        }
+        Decision::Refuse(e) => {
+            let message = e.to_string();
+            let said = old
+                .and_then(|s| s.get("migration"))
+                .and_then(|m| m.get("refused"))
+                .and_then(Value::as_str);
+            if said != Some(message.as_str()) {
+                ctx.book
+                    .record(key, EventType::Warning, "MigrationRefused", message);
+            }
+        }
+    }
+    let r = migrations
+        .load(name)
+        .map_err(store_failed)?
+        .ok_or_else(|| store_failed("the record vanished"))?;
+    let (mut fields, conditions) = shown(&r, generation);
+    if let Some(Value::Object(m)) = fields.get_mut("migration")
+        && let Err(e) = crate::migrate::phase::desired_environment(&r, wanted, now)
+    {
+        m.insert("refused".into(), e.to_string().into());
+    }
+    if begun {
+        fields.insert(GENERATION_FIELD.into(), generation.into());
+    }
+    if !r.phase.is_terminal() {
+        start_driver(ctx, migrations, key, dep, hosts, applications, &r)?;
+    }
+    if r.phase == Phase::RetiringSource && wanted == r.to {
+        // The target serves under the names: its hosts are reconciled as usual while the source
+        // waits for its grace period.
+        return Ok(Next::Stay(fields, conditions));
+    }
+    Ok(Next::Migrating(Converged {
+        action: crate::runtime::Action::Requeue(REFRESH),
+        reason: reasons::PROGRESSING,
+        message: format!("migrating from {} to {}: {}", r.from, r.to, r.phase),
+        fields,
+        conditions: Vec::new(),
+        extra_conditions: conditions,
+        failure: None,
+    }))
+}
+
+fn start_driver(
+    ctx: &Context,
+    migrations: &Arc<Migrations>,
+    key: &ObjectKey,
+    dep: &Deployment,
+    hosts: &[PlannedHost],
+    applications: &BTreeMap<Name, Application>,
+    r: &MigrationRecord,
+) -> Result<(), ReconcileError> {
+    if migrations.is_running(&r.deployment) {
+        return Ok(());
+    }
+    let missing = |env: &str| ReconcileError::Waiting {
+        reason: reasons::DEPENDENCY_NOT_READY,
+        message: format!(
+            "the migration from {} to {} needs RuntimeEnvironment {env}, which does not exist",
+            r.from, r.to
+        ),
+        retry_after: super::deployment::DEPENDENCY_RETRY,
+    };
+    let from = environment(ctx, &r.from).ok_or_else(|| missing(&r.from))?;
+    let to = environment(ctx, &r.to).ok_or_else(|| missing(&r.to))?;
+    let refused = |message: String| ReconcileError::Transient {
+        reason: "MigrationBlocked",
+        message,
+    };
+    let spec = from.spec.backup.as_ref().ok_or_else(|| {
+        refused(format!(
+            "RuntimeEnvironment {} lost its spec.backup, through whose repository the migration copies",
+            r.from
+        ))
+    })?;
+    let repository = crate::backup::Repository::from_spec(spec).map_err(|e| refused(e.to_string()))?;
+    let mut apps = Vec::new();
+    let mut health = BTreeMap::new();
+    for host in hosts {
+        let Some(app) = applications.get(&host.application) else {
+            continue;
+        };
+        if let Some(h) = &app.spec.health_check {
+            health.insert(host.application.to_string(), h.clone());
+        }
+        if let Some(data) = &app.spec.data
+            && !(data.paths.is_empty() && data.databases.is_empty())
+        {
+            apps.push(AppMove {
+                application: host.application.to_string(),
+                host: host.name.clone(),
+                data: data.clone(),
+            });
+        }
+    }
+    let inputs = Inputs {
+        deployment: dep.clone(),
+        from,
+        to,
+        hosts: hosts.to_vec(),
+        apps,
+        health,
+    };
+    let (book, trigger, key) = (ctx.book.clone(), ctx.trigger.clone(), key.clone());
+    let report: Report = Arc::new(move |step| {
+        if let Some(step) = step
+            && let Some((type_, reason, message)) = decide::event(step)
+        {
+            book.record(&key, type_, &reason, message);
+        }
+        trigger(&key);
+    });
+    migrations
+        .ensure_running(inputs, repository, report)
+        .map_err(|e| refused(e.reason))?;
+    Ok(())
+}

@@ -1,0 +1,656 @@
+//! The daemon moves a Deployment when its `spec.runtimeEnvironment` changes: two environments of
+//! existing machines (loopback sshd hosts with real NixOS-style deploys, a real PostgreSQL and real
+//! files each), copied with restic, verified, and finished by a restarted daemon after a SIGKILL in
+//! the middle of the migration.
+
+mod backup_support;
+mod common;
+mod nixos_support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{Daemon, http_get, wait_for};
+use nixos_support::{Lab, NIX_CONFIG, TestHost};
+use serde_json::Value;
+
+/// The daemon on `source` with NixOS hosts converged from `catalog`, API writes needing `token`.
+fn start(source: &Path, state: &Path, catalog: &Path, token: &Path) -> Daemon {
+    let args: Vec<std::ffi::OsString> = [
+        "--source".as_ref(),
+        source.as_os_str(),
+        "--state-dir".as_ref(),
+        state.as_os_str(),
+        "--provider".as_ref(),
+        "plan-only".as_ref(),
+        "--nixos-catalog".as_ref(),
+        catalog.as_os_str(),
+        "--api-token-file".as_ref(),
+        token.as_os_str(),
+    ]
+    .iter()
+    .map(|a| a.to_os_string())
+    .collect();
+    common::spawn_with_env(&args, &[("NIX_CONFIG", NIX_CONFIG)])
+}
+
+fn get(daemon: &Daemon, path: &str) -> Option<Value> {
+    let (code, body) = http_get(&daemon.server, path)?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
+/// A running PostgreSQL cluster of a test host, stopped when dropped.
+struct Postgres(std::path::PathBuf);
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &format!("{}/pg_ctl", backup_support::PGBIN),
+                "-D",
+            ])
+            .arg(&self.0)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A host named `demo-app` in `lab` running a real PostgreSQL of its own (data in its private /nix,
+/// socket on a private tmpfs).
+fn postgres_host(lab: &Lab) -> (TestHost, Postgres) {
+    let root = lab.path().join("host-demo-app");
+    std::fs::create_dir_all(root.join("nix/var/postgresql")).unwrap();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(backup_support::template_cluster())
+        .arg(root.join("nix/var/postgresql/data"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let status = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(root.join("nix/var/postgresql"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let host = lab.host_with(
+        "demo-app",
+        &format!(
+            "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
+runuser -u postgres -- {}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgresql/log -w -t 60 -o '-p 5432' start >&2",
+            backup_support::PGBIN
+        ),
+    );
+    (host, Postgres(root.join("nix/var/postgresql/data")))
+}
+
+/// Runs `line` on `host` as root and returns its stdout; panics when it fails.
+fn on_host(lab: &Lab, host: &TestHost, line: &str) -> String {
+    let out = Command::new("ssh")
+        .args(lab.ssh_args(host))
+        .arg(line)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{line}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sql(lab: &Lab, host: &TestHost, sql: &str) -> String {
+    on_host(
+        lab,
+        host,
+        &format!(
+            "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1 -d app -c {}",
+            backup_support::shell(sql)
+        ),
+    )
+    .trim()
+    .to_owned()
+}
+
+/// Every file under `dir` with its SHA-256, by path relative to `dir`.
+fn hashes(dir: &Path) -> Vec<(String, String)> {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(h, p)| (p.to_owned(), h.to_owned())))
+        .collect()
+}
+
+/// SIGKILL of the daemon and of its SSH clients, as a service manager kills the whole unit.
+fn kill_daemon(mut daemon: Daemon) {
+    let pid = daemon.child.id().to_string();
+    let children: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
+            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    let _ = daemon.child.kill();
+    for child in &children {
+        let _ = Command::new("kill").args(["-KILL", child]).status();
+    }
+    let _ = daemon.child.wait();
+}
+
+const QUERIES: [&str; 3] = [
+    "SELECT count(*) FROM customers",
+    "SELECT count(*), sum(amount) FROM orders",
+    "SELECT count(*) FROM events",
+];
+
+/// Two environments `old` and `new` of one machine each (a real PostgreSQL and files on each), a
+/// Deployment `demo` running in `old` with seeded data, and the daemon.
+struct Rig {
+    daemon: Option<Daemon>,
+    source: std::path::PathBuf,
+    state: std::path::PathBuf,
+    token: std::path::PathBuf,
+    old_host: TestHost,
+    new_host: TestHost,
+    data: std::path::PathBuf,
+    policy: &'static str,
+    _pg: (Postgres, Postgres),
+    _shared: tempfile::TempDir,
+    lab_old: Lab,
+    lab_new: Lab,
+}
+
+impl Rig {
+    fn new(policy: &'static str) -> Self {
+        backup_support::require_tools();
+        std::fs::create_dir_all("/run/postgresql").unwrap();
+        // Two environments, each one existing machine named like the Deployment's host.
+        let (lab_old, lab_new) = (Lab::new(), Lab::new());
+        let (old_host, old_pg) = postgres_host(&lab_old);
+        let (new_host, new_pg) = postgres_host(&lab_new);
+        on_host(
+            &lab_old,
+            &old_host,
+            "runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -d postgres -c 'CREATE ROLE app LOGIN' -c 'CREATE DATABASE app OWNER app'",
+        );
+        on_host(
+            &lab_old,
+            &old_host,
+            &format!(
+                "runuser -u postgres -- psql -X -q -v ON_ERROR_STOP=1 -d app -c 'SET ROLE app' -c {}",
+                backup_support::shell(backup_support::SEED_SQL)
+            ),
+        );
+        let data = old_host.root.join("nix/var/app-data");
+        std::fs::create_dir_all(data.join("media")).unwrap();
+        for i in 0..100u8 {
+            std::fs::write(data.join(format!("media/{i}.bin")), vec![i; 2048]).unwrap();
+        }
+        // Enough data that the pre-copy still runs when the daemon is killed.
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "head -c 100000000 /dev/urandom > '{}/big.bin'",
+                data.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(status.success());
+
+        let shared = tempfile::tempdir().unwrap();
+        std::fs::write(shared.path().join("pw"), "a migration password\n").unwrap();
+        let backup = format!(
+            "  backup: {{ repository: {}, passwordFile: {}, schedule: 1d }}\n",
+            shared.path().join("repo").display(),
+            shared.path().join("pw").display()
+        );
+        let source = lab_old.path().join("source");
+        std::fs::create_dir_all(&source).unwrap();
+        std::fs::write(
+            source.join("old.yaml"),
+            format!("{}{backup}", lab_old.environment_yaml("old", &[&old_host])),
+        )
+        .unwrap();
+        std::fs::write(
+            source.join("new.yaml"),
+            format!("{}{backup}", lab_new.environment_yaml("new", &[&new_host])),
+        )
+        .unwrap();
+        std::fs::write(
+            source.join("app.yaml"),
+            "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: app }\nspec:\n  \
+displayName: Probe\n  nixosModule: nix/applications/probe.nix\n  sizes: { small: { cores: 1, memoryMiB: 512, diskGiB: 10 } }\n  \
+data: { paths: [/nix/var/app-data], databases: [app] }\n",
+        )
+        .unwrap();
+        let token = lab_old.path().join("token");
+        std::fs::write(&token, "a-long-api-token-for-the-migration-test\n").unwrap();
+        let mut rig = Self {
+            daemon: None,
+            state: lab_old.path().join("state"),
+            source,
+            token,
+            old_host,
+            new_host,
+            data,
+            policy,
+            _pg: (old_pg, new_pg),
+            _shared: shared,
+            lab_old,
+            lab_new,
+        };
+        rig.place("old");
+        rig.start();
+        wait_for("the Deployment to run in old", Duration::from_secs(180), || {
+            get(rig.daemon(), "/api/v1/deployments/demo").filter(|d| {
+                d["status"]["hosts"][0]["phase"] == "Ready" && d["status"]["runtimeEnvironment"] == "old"
+            })
+        });
+        assert!(
+            rig.new_host.activated().is_none(),
+            "nothing was deployed in new yet"
+        );
+        rig
+    }
+
+    /// Writes the Deployment with `spec.runtimeEnvironment: env`.
+    fn place(&self, env: &str) {
+        std::fs::write(
+            self.source.join("demo.yaml"),
+            format!(
+                "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata: {{ name: demo }}\nspec:\n  \
+domain: lab.example\n  runtimeEnvironment: {env}\n  deletionPolicy: {}\n  applications: {{ app: {{}} }}\n",
+                self.policy
+            ),
+        )
+        .unwrap();
+    }
+
+    fn start(&mut self) {
+        self.daemon = Some(start(
+            &self.source,
+            &self.state,
+            &self.lab_old.catalog(),
+            &self.token,
+        ));
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().expect("the daemon runs")
+    }
+
+    fn cli(&self, args: &[&str], token: bool) -> (i32, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fediversity"));
+        command
+            .args(args)
+            .args(["--server", &self.daemon().server])
+            .env_remove("FEDIVERSITY_TOKEN_FILE");
+        if token {
+            command.arg("--token-file").arg(&self.token);
+        }
+        let out = command.output().unwrap();
+        let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.push_str(&String::from_utf8_lossy(&out.stderr));
+        eprintln!("fediversity {args:?}: {text}");
+        (out.status.code().unwrap_or(-1), text)
+    }
+
+    fn migration(&self) -> Option<Value> {
+        get(self.daemon(), "/api/v1/deployments/demo").map(|d| d["status"]["migration"].clone())
+    }
+
+    fn events(&self) -> String {
+        get(self.daemon(), "/api/v1/events?kind=Deployment&name=demo")
+            .unwrap()
+            .to_string()
+    }
+}
+
+#[test]
+fn changing_the_runtime_environment_moves_the_deployment_with_its_data_even_when_the_daemon_is_killed_midway()
+{
+    let mut rig = Rig::new("Retain");
+    let data = rig.data.clone();
+    // The Deployment is backed up (asked over the API, with the token).
+    let asked = Command::new("curl")
+        .args(["--silent", "--fail", "-X", "POST", "-H"])
+        .arg(format!(
+            "Authorization: Bearer {}",
+            std::fs::read_to_string(&rig.token).unwrap().trim()
+        ))
+        .arg(format!(
+            "http://{}/api/v1/deployments/demo/backup",
+            rig.daemon().server
+        ))
+        .output()
+        .unwrap();
+    assert!(asked.status.success(), "{asked:?}");
+    wait_for("the backup", Duration::from_secs(300), || {
+        get(rig.daemon(), "/api/v1/deployments/demo")
+            .filter(|d| d["status"]["backups"][0]["result"] == "Succeeded")
+    });
+
+    // Written after the backup: the migration carries it too.
+    sql(
+        &rig.lab_old,
+        &rig.old_host,
+        "INSERT INTO events(body) SELECT 'before the move ' || i FROM generate_series(1, 300) i",
+    );
+    std::fs::write(data.join("after-backup.txt"), "written after the backup").unwrap();
+    let expected: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_old, &rig.old_host, q))
+        .collect();
+    let files = hashes(&data);
+
+    // The operator changes the environment; the daemon is killed in the middle of the move.
+    rig.place("new");
+    let seen = wait_for("the migration to pre-copy", Duration::from_secs(240), || {
+        rig.migration().filter(|m| m["phase"] == "PreCopying")
+    });
+    // Events and status reach the store within a fifth of a second; the record at once.
+    std::thread::sleep(Duration::from_millis(600));
+    eprintln!("killing the daemon during {}", seen["phase"]);
+    kill_daemon(rig.daemon.take().unwrap());
+
+    rig.start();
+    let done = wait_for("the migration to succeed", Duration::from_secs(600), || {
+        let m = rig.migration()?;
+        assert!(
+            m["phase"] != "Failed" && m["phase"] != "RollingBack",
+            "the migration failed: {m}"
+        );
+        (m["phase"] == "Succeeded").then_some(m)
+    });
+    eprintln!("{done:#}");
+    assert_eq!(
+        (done["from"].as_str(), done["to"].as_str()),
+        (Some("old"), Some("new"))
+    );
+    assert_eq!(done["verified"], true, "{done}");
+    assert_eq!(done["source"], "Retained", "{done}");
+    assert!(done["downtimeSeconds"].as_f64().unwrap() > 0.0, "{done}");
+    assert!(done["bytesPreCopied"].as_u64().unwrap() >= 100_000_000, "{done}");
+
+    // The data on the target equals the source's.
+    let moved = rig.new_host.root.join("nix/var/app-data");
+    assert_eq!(hashes(&moved), files);
+    let got: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_new, &rig.new_host, q))
+        .collect();
+    assert_eq!(got, expected);
+    // The source was stopped and kept, its data untouched (the Deployment's policy is Retain).
+    assert_eq!(
+        std::fs::read_to_string(rig.old_host.root.join("backup-files/migration"))
+            .unwrap()
+            .trim(),
+        "stopped"
+    );
+    assert_eq!(hashes(&data), files);
+    // The target was held stopped until its data was there, and started afterwards.
+    let starts = rig.new_host.app_starts();
+    assert_eq!(
+        starts.first().map(|(w, _)| w.as_str()),
+        Some("held"),
+        "{starts:?}"
+    );
+
+    let d = wait_for("the Deployment to run in new", Duration::from_secs(180), || {
+        get(rig.daemon(), "/api/v1/deployments/demo").filter(|d| {
+            d["status"]["runtimeEnvironment"] == "new"
+                && common::ready(d).is_some_and(|(status, _)| status == "True")
+        })
+    });
+    assert_eq!(
+        rig.new_host.app_starts().last().map(|(w, _)| w.as_str()),
+        Some("started"),
+        "{:?}",
+        rig.new_host.app_starts()
+    );
+    let migrating = d["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Migrating")
+        .cloned()
+        .unwrap_or_else(|| panic!("no Migrating condition: {d}"));
+    assert_eq!(
+        (migrating["status"].as_str(), migrating["reason"].as_str()),
+        (Some("False"), Some("Migrated")),
+        "{migrating}"
+    );
+
+    // One event per phase, across the restart.
+    let events = rig.events();
+    for reason in [
+        "MigrationStarted",
+        "MigrationPreCopying",
+        "MigrationStoppingSource",
+        "MigrationFinalCopying",
+        "MigrationVerifying",
+        "MigrationStartingTarget",
+        "MigrationSwitchingNames",
+        "MigrationRetiringSource",
+        "Migrated",
+    ] {
+        assert!(events.contains(reason), "no {reason} event: {events}");
+    }
+    let metrics = http_get(&rig.daemon().server, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("fediversity_migrations_total{result=\"Succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fediversity_migration_downtime_seconds{deployment=\"demo\"}"),
+        "{metrics}"
+    );
+    assert!(!d.to_string().contains("a migration password"));
+}
+
+#[test]
+fn a_migration_rolled_back_during_the_grace_period_carries_the_writes_since_the_switch_back_to_the_old_machine()
+ {
+    let rig = Rig::new("Delete");
+    let (lab_old, lab_new) = (&rig.lab_old, &rig.lab_new);
+    let (old_host, new_host) = (&rig.old_host, &rig.new_host);
+    rig.place("new");
+    // Under Delete the old machine waits, stopped, for its grace period.
+    let switched = wait_for("the names to switch", Duration::from_secs(600), || {
+        let m = rig.migration()?;
+        assert!(m["phase"] != "Failed", "the migration failed: {m}");
+        (m["phase"] == "RetiringSource" && m["source"] == "Stopped").then_some(m)
+    });
+    assert!(switched["sourceDestroyedAfter"].is_string(), "{switched}");
+    assert_eq!(
+        std::fs::read_to_string(old_host.root.join("backup-files/migration"))
+            .unwrap()
+            .trim(),
+        "stopped"
+    );
+
+    // Written in new after the switch.
+    sql(
+        lab_new,
+        new_host,
+        "INSERT INTO events(body) SELECT 'after the switch ' || i FROM generate_series(1, 200) i",
+    );
+    std::fs::write(
+        new_host.root.join("nix/var/app-data/after-switch.txt"),
+        "written in new",
+    )
+    .unwrap();
+
+    // Setting the environment back no longer cancels: it is refused, naming the way back.
+    rig.place("old");
+    wait_for("the refusal", Duration::from_secs(60), || {
+        rig.events().contains("MigrationRefused").then_some(())
+    });
+    assert!(rig.events().contains("migrate rollback deployment demo"));
+    assert_eq!(rig.migration().unwrap()["phase"], "RetiringSource");
+
+    // The rollback needs the API token.
+    let (code, text) = rig.cli(&["migrate", "rollback", "deployment", "demo"], false);
+    assert_ne!(code, 0, "{text}");
+    assert!(text.contains("Bearer"), "{text}");
+    let (code, text) = rig.cli(&["migrate", "rollback", "deployment", "demo"], true);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("moves back from new to old"), "{text}");
+
+    let back = wait_for("the way back to switch", Duration::from_secs(600), || {
+        let m = rig.migration()?;
+        assert!(m["phase"] != "Failed", "the way back failed: {m}");
+        (m["from"] == "new" && m["phase"] == "RetiringSource").then_some(m)
+    });
+    assert_eq!(back["verified"], true, "{back}");
+    let expected: Vec<String> = QUERIES.iter().map(|q| sql(lab_new, new_host, q)).collect();
+    let got: Vec<String> = QUERIES.iter().map(|q| sql(lab_old, old_host, q)).collect();
+    assert_eq!(got, expected);
+    assert_eq!(got[2], "200", "the writes in new came back: {got:?}");
+    assert_eq!(
+        hashes(&old_host.root.join("nix/var/app-data")),
+        hashes(&new_host.root.join("nix/var/app-data"))
+    );
+    assert!(rig.events().contains("MigrationRollback"));
+}
+
+#[test]
+fn setting_the_environment_back_during_the_pre_copy_cancels_and_the_source_serves_on_with_its_data() {
+    let rig = Rig::new("Retain");
+    let files = hashes(&rig.data);
+    let rows: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_old, &rig.old_host, q))
+        .collect();
+    rig.place("new");
+    wait_for("the pre-copy", Duration::from_secs(240), || {
+        rig.migration().filter(|m| m["phase"] == "PreCopying")
+    });
+    rig.place("old");
+    let cancelled = wait_for("the cancel", Duration::from_secs(300), || {
+        let m = rig.migration()?;
+        assert!(m["phase"] != "Failed", "{m}");
+        (m["phase"] == "Cancelled").then_some(m)
+    });
+    assert_eq!(cancelled["source"], "Serving", "{cancelled}");
+    assert!(
+        cancelled["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("set to old")),
+        "{cancelled}"
+    );
+    // The source was never stopped for good: untouched, or started again.
+    let marker = std::fs::read_to_string(rig.old_host.root.join("backup-files/migration"));
+    assert!(
+        marker.as_deref().map_or(true, |m| m.trim() == "serving"),
+        "{marker:?}"
+    );
+    assert_eq!(hashes(&rig.data), files);
+    let now: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_old, &rig.old_host, q))
+        .collect();
+    assert_eq!(now, rows);
+    // The target given up has its services stopped.
+    assert_eq!(
+        std::fs::read_to_string(rig.new_host.root.join("backup-files/migration"))
+            .unwrap()
+            .trim(),
+        "removed"
+    );
+    let d = wait_for(
+        "the Deployment to be Ready in old",
+        Duration::from_secs(120),
+        || {
+            get(rig.daemon(), "/api/v1/deployments/demo").filter(|d| {
+                d["status"]["runtimeEnvironment"] == "old"
+                    && common::ready(d).is_some_and(|(status, _)| status == "True")
+            })
+        },
+    );
+    let migrating = d["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Migrating")
+        .cloned()
+        .unwrap();
+    assert_eq!(migrating["reason"], "MigrationCancelled", "{migrating}");
+    let events = rig.events();
+    for reason in ["MigrationCancelling", "MigrationCancelled"] {
+        assert_eq!(
+            events.matches(&format!("\"{reason}\"")).count(),
+            1,
+            "one {reason} event: {events}"
+        );
+    }
+}
+
+#[test]
+fn a_rollback_needs_the_api_token_and_a_daemon_that_runs_migrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("source");
+    common::copy_examples(&source);
+    let token = dir.path().join("token");
+    std::fs::write(&token, "a-long-api-token-for-the-rollback-test\n").unwrap();
+    let args: Vec<std::ffi::OsString> = [
+        "--source".as_ref(),
+        source.as_os_str(),
+        "--state-dir".as_ref(),
+        dir.path().join("state").as_os_str(),
+        "--provider".as_ref(),
+        "plan-only".as_ref(),
+        "--api-token-file".as_ref(),
+        token.as_os_str(),
+    ]
+    .iter()
+    .map(|a| a.to_os_string())
+    .collect();
+    let daemon = common::spawn(&args);
+    wait_for("the example Deployment", Duration::from_secs(30), || {
+        get(&daemon, "/api/v1/deployments/uni-utrecht")
+    });
+    let rollback = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fediversity"))
+            .args(["migrate", "rollback"])
+            .args(extra)
+            .args(["--server", &daemon.server])
+            .env_remove("FEDIVERSITY_TOKEN_FILE")
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, text) = rollback(&["deployment", "uni-utrecht"]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("Bearer"), "{text}");
+    let token = token.to_string_lossy().into_owned();
+    let (code, text) = rollback(&["deployment", "uni-utrecht", "--token-file", &token]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("migrations do not run in this daemon"), "{text}");
+    let (code, text) = rollback(&["deployment", "nobody", "--token-file", &token]);
+    assert_ne!(code, Some(0), "{text}");
+    assert!(text.contains("Deployment nobody not found"), "{text}");
+    let (code, text) = rollback(&["application", "mastodon", "--token-file", &token]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("only Deployments migrate"), "{text}");
+}
