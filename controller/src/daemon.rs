@@ -112,21 +112,9 @@ pub struct RunArgs {
     /// `etcd://HOST:PORT,HOST:PORT[/PREFIX]` shared by several replicas, one of which leads.
     #[arg(long, env = "FEDIVERSITY_STORE")]
     pub store: Option<String>,
-    /// etcd over TLS: the CA certificate (PEM) that signed the members' certificates.
-    #[arg(long, env = "FEDIVERSITY_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// etcd over TLS: this controller's client certificate (PEM), with --etcd-key.
-    #[arg(long, env = "FEDIVERSITY_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    /// etcd over TLS: the client certificate's private key (PEM).
-    #[arg(long, env = "FEDIVERSITY_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
-    /// The etcd user (with --etcd-password-file).
-    #[arg(long, env = "FEDIVERSITY_ETCD_USER")]
-    pub etcd_user: Option<String>,
-    /// A file holding the etcd user's password.
-    #[arg(long, env = "FEDIVERSITY_ETCD_PASSWORD_FILE")]
-    pub etcd_password_file: Option<PathBuf>,
+    /// How etcd is reached when --store names it.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
     /// With etcd: how long the leader key outlives the leader's last renewal.
     #[arg(long, env = "FEDIVERSITY_LEADER_LEASE", default_value = "15s", value_parser = crate::api::parse_duration)]
     pub leader_lease: Duration,
@@ -138,25 +126,47 @@ pub struct RunArgs {
     pub leader_retry: Duration,
 }
 
-/// The etcd settings the flags name, when `--store` is an etcd URL.
-pub fn etcd_config(
-    url: &str,
-    ca: Option<PathBuf>,
-    cert: Option<PathBuf>,
-    key: Option<PathBuf>,
-    user: Option<String>,
-    password_file: Option<PathBuf>,
-) -> anyhow::Result<crate::store::EtcdConfig> {
-    let mut config = crate::store::EtcdConfig::parse(url)?;
-    if ca.is_some() || cert.is_some() || key.is_some() {
-        config.tls = Some(crate::store::EtcdTls { ca, cert, key });
+/// How etcd is reached: TLS files and a user, shared by `run` and `store copy`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd over TLS: the CA certificate (PEM) that signed the members' certificates.
+    #[arg(long = "etcd-ca", env = "FEDIVERSITY_ETCD_CA")]
+    pub ca: Option<PathBuf>,
+    /// etcd over TLS: this controller's client certificate (PEM), with --etcd-key.
+    #[arg(long = "etcd-cert", env = "FEDIVERSITY_ETCD_CERT")]
+    pub cert: Option<PathBuf>,
+    /// etcd over TLS: the client certificate's private key (PEM).
+    #[arg(long = "etcd-key", env = "FEDIVERSITY_ETCD_KEY")]
+    pub key: Option<PathBuf>,
+    /// The etcd user (with --etcd-password-file).
+    #[arg(long = "etcd-user", env = "FEDIVERSITY_ETCD_USER")]
+    pub user: Option<String>,
+    /// A file holding the etcd user's password.
+    #[arg(long = "etcd-password-file", env = "FEDIVERSITY_ETCD_PASSWORD_FILE")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl EtcdArgs {
+    /// The etcd settings for `url` with these flags.
+    pub fn config(&self, url: &str) -> anyhow::Result<crate::store::EtcdConfig> {
+        let mut config = crate::store::EtcdConfig::parse(url)?;
+        let EtcdArgs {
+            ca,
+            cert,
+            key,
+            user,
+            password_file,
+        } = self.clone();
+        if ca.is_some() || cert.is_some() || key.is_some() {
+            config.tls = Some(crate::store::EtcdTls { ca, cert, key });
+        }
+        match (user, password_file) {
+            (Some(user), Some(file)) => config.user = Some((user, file)),
+            (None, None) => {}
+            _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
+        }
+        Ok(config)
     }
-    match (user, password_file) {
-        (Some(user), Some(file)) => config.user = Some((user, file)),
-        (None, None) => {}
-        _ => anyhow::bail!("--etcd-user and --etcd-password-file go together"),
-    }
-    Ok(config)
 }
 
 fn parse_source(text: &str) -> Result<SourceSpec, String> {
@@ -232,11 +242,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         instance_id,
         nixos_catalog,
         store: store_url,
-        etcd_ca,
-        etcd_cert,
-        etcd_key,
-        etcd_user,
-        etcd_password_file,
+        etcd,
         leader_lease,
         leader_renew_deadline,
         leader_retry,
@@ -263,7 +269,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
     let store = Arc::new(match &store_url {
         None => Store::open(&state_dir)?,
         Some(url) => {
-            let config = etcd_config(url, etcd_ca, etcd_cert, etcd_key, etcd_user, etcd_password_file)?;
+            let config = etcd.config(url)?;
             let open = tokio::task::spawn_blocking(move || Store::open_etcd(&config));
             open.await.context("the etcd client stopped")??
         }
@@ -676,5 +682,31 @@ mod tests {
             .err()
             .expect("a word is refused");
         assert!(error.to_string().contains("drift-interval"), "{error}");
+    }
+
+    #[test]
+    fn etcd_flags_give_tls_and_a_user_only_with_their_pairs() {
+        let none = EtcdArgs::default().config("etcd://127.0.0.1:2379").unwrap();
+        assert!(none.tls.is_none() && none.user.is_none());
+        let with = EtcdArgs {
+            ca: Some("ca.pem".into()),
+            user: Some("fedi".into()),
+            password_file: Some("pw".into()),
+            ..EtcdArgs::default()
+        }
+        .config("etcd://127.0.0.1:2379")
+        .unwrap();
+        assert_eq!(with.tls.map(|t| t.ca), Some(Some(PathBuf::from("ca.pem"))));
+        assert_eq!(with.user, Some(("fedi".to_owned(), PathBuf::from("pw"))));
+        let half = EtcdArgs {
+            user: Some("fedi".into()),
+            ..EtcdArgs::default()
+        }
+        .config("etcd://127.0.0.1:2379")
+        .unwrap_err();
+        assert_eq!(
+            half.to_string(),
+            "--etcd-user and --etcd-password-file go together"
+        );
     }
 }

@@ -24,33 +24,14 @@ pub struct CopyArgs {
     /// The store to write (must hold nothing yet): a state directory or an etcd URL.
     #[arg(long)]
     pub to: String,
-    /// etcd over TLS: the CA certificate (PEM).
-    #[arg(long, env = "FEDIVERSITY_ETCD_CA")]
-    pub etcd_ca: Option<PathBuf>,
-    /// etcd over TLS: the client certificate (PEM).
-    #[arg(long, env = "FEDIVERSITY_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    /// etcd over TLS: the client key (PEM).
-    #[arg(long, env = "FEDIVERSITY_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
-    /// The etcd user (with --etcd-password-file).
-    #[arg(long, env = "FEDIVERSITY_ETCD_USER")]
-    pub etcd_user: Option<String>,
-    /// A file holding the etcd user's password.
-    #[arg(long, env = "FEDIVERSITY_ETCD_PASSWORD_FILE")]
-    pub etcd_password_file: Option<PathBuf>,
+    /// How etcd is reached, when either side is an etcd URL.
+    #[command(flatten)]
+    pub etcd: crate::daemon::EtcdArgs,
 }
 
 fn open(location: &str, args: &CopyArgs) -> anyhow::Result<Store> {
     if location.starts_with("etcd://") {
-        let config = crate::daemon::etcd_config(
-            location,
-            args.etcd_ca.clone(),
-            args.etcd_cert.clone(),
-            args.etcd_key.clone(),
-            args.etcd_user.clone(),
-            args.etcd_password_file.clone(),
-        )?;
+        let config = args.etcd.config(location)?;
         Ok(Store::open_etcd(&config)?)
     } else {
         let dir = PathBuf::from(location);

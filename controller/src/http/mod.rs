@@ -331,6 +331,26 @@ fn check_backed_up(state: &ApiState, name: &str, what: (&str, &str)) -> Result<(
     Ok(())
 }
 
+/// The gate of a Deployment action that loses or stops something: the API token, a Deployment, and
+/// `confirm=true` (`refusal` says what would be lost and how to confirm).
+fn confirmed_deployment_action(
+    state: &ApiState,
+    headers: &axum::http::HeaderMap,
+    segment: &str,
+    query: &HashMap<String, String>,
+    only: &'static str,
+    refusal: &'static str,
+) -> Result<(), Box<Response>> {
+    write::authorize_trigger(&state.writes, headers)?;
+    if !matches!(resource(segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, only)));
+    }
+    if query.get("confirm").map(String::as_str) != Some("true") {
+        return Err(Box::new(error(StatusCode::BAD_REQUEST, refusal)));
+    }
+    Ok(())
+}
+
 /// `POST /api/v1/deployments/{name}/restore?snapshot=ID&confirm=true`: restores the running
 /// Deployment's hosts in place. It replaces live data, so it needs `confirm=true`.
 async fn restore(
@@ -339,18 +359,16 @@ async fn restore(
     Query(query): Query<HashMap<String, String>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if let Err(response) = write::authorize_trigger(&state.writes, &headers) {
-        return *response;
-    }
-    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
-        return error(StatusCode::BAD_REQUEST, "only Deployments are restored");
-    }
-    if query.get("confirm").map(String::as_str) != Some("true") {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "an in-place restore replaces the hosts' data with a snapshot's and loses what was written since: \
+    if let Err(response) = confirmed_deployment_action(
+        &state,
+        &headers,
+        &segment,
+        &query,
+        "only Deployments are restored",
+        "an in-place restore replaces the hosts' data with a snapshot's and loses what was written since: \
 confirm it with `confirm=true` (`fediversity restore deployment NAME --confirm`)",
-        );
+    ) {
+        return *response;
     }
     let snapshot = query.get("snapshot").map_or("latest", String::as_str);
     let spec = crate::api::RestoreSpec {
@@ -382,18 +400,16 @@ async fn final_backup(
     Query(query): Query<HashMap<String, String>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if let Err(response) = write::authorize_trigger(&state.writes, &headers) {
-        return *response;
-    }
-    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
-        return error(StatusCode::BAD_REQUEST, "only Deployments are exported");
-    }
-    if query.get("confirm").map(String::as_str) != Some("true") {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a final backup stops the Deployment's services and leaves them stopped: confirm it with \
+    if let Err(response) = confirmed_deployment_action(
+        &state,
+        &headers,
+        &segment,
+        &query,
+        "only Deployments are exported",
+        "a final backup stops the Deployment's services and leaves them stopped: confirm it with \
 `confirm=true` (`fediversity export deployment NAME --final`)",
-        );
+    ) {
+        return *response;
     }
     if let Err(response) = check_backed_up(&state, &name, ("final backups", " to export from")) {
         return *response;
