@@ -602,6 +602,112 @@ fn setting_the_environment_back_during_the_pre_copy_cancels_and_the_source_serve
 }
 
 #[test]
+fn an_unreachable_old_environment_moves_from_its_last_backup_only_once_the_operator_confirms_the_data_loss_window()
+ {
+    let mut rig = Rig::new("Retain");
+    let data = rig.data.clone();
+    let asked = rig.cli(&["backup", "deployment", "demo"], true);
+    assert_eq!(asked.0, 0, "{}", asked.1);
+    let backed_up = wait_for("the backup", Duration::from_secs(300), || {
+        get(rig.daemon(), "/api/v1/deployments/demo")
+            .filter(|d| d["status"]["backups"][0]["result"] == "Succeeded")
+    });
+    let snapshot = backed_up["status"]["backups"][0]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let taken = backed_up["status"]["backups"][0]["time"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let in_backup: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_old, &rig.old_host, q))
+        .collect();
+    let files = hashes(&data);
+    // Written after the backup: lost with the old machine.
+    sql(
+        &rig.lab_old,
+        &rig.old_host,
+        "INSERT INTO events(body) SELECT 'lost ' || i FROM generate_series(1, 50) i",
+    );
+    assert_ne!(sql(&rig.lab_old, &rig.old_host, QUERIES[2]), in_backup[2]);
+
+    // The old machine can no longer be reached; the operator moves the Deployment anyway.
+    rig.old_host.stop_ssh();
+    rig.place("new");
+    let stuck = wait_for(
+        "a pre-copy that cannot reach the source",
+        Duration::from_secs(300),
+        || {
+            rig.migration()
+                .filter(|m| m["phase"] == "PreCopying" && m["message"].is_string())
+        },
+    );
+    eprintln!("{stuck:#}");
+
+    // Without --confirm: the data-loss window is stated and nothing changes.
+    let (code, text) = rig.cli(&["migrate", "restore-from-backup", "deployment", "demo"], true);
+    assert_ne!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("demo-app: {snapshot}"))
+            && text.contains(&format!("every write made since {taken}"))
+            && text.contains("--confirm"),
+        "{text}"
+    );
+    assert!(rig.migration().unwrap()["fromBackup"].is_null());
+
+    // With it, the target starts from the last backup.
+    let (code, text) = rig.cli(
+        &[
+            "migrate",
+            "restore-from-backup",
+            "deployment",
+            "demo",
+            "--confirm",
+        ],
+        true,
+    );
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains(&format!("writes after {taken} are lost")), "{text}");
+    let done = wait_for("the migration to succeed", Duration::from_secs(600), || {
+        let m = rig.migration()?;
+        (m["phase"] == "Succeeded" && m["fromBackup"].is_object()).then_some(m)
+    });
+    eprintln!("{done:#}");
+    assert_eq!(done["verified"], true, "{done}");
+    assert_eq!(done["source"], "Unreachable", "{done}");
+    assert_eq!(
+        done["fromBackup"]["snapshots"]["demo-app"],
+        snapshot.as_str(),
+        "{done}"
+    );
+    assert_eq!(done["fromBackup"]["writesLostAfter"], taken.as_str(), "{done}");
+    assert!(done["downtimeSeconds"].as_f64().unwrap() > 0.0, "{done}");
+    assert!(done["bytesPreCopied"].as_u64().unwrap() >= 100_000_000, "{done}");
+
+    // The target holds the backup's data: the write after it is not there.
+    let moved = rig.new_host.root.join("nix/var/app-data");
+    assert_eq!(hashes(&moved), files);
+    let got: Vec<String> = QUERIES
+        .iter()
+        .map(|q| sql(&rig.lab_new, &rig.new_host, q))
+        .collect();
+    assert_eq!(got, in_backup);
+    wait_for("the Deployment to run in new", Duration::from_secs(180), || {
+        get(rig.daemon(), "/api/v1/deployments/demo").filter(|d| {
+            d["status"]["runtimeEnvironment"] == "new"
+                && common::ready(d).is_some_and(|(status, _)| status == "True")
+        })
+    });
+    let events = rig.events();
+    assert!(events.contains("MigrationFromBackup"), "{events}");
+    assert!(events.contains("Migrated"), "{events}");
+    // The old machine's data was never touched (it could not be).
+    assert!(!rig.old_host.root.join("backup-files/migration").exists());
+}
+
+#[test]
 fn a_rollback_needs_the_api_token_and_a_daemon_that_runs_migrations() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("source");

@@ -149,6 +149,9 @@ pub enum Command {
         /// How long --wait waits.
         #[arg(long, default_value = "3600s", value_parser = parse_duration)]
         timeout: Duration,
+        /// The file holding the API token (needed when the daemon has one).
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
         /// Where the daemon is.
         #[command(flatten)]
         server: ServerArgs,
@@ -284,6 +287,25 @@ pub enum MigrateAction {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// When the old environment cannot be reached, starts the migration's target from the source
+    /// hosts' last good backups instead of a live copy. Without `--confirm` it only prints the
+    /// data-loss window (the time of the oldest of those snapshots) and changes nothing.
+    RestoreFromBackup {
+        /// `deployment` (the only kind that migrates).
+        #[arg(value_parser = parse_kind)]
+        kind: Kind,
+        /// The Deployment.
+        name: String,
+        /// Accept losing every write made after the last backups.
+        #[arg(long)]
+        confirm: bool,
+        /// The file holding the API token.
+        #[arg(long, env = "FEDIVERSITY_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Where the daemon is.
+        #[command(flatten)]
+        server: ServerArgs,
+    },
 }
 
 fn parse_reconcile_target(text: &str) -> Result<ReconcileTarget, String> {
@@ -401,13 +423,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             name,
             wait,
             timeout,
+            token_file,
             server,
         } => {
             if kind != Kind::Deployment {
                 eprintln!("error: only Deployments are backed up: `fediversity backup deployment NAME`");
                 return Ok(2);
             }
-            let client = client::Client::new(&server.server);
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
             let handled = client
                 .request_and_wait(
                     &format!("deployments/{name}/backup"),
@@ -543,6 +567,46 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 "Deployment {name} moves back from {} to {} (status.migration shows its phases)\n",
                 back["from"].as_str().unwrap_or("?"),
                 back["to"].as_str().unwrap_or("?")
+            );
+            print!("{}", crate::text::escape(&text));
+            Ok(0)
+        }
+        Command::Migrate {
+            action:
+                MigrateAction::RestoreFromBackup {
+                    kind,
+                    name,
+                    confirm,
+                    token_file,
+                    server,
+                },
+        } => {
+            if kind != Kind::Deployment {
+                eprintln!(
+                    "error: only Deployments migrate: `fediversity migrate restore-from-backup deployment NAME`"
+                );
+                return Ok(2);
+            }
+            let token = token_file.as_deref().map(write::read_token).transpose()?;
+            let client = client::Client::new(&server.server).with_token(token);
+            let query = if confirm { "?confirm=true" } else { "" };
+            let fresh = client
+                .post(&format!("deployments/{name}/restore-from-backup{query}"))
+                .await?;
+            let snapshots = fresh["snapshots"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(h, s)| format!("{h}: {}", s.as_str().unwrap_or("?")))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                })
+                .unwrap_or_default();
+            let text = format!(
+                "Deployment {name} moves from {} to {} starting from the last backups ({snapshots}); writes after {} are lost (status.migration shows its phases)\n",
+                fresh["from"].as_str().unwrap_or("?"),
+                fresh["to"].as_str().unwrap_or("?"),
+                fresh["writesLostAfter"].as_str().unwrap_or("?"),
             );
             print!("{}", crate::text::escape(&text));
             Ok(0)

@@ -64,6 +64,10 @@ pub fn router(state: ApiState, limits: &serve::ServeLimits) -> Router {
         .route("/api/v1/{resource}/{name}/restore", post(restore))
         .route("/api/v1/{resource}/{name}/final-backup", post(final_backup))
         .route("/api/v1/{resource}/{name}/rollback", post(rollback))
+        .route(
+            "/api/v1/{resource}/{name}/restore-from-backup",
+            post(restore_from_backup),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(
             crate::yaml::Limits::default().max_bytes,
         ))
@@ -458,6 +462,92 @@ async fn rollback(
             (
                 StatusCode::ACCEPTED,
                 axum::Json(json!({ "from": back.from, "to": back.to, "phase": back.phase.as_str() })),
+            )
+                .into_response()
+        }
+        Err(e @ RollbackError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
+/// `POST /api/v1/deployments/{name}/restore-from-backup[?confirm=true]`: the migration of a
+/// Deployment whose old environment cannot be reached starts its target from the source hosts' last
+/// good backups instead of a live copy. Without `confirm=true` it answers 409 with the data-loss
+/// window (the time of the oldest of those snapshots) and changes nothing. Needs the API token.
+async fn restore_from_backup(
+    State(state): State<ApiState>,
+    Path((segment, name)): Path<(String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    if let Err(response) = write::authorize(&state.writes, &headers) {
+        return *response;
+    }
+    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return error(StatusCode::BAD_REQUEST, "only Deployments are migrated");
+    }
+    let key = ObjectKey::new(Kind::Deployment, &name);
+    let deployment = match state.desired.get(&key).map(|d| d.object().clone()) {
+        Some(crate::api::Object::Deployment(d)) => d,
+        _ => return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found")),
+    };
+    let Some(migrations) = &state.migrations else {
+        return error(
+            StatusCode::CONFLICT,
+            "migrations do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
+        );
+    };
+    let hosts: Vec<String> = deployment
+        .spec
+        .applications
+        .keys()
+        .map(|app| format!("{name}-{app}"))
+        .collect();
+    let backups: Vec<crate::api::HostBackupStatus> = state
+        .book
+        .with_status(&key, |s| {
+            s.and_then(|s| s.get("backups"))
+                .and_then(|b| serde_json::from_value(b.clone()).ok())
+        })
+        .unwrap_or_default();
+    let last = backups
+        .into_iter()
+        .map(|b| crate::migrate::decide::LastBackup {
+            host: b.host,
+            snapshot: b.snapshot,
+            time: b.time.map(|t| t.to_string()),
+            total_bytes: b.total_bytes,
+        })
+        .collect();
+    let confirmed = query.get("confirm").map(String::as_str) == Some("true");
+    let wanted = deployment.spec.runtime_environment.to_string();
+    use crate::migrate::service::RollbackError;
+    match migrations.restore_from_backup(&name, &wanted, hosts, last, confirmed) {
+        Ok(fresh) => {
+            let taken = fresh
+                .from_backup
+                .as_ref()
+                .map(|b| b.taken.clone())
+                .unwrap_or_default();
+            state.book.record(
+                &key,
+                crate::api::EventType::Warning,
+                "MigrationFromBackup",
+                format!(
+                    "{} cannot be reached: the target in {} starts from the last backups; writes after {taken} are lost (confirmed by the operator)",
+                    fresh.from, fresh.to
+                ),
+            );
+            (state.trigger)(&key);
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({
+                    "from": fresh.from,
+                    "to": fresh.to,
+                    "phase": fresh.phase.as_str(),
+                    "writesLostAfter": taken,
+                    "snapshots": fresh.from_backup.map(|b| b.snapshots).unwrap_or_default(),
+                })),
             )
                 .into_response()
         }

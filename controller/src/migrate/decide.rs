@@ -85,7 +85,14 @@ pub fn event(step: &Step) -> Option<(EventType, String, String)> {
             "final copy: {} changed since the pre-copy",
             bytes(r.bytes_finally_copied)
         ),
-        Phase::StartingTarget => "files and databases match on both sides".to_owned(),
+        Phase::StartingTarget => match &r.from_backup {
+            Some(b) => format!(
+                "restored {} from the last backups of {} and verified against their manifests",
+                bytes(r.bytes_pre_copied),
+                b.taken
+            ),
+            None => "files and databases match on both sides".to_owned(),
+        },
         Phase::SwitchingNames => "the target serves and is healthy".to_owned(),
         Phase::RetiringSource => format!(
             "the names point at {}: downtime ended after {:.1} s",
@@ -131,17 +138,49 @@ pub enum RecoveryError {
     },
     /// Restoring from the last backup loses writes; it needs the operator's word.
     #[error(
-        "Deployment {deployment}: {from} cannot be reached, so its data cannot be copied live; restoring from the last backup (snapshot {snapshot} of {time}) loses every write since then; confirm to go ahead"
+        "Deployment {deployment}: if {from} cannot be reached, its data cannot be copied live; starting the target from the last backups ({snapshots}) loses every write made since {time}; confirm to go ahead (`--confirm`)"
     )]
     NeedsConfirmation {
         /// The Deployment.
         deployment: String,
         /// The unreachable environment.
         from: String,
-        /// The snapshot.
-        snapshot: String,
-        /// When it was taken: the data-loss window starts here.
+        /// The snapshot of each host (`host: id, …`).
+        snapshots: String,
+        /// When the oldest was taken: the data-loss window starts here.
         time: String,
+    },
+    /// A source host has no good backup to start from.
+    #[error(
+        "Deployment {deployment}: host {host} in {from} has no successful backup; there is nothing to start the target from (the data can only come from {from} itself)"
+    )]
+    NeverBackedUp {
+        /// The Deployment.
+        deployment: String,
+        /// The old environment.
+        from: String,
+        /// The host without a backup.
+        host: String,
+    },
+    /// No migration towards the Deployment's environment to recover.
+    #[error(
+        "Deployment {deployment}: no migration to {wanted} is under way; set spec.runtimeEnvironment to the new environment first, then restore from the last backup if the old one cannot be reached"
+    )]
+    NoMigrationToRecover {
+        /// The Deployment.
+        deployment: String,
+        /// Its `spec.runtimeEnvironment`.
+        wanted: String,
+    },
+    /// The migration already stopped the source: the live copy goes on from there.
+    #[error(
+        "Deployment {deployment}: the migration is in {phase}, past the pre-copy; starting from a backup is only for a migration that cannot reach its source before stopping it"
+    )]
+    TooLate {
+        /// The Deployment.
+        deployment: String,
+        /// Where the migration stands.
+        phase: Phase,
     },
 }
 
@@ -153,11 +192,18 @@ pub fn rollback(r: &MigrationRecord, now: u64) -> Result<(MigrationRecord, Migra
     if !matches!(r.phase, Phase::RetiringSource | Phase::Succeeded) {
         return Err(RecoveryError::NothingToRollBack(r.deployment.clone()));
     }
-    if r.source == phase::SourceState::Destroyed {
+    let gone = match r.source {
+        phase::SourceState::Destroyed => Some("destroyed after its grace period"),
+        phase::SourceState::Unreachable => {
+            Some("unreachable when the migration started from its last backup")
+        }
+        _ => None,
+    };
+    if let Some(state) = gone {
         return Err(RecoveryError::SourceGone {
             deployment: r.deployment.clone(),
             from: r.from.clone(),
-            state: "destroyed after its grace period",
+            state,
         });
     }
     let mut kept = r.clone();
@@ -173,31 +219,107 @@ pub fn rollback(r: &MigrationRecord, now: u64) -> Result<(MigrationRecord, Migra
     Ok((kept, back))
 }
 
-/// When the old environment cannot be reached: the restore from the last backup that replaces the
-/// pre-copy, only with the operator's confirmation, which names the data-loss window. Returns the
-/// snapshot to put in `spec.restore`.
+/// The last good backup of one source host, as `status.backups` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastBackup {
+    /// The host.
+    pub host: String,
+    /// Its last good snapshot.
+    pub snapshot: Option<String>,
+    /// When that snapshot was taken (RFC 3339).
+    pub time: Option<String>,
+    /// The bytes it holds.
+    pub total_bytes: u64,
+}
+
+/// When the old environment cannot be reached: the migration starts the target from the source
+/// hosts' last backups instead of a live copy, only with the operator's confirmation, which names the
+/// data-loss window (the oldest of those snapshots). Allowed while nothing of the source was stopped:
+/// a migration still provisioning or pre-copying (the pre-copy cannot reach the source), or one that
+/// failed there. `hosts` are the Deployment's planned hosts, `wanted` its `spec.runtimeEnvironment`.
+/// Returns the record that replaces `r`.
 pub fn restore_from_backup(
+    r: Option<&MigrationRecord>,
     deployment: &str,
-    from: &str,
-    last: Option<(&str, &str)>,
+    wanted: &str,
+    hosts: &[String],
+    last: &[LastBackup],
     confirmed: bool,
-) -> Result<String, RecoveryError> {
-    let Some((snapshot, time)) = last else {
-        return Err(RecoveryError::SourceGone {
+    now: u64,
+) -> Result<MigrationRecord, RecoveryError> {
+    let Some(r) = r.filter(|r| r.to == wanted) else {
+        return Err(RecoveryError::NoMigrationToRecover {
             deployment: deployment.to_owned(),
-            from: from.to_owned(),
-            state: "unreachable and never backed up",
+            wanted: wanted.to_owned(),
+        });
+    };
+    let before_stop = match r.phase {
+        Phase::Provisioning | Phase::PreCopying => true,
+        // Given up in the pre-copy (or giving up: what is left of the rollback, removing the target,
+        // is moot when the target is needed after all).
+        Phase::Failed | Phase::RollingBack => r.failed_in.is_some_and(|p| p <= Phase::PreCopying),
+        _ => false,
+    };
+    if !before_stop || (r.downtime_started_ms.is_some() && r.from_backup.is_none()) {
+        return Err(RecoveryError::TooLate {
+            deployment: deployment.to_owned(),
+            phase: r.phase,
+        });
+    }
+    let mut snapshots = std::collections::BTreeMap::new();
+    let mut total_bytes = 0;
+    let mut oldest: Option<&str> = None;
+    for host in hosts {
+        let found = last.iter().find(|b| &b.host == host);
+        let (Some(snapshot), Some(time)) = (
+            found.and_then(|b| b.snapshot.as_deref()),
+            found.and_then(|b| b.time.as_deref()),
+        ) else {
+            return Err(RecoveryError::NeverBackedUp {
+                deployment: deployment.to_owned(),
+                from: r.from.clone(),
+                host: host.clone(),
+            });
+        };
+        snapshots.insert(host.clone(), snapshot.to_owned());
+        total_bytes += found.map_or(0, |b| b.total_bytes);
+        // RFC 3339 times in UTC compare as text.
+        if oldest.is_none_or(|o| time < o) {
+            oldest = Some(time);
+        }
+    }
+    let Some(taken) = oldest else {
+        return Err(RecoveryError::NoMigrationToRecover {
+            deployment: deployment.to_owned(),
+            wanted: wanted.to_owned(),
         });
     };
     if !confirmed {
         return Err(RecoveryError::NeedsConfirmation {
             deployment: deployment.to_owned(),
-            from: from.to_owned(),
-            snapshot: snapshot.to_owned(),
-            time: time.to_owned(),
+            from: r.from.clone(),
+            snapshots: snapshots
+                .iter()
+                .map(|(h, s)| format!("{h}: {s}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            time: taken.to_owned(),
         });
     }
-    Ok(snapshot.to_owned())
+    let mut fresh = phase::begin(deployment, &r.from, &r.to, r.retire, r.failed_target, now);
+    fresh.from_backup = Some(phase::FromBackup {
+        snapshots,
+        taken: taken.to_owned(),
+        total_bytes,
+        confirmed_ms: now,
+    });
+    // The service is down from the operator's word at the latest (it was unreachable before).
+    fresh.downtime_started_ms = Some(now);
+    fresh.reason = Some(format!(
+        "{} cannot be reached: the target starts from the last backup of {taken}; writes after it are lost",
+        r.from
+    ));
+    Ok(fresh)
 }
 
 #[cfg(test)]
@@ -357,20 +479,148 @@ mod tests {
         );
     }
 
+    fn backups() -> Vec<LastBackup> {
+        vec![
+            LastBackup {
+                host: "op-app".into(),
+                snapshot: Some("4f2a9c1e".into()),
+                time: Some("2026-12-01T03:00:00Z".into()),
+                total_bytes: 3,
+            },
+            LastBackup {
+                host: "op-media".into(),
+                snapshot: Some("77aa00ff".into()),
+                time: Some("2026-12-01T02:30:00Z".into()),
+                total_bytes: 2,
+            },
+        ]
+    }
+
+    fn hosts() -> Vec<String> {
+        vec!["op-app".into(), "op-media".into()]
+    }
+
     #[test]
-    fn a_restore_from_the_last_backup_states_the_data_loss_window_and_needs_confirmation() {
-        let last = Some(("4f2a9c1e", "2026-12-01T03:00:00Z"));
-        let err = restore_from_backup("op", "a", last, false).unwrap_err();
+    fn a_restore_from_the_last_backup_states_the_oldest_snapshot_as_the_data_loss_window_and_needs_confirmation()
+     {
+        let r = begin("op", "a", "b", POLICY.0, POLICY.1, 0);
+        let err = restore_from_backup(Some(&r), "op", "b", &hosts(), &backups(), false, 9).unwrap_err();
+        let text = err.to_string();
         assert!(
-            err.to_string()
-                .contains("snapshot 4f2a9c1e of 2026-12-01T03:00:00Z")
-                && err.to_string().contains("confirm"),
-            "{err}"
+            text.contains("op-app: 4f2a9c1e, op-media: 77aa00ff")
+                && text.contains("every write made since 2026-12-01T02:30:00Z")
+                && text.contains("--confirm"),
+            "{text}"
         );
-        assert_eq!(restore_from_backup("op", "a", last, true).unwrap(), "4f2a9c1e");
+        let fresh = restore_from_backup(Some(&r), "op", "b", &hosts(), &backups(), true, 9).unwrap();
+        let from = fresh.from_backup.as_ref().unwrap();
+        assert_eq!(from.snapshots["op-media"], "77aa00ff");
+        assert_eq!(from.taken, "2026-12-01T02:30:00Z");
+        assert_eq!(
+            (fresh.phase, fresh.downtime_started_ms),
+            (Phase::Provisioning, Some(9))
+        );
+    }
+
+    #[test]
+    fn a_restore_from_backup_needs_a_backup_of_every_host_and_a_migration_that_stopped_nothing() {
+        let r = begin("op", "a", "b", POLICY.0, POLICY.1, 0);
+        let one = &backups()[..1];
         assert!(matches!(
-            restore_from_backup("op", "a", None, true),
-            Err(RecoveryError::SourceGone { .. })
+            restore_from_backup(Some(&r), "op", "b", &hosts(), one, true, 9),
+            Err(RecoveryError::NeverBackedUp { host, .. }) if host == "op-media"
         ));
+        assert!(matches!(
+            restore_from_backup(None, "op", "b", &hosts(), &backups(), true, 9),
+            Err(RecoveryError::NoMigrationToRecover { .. })
+        ));
+        assert!(matches!(
+            restore_from_backup(Some(&r), "op", "a", &hosts(), &backups(), true, 9),
+            Err(RecoveryError::NoMigrationToRecover { .. })
+        ));
+        // Past the stop the live copy goes on: the source's data is complete there.
+        let mut stopped = r.clone();
+        for _ in 0..3 {
+            stopped = advance(&stopped, Outcome::ok(), 5);
+        }
+        assert_eq!(stopped.phase, Phase::FinalCopying);
+        assert!(matches!(
+            restore_from_backup(Some(&stopped), "op", "b", &hosts(), &backups(), true, 9),
+            Err(RecoveryError::TooLate { .. })
+        ));
+        // A pre-copy that gave up (the source unreachable) may start from the backups.
+        let mut failed = advance(&r, Outcome::ok(), 5);
+        for _ in 0..phase::MAX_ATTEMPTS {
+            failed = advance(
+                &failed,
+                Outcome::Failed {
+                    reason: "unreachable".into(),
+                    transient: true,
+                },
+                6,
+            );
+        }
+        failed = advance(&failed, Outcome::ok(), 7);
+        assert_eq!(
+            (failed.phase, failed.failed_in),
+            (Phase::Failed, Some(Phase::PreCopying))
+        );
+        assert!(restore_from_backup(Some(&failed), "op", "b", &hosts(), &backups(), true, 9).is_ok());
+    }
+
+    #[test]
+    fn a_migration_from_backup_restores_verifies_starts_switches_and_leaves_the_unreachable_source_alone() {
+        let r = begin("op", "a", "b", POLICY.0, POLICY.1, 0);
+        let mut r = restore_from_backup(Some(&r), "op", "b", &hosts(), &backups(), true, 10).unwrap();
+        let mut actions = Vec::new();
+        let mut now = 10;
+        while !r.phase.is_terminal() {
+            now += 1_000;
+            actions.push(phase::action(&r, now));
+            r = advance(&r, Outcome::Done { bytes: 5 }, now);
+        }
+        assert_eq!(
+            actions,
+            vec![
+                Action::Provision,
+                Action::RestoreBackup,
+                Action::StartTarget,
+                Action::SwitchNames
+            ]
+        );
+        assert_eq!(
+            (r.phase, r.source, r.verified),
+            (Phase::Succeeded, phase::SourceState::Unreachable, true)
+        );
+        assert_eq!(r.bytes_pre_copied, 5, "the snapshots' size");
+        assert_eq!(phase::downtime_seconds(&r, now), Some(4.0));
+        // Nothing to go back to.
+        assert!(matches!(rollback(&r, now), Err(RecoveryError::SourceGone { .. })));
+    }
+
+    #[test]
+    fn a_failed_restore_from_backup_rolls_back_without_starting_the_unreachable_source() {
+        let r = begin("op", "a", "b", POLICY.0, POLICY.1, 0);
+        let r = restore_from_backup(Some(&r), "op", "b", &hosts(), &backups(), true, 10).unwrap();
+        let r = advance(&r, Outcome::ok(), 20);
+        let r = advance(&r, Outcome::Differences(vec!["media/1.bin: size".into()]), 30);
+        assert_eq!(r.phase, Phase::RollingBack);
+        assert!(
+            r.reason.as_deref().unwrap().contains("snapshots' manifests"),
+            "{:?}",
+            r.reason
+        );
+        assert_eq!(
+            phase::action(&r, 31),
+            Action::RestoreSource {
+                start_source: false,
+                remove_target: true
+            }
+        );
+        let r = advance(&r, Outcome::ok(), 40);
+        assert_eq!(
+            (r.phase, r.source),
+            (Phase::Failed, phase::SourceState::Unreachable)
+        );
     }
 }

@@ -147,6 +147,9 @@ pub enum SourceState {
     Retained,
     /// Destroyed after the grace period (`Delete`).
     Destroyed,
+    /// Could not be reached: the target started from the last backup and the source was left as
+    /// it was (retire it by hand once it is back).
+    Unreachable,
 }
 
 impl SourceState {
@@ -157,6 +160,7 @@ impl SourceState {
             SourceState::Stopped => "Stopped",
             SourceState::Retained => "Retained",
             SourceState::Destroyed => "Destroyed",
+            SourceState::Unreachable => "Unreachable",
         }
     }
 }
@@ -210,6 +214,25 @@ pub struct MigrationRecord {
     pub rollback_to: Option<Phase>,
     /// Why it failed, was cancelled, or the last attempt went wrong.
     pub reason: Option<String>,
+    /// Set when the source could not be reached and the operator confirmed starting the target from
+    /// the last backup instead of a live copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<FromBackup>,
+}
+
+/// A migration that starts the target from the source's last backup (the source cannot be reached):
+/// the pre-copy restores these snapshots and verifies them against their manifests; there is no stop
+/// and no final copy, and the source is left as it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FromBackup {
+    /// The snapshot restored onto each target host, by host name.
+    pub snapshots: BTreeMap<String, String>,
+    /// When the oldest of them was taken (RFC 3339): every write after it is lost.
+    pub taken: String,
+    /// The bytes the snapshots hold.
+    pub total_bytes: u64,
+    /// When the operator confirmed (Unix ms).
+    pub confirmed_ms: u64,
 }
 
 /// What the runner must do now.
@@ -217,6 +240,9 @@ pub struct MigrationRecord {
 pub enum Action {
     /// Create the target hosts (idempotent: existing ones are kept), services held stopped.
     Provision,
+    /// Restore each target host from its source's last snapshot and verify it against the
+    /// snapshot's manifest (the source cannot be reached).
+    RestoreBackup,
     /// Back up the source (serving) and restore it onto the target (held stopped).
     PreCopy,
     /// Stop the source's services.
@@ -325,6 +351,7 @@ pub fn begin(
         failed_target,
         rollback_to: None,
         reason: None,
+        from_backup: None,
     }
 }
 
@@ -337,6 +364,7 @@ pub fn action(r: &MigrationRecord, now: u64) -> Action {
     }
     match r.phase {
         Phase::Provisioning => Action::Provision,
+        Phase::PreCopying if r.from_backup.is_some() => Action::RestoreBackup,
         Phase::PreCopying => Action::PreCopy,
         Phase::StoppingSource => Action::StopSource,
         Phase::FinalCopying => Action::FinalCopy,
@@ -356,8 +384,9 @@ pub fn action(r: &MigrationRecord, now: u64) -> Action {
         },
         Phase::RollingBack => Action::RestoreSource {
             // From the moment the stop was recorded the services may be stopped (a controller
-            // killed during the stop never learnt whether it happened); starting is idempotent.
-            start_source: r.downtime_started_ms.is_some(),
+            // killed during the stop never learnt whether it happened); starting is idempotent. A
+            // source that could not be reached was never stopped.
+            start_source: r.downtime_started_ms.is_some() && r.from_backup.is_none(),
             remove_target: r.failed_target == FailedTarget::Remove && !r.target_removed,
         },
         Phase::Succeeded | Phase::Failed | Phase::Cancelled => Action::Nothing,
@@ -419,7 +448,13 @@ pub fn advance(r: &MigrationRecord, outcome: Outcome, now: u64) -> MigrationReco
             r.verified = false;
             let shown: Vec<String> = diffs.iter().take(5).cloned().collect();
             let message = format!(
-                "Verifying: the target's data differs from the source's in {} places: {}",
+                "{}: the target's data differs from the {} in {} places: {}",
+                r.phase,
+                if r.from_backup.is_some() {
+                    "snapshots' manifests"
+                } else {
+                    "source's"
+                },
                 diffs.len(),
                 shown.join("; ")
             );
@@ -436,6 +471,19 @@ pub fn advance(r: &MigrationRecord, outcome: Outcome, now: u64) -> MigrationReco
                 _ => {}
             }
             match r.phase {
+                // From the last backup: the restore was verified against the snapshots' manifests,
+                // and nothing of the source can be stopped, copied or retired.
+                Phase::PreCopying if r.from_backup.is_some() => {
+                    r.bytes_pre_copied = r.from_backup.as_ref().map_or(0, |b| b.total_bytes);
+                    r.verified = true;
+                    enter(&mut r, Phase::StartingTarget, now);
+                    r.reason = None;
+                }
+                Phase::SwitchingNames if r.from_backup.is_some() => {
+                    r.source = SourceState::Unreachable;
+                    enter(&mut r, Phase::Succeeded, now);
+                    r.reason = None;
+                }
                 Phase::SwitchingNames => {
                     if let RetirePolicy::Delete { grace_ms } = r.retire {
                         r.retire_at_ms = Some(now + grace_ms);
@@ -461,7 +509,11 @@ pub fn advance(r: &MigrationRecord, outcome: Outcome, now: u64) -> MigrationReco
                     if r.downtime_started_ms.is_some() {
                         r.downtime_ended_ms = Some(now);
                     }
-                    r.source = SourceState::Serving;
+                    r.source = if r.from_backup.is_some() {
+                        SourceState::Unreachable
+                    } else {
+                        SourceState::Serving
+                    };
                     if r.failed_target == FailedTarget::Remove {
                         r.target_removed = true;
                     }

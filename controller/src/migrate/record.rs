@@ -70,6 +70,19 @@ pub struct MigrationStatus {
     /// Why it failed, was cancelled, or why the current attempt is retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Set when the target started from the last backups because the source could not be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<FromBackupStatus>,
+}
+
+/// `status.migration.fromBackup`: the snapshots the target started from, and the data-loss window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FromBackupStatus {
+    /// The snapshot of each host (`host: id`).
+    pub snapshots: std::collections::BTreeMap<String, String>,
+    /// When the oldest was taken: writes after it were lost.
+    pub writes_lost_after: String,
 }
 
 fn stamp(ms: u64) -> Timestamp {
@@ -96,6 +109,10 @@ pub fn status(r: &MigrationRecord, now: u64) -> MigrationStatus {
             .map(stamp),
         failed_in: r.failed_in.map(|p| p.as_str().to_owned()),
         message: r.reason.clone(),
+        from_backup: r.from_backup.as_ref().map(|b| FromBackupStatus {
+            snapshots: b.snapshots.clone(),
+            writes_lost_after: b.taken.clone(),
+        }),
     }
 }
 

@@ -254,6 +254,7 @@ impl Migrator {
         match action {
             Action::Provision => world.provision(app).await?,
             Action::PreCopy => return Ok((self.copy(world, r, app, false).await?.0, Vec::new())),
+            Action::RestoreBackup => return Ok((0, self.restore_backup(world, r, app).await?)),
             Action::StopSource => world.source_services(app, false).await?,
             Action::FinalCopy => return self.copy(world, r, app, true).await,
             Action::Verify => return Ok((0, self.verify(world, app).await?)),
@@ -347,6 +348,34 @@ impl Migrator {
             .restore(target, &self.repository, &app.host, &report.snapshot, &held)
             .await?;
         Ok((report.bytes_added, restored.differences))
+    }
+
+    /// Restores the source host's last snapshot onto the target (services held stopped) and returns
+    /// the differences to the snapshot's manifest: the source itself cannot be reached.
+    async fn restore_backup<W: World>(
+        &self,
+        world: &W,
+        r: &MigrationRecord,
+        app: &AppMove,
+    ) -> Result<Vec<String>, WorldError> {
+        let snapshot = r
+            .from_backup
+            .as_ref()
+            .and_then(|b| b.snapshots.get(&app.host))
+            .ok_or_else(|| WorldError::fatal(format!("no snapshot was chosen for host {}", app.host)))?;
+        let held = DataSpec {
+            services: Vec::new(),
+            ..app.data.clone()
+        };
+        let restored = self
+            .backuper
+            .restore(world.target(app)?, &self.repository, &app.host, snapshot, &held)
+            .await?;
+        Ok(restored
+            .differences
+            .into_iter()
+            .map(|d| format!("{}: {d}", app.host))
+            .collect())
     }
 
     /// Compares the live data of both sides: every file (size, SHA-256, mode, owner) and every

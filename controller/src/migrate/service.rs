@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use super::decide::{LastBackup, RecoveryError};
 use super::hosts::{Inputs, ProviderWorld, Providers};
 use super::metrics::MigrationMetrics;
 use super::phase::{self, Action, MigrationRecord};
@@ -30,9 +31,9 @@ pub enum RollbackError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// Nothing to roll back, or the source is gone.
+    /// Nothing to roll back or to restore, or the source is gone, or the operator must confirm.
     #[error(transparent)]
-    Recovery(#[from] super::decide::RecoveryError),
+    Recovery(#[from] RecoveryError),
     /// A driver steps the migration now.
     #[error("Deployment {0}: a migration step runs now; try again once it ended")]
     Busy(String),
@@ -50,6 +51,14 @@ pub enum RollbackError {
     },
 }
 
+/// A confirmed start from the last backups, waiting for a running driver to apply it.
+#[derive(Debug, Clone)]
+struct Recovery {
+    wanted: String,
+    hosts: Vec<String>,
+    last: Vec<LastBackup>,
+}
+
 /// The running migrations of one controller.
 pub struct Migrations {
     store: Arc<Store>,
@@ -60,6 +69,8 @@ pub struct Migrations {
     running: Mutex<BTreeSet<String>>,
     /// Cancels asked of running drivers: the environment asked, and whether the driver applied it.
     cancels: Mutex<BTreeMap<String, (String, bool)>>,
+    /// Starts from the last backups confirmed while a driver ran: applied between two steps.
+    recoveries: Mutex<BTreeMap<String, Recovery>>,
 }
 
 impl Migrations {
@@ -80,6 +91,7 @@ impl Migrations {
             metrics,
             running: Mutex::default(),
             cancels: Mutex::default(),
+            recoveries: Mutex::default(),
         }
     }
 
@@ -199,6 +211,16 @@ impl Migrations {
 
     async fn drive(&self, migrator: &Migrator, world: &ProviderWorld, deployment: &str, report: &Report) {
         loop {
+            let recovery = self
+                .recoveries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(deployment);
+            if let Some(asked) = recovery
+                && let Err(e) = self.apply_recovery(deployment, &asked, true)
+            {
+                tracing::warn!(error = %e, "the start from the last backups no longer applies");
+            }
             if let Some(environment) = self.take_cancel(deployment)
                 && let Err(e) = self.apply_cancel(deployment, &environment)
             {
@@ -243,7 +265,12 @@ impl Migrations {
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .get(deployment)
-                        .is_some_and(|(_, applied)| !applied);
+                        .is_some_and(|(_, applied)| !applied)
+                        || self
+                            .recoveries
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .contains_key(deployment);
                     if !pending {
                         running.remove(deployment);
                         drop(running);
@@ -280,12 +307,75 @@ impl Migrations {
         Ok(back)
     }
 
+    /// `fediversity migrate restore-from-backup`: the migration of `deployment` (whose spec names
+    /// `wanted`) cannot reach its source, so its target starts from the source hosts' last good
+    /// backups (`last`, from `status.backups`). Without `confirmed` it only states the data-loss
+    /// window (as the error). A running driver applies it between two steps (checked again then);
+    /// otherwise it is persisted now. Returns the record that replaces the migration.
+    pub fn restore_from_backup(
+        &self,
+        deployment: &str,
+        wanted: &str,
+        hosts: Vec<String>,
+        last: Vec<LastBackup>,
+        confirmed: bool,
+    ) -> Result<MigrationRecord, RollbackError> {
+        let asked = Recovery {
+            wanted: wanted.to_owned(),
+            hosts,
+            last,
+        };
+        let running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        if !running.contains(deployment) || !confirmed {
+            return self.apply_recovery(deployment, &asked, confirmed);
+        }
+        let r = record::load(&self.store, deployment)?;
+        let fresh = super::decide::restore_from_backup(
+            r.as_ref(),
+            deployment,
+            wanted,
+            &asked.hosts,
+            &asked.last,
+            true,
+            now_ms(),
+        )?;
+        self.recoveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(deployment.to_owned(), asked);
+        Ok(fresh)
+    }
+
+    fn apply_recovery(
+        &self,
+        deployment: &str,
+        asked: &Recovery,
+        confirmed: bool,
+    ) -> Result<MigrationRecord, RollbackError> {
+        let r = record::load(&self.store, deployment)?;
+        let fresh = super::decide::restore_from_backup(
+            r.as_ref(),
+            deployment,
+            &asked.wanted,
+            &asked.hosts,
+            &asked.last,
+            confirmed,
+            now_ms(),
+        )?;
+        record::save(&self.store, &fresh)?;
+        Ok(fresh)
+    }
+
     fn stop(&self, deployment: &str) {
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(deployment);
         self.forget_cancel(deployment);
+        self.recoveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(deployment);
     }
 }
 

@@ -431,6 +431,39 @@ AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\n",
         host
     }
 
+    /// Makes the host unreachable over SSH: its sshd and every session it serves are killed (what
+    /// else runs there, a database for instance, goes on).
+    pub fn stop_ssh(&mut self) {
+        let mut doomed = vec![self.child.id().to_string()];
+        if let Ok(pid) = std::fs::read_to_string(self.root.join("nix/var/sshd.pid")) {
+            doomed.push(pid.trim().to_owned());
+        }
+        // The sessions: every process descending from those.
+        loop {
+            let more: Vec<String> = std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| {
+                    let pid = e.file_name().to_string_lossy().into_owned();
+                    let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+                    let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?.to_owned();
+                    (doomed.contains(&ppid) && !doomed.contains(&pid)).then_some(pid)
+                })
+                .collect();
+            if more.is_empty() {
+                break;
+            }
+            doomed.extend(more);
+        }
+        for pid in &doomed {
+            let _ = Command::new("kill")
+                .args(["-KILL", pid])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.child.wait();
+    }
+
     /// The application starts the stand-in activation recorded on a host (`started` or `held` until
     /// the restore, each with its time in nanoseconds), in order.
     pub fn app_starts(&self) -> Vec<(String, u128)> {
