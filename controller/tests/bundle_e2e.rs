@@ -423,6 +423,12 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
         .unwrap()
         .to_string();
     assert!(events.contains("StoppedForExport"), "{events}");
+    let metrics = http_get(&daemon_a.server, "/metrics").unwrap().1;
+    let finals = format!(
+        "fediversity_final_backups_total{{result=\"Succeeded\"}} {}",
+        index.hosts.len()
+    );
+    assert!(metrics.contains(&finals), "no `{finals}` in {metrics}");
     let (live_a, dbs_a) = live(&lab_a, &host_a);
     drop(daemon_a);
 
@@ -569,6 +575,12 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
             "{r}"
         );
     }
+    let metrics = http_get(&daemon_b.server, "/metrics").unwrap().1;
+    assert!(
+        metrics.contains("fediversity_restores_total{result=\"Restored\"} 2")
+            && metrics.contains("fediversity_restores_total{result=\"Failed\"} 0"),
+        "{metrics}"
+    );
     // Two hosts: each started from `latest`, which the import checked is the bundle's snapshot.
     assert_eq!(d["spec"]["restore"]["snapshot"], "latest", "{d}");
     assert_eq!(common::ready(&d).map(|(s, _)| s), Some("True".to_owned()), "{d}");

@@ -14,6 +14,8 @@ pub struct BackupMetrics {
     total_bytes: GaugeVec,
     failures: IntCounterVec,
     check_failures: IntCounterVec,
+    restores: IntCounterVec,
+    final_backups: IntCounterVec,
 }
 
 const LABELS: &[&str] = &["deployment", "host"];
@@ -57,7 +59,27 @@ impl BackupMetrics {
                 ),
                 &["environment"],
             )?,
+            restores: IntCounterVec::new(
+                Opts::new(
+                    "fediversity_restores_total",
+                    "Host restores (from spec.restore, as an import does, or in place), by result: Restored (verified) or Failed.",
+                ),
+                &["result"],
+            )?,
+            final_backups: IntCounterVec::new(
+                Opts::new(
+                    "fediversity_final_backups_total",
+                    "Final backups of exports (services stopped and left stopped), per host, by result: Succeeded or Failed.",
+                ),
+                &["result"],
+            )?,
         };
+        for result in ["Restored", "Failed"] {
+            m.restores.with_label_values(&[result]);
+        }
+        for result in ["Succeeded", "Failed"] {
+            m.final_backups.with_label_values(&[result]);
+        }
         registry.register(Box::new(m.last_success.clone()))?;
         registry.register(Box::new(m.interval.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
@@ -65,6 +87,8 @@ impl BackupMetrics {
         registry.register(Box::new(m.total_bytes.clone()))?;
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.check_failures.clone()))?;
+        registry.register(Box::new(m.restores.clone()))?;
+        registry.register(Box::new(m.final_backups.clone()))?;
         Ok(m)
     }
 
@@ -103,6 +127,16 @@ impl BackupMetrics {
     /// Counts a repository check that found errors.
     pub fn check_failed(&self, environment: &str) {
         self.check_failures.with_label_values(&[environment]).inc();
+    }
+
+    /// Counts a host restore that ended with `result` (`Restored` or `Failed`).
+    pub fn restored(&self, result: &str) {
+        self.restores.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a host's final backup of an export that ended with `result` (`Succeeded` or `Failed`).
+    pub fn final_backup(&self, result: &str) {
+        self.final_backups.with_label_values(&[result]).inc();
     }
 
     /// Forgets a host that left (its series disappear).
@@ -164,5 +198,32 @@ mod tests {
         assert!(t.contains("fediversity_backup_failures_total{deployment=\"op\",host=\"op-app\"} 1"));
         m.remove("op", "op-app");
         assert!(!text(&registry).contains("op-app"));
+    }
+
+    #[test]
+    fn restores_and_final_backups_are_counted_by_result_from_zero() {
+        let registry = Registry::new();
+        let m = BackupMetrics::register(&registry).unwrap();
+        assert!(text(&registry).contains("fediversity_restores_total{result=\"Failed\"} 0"));
+        m.restored("Restored");
+        m.restored("Restored");
+        m.final_backup("Failed");
+        let t = text(&registry);
+        assert!(
+            t.contains("fediversity_restores_total{result=\"Restored\"} 2"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fediversity_restores_total{result=\"Failed\"} 0"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fediversity_final_backups_total{result=\"Failed\"} 1"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fediversity_final_backups_total{result=\"Succeeded\"} 0"),
+            "{t}"
+        );
     }
 }

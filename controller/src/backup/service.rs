@@ -576,6 +576,8 @@ impl BackupService {
         let mut entries = Vec::new();
         for c in &hosts {
             let outcome = self.final_backup_host(c).await;
+            self.metrics
+                .final_backup(if outcome.is_ok() { "Succeeded" } else { "Failed" });
             let entry = match outcome {
                 Ok(report) => {
                     self.book.record(
@@ -1059,6 +1061,9 @@ impl BackupService {
 
     /// Sets the host's entry of `status.restore`.
     fn record_restore(&self, c: &Candidate, entry: crate::api::HostRestoreStatus) {
+        if entry.result != "Running" {
+            self.metrics.restored(&entry.result);
+        }
         let key = ObjectKey {
             kind: Kind::Deployment,
             name: crate::api::Name::new(c.deployment.clone()),
