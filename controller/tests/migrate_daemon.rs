@@ -314,6 +314,21 @@ domain: lab.example\n  runtimeEnvironment: {env}\n  deletionPolicy: {}\n  applic
         get(self.daemon(), "/api/v1/deployments/demo").map(|d| d["status"]["migration"].clone())
     }
 
+    /// Asserts that the finished migration `done` verified, counted downtime and copied the 100 MB,
+    /// and that the new machine holds `files` (path, SHA-256) and answers `rows` to [`QUERIES`].
+    fn assert_moved(&self, done: &Value, files: &[(String, String)], rows: &[String]) {
+        assert_eq!(done["verified"], true, "{done}");
+        assert!(done["downtimeSeconds"].as_f64().unwrap() > 0.0, "{done}");
+        assert!(done["bytesPreCopied"].as_u64().unwrap() >= 100_000_000, "{done}");
+        let moved = self.new_host.root.join("nix/var/app-data");
+        assert_eq!(hashes(&moved), files);
+        let got: Vec<String> = QUERIES
+            .iter()
+            .map(|q| sql(&self.lab_new, &self.new_host, q))
+            .collect();
+        assert_eq!(got, rows);
+    }
+
     fn events(&self) -> String {
         get(self.daemon(), "/api/v1/events?kind=Deployment&name=demo")
             .unwrap()
@@ -382,19 +397,9 @@ fn changing_the_runtime_environment_moves_the_deployment_with_its_data_even_when
         (done["from"].as_str(), done["to"].as_str()),
         (Some("old"), Some("new"))
     );
-    assert_eq!(done["verified"], true, "{done}");
     assert_eq!(done["source"], "Retained", "{done}");
-    assert!(done["downtimeSeconds"].as_f64().unwrap() > 0.0, "{done}");
-    assert!(done["bytesPreCopied"].as_u64().unwrap() >= 100_000_000, "{done}");
-
     // The data on the target equals the source's.
-    let moved = rig.new_host.root.join("nix/var/app-data");
-    assert_eq!(hashes(&moved), files);
-    let got: Vec<String> = QUERIES
-        .iter()
-        .map(|q| sql(&rig.lab_new, &rig.new_host, q))
-        .collect();
-    assert_eq!(got, expected);
+    rig.assert_moved(&done, &files, &expected);
     // The source was stopped and kept, its data untouched (the Deployment's policy is Retain).
     assert_eq!(
         std::fs::read_to_string(rig.old_host.root.join("backup-files/migration"))
@@ -675,7 +680,6 @@ fn an_unreachable_old_environment_moves_from_its_last_backup_only_once_the_opera
         (m["phase"] == "Succeeded" && m["fromBackup"].is_object()).then_some(m)
     });
     eprintln!("{done:#}");
-    assert_eq!(done["verified"], true, "{done}");
     assert_eq!(done["source"], "Unreachable", "{done}");
     assert_eq!(
         done["fromBackup"]["snapshots"]["demo-app"],
@@ -683,17 +687,8 @@ fn an_unreachable_old_environment_moves_from_its_last_backup_only_once_the_opera
         "{done}"
     );
     assert_eq!(done["fromBackup"]["writesLostAfter"], taken.as_str(), "{done}");
-    assert!(done["downtimeSeconds"].as_f64().unwrap() > 0.0, "{done}");
-    assert!(done["bytesPreCopied"].as_u64().unwrap() >= 100_000_000, "{done}");
-
     // The target holds the backup's data: the write after it is not there.
-    let moved = rig.new_host.root.join("nix/var/app-data");
-    assert_eq!(hashes(&moved), files);
-    let got: Vec<String> = QUERIES
-        .iter()
-        .map(|q| sql(&rig.lab_new, &rig.new_host, q))
-        .collect();
-    assert_eq!(got, in_backup);
+    rig.assert_moved(&done, &files, &in_backup);
     wait_for("the Deployment to run in new", Duration::from_secs(180), || {
         get(rig.daemon(), "/api/v1/deployments/demo").filter(|d| {
             d["status"]["runtimeEnvironment"] == "new"

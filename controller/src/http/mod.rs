@@ -422,6 +422,72 @@ async fn final_backup(
     (StatusCode::ACCEPTED, axum::Json(json!({ "requestedAt": token }))).into_response()
 }
 
+/// The gate of the migration routes: the API token, a Deployment that exists, and a daemon that runs
+/// migrations.
+fn migration_route<'a>(
+    state: &'a ApiState,
+    headers: &axum::http::HeaderMap,
+    segment: &str,
+    name: &str,
+) -> Result<
+    (
+        ObjectKey,
+        crate::api::Deployment,
+        &'a crate::migrate::service::Migrations,
+    ),
+    Box<Response>,
+> {
+    write::authorize(&state.writes, headers)?;
+    if !matches!(resource(segment), Ok(Resource::Kind(Kind::Deployment))) {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            "only Deployments are migrated",
+        )));
+    }
+    let key = ObjectKey::new(Kind::Deployment, name);
+    let Some(crate::api::Object::Deployment(deployment)) =
+        state.desired.get(&key).map(|d| d.object().clone())
+    else {
+        return Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("Deployment {name} not found"),
+        )));
+    };
+    let Some(migrations) = &state.migrations else {
+        return Err(Box::new(error(
+            StatusCode::CONFLICT,
+            "migrations do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
+        )));
+    };
+    Ok((key, deployment, migrations))
+}
+
+/// The answer of a migration route: on success the event `reason` with `message`, a reconcile of the
+/// Deployment, and 202 with the new record's `from`, `to`, `phase` and `extra`.
+fn migration_answer(
+    state: &ApiState,
+    key: &ObjectKey,
+    result: Result<crate::migrate::MigrationRecord, crate::migrate::service::RollbackError>,
+    event: (crate::api::EventType, &str),
+    describe: impl FnOnce(&crate::migrate::MigrationRecord) -> (String, Value),
+) -> Response {
+    use crate::migrate::service::RollbackError;
+    match result {
+        Ok(r) => {
+            let (message, extra) = describe(&r);
+            state.book.record(key, event.0, event.1, message);
+            (state.trigger)(key);
+            let mut body = json!({ "from": r.from, "to": r.to, "phase": r.phase.as_str() });
+            if let (Value::Object(body), Value::Object(extra)) = (&mut body, extra) {
+                body.extend(extra);
+            }
+            (StatusCode::ACCEPTED, axum::Json(body)).into_response()
+        }
+        Err(e @ RollbackError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
+    }
+}
+
 /// `POST /api/v1/deployments/{name}/rollback`: moves a migrated Deployment back to the environment it
 /// left (during the grace period, or while its old hosts are retained). Needs the API token.
 async fn rollback(
@@ -429,45 +495,26 @@ async fn rollback(
     Path((segment, name)): Path<(String, String)>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if let Err(response) = write::authorize(&state.writes, &headers) {
-        return *response;
-    }
-    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
-        return error(StatusCode::BAD_REQUEST, "only Deployments are migrated");
-    }
-    let key = ObjectKey::new(Kind::Deployment, &name);
-    let wanted = match state.desired.get(&key).map(|d| d.object().clone()) {
-        Some(crate::api::Object::Deployment(d)) => d.spec.runtime_environment.to_string(),
-        _ => return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found")),
+    let (key, deployment, migrations) = match migration_route(&state, &headers, &segment, &name) {
+        Ok(gate) => gate,
+        Err(response) => return *response,
     };
-    let Some(migrations) = &state.migrations else {
-        return error(
-            StatusCode::CONFLICT,
-            "migrations do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
-        );
-    };
-    use crate::migrate::service::RollbackError;
-    match migrations.rollback(&name, &wanted) {
-        Ok(back) => {
-            state.book.record(
-                &key,
-                crate::api::EventType::Normal,
-                "MigrationRollback",
+    let wanted = deployment.spec.runtime_environment.to_string();
+    migration_answer(
+        &state,
+        &key,
+        migrations.rollback(&name, &wanted),
+        (crate::api::EventType::Normal, "MigrationRollback"),
+        |back| {
+            (
                 format!(
                     "rolling back: moving from {} to {} with the writes since the switch",
                     back.from, back.to
                 ),
-            );
-            (state.trigger)(&key);
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(json!({ "from": back.from, "to": back.to, "phase": back.phase.as_str() })),
+                json!({}),
             )
-                .into_response()
-        }
-        Err(e @ RollbackError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
-    }
+        },
+    )
 }
 
 /// `POST /api/v1/deployments/{name}/restore-from-backup[?confirm=true]`: the migration of a
@@ -480,22 +527,9 @@ async fn restore_from_backup(
     Query(query): Query<HashMap<String, String>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
-    if let Err(response) = write::authorize(&state.writes, &headers) {
-        return *response;
-    }
-    if !matches!(resource(&segment), Ok(Resource::Kind(Kind::Deployment))) {
-        return error(StatusCode::BAD_REQUEST, "only Deployments are migrated");
-    }
-    let key = ObjectKey::new(Kind::Deployment, &name);
-    let deployment = match state.desired.get(&key).map(|d| d.object().clone()) {
-        Some(crate::api::Object::Deployment(d)) => d,
-        _ => return error(StatusCode::NOT_FOUND, format!("Deployment {name} not found")),
-    };
-    let Some(migrations) = &state.migrations else {
-        return error(
-            StatusCode::CONFLICT,
-            "migrations do not run in this daemon (they need real NixOS hosts: `run --nixos-catalog`)",
-        );
+    let (key, deployment, migrations) = match migration_route(&state, &headers, &segment, &name) {
+        Ok(gate) => gate,
+        Err(response) => return *response,
     };
     let hosts: Vec<String> = deployment
         .spec
@@ -521,39 +555,26 @@ async fn restore_from_backup(
         .collect();
     let confirmed = query.get("confirm").map(String::as_str) == Some("true");
     let wanted = deployment.spec.runtime_environment.to_string();
-    use crate::migrate::service::RollbackError;
-    match migrations.restore_from_backup(&name, &wanted, hosts, last, confirmed) {
-        Ok(fresh) => {
-            let taken = fresh
+    migration_answer(
+        &state,
+        &key,
+        migrations.restore_from_backup(&name, &wanted, hosts, last, confirmed),
+        (crate::api::EventType::Warning, "MigrationFromBackup"),
+        |fresh| {
+            let (taken, snapshots) = fresh
                 .from_backup
                 .as_ref()
-                .map(|b| b.taken.clone())
+                .map(|b| (b.taken.clone(), b.snapshots.clone()))
                 .unwrap_or_default();
-            state.book.record(
-                &key,
-                crate::api::EventType::Warning,
-                "MigrationFromBackup",
+            (
                 format!(
                     "{} cannot be reached: the target in {} starts from the last backups; writes after {taken} are lost (confirmed by the operator)",
                     fresh.from, fresh.to
                 ),
-            );
-            (state.trigger)(&key);
-            (
-                StatusCode::ACCEPTED,
-                axum::Json(json!({
-                    "from": fresh.from,
-                    "to": fresh.to,
-                    "phase": fresh.phase.as_str(),
-                    "writesLostAfter": taken,
-                    "snapshots": fresh.from_backup.map(|b| b.snapshots).unwrap_or_default(),
-                })),
+                json!({ "writesLostAfter": taken, "snapshots": snapshots }),
             )
-                .into_response()
-        }
-        Err(e @ RollbackError::Store(_)) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-        Err(e) => error(StatusCode::CONFLICT, e.to_string()),
-    }
+        },
+    )
 }
 
 async fn reconcile(
