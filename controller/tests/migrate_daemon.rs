@@ -695,6 +695,15 @@ fn an_unreachable_old_environment_moves_from_its_last_backup_only_once_the_opera
                 && common::ready(d).is_some_and(|(status, _)| status == "True")
         })
     });
+    let (code, described) = rig.cli(&["describe", "deployment", "demo"], false);
+    assert_eq!(code, 0, "{described}");
+    assert!(
+        described.contains("old -> new: Succeeded (done")
+            && described.contains(&format!(
+                "From backup: demo-app: {snapshot}; writes after {taken} lost"
+            )),
+        "{described}"
+    );
     let events = rig.events();
     assert!(events.contains("MigrationFromBackup"), "{events}");
     assert!(events.contains("Migrated"), "{events}");

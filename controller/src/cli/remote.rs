@@ -344,9 +344,82 @@ pub async fn describe(client: &Client, kind: Kind, name: &str) -> Result<String,
             ));
         }
     }
+    out.push_str(&migration_lines(&object["status"]["migration"]));
     out.push_str("Events:\n");
     out.push_str(&indent(&events_table(&events, false)));
     Ok(out)
+}
+
+/// The phases a live migration walks, in order (one from the last backups skips the three marked).
+const MIGRATION_STEPS: [&str; 8] = [
+    "Provisioning",
+    "PreCopying",
+    "StoppingSource",
+    "FinalCopying",
+    "Verifying",
+    "StartingTarget",
+    "SwitchingNames",
+    "RetiringSource",
+];
+
+/// `describe`'s Migration section from `status.migration` (nothing when there is none): where it
+/// stands and how far, bytes, downtime, verification, the source, and why it failed or retries.
+pub fn migration_lines(m: &Value) -> String {
+    if !m.is_object() {
+        return String::new();
+    }
+    let phase = m["phase"].as_str().unwrap_or("-");
+    let mb = |v: &Value| format!("{:.1} MB", v.as_u64().unwrap_or(0) as f64 / 1e6);
+    let progress = match MIGRATION_STEPS.iter().position(|p| *p == phase) {
+        Some(i) => format!("step {} of {}", i + 1, MIGRATION_STEPS.len()),
+        None => "done".to_owned(),
+    };
+    let mut out = format!(
+        "Migration:\n  {} -> {}: {phase} ({progress}, since {})\n",
+        cell(&m["from"]),
+        cell(&m["to"]),
+        cell(&m["phaseStarted"])
+    );
+    out.push_str(&format!(
+        "  Copied:     {} before the stop, {} after it\n",
+        mb(&m["bytesPreCopied"]),
+        mb(&m["bytesFinallyCopied"])
+    ));
+    if let Some(seconds) = m["downtimeSeconds"].as_f64() {
+        let ongoing = if m["finished"].is_null() && phase != "RetiringSource" {
+            " so far"
+        } else {
+            ""
+        };
+        out.push_str(&format!("  Downtime:   {seconds:.1} s{ongoing}\n"));
+    }
+    out.push_str(&format!(
+        "  Verified:   {}\n",
+        if m["verified"] == true { "yes" } else { "not yet" }
+    ));
+    let mut source = cell(&m["source"]);
+    if let Some(after) = m["sourceDestroyedAfter"].as_str() {
+        source.push_str(&format!(" (destroyed after {after})"));
+    }
+    out.push_str(&format!("  Source:     {source}\n"));
+    if let Some(snapshots) = m["fromBackup"]["snapshots"].as_object() {
+        let listed: Vec<String> = snapshots
+            .iter()
+            .map(|(h, s)| format!("{h}: {}", cell(s)))
+            .collect();
+        out.push_str(&format!(
+            "  From backup: {}; writes after {} lost\n",
+            listed.join(", "),
+            cell(&m["fromBackup"]["writesLostAfter"])
+        ));
+    }
+    if let Some(failed) = m["failedIn"].as_str() {
+        out.push_str(&format!("  Failed in:  {failed}\n"));
+    }
+    if let Some(message) = m["message"].as_str() {
+        out.push_str(&format!("  Message:    {message}\n"));
+    }
+    out
 }
 
 fn indent(text: &str) -> String {
@@ -579,6 +652,45 @@ pub async fn restore(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn describe_shows_where_a_migration_stands_how_far_and_its_downtime_so_far() {
+        let m = serde_json::json!({
+            "phase": "FinalCopying", "from": "old", "to": "new", "phaseStarted": "2026-12-03T07:00:00Z",
+            "bytesPreCopied": 104_900_000u64, "bytesFinallyCopied": 1_200_000u64, "downtimeSeconds": 3.4,
+            "verified": false, "source": "Stopped",
+        });
+        let text = migration_lines(&m);
+        assert!(
+            text.contains("old -> new: FinalCopying (step 4 of 8, since 2026-12-03T07:00:00Z)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Copied:     104.9 MB before the stop, 1.2 MB after it"),
+            "{text}"
+        );
+        assert!(text.contains("Downtime:   3.4 s so far"), "{text}");
+        assert!(text.contains("Verified:   not yet"), "{text}");
+        assert_eq!(migration_lines(&serde_json::Value::Null), "");
+    }
+
+    #[test]
+    fn describe_shows_a_migration_from_backup_with_its_data_loss_window() {
+        let m = serde_json::json!({
+            "phase": "Succeeded", "from": "old", "to": "new", "phaseStarted": "2026-12-03T07:00:00Z",
+            "finished": "2026-12-03T07:01:00Z", "bytesPreCopied": 0, "bytesFinallyCopied": 0,
+            "downtimeSeconds": 60.0, "verified": true, "source": "Unreachable",
+            "fromBackup": { "snapshots": { "op-app": "4f2a9c1e" }, "writesLostAfter": "2026-12-01T03:00:00Z" },
+        });
+        let text = migration_lines(&m);
+        assert!(text.contains("new: Succeeded (done, since"), "{text}");
+        assert!(text.contains("Downtime:   60.0 s\n"), "{text}");
+        assert!(
+            text.contains("From backup: op-app: 4f2a9c1e; writes after 2026-12-01T03:00:00Z lost"),
+            "{text}"
+        );
+        assert!(text.contains("Source:     Unreachable"), "{text}");
+    }
 
     #[test]
     fn an_in_place_restore_picks_each_hosts_latest_or_the_named_snapshot_and_says_what_is_lost() {
