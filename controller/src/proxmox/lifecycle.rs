@@ -30,8 +30,15 @@ pub fn record_prefix(deployment: &str) -> String {
     format!("proxmox/{deployment}/")
 }
 
-/// The inventory key of one host's VM.
-pub fn record_key(deployment: &str, application: &str) -> String {
+/// The inventory key of one host's VM in one environment: a Deployment that moves keeps a VM per
+/// host in each environment it runs in during the move, each under its own key.
+pub fn record_key(environment: &str, deployment: &str, application: &str) -> String {
+    format!("proxmox/{deployment}/{application}/{environment}")
+}
+
+/// The key a host's VM was kept under before the environment was part of it (read and moved to
+/// [`record_key`] by the provider).
+pub fn legacy_record_key(deployment: &str, application: &str) -> String {
     format!("proxmox/{deployment}/{application}")
 }
 
@@ -305,7 +312,7 @@ impl HostRun<'_> {
     fn save(&self) -> Result<(), LifecycleError> {
         if let Some(r) = &self.record {
             self.store
-                .put_inventory(&record_key(&r.deployment, &r.application), r)?;
+                .put_inventory(&record_key(&r.environment, &r.deployment, &r.application), r)?;
         }
         Ok(())
     }
@@ -313,7 +320,7 @@ impl HostRun<'_> {
     fn forget(&mut self) -> Result<(), LifecycleError> {
         if let Some(r) = self.record.take() {
             self.store
-                .remove_inventory(&record_key(&r.deployment, &r.application))?;
+                .remove_inventory(&record_key(&r.environment, &r.deployment, &r.application))?;
         }
         Ok(())
     }

@@ -137,6 +137,24 @@ pub fn owner_tag(instance_id: &str, deployment: &str) -> String {
     )
 }
 
+/// The VM recorded for `application` of `deployment` in `environment`, if any (its address is the
+/// one its guest agent reported).
+pub fn recorded_vm(
+    store: &Store,
+    environment: &str,
+    deployment: &str,
+    application: &str,
+) -> Result<Option<VmRecord>, crate::store::StoreError> {
+    if let Some(r) =
+        store.inventory::<VmRecord>(&lifecycle::record_key(environment, deployment, application))?
+    {
+        return Ok(Some(r));
+    }
+    Ok(store
+        .inventory::<VmRecord>(&lifecycle::legacy_record_key(deployment, application))?
+        .filter(|r| r.environment == environment))
+}
+
 /// Builds the API client of an environment.
 pub type ApiFactory = dyn Fn(&RuntimeEnvironment, ProxmoxMetrics) -> Result<Api, ProxmoxError> + Send + Sync;
 
@@ -315,10 +333,33 @@ impl ProviderCore {
     }
 
     fn records(&self, deployment: &str) -> Result<Vec<VmRecord>, ReconcileError> {
-        self.store
+        let listed = self
+            .store
             .inventory_list::<VmRecord>(&lifecycle::record_prefix(deployment))
-            .map(|v| v.into_iter().map(|(_, r)| r).collect())
-            .map_err(|e| store_error(&e))
+            .map_err(|e| store_error(&e))?;
+        let mut records: Vec<VmRecord> = Vec::with_capacity(listed.len());
+        for (key, r) in listed {
+            let current = lifecycle::record_key(&r.environment, &r.deployment, &r.application);
+            if key != current {
+                // Kept under the key without its environment: moved under the current key (unless a
+                // record is there already), then the old key goes. Best effort: a replica that may
+                // not write reads it where it is.
+                let held = self.store.inventory::<VmRecord>(&current).ok().flatten();
+                let moved = match held {
+                    Some(_) => Ok(()),
+                    None => self.store.put_inventory(&current, &r),
+                }
+                .and_then(|()| self.store.remove_inventory(&key));
+                if let Err(e) = moved {
+                    tracing::debug!(key, error = %e, "the record stays under its old key for now");
+                }
+                if held.is_some() {
+                    continue;
+                }
+            }
+            records.push(r);
+        }
+        Ok(records)
     }
 
     /// Every inventory record of every Deployment.
@@ -524,7 +565,10 @@ impl ProviderCore {
                 let mut r = r.clone();
                 r.deletion_policy = ctx.deletion_policy;
                 self.store
-                    .put_inventory(&lifecycle::record_key(&r.deployment, &r.application), &r)
+                    .put_inventory(
+                        &lifecycle::record_key(&r.environment, &r.deployment, &r.application),
+                        &r,
+                    )
                     .map_err(|e| store_error(&e))?;
             }
         }
@@ -864,6 +908,44 @@ impl ProviderCore {
         }
     }
 
+    /// Destroys the VMs of `deployment` recorded in `env` after the Deployment moved away from it
+    /// (each re-verified as ours — name and owner tag — right before it is stopped and destroyed with
+    /// purge; anything else is left alone). Returns whether no VM of it is recorded there any more.
+    pub async fn destroy_moved(
+        &self,
+        deployment: &str,
+        env: &RuntimeEnvironment,
+    ) -> Result<bool, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            return Ok(true);
+        }
+        let env_name = env.metadata.name.to_string();
+        let lock = self.deployment_lock(deployment);
+        let _guard = lock.lock().await;
+        let records: Vec<VmRecord> = self
+            .records(deployment)?
+            .into_iter()
+            .filter(|r| r.environment == env_name)
+            .collect();
+        if records.is_empty() {
+            return Ok(true);
+        }
+        let environment = self.environment(env).map_err(|e| api_error(&env_name, &e))?;
+        let ctx = PlanContext {
+            owner_tag: owner_tag(&self.instance_id, deployment),
+            template: environment.spec.template.vmid,
+            deletion_policy: DeletionPolicy::Delete,
+            allow_restart: false,
+        };
+        let result = self.run_hosts(&environment, deployment, &[], records, &ctx).await;
+        self.count_orphans(&env_name);
+        result?;
+        Ok(!self
+            .records(deployment)?
+            .iter()
+            .any(|r| r.environment == env_name))
+    }
+
     /// Removes (or orphans) every VM recorded for a Deployment that is gone, by its recorded policy.
     async fn cleanup_deployment(&self, deployment: &str) -> Result<(), ReconcileError> {
         let lock = self.deployment_lock(deployment);
@@ -885,7 +967,10 @@ impl ProviderCore {
                     for mut r in records {
                         r.phase = RecordPhase::Orphaned;
                         self.store
-                            .put_inventory(&lifecycle::record_key(&r.deployment, &r.application), &r)
+                            .put_inventory(
+                                &lifecycle::record_key(&r.environment, &r.deployment, &r.application),
+                                &r,
+                            )
                             .map_err(|e| store_error(&e))?;
                     }
                     tracing::warn!(deployment, environment = %env_name, "the environment is gone: VMs kept as orphans");
@@ -1029,7 +1114,8 @@ pub enum BuildError {
 }
 
 /// Builds the daemon's provider, registering its metrics in `registry`; owned VMs are scanned for drift
-/// every `drift_interval`.
+/// every `drift_interval`. The Proxmox provider is also returned as itself (migrations retire the VMs
+/// an environment no longer runs through it), `None` when plan-only.
 pub fn build_provider(
     kind: ProviderKind,
     drift_interval: Duration,
@@ -1038,9 +1124,9 @@ pub fn build_provider(
     store: &Arc<Store>,
     desired: Arc<dyn Objects>,
     registry: &prometheus::Registry,
-) -> Result<Arc<dyn Provider>, BuildError> {
+) -> Result<(Arc<dyn Provider>, Option<ProxmoxProvider>), BuildError> {
     match kind {
-        ProviderKind::PlanOnly => Ok(Arc::new(crate::provider::PlanOnly)),
+        ProviderKind::PlanOnly => Ok((Arc::new(crate::provider::PlanOnly), None)),
         ProviderKind::Proxmox => {
             let id = instance_id(state_dir, instance).map_err(|source| BuildError::InstanceId {
                 dir: state_dir.display().to_string(),
@@ -1048,10 +1134,9 @@ pub fn build_provider(
             })?;
             let metrics = ProxmoxMetrics::register(registry)?;
             tracing::info!(owner_tag_prefix = %instance_prefix(&id), "Proxmox provider enabled");
-            Ok(Arc::new(
-                ProxmoxProvider::new(store.clone(), desired, id, metrics, RateLimit::default())
-                    .with_drift_interval(drift_interval),
-            ))
+            let provider = ProxmoxProvider::new(store.clone(), desired, id, metrics, RateLimit::default())
+                .with_drift_interval(drift_interval);
+            Ok((Arc::new(provider.clone()), Some(provider)))
         }
     }
 }

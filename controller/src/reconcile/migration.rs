@@ -27,6 +27,10 @@ pub const PLACED_FIELD: &str = "runtimeEnvironment";
 const GENERATION_FIELD: &str = "migrationGeneration";
 /// How often a migrating Deployment's status is refreshed without a step (its downtime grows).
 const REFRESH: Duration = Duration::from_secs(15);
+/// The annotation that sets, in seconds, how long a moved Deployment's old hosts wait stopped under
+/// `deletionPolicy: Delete` before they are destroyed (during which a rollback can bring it back);
+/// a day when absent or not a number.
+pub const GRACE_ANNOTATION: &str = "fediversity.eu/migration-grace-seconds";
 
 /// What the reconcile does after looking at migrations.
 pub(super) enum Next {
@@ -54,12 +58,17 @@ fn environment(ctx: &Context, name: &str) -> Option<RuntimeEnvironment> {
     }
 }
 
-/// The retire policy that follows the Deployment's deletion policy.
+/// The retire policy that follows the Deployment's deletion policy (and its grace annotation).
 pub fn retire_policy(dep: &Deployment) -> RetirePolicy {
     match dep.spec.deletion_policy {
         DeletionPolicy::Retain => RetirePolicy::Retain,
         DeletionPolicy::Delete => RetirePolicy::Delete {
-            grace_ms: DEFAULT_GRACE_MS,
+            grace_ms: dep
+                .metadata
+                .annotations
+                .get(GRACE_ANNOTATION)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(DEFAULT_GRACE_MS, |s| s.saturating_mul(1000)),
         },
     }
 }
