@@ -20,7 +20,7 @@ use crate::store::Store;
 pub const HEALTH_AFTER_START: Duration = Duration::from_secs(300);
 /// How long provisioning the target hosts may take (new VMs, a first NixOS deploy).
 pub const PROVISION_DEADLINE: Duration = Duration::from_secs(1800);
-/// How long destroying a source's VMs may take (a stop and a destroy task each, in parallel).
+/// How long stopping or destroying a source's VMs may take (a stop and a destroy task each).
 const DESTROY_DEADLINE: Duration = Duration::from_secs(600);
 /// What a one-line service command on a host may take.
 const COMMAND: Duration = Duration::from_secs(300);
@@ -281,12 +281,18 @@ impl ProviderWorld {
         }
     }
 
-    /// Destroys the Deployment's VMs in `env` (ours only, each re-verified), waiting until none is
-    /// recorded there.
-    async fn destroy_vms(&self, env: &RuntimeEnvironment) -> Result<(), WorldError> {
+    /// Whether `app`'s host in `env` is a Proxmox VM (not an existing machine).
+    fn is_vm(&self, env: &RuntimeEnvironment, app: &AppMove) -> bool {
+        env.spec.proxmox.is_some() && !env.spec.static_hosts.iter().any(|s| s.name.as_str() == app.host)
+    }
+
+    /// Destroys (`destroy`) or stops the Deployment's VMs in `env` (ours only, each re-verified right
+    /// before), waiting until none is recorded there (or every one is stopped).
+    async fn vms(&self, env: &RuntimeEnvironment, destroy: bool) -> Result<(), WorldError> {
+        let what = if destroy { "destroy" } else { "stop" };
         let Some(vms) = &self.providers.vms else {
             return Err(WorldError::fatal(format!(
-                "cannot destroy the VMs in RuntimeEnvironment {}: this daemon runs without the Proxmox \
+                "cannot {what} the VMs in RuntimeEnvironment {}: this daemon runs without the Proxmox \
                  backend (--provider proxmox)",
                 env.metadata.name
             )));
@@ -294,16 +300,18 @@ impl ProviderWorld {
         let deployment = self.inputs.deployment.metadata.name.as_str();
         let deadline = tokio::time::Instant::now() + DESTROY_DEADLINE;
         loop {
-            let gone = vms
-                .destroy_moved(deployment, env)
-                .await
-                .map_err(|e| WorldError::transient(format!("in {}: {e}", env.metadata.name)))?;
-            if gone {
+            let done = if destroy {
+                vms.destroy_moved(deployment, env).await
+            } else {
+                vms.stop_moved(deployment, env).await
+            }
+            .map_err(|e| WorldError::transient(format!("in {}: {e}", env.metadata.name)))?;
+            if done {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(WorldError::transient(format!(
-                    "the VMs of {deployment} in {} are not all destroyed after {} s",
+                    "cannot {what} every VM of {deployment} in {} within {} s",
                     env.metadata.name,
                     DESTROY_DEADLINE.as_secs()
                 )));
@@ -426,11 +434,17 @@ impl World for ProviderWorld {
         Ok(())
     }
 
+    async fn retain_source(&self, app: &AppMove) -> Result<(), WorldError> {
+        if self.is_vm(&self.inputs.from, app) {
+            // The VM stops (its services with it) and is kept with its disks.
+            return self.vms(&self.inputs.from, false).await;
+        }
+        self.source_services(app, false).await
+    }
+
     async fn destroy_source(&self, app: &AppMove) -> Result<(), WorldError> {
-        let from = &self.inputs.from;
-        if from.spec.proxmox.is_some() && !from.spec.static_hosts.iter().any(|s| s.name.as_str() == app.host)
-        {
-            return self.destroy_vms(from).await;
+        if self.is_vm(&self.inputs.from, app) {
+            return self.vms(&self.inputs.from, true).await;
         }
         // An existing machine is not the controller's to destroy: its services stay stopped and
         // it is marked retired (its data stays until its owner wipes it).

@@ -361,6 +361,7 @@ impl HostRun<'_> {
             }
             Step::AwaitAgent => format!("waiting for {vm} to boot and report its address"),
             Step::Destroy => format!("destroying {vm}"),
+            Step::Stop => format!("stopping {vm}"),
             _ => return None,
         };
         Some(format!("{host}: {what}"))
@@ -511,6 +512,7 @@ impl HostRun<'_> {
             },
             Step::AwaitAgent => self.await_agent().await,
             Step::Destroy => self.destroy().await,
+            Step::Stop => self.stop().await,
             Step::Orphan => {
                 if let Some(r) = &mut self.record {
                     r.phase = RecordPhase::Orphaned;
@@ -871,6 +873,57 @@ impl HostRun<'_> {
             "out-of-band change found on the VM's config and put back"
         );
         Ok(found)
+    }
+
+    /// Stops the recorded VM, re-verified as ours right before; a VM that is gone or not ours is
+    /// left alone (and its record dropped).
+    async fn stop(&mut self) -> Result<HostOutcome, LifecycleError> {
+        let Some(record) = self.record.clone() else {
+            return Ok(HostOutcome::Done);
+        };
+        let env = self.env;
+        let (vmid, node) = (record.vmid, record.node.clone());
+        let current = match env.api.config(&node, vmid).await {
+            Ok(c) => c,
+            Err(ProxmoxError::NotFound(_)) => {
+                self.forget()?;
+                return Ok(HostOutcome::Removed);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let ConfigOwnership { tagged, named } =
+            ConfigOwnership::of(&current, &record.owner_tag, &record.name);
+        if !(tagged && named) {
+            tracing::warn!(
+                deployment = self.deployment,
+                vmid,
+                "VM is not ours (name or owner tag differ): left alone, record dropped"
+            );
+            self.forget()?;
+            env.invalidate();
+            return Ok(HostOutcome::Removed);
+        }
+        if let Some(lock) = current.get("lock") {
+            return Ok(waiting(
+                super::reasons::VM_LOCKED,
+                format!("the VM is locked ({lock})"),
+            ));
+        }
+        if self.running {
+            self.may_act()?;
+            let upid = env.api.power(&node, vmid, false).await?;
+            let outcome = self.track(upid).await?;
+            if outcome != HostOutcome::Done {
+                return Ok(outcome);
+            }
+            env.invalidate();
+        }
+        // Started again, it reports its address anew.
+        if let Some(r) = &mut self.record {
+            r.address = None;
+        }
+        self.save()?;
+        Ok(HostOutcome::Done)
     }
 
     async fn destroy(&mut self) -> Result<HostOutcome, LifecycleError> {

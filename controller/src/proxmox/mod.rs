@@ -946,6 +946,76 @@ impl ProviderCore {
             .any(|r| r.environment == env_name))
     }
 
+    /// Stops the VMs of `deployment` recorded in `env` after the Deployment moved away from it, and
+    /// keeps them with their disks (each re-verified as ours right before). Returns whether every one
+    /// of them is stopped.
+    pub async fn stop_moved(
+        &self,
+        deployment: &str,
+        env: &RuntimeEnvironment,
+    ) -> Result<bool, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            return Ok(true);
+        }
+        let env_name = env.metadata.name.to_string();
+        let lock = self.deployment_lock(deployment);
+        let _guard = lock.lock().await;
+        let records: Vec<VmRecord> = self
+            .records(deployment)?
+            .into_iter()
+            .filter(|r| r.environment == env_name && r.phase == RecordPhase::Present)
+            .collect();
+        if records.is_empty() {
+            return Ok(true);
+        }
+        let environment = self.environment(env).map_err(|e| api_error(&env_name, &e))?;
+        let ctx = PlanContext {
+            owner_tag: owner_tag(&self.instance_id, deployment),
+            template: environment.spec.template.vmid,
+            deletion_policy: DeletionPolicy::Retain,
+            allow_restart: false,
+        };
+        let vmids: Vec<u32> = records.iter().map(|r| r.vmid).collect();
+        let vms = environment
+            .observe_for(lifecycle::LISTING_MAX_AGE, &vmids)
+            .await
+            .map_err(|e| api_error(&env_name, &e))?;
+        let mut stopped = true;
+        for record in records {
+            let running = vms.iter().any(|v| v.vmid == record.vmid && v.running);
+            if record.task.is_none() && !running {
+                continue;
+            }
+            let plan = plan::HostPlan {
+                name: record.name.clone(),
+                application: record.application.clone(),
+                vm: Some((record.vmid, record.node.clone())),
+                steps: match &record.task {
+                    Some(upid) => vec![Step::FollowTask { upid: upid.clone() }],
+                    None => vec![Step::Stop],
+                },
+                duplicates: Vec::new(),
+            };
+            let mut run = lifecycle::HostRun {
+                env: &environment,
+                store: &self.store,
+                deployment,
+                desired: None,
+                ctx: &ctx,
+                record: Some(record),
+                running,
+                uptime: 0,
+                wake_after: None,
+            };
+            match run.run(&plan).await {
+                Ok(HostOutcome::Done | HostOutcome::Removed) if plan.steps == [Step::Stop] => {}
+                Ok(_) => stopped = false,
+                Err(e) => return Err(lifecycle_error(&env_name, &e)),
+            }
+        }
+        Ok(stopped)
+    }
+
     /// Removes (or orphans) every VM recorded for a Deployment that is gone, by its recorded policy.
     async fn cleanup_deployment(&self, deployment: &str) -> Result<(), ReconcileError> {
         let lock = self.deployment_lock(deployment);
