@@ -13,12 +13,13 @@
 //!
 //! # Intents
 //!
-//! The inventory (`proxmox/<deployment>/<application>`) records each host's VM: the VMID reserved
-//! (chosen under a per-environment lock from `vmidRange`, avoiding every VMID listed or recorded),
-//! its phase (`Creating` is the intent, written before the clone call), and the UPID of any task in
-//! flight (written as soon as the call returns). After a crash, a recorded task is followed to its end,
-//! and an intent is resolved by observing: its VM present (adopt and configure it), cloning (wait), or
-//! absent (clone again into the same VMID, which Proxmox refuses to create twice).
+//! The inventory (`proxmox/<deployment>/<application>/<environment>`) records each host's VM in each
+//! environment: the VMID reserved (chosen under a per-environment lock from `vmidRange`, avoiding every
+//! VMID listed or recorded), its phase (`Creating` is the intent, written before the clone call), and
+//! the UPID of any task in flight (written as soon as the call returns). After a crash, a recorded task
+//! is followed to its end, and an intent is resolved by observing: its VM present (adopt and configure
+//! it), cloning (wait), or absent (clone again into the same VMID, which Proxmox refuses to create
+//! twice).
 
 pub mod client;
 pub mod drift;
@@ -1311,6 +1312,72 @@ mod tests {
         assert_eq!(*built.lock().unwrap(), 1, "one client per environment");
         assert_eq!(environment.drift.interval(), Duration::from_secs(90));
         assert!(environment.drift.due_in(101) <= Duration::from_secs(90));
+    }
+
+    fn vm_record(environment: &str, vmid: u32) -> VmRecord {
+        VmRecord {
+            environment: environment.into(),
+            deployment: "uni".into(),
+            application: "mastodon".into(),
+            name: "uni-mastodon".into(),
+            owner_tag: owner_tag("instance-1", "uni"),
+            vmid,
+            node: "pve".into(),
+            phase: RecordPhase::Present,
+            task: None,
+            configured: None,
+            pending: Vec::new(),
+            address: Some(format!("192.0.2.{}", vmid % 200)),
+            deletion_policy: DeletionPolicy::Delete,
+        }
+    }
+
+    #[test]
+    fn a_hosts_vms_in_two_environments_keep_their_own_records_and_an_old_key_moves_on_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let metrics = ProxmoxMetrics::register(&prometheus::Registry::new()).unwrap();
+        let provider = ProxmoxProvider::with_factory(
+            store.clone(),
+            Arc::new(Nothing),
+            "instance-1".into(),
+            metrics,
+            Box::new(|_: &RuntimeEnvironment, _: ProxmoxMetrics| Ok(ScriptedApi::new().api())),
+        );
+        // Written before the environment was part of the key.
+        store
+            .put_inventory(
+                &lifecycle::legacy_record_key("uni", "mastodon"),
+                &vm_record("a", 101),
+            )
+            .unwrap();
+        store
+            .put_inventory(
+                &lifecycle::record_key("b", "uni", "mastodon"),
+                &vm_record("b", 201),
+            )
+            .unwrap();
+
+        let mut records = provider.records("uni").unwrap();
+        records.sort_by_key(|r| r.vmid);
+
+        assert_eq!(records, vec![vm_record("a", 101), vm_record("b", 201)]);
+        assert_eq!(
+            store
+                .inventory::<VmRecord>(&lifecycle::legacy_record_key("uni", "mastodon"))
+                .unwrap(),
+            None,
+            "the old key is gone"
+        );
+        assert_eq!(
+            recorded_vm(&store, "a", "uni", "mastodon").unwrap(),
+            Some(vm_record("a", 101))
+        );
+        assert_eq!(
+            recorded_vm(&store, "b", "uni", "mastodon").unwrap(),
+            Some(vm_record("b", 201))
+        );
+        assert_eq!(recorded_vm(&store, "c", "uni", "mastodon").unwrap(), None);
     }
 
     #[test]

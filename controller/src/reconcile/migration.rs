@@ -287,3 +287,54 @@ fn start_driver(
         .map_err(|e| refused(e.reason))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(policy: &str, annotations: &str) -> Deployment {
+        let text = format!(
+            "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata:\n  name: demo\n  annotations: {{ {annotations} }}\n\
+spec:\n  domain: lab.example\n  runtimeEnvironment: a\n  deletionPolicy: {policy}\n  applications: {{ alpha: {{}} }}\n"
+        );
+        let docs = crate::yaml::parse_documents(&text, &crate::yaml::Limits::default()).unwrap();
+        match crate::api::parse_object(&docs[0].1).unwrap() {
+            Object::Deployment(d) => d,
+            other => panic!("not a Deployment: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_grace_period_before_old_hosts_are_destroyed_is_a_day_unless_the_annotation_says_otherwise() {
+        assert_eq!(
+            retire_policy(&deployment("Delete", "")),
+            RetirePolicy::Delete {
+                grace_ms: DEFAULT_GRACE_MS
+            }
+        );
+        assert_eq!(
+            retire_policy(&deployment(
+                "Delete",
+                "fediversity.eu/migration-grace-seconds: \"12\""
+            )),
+            RetirePolicy::Delete { grace_ms: 12_000 }
+        );
+        assert_eq!(
+            retire_policy(&deployment(
+                "Delete",
+                "fediversity.eu/migration-grace-seconds: soon"
+            )),
+            RetirePolicy::Delete {
+                grace_ms: DEFAULT_GRACE_MS
+            },
+            "not a number: the default"
+        );
+        assert_eq!(
+            retire_policy(&deployment(
+                "Retain",
+                "fediversity.eu/migration-grace-seconds: \"12\""
+            )),
+            RetirePolicy::Retain
+        );
+    }
+}

@@ -844,6 +844,60 @@ async fn destroy_stops_a_running_vm_then_destroys_it_with_purge_and_its_disks() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn stop_re_verifies_the_vm_stops_it_and_keeps_it_and_its_record_without_the_old_address() {
+    let rig = rig();
+    let ctx = ctx(DeletionPolicy::Retain);
+    let mut present = record(101, RecordPhase::Present);
+    present.address = Some("192.0.2.9".into());
+    rig.store
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
+        .unwrap();
+    rig.api.expect(
+        Get,
+        &qemu(101, "/config"),
+        Ok(json!({ "name": "uni-mastodon", "tags": format!("fediversity;{OWNER}"), "digest": "d7" })),
+    );
+    expect_task(&rig.api, Post, &qemu(101, "/status/stop"), 101, "qmstop", "OK");
+
+    let ran = rig.run(None, &ctx, Some(present), true, vec![Step::Stop]).await;
+
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Done);
+    rig.api.assert_done();
+    let kept = rig.stored().expect("the record is kept");
+    assert_eq!(
+        (kept.vmid, kept.phase, kept.address),
+        (101, RecordPhase::Present, None)
+    );
+    assert!(
+        rig.api.calls().iter().all(|c| c.method != Delete),
+        "{:?}",
+        rig.api.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_leaves_a_vm_that_is_no_longer_ours_running_and_drops_only_the_record() {
+    let rig = rig();
+    let ctx = ctx(DeletionPolicy::Retain);
+    let present = record(101, RecordPhase::Present);
+    rig.store
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
+        .unwrap();
+    rig.api.expect(
+        Get,
+        &qemu(101, "/config"),
+        Ok(json!({ "name": "someone-else", "tags": format!("fediversity;{OWNER}"), "digest": "d8" })),
+    );
+
+    let ran = rig.run(None, &ctx, Some(present), true, vec![Step::Stop]).await;
+
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Removed);
+    rig.api.assert_done();
+    assert_eq!(rig.stored(), None);
+    assert!(rig.api.calls().iter().all(|c| c.method == Get));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_vm_already_gone_counts_as_destroyed() {
     let rig = rig();
     let ctx = ctx(DeletionPolicy::Delete);
