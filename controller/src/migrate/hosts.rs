@@ -56,8 +56,8 @@ pub struct Providers {
     pub names: Arc<dyn Provider>,
     /// How health checks reach the web server.
     pub http: HttpTarget,
-    /// The Proxmox VMs themselves, when that backend is enabled: a retired source's VMs are
-    /// destroyed through it (the same provider as inside `hosts`, so one Deployment's VMs are never
+    /// The Proxmox VMs themselves, when that backend is enabled: a retired source's VMs are stopped
+    /// or destroyed through it (the same provider as inside `hosts`, so one Deployment's VMs are never
     /// worked on twice at once).
     pub vms: Option<ProxmoxProvider>,
 }
