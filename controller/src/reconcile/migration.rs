@@ -73,6 +73,38 @@ pub fn retire_policy(dep: &Deployment) -> RetirePolicy {
     }
 }
 
+/// The last good backup of every host of the Deployment, as its status records it: the snapshots
+/// (`HOST=ID`) and the time of the oldest, where the writes a restore from them would lose begin.
+/// `None` unless every host has one.
+fn last_backup(old: Option<&Value>) -> Option<(String, String)> {
+    let backups = old?.get("backups")?.as_array()?;
+    let mut snapshots = Vec::new();
+    let mut oldest: Option<&str> = None;
+    for b in backups {
+        let host = b.get("host").and_then(Value::as_str)?;
+        let snapshot = b.get("snapshot").and_then(Value::as_str)?;
+        let time = b.get("time").and_then(Value::as_str)?;
+        snapshots.push(format!("{host}={snapshot}"));
+        // RFC 3339 in UTC: ordered as text.
+        oldest = Some(oldest.map_or(time, |o| o.min(time)));
+    }
+    Some((snapshots.join(", "), oldest?.to_owned()))
+}
+
+/// For a migration that failed in the live pre-copy (the old environment's hosts or repository
+/// could not be reached, past the retries): what restoring from the last backup instead would lose,
+/// as [`decide::restore_from_backup`] states it before the operator's confirmation.
+fn restore_from_backup_hint(r: &MigrationRecord, old: Option<&Value>) -> Option<String> {
+    if r.phase != Phase::Failed || r.failed_in != Some(Phase::PreCopying) {
+        return None;
+    }
+    let last = last_backup(old);
+    let last = last.as_ref().map(|(s, t)| (s.as_str(), t.as_str()));
+    decide::restore_from_backup(&r.deployment, &r.from, last, false)
+        .err()
+        .map(|e| format!("should {} stay unreachable: {e}", r.from))
+}
+
 /// The record as status shows it: `status.migration` and the `Migrating` condition.
 fn shown(r: &MigrationRecord, generation: u64) -> (Map<String, Value>, Vec<Condition>) {
     let now = now_ms();
@@ -117,17 +149,22 @@ pub(super) fn reconcile(
                 && last_generation == Some(generation)
             {
                 // Not tried again on its own: the same spec would fail the same way.
+                let mut message = format!(
+                    "the migration from {} to {} failed in {}: {}; the Deployment still runs in {}; \
+                     edit the Deployment (or set spec.runtimeEnvironment back) to try again",
+                    prev.from,
+                    prev.to,
+                    prev.failed_in.map_or("?", Phase::as_str),
+                    prev.reason.as_deref().unwrap_or("no reason recorded"),
+                    prev.from
+                );
+                if let Some(hint) = restore_from_backup_hint(prev, old) {
+                    message.push_str("; ");
+                    message.push_str(&hint);
+                }
                 return Err(ReconcileError::Terminal {
                     reason: "MigrationFailed",
-                    message: format!(
-                        "the migration from {} to {} failed in {}: {}; the Deployment still runs in {}; \
-                         edit the Deployment (or set spec.runtimeEnvironment back) to try again",
-                        prev.from,
-                        prev.to,
-                        prev.failed_in.map_or("?", Phase::as_str),
-                        prev.reason.as_deref().unwrap_or("no reason recorded"),
-                        prev.from
-                    ),
+                    message,
                 });
             }
             let from = environment(ctx, &r.from).ok_or_else(|| ReconcileError::Waiting {
@@ -302,6 +339,38 @@ spec:\n  domain: lab.example\n  runtimeEnvironment: a\n  deletionPolicy: {policy
             Object::Deployment(d) => d,
             other => panic!("not a Deployment: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_migration_that_failed_in_the_pre_copy_states_what_a_restore_from_the_last_backup_would_lose() {
+        let mut r =
+            crate::migrate::phase::begin("demo", "a", "b", RetirePolicy::Retain, FailedTarget::Remove, 0);
+        r.phase = Phase::Failed;
+        r.failed_in = Some(Phase::PreCopying);
+        let status = serde_json::json!({ "backups": [
+            { "host": "demo-beta", "result": "Succeeded", "snapshot": "b2b2b2b2", "time": "2026-12-03T06:00:00Z" },
+            { "host": "demo-alpha", "result": "Failed", "snapshot": "a1a1a1a1", "time": "2026-12-02T23:00:00Z" }
+        ]});
+        let hint = restore_from_backup_hint(&r, Some(&status)).expect("a hint");
+        assert!(hint.starts_with("should a stay unreachable: "), "{hint}");
+        assert!(
+            hint.contains("snapshot demo-beta=b2b2b2b2, demo-alpha=a1a1a1a1 of 2026-12-02T23:00:00Z"),
+            "the oldest good backup starts the data-loss window: {hint}"
+        );
+        assert!(hint.contains("confirm to go ahead"), "{hint}");
+        let never =
+            serde_json::json!({ "backups": [{ "host": "demo-beta", "result": "Failed", "failures": 3 }] });
+        assert!(
+            restore_from_backup_hint(&r, Some(&never))
+                .is_some_and(|h| h.contains("unreachable and never backed up")),
+            "a host never backed up: nothing to restore"
+        );
+        r.failed_in = Some(Phase::StartingTarget);
+        assert_eq!(
+            restore_from_backup_hint(&r, Some(&status)),
+            None,
+            "the source was reached"
+        );
     }
 
     #[test]
