@@ -19,9 +19,12 @@ use fediversity_testbed::{SimConfig, SimHandle, Simulator};
 use nixos_support::{Lab, NIX_CONFIG, TestHost};
 use serde_json::Value;
 
-/// The clusters' address pools: the simulator hands out .2, .3, … in the order VMs first start.
-const POOL_A: &str = "127.0.78.0/24";
-const POOL_B: &str = "127.0.79.0/24";
+/// The clusters' address pools of each test: the simulator hands out .2, .3, … in the order VMs first
+/// start.
+const POOLS_KILLS: (&str, &str) = ("127.0.78.0/24", "127.0.79.0/24");
+const POOLS_RETAIN: (&str, &str) = ("127.0.80.0/24", "127.0.81.0/24");
+/// The tests take turns: each runs a daemon, two clusters and four PostgreSQL servers.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// A VM in cluster A that the controller did not create (it takes the pool's first address).
 const FOREIGN: u32 = 1000;
 const APPS: [&str; 2] = ["alpha", "beta"];
@@ -242,16 +245,17 @@ struct Rig {
     catalog: PathBuf,
     a: Cluster,
     b: Cluster,
+    policy: &'static str,
     _shared: tempfile::TempDir,
 }
 
 impl Rig {
-    fn new(rt: &tokio::runtime::Runtime) -> Self {
+    fn new(rt: &tokio::runtime::Runtime, (pool_a, pool_b): (&str, &str), policy: &'static str) -> Self {
         backup_support::require_tools();
         std::fs::create_dir_all("/run/postgresql").unwrap();
         // In a, the foreign VM takes .2 and ours .3 and .4; in b ours take .2 and .3.
-        let a = Cluster::new(rt, POOL_A, true, 3);
-        let b = Cluster::new(rt, POOL_B, false, 2);
+        let a = Cluster::new(rt, pool_a, true, 3);
+        let b = Cluster::new(rt, pool_b, false, 2);
         let shared = tempfile::tempdir().unwrap();
         std::fs::write(shared.path().join("pw"), "a migration password\n").unwrap();
         let backup = format!(
@@ -284,21 +288,23 @@ data: {{ paths: [/nix/var/app-data], databases: [app] }}\n"
             token,
             a,
             b,
+            policy,
             _shared: shared,
         };
         rig.place("a");
         rig
     }
 
-    /// Writes the Deployment with `spec.runtimeEnvironment: env`, deleted old hosts after a short
-    /// grace period.
+    /// Writes the Deployment with `spec.runtimeEnvironment: env` and the rig's deletion policy (old
+    /// hosts deleted after a short grace period under `Delete`).
     fn place(&self, env: &str) {
         std::fs::write(
             self.source.join("demo.yaml"),
             format!(
                 "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata:\n  name: demo\n  \
 annotations: {{ fediversity.eu/migration-grace-seconds: \"12\" }}\nspec:\n  domain: lab.example\n  \
-runtimeEnvironment: {env}\n  deletionPolicy: Delete\n  applications: {{ alpha: {{}}, beta: {{}} }}\n"
+runtimeEnvironment: {env}\n  deletionPolicy: {}\n  applications: {{ alpha: {{}}, beta: {{}} }}\n",
+                self.policy
             ),
         )
         .unwrap();
@@ -395,8 +401,11 @@ fn seed(lab: &Lab, host: &TestHost, app: &str, rows: u32) {
 
 #[test]
 fn a_deployment_moves_between_two_proxmox_clusters_with_its_data_through_twenty_sigkills_of_the_daemon() {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let mut rig = Rig::new(&rt);
+    let mut rig = Rig::new(&rt, POOLS_KILLS, "Delete");
     let started = Instant::now();
     rig.start();
     let d = wait_for("the Deployment to run in a", Duration::from_secs(180), || {
@@ -587,4 +596,79 @@ fn a_deployment_moves_between_two_proxmox_clusters_with_its_data_through_twenty_
         }
     }
     eprintln!("took {} s", started.elapsed().as_secs());
+}
+
+#[test]
+fn under_retain_the_old_vms_are_stopped_and_kept_while_the_deployment_runs_in_the_new_cluster() {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut rig = Rig::new(&rt, POOLS_RETAIN, "Retain");
+    rig.start();
+    let d = wait_for("the Deployment to run in a", Duration::from_secs(180), || {
+        rig.deployment().filter(|d| {
+            d["status"]["runtimeEnvironment"] == "a"
+                && d["status"]["hosts"]
+                    .as_array()
+                    .is_some_and(|h| h.len() == 2 && h.iter().all(|h| h["lastResult"] == "Applied"))
+        })
+    });
+    let sources = addresses(&d);
+    for (i, app) in APPS.iter().enumerate() {
+        seed(&rig.a.lab, rig.a.at(&sources[*app]), app, 10 + 20 * i as u32);
+    }
+    let ours_in_a = demo_vms(&rig.a.sim);
+    let foreign_before = rig.a.sim.vm(FOREIGN).expect("the foreign VM");
+
+    rig.place("b");
+    let done = wait_for("the migration to succeed", Duration::from_secs(240), || {
+        let m = rig.migration()?;
+        assert!(
+            m["phase"] != "Failed" && m["phase"] != "RollingBack",
+            "the migration failed: {m}"
+        );
+        (m["phase"] == "Succeeded").then_some(m)
+    });
+    assert_eq!(done["source"], "Retained", "{done}");
+    assert_eq!(done["verified"], true, "{done}");
+
+    // The old VMs are kept, stopped; the foreign one runs on untouched.
+    assert_eq!(demo_vms(&rig.a.sim), ours_in_a);
+    for vmids in ours_in_a.values() {
+        let vm = rig.a.sim.vm(vmids[0]).unwrap();
+        assert!(!vm.running, "{vm:?}");
+    }
+    let foreign = rig.a.sim.vm(FOREIGN).unwrap();
+    assert!(foreign.running);
+    assert_eq!(foreign.config, foreign_before.config);
+    let in_b = demo_vms(&rig.b.sim);
+    assert_eq!(in_b.len(), 2, "{in_b:?}");
+    assert!(in_b.values().all(|v| v.len() == 1), "{in_b:?}");
+
+    let d = wait_for("the Deployment to run in b", Duration::from_secs(120), || {
+        rig.deployment().filter(|d| {
+            d["status"]["runtimeEnvironment"] == "b"
+                && common::ready(d).is_some_and(|(status, _)| status == "True")
+        })
+    });
+    let targets = addresses(&d);
+    for app in APPS {
+        let (source, target) = (rig.a.at(&sources[app]), rig.b.at(&targets[app]));
+        let want: Vec<String> = QUERIES.iter().map(|q| sql(&rig.a.lab, source, q)).collect();
+        let got: Vec<String> = QUERIES.iter().map(|q| sql(&rig.b.lab, target, q)).collect();
+        assert_eq!(got, want, "{app}");
+        assert_eq!(
+            hashes(&target.root.join("nix/var/app-data")),
+            hashes(&source.root.join("nix/var/app-data")),
+            "{app}"
+        );
+    }
+    // Stopped VMs stay stopped: the Deployment in b leaves a alone.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        ours_in_a
+            .values()
+            .all(|v| rig.a.sim.vm(v[0]).is_some_and(|vm| !vm.running))
+    );
 }
