@@ -581,6 +581,18 @@ fn a_deployment_moves_between_two_proxmox_clusters_with_its_data_through_twenty_
         let want: Vec<String> = QUERIES.iter().map(|q| sql(&rig.a.lab, source, q)).collect();
         let got: Vec<String> = QUERIES.iter().map(|q| sql(&rig.b.lab, target, q)).collect();
         assert_eq!(got, want, "{app}");
+        // Deployed held until its data was there, started afterwards.
+        let starts = target.app_starts();
+        assert_eq!(
+            starts.first().map(|(w, _)| w.as_str()),
+            Some("held"),
+            "{app}: {starts:?}"
+        );
+        assert_eq!(
+            starts.last().map(|(w, _)| w.as_str()),
+            Some("started"),
+            "{app}: {starts:?}"
+        );
         let files = hashes(&target.root.join("nix/var/app-data"));
         assert_eq!(files, hashes(&source.root.join("nix/var/app-data")), "{app}");
         assert_eq!(files.len(), 40 + 1 + usize::from(written), "{files:?}");
