@@ -339,16 +339,17 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
         })
     };
     let installation = crate::installation::installation_id(&store, &state_dir, instance_id.as_deref())?;
+    let (vm_provider, vms) = crate::proxmox::build_provider(
+        provider,
+        drift_interval,
+        Some(&installation),
+        &state_dir,
+        &store,
+        desired.clone(),
+        &registry,
+    )?;
     let infrastructure = crate::nixos::provider::with_nixos(
-        crate::proxmox::build_provider(
-            provider,
-            drift_interval,
-            Some(&installation),
-            &state_dir,
-            &store,
-            desired.clone(),
-            &registry,
-        )?,
+        vm_provider,
         nixos_catalog.as_deref().map(|catalog| {
             let mut config = crate::nixos::DeployerConfig::new(&state_dir.join("nixos"), catalog);
             config.transport = embedding.nixos_transport.clone();
@@ -382,6 +383,7 @@ pub async fn run_embedded(args: RunArgs, embedding: Embedding) -> anyhow::Result
                 hosts: infrastructure,
                 names: full_provider.clone(),
                 http: crate::nixos::HttpTarget::default(),
+                vms,
             },
             state_dir.join("migration").join("known_hosts"),
             crate::backup::Backuper::default(),

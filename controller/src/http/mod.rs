@@ -537,22 +537,9 @@ async fn restore_from_backup(
         .keys()
         .map(|app| format!("{name}-{app}"))
         .collect();
-    let backups: Vec<crate::api::HostBackupStatus> = state
-        .book
-        .with_status(&key, |s| {
-            s.and_then(|s| s.get("backups"))
-                .and_then(|b| serde_json::from_value(b.clone()).ok())
-        })
-        .unwrap_or_default();
-    let last = backups
-        .into_iter()
-        .map(|b| crate::migrate::decide::LastBackup {
-            host: b.host,
-            snapshot: b.snapshot,
-            time: b.time.map(|t| t.to_string()),
-            total_bytes: b.total_bytes,
-        })
-        .collect();
+    let last = state.book.with_status(&key, |s| {
+        crate::migrate::decide::LastBackup::from_status(s.and_then(|s| s.get("backups")))
+    });
     let confirmed = query.get("confirm").map(String::as_str) == Some("true");
     let wanted = deployment.spec.runtime_environment.to_string();
     migration_answer(

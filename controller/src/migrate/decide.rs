@@ -232,6 +232,25 @@ pub struct LastBackup {
     pub total_bytes: u64,
 }
 
+impl LastBackup {
+    /// Every host's last good backup from a Deployment's `status.backups` (nothing when absent or
+    /// unreadable).
+    pub fn from_status(backups: Option<&serde_json::Value>) -> Vec<LastBackup> {
+        let listed: Vec<crate::api::HostBackupStatus> = backups
+            .and_then(|b| serde_json::from_value(b.clone()).ok())
+            .unwrap_or_default();
+        listed
+            .into_iter()
+            .map(|b| LastBackup {
+                host: b.host,
+                snapshot: b.snapshot,
+                time: b.time.map(|t| t.to_string()),
+                total_bytes: b.total_bytes,
+            })
+            .collect()
+    }
+}
+
 /// When the old environment cannot be reached: the migration starts the target from the source
 /// hosts' last backups instead of a live copy, only with the operator's confirmation, which names the
 /// data-loss window (the oldest of those snapshots). Allowed while nothing of the source was stopped:

@@ -2,8 +2,8 @@
 //! through the provider with their services held stopped, names switched through the provider's DNS.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::run::{AppMove, World, WorldError};
@@ -13,11 +13,15 @@ use crate::nixos::HttpTarget;
 use crate::nixos::escape::shell_word;
 use crate::nixos::host::{Health, HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, known_hosts_line};
 use crate::provider::{PlannedHost, Provider};
+use crate::proxmox::ProxmoxProvider;
+use crate::store::Store;
 
 /// How long the target's health checks may take to pass after its services started.
 pub const HEALTH_AFTER_START: Duration = Duration::from_secs(300);
 /// How long provisioning the target hosts may take (new VMs, a first NixOS deploy).
 pub const PROVISION_DEADLINE: Duration = Duration::from_secs(1800);
+/// How long stopping or destroying a source's VMs may take (a stop and a destroy task each).
+const DESTROY_DEADLINE: Duration = Duration::from_secs(600);
 /// What a one-line service command on a host may take.
 const COMMAND: Duration = Duration::from_secs(300);
 
@@ -52,30 +56,93 @@ pub struct Providers {
     pub names: Arc<dyn Provider>,
     /// How health checks reach the web server.
     pub http: HttpTarget,
+    /// The Proxmox VMs themselves, when that backend is enabled: a retired source's VMs are stopped
+    /// or destroyed through it (the same provider as inside `hosts`, so one Deployment's VMs are never
+    /// worked on twice at once).
+    pub vms: Option<ProxmoxProvider>,
 }
 
-/// A [`World`] over the daemon's providers: existing machines (`staticHosts`) on both sides.
+/// A [`World`] over the daemon's providers: existing machines (`staticHosts`) or Proxmox VMs on
+/// either side. A host's address is learnt from what the daemon recorded of it (the environment's
+/// `staticHosts`, or its VM's address and pinned host key in the store), never from memory alone, so
+/// a restarted daemon finds the same hosts.
 pub struct ProviderWorld {
     inputs: Inputs,
     providers: Providers,
-    sources: BTreeMap<String, SshHost>,
-    targets: BTreeMap<String, SshHost>,
+    store: Arc<Store>,
+    known_hosts_dir: PathBuf,
+    sources: BTreeMap<String, OnceLock<SshHost>>,
+    targets: BTreeMap<String, OnceLock<SshHost>>,
     marker_dir: String,
     provisioned: tokio::sync::Mutex<bool>,
     switched: tokio::sync::Mutex<bool>,
 }
 
-fn shell_for(known_hosts_dir: &Path, env: &RuntimeEnvironment, host: &str) -> Result<SshHost, WorldError> {
-    let Some(s) = env.spec.static_hosts.iter().find(|s| s.name.as_str() == host) else {
+/// How `app`'s host in `env` is reached (address, port, host key): its `staticHosts` entry, or the
+/// address its VM's guest agent reported and the host key pinned at its first deploy.
+fn address_of(
+    store: &Store,
+    env: &RuntimeEnvironment,
+    deployment: &str,
+    app: &AppMove,
+) -> Result<(String, u16, String), WorldError> {
+    let env_name = env.metadata.name.as_str();
+    if let Some(s) = env.spec.static_hosts.iter().find(|s| s.name.as_str() == app.host) {
+        return Ok((s.address.clone(), s.port, s.host_key.clone()));
+    }
+    if env.spec.proxmox.is_none() {
         return Err(WorldError::fatal(format!(
-            "host {host} is not among the staticHosts of RuntimeEnvironment {}; migrations move \
-             Deployments between existing machines (staticHosts) so far",
-            env.metadata.name
+            "host {} is not among the staticHosts of RuntimeEnvironment {env_name}, which has no proxmox \
+             section either; migrations move Deployments between existing machines (staticHosts) and \
+             Proxmox VMs",
+            app.host
         )));
+    }
+    let unreadable = |e: crate::store::StoreError| {
+        WorldError::transient(format!(
+            "cannot read what is recorded of host {} in {env_name}: {e}",
+            app.host
+        ))
     };
+    let record = crate::proxmox::recorded_vm(store, env_name, deployment, &app.application)
+        .map_err(unreadable)?
+        .ok_or_else(|| {
+            WorldError::transient(format!(
+                "no VM is recorded for host {} in RuntimeEnvironment {env_name} (not provisioned yet)",
+                app.host
+            ))
+        })?;
+    let address = record.address.clone().ok_or_else(|| {
+        WorldError::transient(format!(
+            "VM {} of host {} in {env_name} has no address yet (its guest agent has not reported one)",
+            record.vmid, app.host
+        ))
+    })?;
+    let key = store
+        .inventory::<String>(&crate::nixos::provider::host_key_inventory_id(
+            env_name, &app.host,
+        ))
+        .map_err(unreadable)?
+        .ok_or_else(|| {
+            WorldError::transient(format!(
+                "no host key is pinned for host {} ({address}) in {env_name}: its NixOS system was never \
+                 deployed",
+                app.host
+            ))
+        })?;
+    Ok((address, env.spec.ssh.port, key))
+}
+
+/// A shell on `host` at `address:port`, its key pinned under `known_hosts_dir/ENV/HOST`.
+fn shell_for(
+    known_hosts_dir: &Path,
+    env: &RuntimeEnvironment,
+    host: &str,
+    (address, port, host_key): (String, u16, String),
+) -> Result<SshHost, WorldError> {
     let dir = known_hosts_dir.join(env.metadata.name.as_str());
     let pinned = dir.join(host);
-    let line = known_hosts_line(host, &s.host_key).map_err(|e| WorldError::fatal(e.to_string()))?;
+    let line = known_hosts_line(host, &host_key).map_err(|e| WorldError::fatal(e.to_string()))?;
     std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(&pinned, line))
         .map_err(|e| {
@@ -88,8 +155,8 @@ fn shell_for(known_hosts_dir: &Path, env: &RuntimeEnvironment, host: &str) -> Re
         SshTarget {
             name: host.to_owned(),
             user: env.spec.ssh.user.clone(),
-            address: s.address.clone(),
-            port: s.port,
+            address,
+            port,
             identity_file: env.spec.ssh.private_key_file.clone().into(),
             known_hosts: pinned,
         },
@@ -100,34 +167,71 @@ fn shell_for(known_hosts_dir: &Path, env: &RuntimeEnvironment, host: &str) -> Re
 
 impl ProviderWorld {
     /// The world of `inputs`, pinning the hosts' keys under `known_hosts_dir/ENV/HOST`; `marker_dir`
-    /// is the hosts' backup work folder.
+    /// is the hosts' backup work folder. What the daemon recorded of the hosts is read from `store`
+    /// when a host is first needed.
     pub fn new(
         inputs: Inputs,
         providers: Providers,
+        store: Arc<Store>,
         known_hosts_dir: &Path,
         marker_dir: &str,
     ) -> Result<Self, WorldError> {
-        let mut sources = BTreeMap::new();
-        let mut targets = BTreeMap::new();
-        for app in &inputs.apps {
-            sources.insert(
-                app.host.clone(),
-                shell_for(known_hosts_dir, &inputs.from, &app.host)?,
-            );
-            targets.insert(
-                app.host.clone(),
-                shell_for(known_hosts_dir, &inputs.to, &app.host)?,
-            );
+        for env in [&inputs.from, &inputs.to] {
+            if env.spec.proxmox.is_none() {
+                for app in &inputs.apps {
+                    // Refused at once: an existing machine that is not there will not appear.
+                    address_of(&store, env, inputs.deployment.metadata.name.as_str(), app)?;
+                }
+            } else if providers.vms.is_none() {
+                return Err(WorldError::fatal(format!(
+                    "RuntimeEnvironment {} has Proxmox VMs, but this daemon runs without the Proxmox \
+                     backend (--provider proxmox)",
+                    env.metadata.name
+                )));
+            }
         }
+        let cells = || {
+            inputs
+                .apps
+                .iter()
+                .map(|a| (a.host.clone(), OnceLock::new()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (sources, targets) = (cells(), cells());
         Ok(Self {
             inputs,
             providers,
+            store,
+            known_hosts_dir: known_hosts_dir.to_owned(),
             sources,
             targets,
             marker_dir: marker_dir.to_owned(),
             provisioned: tokio::sync::Mutex::new(false),
             switched: tokio::sync::Mutex::new(false),
         })
+    }
+
+    /// The shell on `app`'s host in `env`, learnt once from what is recorded.
+    fn host<'a>(
+        &'a self,
+        cells: &'a BTreeMap<String, OnceLock<SshHost>>,
+        env: &RuntimeEnvironment,
+        app: &AppMove,
+    ) -> Result<&'a SshHost, WorldError> {
+        let cell = cells
+            .get(&app.host)
+            .ok_or_else(|| WorldError::fatal(format!("host {} does not move", app.host)))?;
+        if let Some(shell) = cell.get() {
+            return Ok(shell);
+        }
+        let at = address_of(
+            &self.store,
+            env,
+            self.inputs.deployment.metadata.name.as_str(),
+            app,
+        )?;
+        let shell = shell_for(&self.known_hosts_dir, env, &app.host, at)?;
+        Ok(cell.get_or_init(|| shell))
     }
 
     /// The Deployment with its hosts held stopped until their data is restored.
@@ -177,6 +281,45 @@ impl ProviderWorld {
         }
     }
 
+    /// Whether `app`'s host in `env` is a Proxmox VM (not an existing machine).
+    fn is_vm(&self, env: &RuntimeEnvironment, app: &AppMove) -> bool {
+        env.spec.proxmox.is_some() && !env.spec.static_hosts.iter().any(|s| s.name.as_str() == app.host)
+    }
+
+    /// Destroys (`destroy`) or stops the Deployment's VMs in `env` (ours only, each re-verified right
+    /// before), waiting until none is recorded there (or every one is stopped).
+    async fn vms(&self, env: &RuntimeEnvironment, destroy: bool) -> Result<(), WorldError> {
+        let what = if destroy { "destroy" } else { "stop" };
+        let Some(vms) = &self.providers.vms else {
+            return Err(WorldError::fatal(format!(
+                "cannot {what} the VMs in RuntimeEnvironment {}: this daemon runs without the Proxmox \
+                 backend (--provider proxmox)",
+                env.metadata.name
+            )));
+        };
+        let deployment = self.inputs.deployment.metadata.name.as_str();
+        let deadline = tokio::time::Instant::now() + DESTROY_DEADLINE;
+        loop {
+            let done = if destroy {
+                vms.destroy_moved(deployment, env).await
+            } else {
+                vms.stop_moved(deployment, env).await
+            }
+            .map_err(|e| WorldError::transient(format!("in {}: {e}", env.metadata.name)))?;
+            if done {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(WorldError::transient(format!(
+                    "cannot {what} every VM of {deployment} in {} within {} s",
+                    env.metadata.name,
+                    DESTROY_DEADLINE.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     async fn run_line(&self, shell: &SshHost, step: &'static str, line: &str) -> Result<(), WorldError> {
         let out = crate::backup::Shell::run(shell, step, line, None, COMMAND)
             .await
@@ -216,15 +359,11 @@ impl World for ProviderWorld {
     }
 
     fn source(&self, app: &AppMove) -> Result<&SshHost, WorldError> {
-        self.sources
-            .get(&app.host)
-            .ok_or_else(|| WorldError::fatal(format!("no source host {}", app.host)))
+        self.host(&self.sources, &self.inputs.from, app)
     }
 
     fn target(&self, app: &AppMove) -> Result<&SshHost, WorldError> {
-        self.targets
-            .get(&app.host)
-            .ok_or_else(|| WorldError::fatal(format!("no target host {}", app.host)))
+        self.host(&self.targets, &self.inputs.to, app)
     }
 
     async fn provision(&self, _app: &AppMove) -> Result<(), WorldError> {
@@ -295,7 +434,18 @@ impl World for ProviderWorld {
         Ok(())
     }
 
+    async fn retain_source(&self, app: &AppMove) -> Result<(), WorldError> {
+        if self.is_vm(&self.inputs.from, app) {
+            // The VM stops (its services with it) and is kept with its disks.
+            return self.vms(&self.inputs.from, false).await;
+        }
+        self.source_services(app, false).await
+    }
+
     async fn destroy_source(&self, app: &AppMove) -> Result<(), WorldError> {
+        if self.is_vm(&self.inputs.from, app) {
+            return self.vms(&self.inputs.from, true).await;
+        }
         // An existing machine is not the controller's to destroy: its services stay stopped and
         // it is marked retired (its data stays until its owner wipes it).
         let shell = self.source(app)?;
@@ -342,11 +492,25 @@ mv '/var/lib/x y'/migration.tmp '/var/lib/x y'/migration"
         );
     }
 
+    fn app() -> AppMove {
+        AppMove {
+            application: "mastodon".into(),
+            host: "uni-mastodon".into(),
+            data: crate::api::DataSpec {
+                paths: Vec::new(),
+                databases: Vec::new(),
+                services: Vec::new(),
+            },
+        }
+    }
+
     #[test]
-    fn a_host_that_is_not_an_existing_machine_of_the_environment_is_refused_with_the_reason() {
+    fn a_host_that_is_neither_an_existing_machine_nor_a_vm_of_the_environment_is_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let env = environment(&crate::fixtures::environment_yaml("cluster"));
-        let err = shell_for(dir.path(), &env, "uni-mastodon").unwrap_err();
+        let store = Store::open(dir.path()).unwrap();
+        let mut env = environment(&crate::fixtures::environment_yaml("cluster"));
+        env.spec.proxmox = None;
+        let err = address_of(&store, &env, "uni", &app()).unwrap_err();
         assert!(!err.transient);
         assert!(
             err.reason
@@ -354,5 +518,55 @@ mv '/var/lib/x y'/migration.tmp '/var/lib/x y'/migration"
             "{}",
             err.reason
         );
+    }
+
+    #[test]
+    fn a_vm_is_reached_at_the_address_its_agent_reported_with_the_key_pinned_at_its_first_deploy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut env = environment(&crate::fixtures::environment_yaml("cluster"));
+        env.spec.ssh.port = 2222;
+        let err = address_of(&store, &env, "uni", &app()).unwrap_err();
+        assert!(err.transient, "provisioning may still record it");
+        assert!(
+            err.reason.contains("no VM is recorded for host uni-mastodon"),
+            "{}",
+            err.reason
+        );
+        let mut record = crate::proxmox::VmRecord {
+            environment: "cluster".into(),
+            deployment: "uni".into(),
+            application: "mastodon".into(),
+            name: "uni-mastodon".into(),
+            owner_tag: "fediversity-owner-x".into(),
+            vmid: 20001,
+            node: "pve1".into(),
+            phase: crate::proxmox::RecordPhase::Present,
+            task: None,
+            configured: None,
+            pending: Vec::new(),
+            address: None,
+            deletion_policy: crate::api::DeletionPolicy::Delete,
+        };
+        let key = crate::proxmox::lifecycle::record_key("cluster", "uni", "mastodon");
+        store.put_inventory(&key, &record).unwrap();
+        let err = address_of(&store, &env, "uni", &app()).unwrap_err();
+        assert!(err.reason.contains("has no address yet"), "{}", err.reason);
+        record.address = Some("192.0.2.7".into());
+        store.put_inventory(&key, &record).unwrap();
+        let err = address_of(&store, &env, "uni", &app()).unwrap_err();
+        assert!(err.reason.contains("no host key is pinned"), "{}", err.reason);
+        // The same VM recorded in another environment is not this one's.
+        let other = environment(&crate::fixtures::environment_yaml("elsewhere"));
+        assert!(address_of(&store, &other, "uni", &app()).is_err());
+        store
+            .put_inventory(
+                &crate::nixos::provider::host_key_inventory_id("cluster", "uni-mastodon"),
+                &"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFakeKeyFakeKeyFakeKeyFakeKeyFakeKeyFake".to_owned(),
+            )
+            .unwrap();
+        let (address, port, key) = address_of(&store, &env, "uni", &app()).unwrap();
+        assert_eq!((address.as_str(), port), ("192.0.2.7", 2222));
+        assert!(key.starts_with("ssh-ed25519 "), "{key}");
     }
 }

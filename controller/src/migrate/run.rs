@@ -82,6 +82,11 @@ pub trait World: Send + Sync {
     fn start_target(&self, app: &AppMove) -> impl Future<Output = Result<(), WorldError>> + Send;
     /// Points the provider-zone names of `app` at the target.
     fn switch_names(&self, app: &AppMove) -> impl Future<Output = Result<(), WorldError>> + Send;
+    /// Stops the source for good and keeps it (under `Retain`, or until the grace period ends); by
+    /// default its services are stopped.
+    fn retain_source(&self, app: &AppMove) -> impl Future<Output = Result<(), WorldError>> + Send {
+        self.source_services(app, false)
+    }
     /// Destroys the source host.
     fn destroy_source(&self, app: &AppMove) -> impl Future<Output = Result<(), WorldError>> + Send;
     /// Removes the target host (after a failure or a cancel).
@@ -261,7 +266,7 @@ impl Migrator {
             Action::StartTarget => world.start_target(app).await?,
             Action::SwitchNames => world.switch_names(app).await?,
             Action::RetireSource { destroy: true } => world.destroy_source(app).await?,
-            Action::RetireSource { destroy: false } => world.source_services(app, false).await?,
+            Action::RetireSource { destroy: false } => world.retain_source(app).await?,
             Action::RestoreSource {
                 start_source,
                 remove_target,

@@ -191,6 +191,7 @@ impl Migrations {
         let world = ProviderWorld::new(
             inputs,
             self.providers.clone(),
+            self.store.clone(),
             &self.known_hosts,
             &self.backuper.layout().dir,
         )?;
@@ -392,6 +393,7 @@ mod tests {
                 hosts: Arc::new(crate::provider::PlanOnly),
                 names: Arc::new(crate::provider::PlanOnly),
                 http: crate::nixos::HttpTarget::default(),
+                vms: None,
             },
             dir.join("known_hosts"),
             Backuper::default(),

@@ -30,8 +30,15 @@ pub fn record_prefix(deployment: &str) -> String {
     format!("proxmox/{deployment}/")
 }
 
-/// The inventory key of one host's VM.
-pub fn record_key(deployment: &str, application: &str) -> String {
+/// The inventory key of one host's VM in one environment: a Deployment that moves keeps a VM per
+/// host in each environment it runs in during the move, each under its own key.
+pub fn record_key(environment: &str, deployment: &str, application: &str) -> String {
+    format!("proxmox/{deployment}/{application}/{environment}")
+}
+
+/// The key a host's VM was kept under before the environment was part of it (read and moved to
+/// [`record_key`] by the provider).
+pub fn legacy_record_key(deployment: &str, application: &str) -> String {
     format!("proxmox/{deployment}/{application}")
 }
 
@@ -305,7 +312,7 @@ impl HostRun<'_> {
     fn save(&self) -> Result<(), LifecycleError> {
         if let Some(r) = &self.record {
             self.store
-                .put_inventory(&record_key(&r.deployment, &r.application), r)?;
+                .put_inventory(&record_key(&r.environment, &r.deployment, &r.application), r)?;
         }
         Ok(())
     }
@@ -313,7 +320,7 @@ impl HostRun<'_> {
     fn forget(&mut self) -> Result<(), LifecycleError> {
         if let Some(r) = self.record.take() {
             self.store
-                .remove_inventory(&record_key(&r.deployment, &r.application))?;
+                .remove_inventory(&record_key(&r.environment, &r.deployment, &r.application))?;
         }
         Ok(())
     }
@@ -354,6 +361,7 @@ impl HostRun<'_> {
             }
             Step::AwaitAgent => format!("waiting for {vm} to boot and report its address"),
             Step::Destroy => format!("destroying {vm}"),
+            Step::Stop => format!("stopping {vm}"),
             _ => return None,
         };
         Some(format!("{host}: {what}"))
@@ -504,6 +512,7 @@ impl HostRun<'_> {
             },
             Step::AwaitAgent => self.await_agent().await,
             Step::Destroy => self.destroy().await,
+            Step::Stop => self.stop().await,
             Step::Orphan => {
                 if let Some(r) = &mut self.record {
                     r.phase = RecordPhase::Orphaned;
@@ -864,6 +873,57 @@ impl HostRun<'_> {
             "out-of-band change found on the VM's config and put back"
         );
         Ok(found)
+    }
+
+    /// Stops the recorded VM, re-verified as ours right before; a VM that is gone or not ours is
+    /// left alone (and its record dropped).
+    async fn stop(&mut self) -> Result<HostOutcome, LifecycleError> {
+        let Some(record) = self.record.clone() else {
+            return Ok(HostOutcome::Done);
+        };
+        let env = self.env;
+        let (vmid, node) = (record.vmid, record.node.clone());
+        let current = match env.api.config(&node, vmid).await {
+            Ok(c) => c,
+            Err(ProxmoxError::NotFound(_)) => {
+                self.forget()?;
+                return Ok(HostOutcome::Removed);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let ConfigOwnership { tagged, named } =
+            ConfigOwnership::of(&current, &record.owner_tag, &record.name);
+        if !(tagged && named) {
+            tracing::warn!(
+                deployment = self.deployment,
+                vmid,
+                "VM is not ours (name or owner tag differ): left alone, record dropped"
+            );
+            self.forget()?;
+            env.invalidate();
+            return Ok(HostOutcome::Removed);
+        }
+        if let Some(lock) = current.get("lock") {
+            return Ok(waiting(
+                super::reasons::VM_LOCKED,
+                format!("the VM is locked ({lock})"),
+            ));
+        }
+        if self.running {
+            self.may_act()?;
+            let upid = env.api.power(&node, vmid, false).await?;
+            let outcome = self.track(upid).await?;
+            if outcome != HostOutcome::Done {
+                return Ok(outcome);
+            }
+            env.invalidate();
+        }
+        // Started again, it reports its address anew.
+        if let Some(r) = &mut self.record {
+            r.address = None;
+        }
+        self.save()?;
+        Ok(HostOutcome::Done)
     }
 
     async fn destroy(&mut self) -> Result<HostOutcome, LifecycleError> {

@@ -13,12 +13,13 @@
 //!
 //! # Intents
 //!
-//! The inventory (`proxmox/<deployment>/<application>`) records each host's VM: the VMID reserved
-//! (chosen under a per-environment lock from `vmidRange`, avoiding every VMID listed or recorded),
-//! its phase (`Creating` is the intent, written before the clone call), and the UPID of any task in
-//! flight (written as soon as the call returns). After a crash, a recorded task is followed to its end,
-//! and an intent is resolved by observing: its VM present (adopt and configure it), cloning (wait), or
-//! absent (clone again into the same VMID, which Proxmox refuses to create twice).
+//! The inventory (`proxmox/<deployment>/<application>/<environment>`) records each host's VM in each
+//! environment: the VMID reserved (chosen under a per-environment lock from `vmidRange`, avoiding every
+//! VMID listed or recorded), its phase (`Creating` is the intent, written before the clone call), and
+//! the UPID of any task in flight (written as soon as the call returns). After a crash, a recorded task
+//! is followed to its end, and an intent is resolved by observing: its VM present (adopt and configure
+//! it), cloning (wait), or absent (clone again into the same VMID, which Proxmox refuses to create
+//! twice).
 
 pub mod client;
 pub mod drift;
@@ -135,6 +136,24 @@ pub fn owner_tag(instance_id: &str, deployment: &str) -> String {
         instance_prefix(instance_id),
         hex(format!("{instance_id}/{deployment}").as_bytes(), 5)
     )
+}
+
+/// The VM recorded for `application` of `deployment` in `environment`, if any (its address is the
+/// one its guest agent reported).
+pub fn recorded_vm(
+    store: &Store,
+    environment: &str,
+    deployment: &str,
+    application: &str,
+) -> Result<Option<VmRecord>, crate::store::StoreError> {
+    if let Some(r) =
+        store.inventory::<VmRecord>(&lifecycle::record_key(environment, deployment, application))?
+    {
+        return Ok(Some(r));
+    }
+    Ok(store
+        .inventory::<VmRecord>(&lifecycle::legacy_record_key(deployment, application))?
+        .filter(|r| r.environment == environment))
 }
 
 /// Builds the API client of an environment.
@@ -315,10 +334,33 @@ impl ProviderCore {
     }
 
     fn records(&self, deployment: &str) -> Result<Vec<VmRecord>, ReconcileError> {
-        self.store
+        let listed = self
+            .store
             .inventory_list::<VmRecord>(&lifecycle::record_prefix(deployment))
-            .map(|v| v.into_iter().map(|(_, r)| r).collect())
-            .map_err(|e| store_error(&e))
+            .map_err(|e| store_error(&e))?;
+        let mut records: Vec<VmRecord> = Vec::with_capacity(listed.len());
+        for (key, r) in listed {
+            let current = lifecycle::record_key(&r.environment, &r.deployment, &r.application);
+            if key != current {
+                // Kept under the key without its environment: moved under the current key (unless a
+                // record is there already), then the old key goes. Best effort: a replica that may
+                // not write reads it where it is.
+                let held = self.store.inventory::<VmRecord>(&current).ok().flatten();
+                let moved = match held {
+                    Some(_) => Ok(()),
+                    None => self.store.put_inventory(&current, &r),
+                }
+                .and_then(|()| self.store.remove_inventory(&key));
+                if let Err(e) = moved {
+                    tracing::debug!(key, error = %e, "the record stays under its old key for now");
+                }
+                if held.is_some() {
+                    continue;
+                }
+            }
+            records.push(r);
+        }
+        Ok(records)
     }
 
     /// Every inventory record of every Deployment.
@@ -524,7 +566,10 @@ impl ProviderCore {
                 let mut r = r.clone();
                 r.deletion_policy = ctx.deletion_policy;
                 self.store
-                    .put_inventory(&lifecycle::record_key(&r.deployment, &r.application), &r)
+                    .put_inventory(
+                        &lifecycle::record_key(&r.environment, &r.deployment, &r.application),
+                        &r,
+                    )
                     .map_err(|e| store_error(&e))?;
             }
         }
@@ -864,6 +909,114 @@ impl ProviderCore {
         }
     }
 
+    /// Destroys the VMs of `deployment` recorded in `env` after the Deployment moved away from it
+    /// (each re-verified as ours — name and owner tag — right before it is stopped and destroyed with
+    /// purge; anything else is left alone). Returns whether no VM of it is recorded there any more.
+    pub async fn destroy_moved(
+        &self,
+        deployment: &str,
+        env: &RuntimeEnvironment,
+    ) -> Result<bool, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            return Ok(true);
+        }
+        let env_name = env.metadata.name.to_string();
+        let lock = self.deployment_lock(deployment);
+        let _guard = lock.lock().await;
+        let records: Vec<VmRecord> = self
+            .records(deployment)?
+            .into_iter()
+            .filter(|r| r.environment == env_name)
+            .collect();
+        if records.is_empty() {
+            return Ok(true);
+        }
+        let environment = self.environment(env).map_err(|e| api_error(&env_name, &e))?;
+        let ctx = PlanContext {
+            owner_tag: owner_tag(&self.instance_id, deployment),
+            template: environment.spec.template.vmid,
+            deletion_policy: DeletionPolicy::Delete,
+            allow_restart: false,
+        };
+        let result = self.run_hosts(&environment, deployment, &[], records, &ctx).await;
+        self.count_orphans(&env_name);
+        result?;
+        Ok(!self
+            .records(deployment)?
+            .iter()
+            .any(|r| r.environment == env_name))
+    }
+
+    /// Stops the VMs of `deployment` recorded in `env` after the Deployment moved away from it, and
+    /// keeps them with their disks (each re-verified as ours right before). Returns whether every one
+    /// of them is stopped.
+    pub async fn stop_moved(
+        &self,
+        deployment: &str,
+        env: &RuntimeEnvironment,
+    ) -> Result<bool, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            return Ok(true);
+        }
+        let env_name = env.metadata.name.to_string();
+        let lock = self.deployment_lock(deployment);
+        let _guard = lock.lock().await;
+        let records: Vec<VmRecord> = self
+            .records(deployment)?
+            .into_iter()
+            .filter(|r| r.environment == env_name && r.phase == RecordPhase::Present)
+            .collect();
+        if records.is_empty() {
+            return Ok(true);
+        }
+        let environment = self.environment(env).map_err(|e| api_error(&env_name, &e))?;
+        let ctx = PlanContext {
+            owner_tag: owner_tag(&self.instance_id, deployment),
+            template: environment.spec.template.vmid,
+            deletion_policy: DeletionPolicy::Retain,
+            allow_restart: false,
+        };
+        let vmids: Vec<u32> = records.iter().map(|r| r.vmid).collect();
+        let vms = environment
+            .observe_for(lifecycle::LISTING_MAX_AGE, &vmids)
+            .await
+            .map_err(|e| api_error(&env_name, &e))?;
+        let mut stopped = true;
+        for record in records {
+            let running = vms.iter().any(|v| v.vmid == record.vmid && v.running);
+            if record.task.is_none() && !running {
+                continue;
+            }
+            let plan = plan::HostPlan {
+                name: record.name.clone(),
+                application: record.application.clone(),
+                vm: Some((record.vmid, record.node.clone())),
+                steps: match &record.task {
+                    Some(upid) => vec![Step::FollowTask { upid: upid.clone() }],
+                    None => vec![Step::Stop],
+                },
+                duplicates: Vec::new(),
+            };
+            let mut run = lifecycle::HostRun {
+                env: &environment,
+                store: &self.store,
+                deployment,
+                desired: None,
+                ctx: &ctx,
+                record: Some(record),
+                running,
+                uptime: 0,
+                wake_after: None,
+            };
+            match run.run(&plan).await {
+                Ok(HostOutcome::Done | HostOutcome::Removed) if plan.steps == [Step::Stop] => {}
+                Ok(_) => stopped = false,
+                Err(e) => return Err(lifecycle_error(&env_name, &e)),
+            }
+        }
+        Ok(stopped)
+    }
+
     /// Removes (or orphans) every VM recorded for a Deployment that is gone, by its recorded policy.
     async fn cleanup_deployment(&self, deployment: &str) -> Result<(), ReconcileError> {
         let lock = self.deployment_lock(deployment);
@@ -885,7 +1038,10 @@ impl ProviderCore {
                     for mut r in records {
                         r.phase = RecordPhase::Orphaned;
                         self.store
-                            .put_inventory(&lifecycle::record_key(&r.deployment, &r.application), &r)
+                            .put_inventory(
+                                &lifecycle::record_key(&r.environment, &r.deployment, &r.application),
+                                &r,
+                            )
                             .map_err(|e| store_error(&e))?;
                     }
                     tracing::warn!(deployment, environment = %env_name, "the environment is gone: VMs kept as orphans");
@@ -1029,7 +1185,8 @@ pub enum BuildError {
 }
 
 /// Builds the daemon's provider, registering its metrics in `registry`; owned VMs are scanned for drift
-/// every `drift_interval`.
+/// every `drift_interval`. The Proxmox provider is also returned as itself (migrations retire the VMs
+/// an environment no longer runs through it), `None` when plan-only.
 pub fn build_provider(
     kind: ProviderKind,
     drift_interval: Duration,
@@ -1038,9 +1195,9 @@ pub fn build_provider(
     store: &Arc<Store>,
     desired: Arc<dyn Objects>,
     registry: &prometheus::Registry,
-) -> Result<Arc<dyn Provider>, BuildError> {
+) -> Result<(Arc<dyn Provider>, Option<ProxmoxProvider>), BuildError> {
     match kind {
-        ProviderKind::PlanOnly => Ok(Arc::new(crate::provider::PlanOnly)),
+        ProviderKind::PlanOnly => Ok((Arc::new(crate::provider::PlanOnly), None)),
         ProviderKind::Proxmox => {
             let id = instance_id(state_dir, instance).map_err(|source| BuildError::InstanceId {
                 dir: state_dir.display().to_string(),
@@ -1048,10 +1205,9 @@ pub fn build_provider(
             })?;
             let metrics = ProxmoxMetrics::register(registry)?;
             tracing::info!(owner_tag_prefix = %instance_prefix(&id), "Proxmox provider enabled");
-            Ok(Arc::new(
-                ProxmoxProvider::new(store.clone(), desired, id, metrics, RateLimit::default())
-                    .with_drift_interval(drift_interval),
-            ))
+            let provider = ProxmoxProvider::new(store.clone(), desired, id, metrics, RateLimit::default())
+                .with_drift_interval(drift_interval);
+            Ok((Arc::new(provider.clone()), Some(provider)))
         }
     }
 }
@@ -1156,6 +1312,72 @@ mod tests {
         assert_eq!(*built.lock().unwrap(), 1, "one client per environment");
         assert_eq!(environment.drift.interval(), Duration::from_secs(90));
         assert!(environment.drift.due_in(101) <= Duration::from_secs(90));
+    }
+
+    fn vm_record(environment: &str, vmid: u32) -> VmRecord {
+        VmRecord {
+            environment: environment.into(),
+            deployment: "uni".into(),
+            application: "mastodon".into(),
+            name: "uni-mastodon".into(),
+            owner_tag: owner_tag("instance-1", "uni"),
+            vmid,
+            node: "pve".into(),
+            phase: RecordPhase::Present,
+            task: None,
+            configured: None,
+            pending: Vec::new(),
+            address: Some(format!("192.0.2.{}", vmid % 200)),
+            deletion_policy: DeletionPolicy::Delete,
+        }
+    }
+
+    #[test]
+    fn a_hosts_vms_in_two_environments_keep_their_own_records_and_an_old_key_moves_on_first_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let metrics = ProxmoxMetrics::register(&prometheus::Registry::new()).unwrap();
+        let provider = ProxmoxProvider::with_factory(
+            store.clone(),
+            Arc::new(Nothing),
+            "instance-1".into(),
+            metrics,
+            Box::new(|_: &RuntimeEnvironment, _: ProxmoxMetrics| Ok(ScriptedApi::new().api())),
+        );
+        // Written before the environment was part of the key.
+        store
+            .put_inventory(
+                &lifecycle::legacy_record_key("uni", "mastodon"),
+                &vm_record("a", 101),
+            )
+            .unwrap();
+        store
+            .put_inventory(
+                &lifecycle::record_key("b", "uni", "mastodon"),
+                &vm_record("b", 201),
+            )
+            .unwrap();
+
+        let mut records = provider.records("uni").unwrap();
+        records.sort_by_key(|r| r.vmid);
+
+        assert_eq!(records, vec![vm_record("a", 101), vm_record("b", 201)]);
+        assert_eq!(
+            store
+                .inventory::<VmRecord>(&lifecycle::legacy_record_key("uni", "mastodon"))
+                .unwrap(),
+            None,
+            "the old key is gone"
+        );
+        assert_eq!(
+            recorded_vm(&store, "a", "uni", "mastodon").unwrap(),
+            Some(vm_record("a", 101))
+        );
+        assert_eq!(
+            recorded_vm(&store, "b", "uni", "mastodon").unwrap(),
+            Some(vm_record("b", 201))
+        );
+        assert_eq!(recorded_vm(&store, "c", "uni", "mastodon").unwrap(), None);
     }
 
     #[test]

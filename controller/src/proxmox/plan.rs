@@ -147,6 +147,9 @@ pub enum Step {
     Destroy,
     /// Under `Retain`: keep the VM and mark the record orphaned.
     Orphan,
+    /// Re-verify, then stop the VM and keep it with its disks (a moved Deployment's old VM under
+    /// `Retain`; started again should the Deployment come back).
+    Stop,
     /// The VM is gone: drop the record.
     Forget,
 }

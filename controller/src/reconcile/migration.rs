@@ -27,6 +27,10 @@ pub const PLACED_FIELD: &str = "runtimeEnvironment";
 const GENERATION_FIELD: &str = "migrationGeneration";
 /// How often a migrating Deployment's status is refreshed without a step (its downtime grows).
 const REFRESH: Duration = Duration::from_secs(15);
+/// The annotation that sets, in seconds, how long a moved Deployment's old hosts wait stopped under
+/// `deletionPolicy: Delete` before they are destroyed (during which a rollback can bring it back);
+/// a day when absent or not a number.
+pub const GRACE_ANNOTATION: &str = "fediversity.eu/migration-grace-seconds";
 
 /// What the reconcile does after looking at migrations.
 pub(super) enum Next {
@@ -54,14 +58,37 @@ fn environment(ctx: &Context, name: &str) -> Option<RuntimeEnvironment> {
     }
 }
 
-/// The retire policy that follows the Deployment's deletion policy.
+/// The retire policy that follows the Deployment's deletion policy (and its grace annotation).
 pub fn retire_policy(dep: &Deployment) -> RetirePolicy {
     match dep.spec.deletion_policy {
         DeletionPolicy::Retain => RetirePolicy::Retain,
         DeletionPolicy::Delete => RetirePolicy::Delete {
-            grace_ms: DEFAULT_GRACE_MS,
+            grace_ms: dep
+                .metadata
+                .annotations
+                .get(GRACE_ANNOTATION)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(DEFAULT_GRACE_MS, |s| s.saturating_mul(1000)),
         },
     }
+}
+
+/// For a migration that failed in the live pre-copy (the old environment's hosts or repository
+/// could not be reached, past the retries): what starting the target from the last backups instead
+/// would lose, as [`decide::restore_from_backup`] states it before the operator's confirmation.
+fn restore_from_backup_hint(r: &MigrationRecord, hosts: &[String], old: Option<&Value>) -> Option<String> {
+    if r.phase != Phase::Failed || r.failed_in != Some(Phase::PreCopying) {
+        return None;
+    }
+    let last = decide::LastBackup::from_status(old.and_then(|s| s.get("backups")));
+    decide::restore_from_backup(Some(r), &r.deployment, &r.to, hosts, &last, false, now_ms())
+        .err()
+        .map(|e| {
+            format!(
+                "should {} stay unreachable: {e} (`fediversity migrate restore-from-backup deployment {}`)",
+                r.from, r.deployment
+            )
+        })
 }
 
 /// The record as status shows it: `status.migration` and the `Migrating` condition.
@@ -108,17 +135,26 @@ pub(super) fn reconcile(
                 && last_generation == Some(generation)
             {
                 // Not tried again on its own: the same spec would fail the same way.
+                let mut message = format!(
+                    "the migration from {} to {} failed in {}: {}; the Deployment still runs in {}; \
+                     edit the Deployment (or set spec.runtimeEnvironment back) to try again",
+                    prev.from,
+                    prev.to,
+                    prev.failed_in.map_or("?", Phase::as_str),
+                    prev.reason.as_deref().unwrap_or("no reason recorded"),
+                    prev.from
+                );
+                if let Some(hint) = restore_from_backup_hint(
+                    prev,
+                    &hosts.iter().map(|h| h.name.clone()).collect::<Vec<_>>(),
+                    old,
+                ) {
+                    message.push_str("; ");
+                    message.push_str(&hint);
+                }
                 return Err(ReconcileError::Terminal {
                     reason: "MigrationFailed",
-                    message: format!(
-                        "the migration from {} to {} failed in {}: {}; the Deployment still runs in {}; \
-                         edit the Deployment (or set spec.runtimeEnvironment back) to try again",
-                        prev.from,
-                        prev.to,
-                        prev.failed_in.map_or("?", Phase::as_str),
-                        prev.reason.as_deref().unwrap_or("no reason recorded"),
-                        prev.from
-                    ),
+                    message,
                 });
             }
             let from = environment(ctx, &r.from).ok_or_else(|| ReconcileError::Waiting {
@@ -277,4 +313,92 @@ fn start_driver(
         .ensure_running(inputs, repository, report)
         .map_err(|e| refused(e.reason))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn deployment(policy: &str, annotations: &str) -> Deployment {
+        let text = format!(
+            "apiVersion: fediversity.eu/v1alpha1\nkind: Deployment\nmetadata:\n  name: demo\n  annotations: {{ {annotations} }}\n\
+spec:\n  domain: lab.example\n  runtimeEnvironment: a\n  deletionPolicy: {policy}\n  applications: {{ alpha: {{}} }}\n"
+        );
+        let docs = crate::yaml::parse_documents(&text, &crate::yaml::Limits::default()).unwrap();
+        match crate::api::parse_object(&docs[0].1).unwrap() {
+            Object::Deployment(d) => d,
+            other => panic!("not a Deployment: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_migration_that_failed_in_the_pre_copy_states_what_a_restore_from_the_last_backup_would_lose() {
+        let mut r =
+            crate::migrate::phase::begin("demo", "a", "b", RetirePolicy::Retain, FailedTarget::Remove, 0);
+        r.phase = Phase::Failed;
+        r.failed_in = Some(Phase::PreCopying);
+        let hosts = vec!["demo-alpha".to_owned(), "demo-beta".to_owned()];
+        let status = serde_json::json!({ "backups": [
+            { "host": "demo-beta", "result": "Succeeded", "snapshot": "b2b2b2b2", "time": "2026-12-03T06:00:00Z" },
+            { "host": "demo-alpha", "result": "Failed", "snapshot": "a1a1a1a1", "time": "2026-12-02T23:00:00Z" }
+        ]});
+        let hint = restore_from_backup_hint(&r, &hosts, Some(&status)).expect("a hint");
+        assert!(hint.starts_with("should a stay unreachable: "), "{hint}");
+        assert!(
+            hint.contains("demo-alpha: a1a1a1a1, demo-beta: b2b2b2b2")
+                && hint.contains("every write made since 2026-12-02T23:00:00Z"),
+            "the oldest good backup starts the data-loss window: {hint}"
+        );
+        assert!(
+            hint.contains("`fediversity migrate restore-from-backup deployment demo`"),
+            "{hint}"
+        );
+        let never =
+            serde_json::json!({ "backups": [{ "host": "demo-beta", "result": "Failed", "failures": 3 }] });
+        assert!(
+            restore_from_backup_hint(&r, &hosts, Some(&never))
+                .is_some_and(|h| h.contains("no successful backup")),
+            "a host never backed up: nothing to restore"
+        );
+        r.failed_in = Some(Phase::StartingTarget);
+        assert_eq!(
+            restore_from_backup_hint(&r, &hosts, Some(&status)),
+            None,
+            "the source was reached"
+        );
+    }
+
+    #[test]
+    fn the_grace_period_before_old_hosts_are_destroyed_is_a_day_unless_the_annotation_says_otherwise() {
+        assert_eq!(
+            retire_policy(&deployment("Delete", "")),
+            RetirePolicy::Delete {
+                grace_ms: DEFAULT_GRACE_MS
+            }
+        );
+        assert_eq!(
+            retire_policy(&deployment(
+                "Delete",
+                "fediversity.eu/migration-grace-seconds: \"12\""
+            )),
+            RetirePolicy::Delete { grace_ms: 12_000 }
+        );
+        assert_eq!(
+            retire_policy(&deployment(
+                "Delete",
+                "fediversity.eu/migration-grace-seconds: soon"
+            )),
+            RetirePolicy::Delete {
+                grace_ms: DEFAULT_GRACE_MS
+            },
+            "not a number: the default"
+        );
+        assert_eq!(
+            retire_policy(&deployment(
+                "Retain",
+                "fediversity.eu/migration-grace-seconds: \"12\""
+            )),
+            RetirePolicy::Retain
+        );
+    }
 }

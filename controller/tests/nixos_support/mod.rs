@@ -313,6 +313,12 @@ ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  acme: {{ 
         let address = format!("127.0.0.{}", NEXT_ADDRESS.fetch_add(1, Ordering::SeqCst));
         TestHost::start(self.path(), name, &address, free_port(), setup)
     }
+
+    /// Starts a host named `name` on `address:port` whose namespace first runs `setup` (an address a
+    /// simulated VM reports, with a PostgreSQL server of its own, say).
+    pub fn host_at_with(&self, name: &str, address: &str, port: u16, setup: &str) -> TestHost {
+        TestHost::start(self.path(), name, address, port, setup)
+    }
 }
 
 impl Default for Lab {

@@ -197,7 +197,7 @@ impl Rig {
 
     fn stored(&self) -> Option<VmRecord> {
         self.store
-            .inventory(&record_key("uni", "mastodon"))
+            .inventory(&record_key("lab", "uni", "mastodon"))
             .expect("the store reads")
     }
 
@@ -246,7 +246,7 @@ async fn a_new_host_is_reserved_recorded_cloned_configured_grown_started_and_add
         &qemu(9000, "/clone"),
         &[("newid", "101"), ("name", "uni-mastodon"), ("full", "0")],
         move |_| {
-            let intent: Option<VmRecord> = store.inventory(&record_key("uni", "mastodon")).unwrap();
+            let intent: Option<VmRecord> = store.inventory(&record_key("lab", "uni", "mastodon")).unwrap();
             let intent = intent.expect("the intent is recorded before the clone call");
             assert_eq!((intent.vmid, intent.phase), (101, RecordPhase::Creating));
             task(&answer)
@@ -317,7 +317,7 @@ async fn a_crash_between_the_intent_and_the_clone_call_clones_into_the_reserved_
     let (host, ctx) = (host(), ctx(DeletionPolicy::Retain));
     let intent = record(105, RecordPhase::Creating);
     rig.store
-        .put_inventory(&record_key("uni", "mastodon"), &intent)
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &intent)
         .unwrap();
     let plan = plan::plan_host(&host, Some(&intent), &[template()], &ctx);
     assert_eq!(plan.steps[0], Step::Clone { vmid: 105 });
@@ -431,7 +431,7 @@ async fn a_foreign_vm_on_the_intents_vmid_is_left_alone_and_a_500_on_the_new_clo
     let (host, ctx) = (host(), ctx(DeletionPolicy::Retain));
     let intent = record(100, RecordPhase::Creating);
     rig.store
-        .put_inventory(&record_key("uni", "mastodon"), &intent)
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &intent)
         .unwrap();
     let foreign = VmResource {
         vmid: 100,
@@ -729,7 +729,7 @@ async fn a_500_a_timeout_and_a_401_each_surface_as_their_own_error_class_and_cha
         let (host, ctx) = (host(), ctx(DeletionPolicy::Retain));
         let before = record(101, RecordPhase::Present);
         rig.store
-            .put_inventory(&record_key("uni", "mastodon"), &before)
+            .put_inventory(&record_key("lab", "uni", "mastodon"), &before)
             .unwrap();
         rig.api.expect(Get, &qemu(101, "/config"), Err(error.clone()));
 
@@ -789,7 +789,7 @@ async fn destroy_leaves_a_vm_that_is_no_longer_ours_alone_and_drops_only_the_rec
     let ctx = ctx(DeletionPolicy::Delete);
     let present = record(101, RecordPhase::Present);
     rig.store
-        .put_inventory(&record_key("uni", "mastodon"), &present)
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
         .unwrap();
     let steps = plan::plan_removal(&present, &[ours(101, true)], &ctx).steps;
     assert_eq!(steps, vec![Step::Destroy]);
@@ -814,7 +814,7 @@ async fn destroy_stops_a_running_vm_then_destroys_it_with_purge_and_its_disks() 
     let ctx = ctx(DeletionPolicy::Delete);
     let present = record(101, RecordPhase::Present);
     rig.store
-        .put_inventory(&record_key("uni", "mastodon"), &present)
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
         .unwrap();
     rig.api.expect(
         Get,
@@ -844,12 +844,66 @@ async fn destroy_stops_a_running_vm_then_destroys_it_with_purge_and_its_disks() 
 }
 
 #[tokio::test(start_paused = true)]
+async fn stop_re_verifies_the_vm_stops_it_and_keeps_it_and_its_record_without_the_old_address() {
+    let rig = rig();
+    let ctx = ctx(DeletionPolicy::Retain);
+    let mut present = record(101, RecordPhase::Present);
+    present.address = Some("192.0.2.9".into());
+    rig.store
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
+        .unwrap();
+    rig.api.expect(
+        Get,
+        &qemu(101, "/config"),
+        Ok(json!({ "name": "uni-mastodon", "tags": format!("fediversity;{OWNER}"), "digest": "d7" })),
+    );
+    expect_task(&rig.api, Post, &qemu(101, "/status/stop"), 101, "qmstop", "OK");
+
+    let ran = rig.run(None, &ctx, Some(present), true, vec![Step::Stop]).await;
+
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Done);
+    rig.api.assert_done();
+    let kept = rig.stored().expect("the record is kept");
+    assert_eq!(
+        (kept.vmid, kept.phase, kept.address),
+        (101, RecordPhase::Present, None)
+    );
+    assert!(
+        rig.api.calls().iter().all(|c| c.method != Delete),
+        "{:?}",
+        rig.api.calls()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_leaves_a_vm_that_is_no_longer_ours_running_and_drops_only_the_record() {
+    let rig = rig();
+    let ctx = ctx(DeletionPolicy::Retain);
+    let present = record(101, RecordPhase::Present);
+    rig.store
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
+        .unwrap();
+    rig.api.expect(
+        Get,
+        &qemu(101, "/config"),
+        Ok(json!({ "name": "someone-else", "tags": format!("fediversity;{OWNER}"), "digest": "d8" })),
+    );
+
+    let ran = rig.run(None, &ctx, Some(present), true, vec![Step::Stop]).await;
+
+    assert_eq!(ran.outcome.expect("no error"), HostOutcome::Removed);
+    rig.api.assert_done();
+    assert_eq!(rig.stored(), None);
+    assert!(rig.api.calls().iter().all(|c| c.method == Get));
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_vm_already_gone_counts_as_destroyed() {
     let rig = rig();
     let ctx = ctx(DeletionPolicy::Delete);
     let present = record(101, RecordPhase::Present);
     rig.store
-        .put_inventory(&record_key("uni", "mastodon"), &present)
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
         .unwrap();
     rig.api.expect(
         Get,
@@ -1076,7 +1130,7 @@ async fn removal_under_retain_orphans_the_vm_and_forgets_one_already_gone_withou
     let ctx = ctx(DeletionPolicy::Retain);
     let present = record(101, RecordPhase::Present);
     rig.store
-        .put_inventory(&record_key("uni", "mastodon"), &present)
+        .put_inventory(&record_key("lab", "uni", "mastodon"), &present)
         .unwrap();
     let steps = plan::plan_removal(&present, &[ours(101, true)], &ctx).steps;
     assert_eq!(steps, vec![Step::Orphan]);
