@@ -1,12 +1,10 @@
 //! The final copy's restore of only what changed: the snapshot's manifest is compared with what the
 //! target already holds from the pre-copy, and only differing files are taken from the snapshot.
 
-use std::time::Duration;
-
 use crate::api::DataSpec;
-use crate::backup::manifest::{self, DatabaseSums, Entry, FileManifest};
+use crate::backup::manifest::{self, Entry, FileManifest};
 use crate::backup::script::{self, Layout};
-use crate::backup::{BackupError, Repository, Shell};
+use crate::backup::{BackupError, Backuper, Repository, Shell};
 use crate::nixos::escape::{shell_word, shell_words};
 
 /// Paths handed to one `restic restore` (its arguments stay far below the kernel's limit).
@@ -76,94 +74,34 @@ pub fn include_pattern(path: &str) -> String {
     out
 }
 
-fn fail(shell: &impl Shell, step: &'static str, out: &crate::nixos::command::Output) -> BackupError {
-    if out.code == Some(script::EXIT_LOCKED) {
-        return BackupError::Busy(shell.host_name().to_owned());
-    }
-    BackupError::Step {
-        step,
-        host: shell.host_name().to_owned(),
-        code: out.code,
-        stderr: crate::nixos::command::tail(&out.stderr),
-    }
-}
+/// Scripts stay below this many bytes (the kernel takes at most 128 KiB in one argument); a larger
+/// delta is applied in several connections.
+const SCRIPT_LIMIT: usize = 96 * 1024;
 
-async fn run(
-    shell: &impl Shell,
-    step: &'static str,
-    line: &str,
-    timeout: Duration,
-) -> Result<String, BackupError> {
-    let out = shell.run(step, line, None, timeout).await?;
-    if out.success() {
-        Ok(out.stdout)
-    } else {
-        Err(fail(shell, step, &out))
-    }
-}
-
-/// The target's live manifest (taken while the source's final backup runs).
+/// The target's live manifest (taken while the source's final backup runs), quick within `lineage`.
 pub async fn target_manifest(
     shell: &impl Shell,
-    layout: &Layout,
+    backuper: &Backuper,
     data: &DataSpec,
-    timeout: Duration,
+    lineage: &str,
 ) -> Result<FileManifest, BackupError> {
-    Ok(FileManifest::parse(
-        &run(
+    let out = backuper
+        .run_remote(
             shell,
             "take the target's manifest",
-            &script::live_manifest(layout, &data.paths),
-            timeout,
+            &script::live_manifest_in(backuper.layout(), &data.paths, Some(lineage)),
+            None,
+            false,
         )
-        .await?,
-    )?)
+        .await?;
+    Ok(FileManifest::parse(&out.stdout)?)
 }
 
-/// Brings the target's data (held stopped, holding an earlier copy whose manifest is `have`) to
-/// snapshot `id`, taking from the repository only what differs, restoring the databases from the
-/// snapshot's dumps, and comparing the result with the snapshot's manifest. The secrets must have been
-/// delivered; the caller cleans up.
-pub async fn restore_changes(
-    shell: &impl Shell,
-    layout: &Layout,
-    repo: &Repository,
-    id: &str,
-    data: &DataSpec,
-    have: &FileManifest,
-    timeout: Duration,
-) -> Result<DeltaReport, BackupError> {
+/// The shell lines that apply `delta` (files unpacked from snapshot `id` into the restore folder):
+/// each fetch of up to [`CHUNK`] paths, each removal, folder and move, in order.
+pub fn delta_lines(layout: &Layout, id: &str, delta: &DeltaPlan) -> Vec<String> {
     let r = layout.restore();
-    let prologue = script::prologue(layout, repo.access());
-    let staging = layout.staging();
-    run(
-        shell,
-        "unpack the snapshot's manifest and dumps",
-        &format!(
-            "{prologue}restic unlock >/dev/null 2>&1 || true; rm -rf {r}; mkdir -p {r}; {} >/dev/null",
-            shell_words(&[
-                "restic",
-                "restore",
-                id,
-                "--target",
-                &r,
-                "--include",
-                &include_pattern(&staging)
-            ])
-        ),
-        timeout,
-    )
-    .await?;
-    let want = FileManifest::parse(
-        &run(
-            shell,
-            "read the snapshot's manifest",
-            &script::restored_manifest(layout),
-            timeout,
-        )
-        .await?,
-    )?;
-    let delta = plan(&want, have);
+    let mut lines = Vec::new();
     for chunk in delta.fetch.chunks(CHUNK) {
         let mut words = vec![
             "restic".to_owned(),
@@ -176,21 +114,14 @@ pub async fn restore_changes(
             words.push("--include".into());
             words.push(include_pattern(p));
         }
-        run(
-            shell,
-            "unpack the changed files",
-            &format!("{prologue}{} >/dev/null", shell_words(&words)),
-            timeout,
-        )
-        .await?;
+        lines.push(format!("{} >/dev/null; ", shell_words(&words)));
     }
-    let mut line = String::from("set -eu; ");
     for p in &delta.remove {
-        line.push_str(&format!("rm -rf {}; ", shell_word(p)));
+        lines.push(format!("rm -rf {}; ", shell_word(p)));
     }
     for (p, e) in &delta.folders {
         let p = shell_word(p);
-        line.push_str(&format!(
+        lines.push(format!(
             "mkdir -p {p}; chmod {} {p}; chown -h {} {p}; ",
             shell_word(&e.mode),
             shell_word(&e.owner)
@@ -199,50 +130,112 @@ pub async fn restore_changes(
     for p in &delta.fetch {
         let to = shell_word(p);
         let from = shell_word(&format!("{r}{p}"));
-        line.push_str(&format!(
+        lines.push(format!(
             "mkdir -p \"$(dirname {to})\"; rm -rf {to}; mv {from} {to}; "
         ));
     }
-    line.push_str("true");
-    run(shell, "move the changed files into place", &line, timeout).await?;
-    let mut differences = Vec::new();
+    lines
+}
+
+/// `lines` packed in order into as few scripts as possible, each starting with `prologue` and below
+/// `limit` bytes (a line longer than that alone in its script).
+pub fn pack(prologue: &str, lines: &[String], limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = prologue.to_owned();
+    for line in lines {
+        if current.len() > prologue.len() && current.len() + line.len() > limit {
+            out.push(std::mem::replace(&mut current, prologue.to_owned()));
+        }
+        current.push_str(line);
+    }
+    out.push(current);
+    out
+}
+
+/// Brings the target's data (held stopped, holding an earlier copy whose manifest is `have`) to
+/// snapshot `id`, taking from the repository only what differs, restoring the databases from the
+/// snapshot's dumps, and comparing the result with the snapshot's manifest: two connections (more
+/// only for a delta too long for one script). The secrets are delivered by the first; the work
+/// folders and secrets are removed when the last ends (the caller cleans up after a failure).
+pub async fn restore_changes(
+    shell: &impl Shell,
+    backuper: &Backuper,
+    repo: &Repository,
+    id: &str,
+    data: &DataSpec,
+    have: &FileManifest,
+    lineage: &str,
+) -> Result<DeltaReport, BackupError> {
+    let layout = backuper.layout();
+    let r = layout.restore();
+    let prologue = script::prologue(layout, repo.access());
+    let staging = layout.staging();
+    let unpack = shell_words(&[
+        "restic",
+        "restore",
+        id,
+        "--target",
+        &r,
+        "--include",
+        &include_pattern(&staging),
+    ]);
+    // A stale lock only costs a second opening of the repository when there is one.
+    let mut line = format!(
+        "{prologue}rm -rf {r}; mkdir -p {r}; if ! {unpack} >/dev/null 2>{d}/unpack.err; then \
+restic unlock >/dev/null 2>&1 || true; {unpack} >/dev/null; fi; {}",
+        script::restored_manifest(layout),
+        d = layout.dir,
+    );
     for db in &data.databases {
-        let recorded = DatabaseSums::parse(
-            &run(
-                shell,
-                "read a database's checksums",
-                &script::restored_database_meta(layout, db),
-                timeout,
-            )
-            .await?,
-        )?;
-        run(
+        line.push_str(&format!(
+            "; printf '\\0--database--\\0'; {}",
+            script::restored_database_meta(layout, db)
+        ));
+    }
+    let out = backuper
+        .run_remote(
             shell,
-            "restore a database",
-            &script::restore_database(layout, db, &recorded.meta),
-            timeout,
+            "unpack the snapshot's manifest and dumps",
+            &line,
+            Some(repo),
+            false,
         )
         .await?;
-        let restored = DatabaseSums::parse(
-            &run(
-                shell,
-                "checksum a restored database",
-                &script::database_checksums(db),
-                timeout,
-            )
-            .await?,
-        )?;
-        differences.extend(manifest::compare_database(db, &recorded, &restored));
+    let (want, _, recorded) = manifest::parse_state(&out.stdout, data.databases.len())?;
+    let delta = plan(&want, have);
+    let mut finish = String::new();
+    for (db, sums) in data.databases.iter().zip(&recorded) {
+        finish.push_str(&script::restore_database(layout, db, &sums.meta));
+        finish.push_str("; ");
     }
-    let after = FileManifest::parse(
-        &run(
-            shell,
-            "take the restored files' manifest",
-            &script::live_manifest(layout, &data.paths),
-            timeout,
-        )
-        .await?,
-    )?;
+    finish.push_str(&script::live_state(
+        layout,
+        &data.paths,
+        &data.databases,
+        Some(lineage),
+    ));
+    let mut lines = delta_lines(layout, id, &delta);
+    lines.push(finish);
+    let scripts = pack(&prologue, &lines, SCRIPT_LIMIT);
+    let last = scripts.len() - 1;
+    let mut output = String::new();
+    for (i, line) in scripts.iter().enumerate() {
+        output = backuper
+            .run_remote(
+                shell,
+                "restore the changes and the databases",
+                line,
+                None,
+                i == last,
+            )
+            .await?
+            .stdout;
+    }
+    let (after, _, restored) = manifest::parse_state(&output, data.databases.len())?;
+    let mut differences = Vec::new();
+    for ((db, a), b) in data.databases.iter().zip(&recorded).zip(&restored) {
+        differences.extend(manifest::compare_database(db, a, b));
+    }
     differences.extend(manifest::compare_files(&want, &after));
     Ok(DeltaReport {
         restored: delta.fetch.len(),
