@@ -235,6 +235,11 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
         }
     }
 
+    eprintln!(
+        "  the final backup: {}",
+        source.sh("grep '\"message_type\":\"summary\"' /var/lib/fediversity-backup/backup.json | tail -n 1")
+    );
+
     // The naive path on the same data: stop, full backup into an empty repository, restore, start.
     let started = Instant::now();
     source.sh("rm -f /var/lib/service/serving");

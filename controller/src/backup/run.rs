@@ -538,6 +538,33 @@ impl Backuper {
         target: &BackupTarget<'_>,
         lineage: Option<&str>,
     ) -> Result<BackupReport, BackupError> {
+        Ok(self.backup_inner(shell, repo, target, lineage).await?.0)
+    }
+
+    /// [`Self::backup_in`] that also returns the manifest and the databases' checksums the snapshot
+    /// recorded (read in the same connection).
+    pub async fn backup_recorded(
+        &self,
+        shell: &impl Shell,
+        repo: &Repository,
+        target: &BackupTarget<'_>,
+        lineage: &str,
+    ) -> Result<(BackupReport, FileManifest, Vec<DatabaseSums>), BackupError> {
+        let (report, recorded) = self.backup_inner(shell, repo, target, Some(lineage)).await?;
+        let (files, dbs) = recorded.ok_or_else(|| BackupError::BadOutput {
+            step: "back up",
+            detail: "no manifest after the summary".into(),
+        })?;
+        Ok((report, files, dbs))
+    }
+
+    async fn backup_inner(
+        &self,
+        shell: &impl Shell,
+        repo: &Repository,
+        target: &BackupTarget<'_>,
+        lineage: Option<&str>,
+    ) -> Result<(BackupReport, Option<(FileManifest, Vec<DatabaseSums>)>), BackupError> {
         let started = Instant::now();
         let plan = BackupPlan {
             host: target.host.to_owned(),
@@ -554,8 +581,14 @@ impl Backuper {
         };
         let line = script::backup(&self.layout, &repo.access, &plan);
         let out = self.run_remote(shell, "back up", &line, Some(repo), true).await?;
-        let summary: Summary = out
-            .stdout
+        let (text, recorded) = match out.stdout.split_once(script::MANIFEST_MARK) {
+            Some((text, rest)) => {
+                let (files, _, dbs) = manifest::parse_state(rest, target.data.databases.len())?;
+                (text, Some((files, dbs)))
+            }
+            None => (out.stdout.as_str(), None),
+        };
+        let summary: Summary = text
             .lines()
             .rev()
             .find_map(|l| serde_json::from_str(l).ok())
@@ -563,14 +596,15 @@ impl Backuper {
                 step: "restic backup",
                 detail: "no summary line".into(),
             })?;
-        Ok(BackupReport {
+        let report = BackupReport {
             snapshot: summary.snapshot_id,
             bytes_added: summary.data_added,
             total_bytes: summary.total_bytes_processed,
             files: summary.total_files_processed,
             files_changed: summary.files_new + summary.files_changed,
             duration: started.elapsed(),
-        })
+        };
+        Ok((report, recorded))
     }
 
     /// Creates the repository when there is none, from this one host: hosts that back up at once into a

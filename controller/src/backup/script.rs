@@ -286,8 +286,24 @@ pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> Stri
         "{} {st} \"$@\" >{d}/backup.json; grep '\"message_type\":\"summary\"' {d}/backup.json | tail -n 1",
         shell_words(&words)
     ));
+    if plan.lineage.is_some() {
+        // The manifest and the databases' checksums follow, so that no second connection reads them.
+        s.push_str(&format!(
+            "; printf '\\0--manifest--\\0'; {}",
+            restored_manifest_in(&st)
+        ));
+        for db in &plan.databases {
+            s.push_str(&format!(
+                "; printf '\\0--database--\\0'; cat {}",
+                shell_word(&format!("{st}/databases/{db}.json"))
+            ));
+        }
+    }
     s
 }
+
+/// The separator between a backup's summary and the manifest it recorded (backups in a lineage).
+pub const MANIFEST_MARK: &str = "\0--manifest--\0";
 
 /// Creates the repository when `restic cat config` says there is none; any other failure stops the line.
 fn init_if_missing(layout: &Layout) -> String {
@@ -494,7 +510,10 @@ pub fn live_state(layout: &Layout, paths: &[String], databases: &[String], linea
 
 /// The line that prints a manifest stored in the restored staging folder, as [`live_manifest`] does.
 pub fn restored_manifest(layout: &Layout) -> String {
-    let st = layout.restored_staging();
+    restored_manifest_in(&layout.restored_staging())
+}
+
+fn restored_manifest_in(st: &str) -> String {
     format!("cat {st}/files.stat; printf '\\0--sha256--\\0'; cat {st}/files.sha256")
 }
 

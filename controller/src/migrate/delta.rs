@@ -2,7 +2,7 @@
 //! target already holds from the pre-copy, and only differing files are taken from the snapshot.
 
 use crate::api::DataSpec;
-use crate::backup::manifest::{self, Entry, FileManifest};
+use crate::backup::manifest::{self, DatabaseSums, Entry, FileManifest};
 use crate::backup::script::{self, Layout};
 use crate::backup::{BackupError, Backuper, Repository, Shell};
 use crate::nixos::escape::{shell_word, shell_words};
@@ -97,12 +97,16 @@ pub async fn target_manifest(
     Ok(FileManifest::parse(&out.stdout)?)
 }
 
-/// The shell lines that apply `delta` (files unpacked from snapshot `id` into the restore folder):
-/// each fetch of up to [`CHUNK`] paths, each removal, folder and move, in order.
+/// The shell lines that apply `delta` from snapshot `id`: unpack the snapshot's staging folder and
+/// the changed files (up to [`CHUNK`] paths a run; a stale lock is cleared when a run fails), then each
+/// removal, folder and move, in order.
 pub fn delta_lines(layout: &Layout, id: &str, delta: &DeltaPlan) -> Vec<String> {
     let r = layout.restore();
-    let mut lines = Vec::new();
-    for chunk in delta.fetch.chunks(CHUNK) {
+    let staging = layout.staging();
+    let mut lines = vec![format!("rm -rf {r}; mkdir -p {r}; ")];
+    let mut includes: Vec<&str> = vec![&staging];
+    includes.extend(delta.fetch.iter().map(String::as_str));
+    for chunk in includes.chunks(CHUNK) {
         let mut words = vec![
             "restic".to_owned(),
             "restore".into(),
@@ -114,7 +118,11 @@ pub fn delta_lines(layout: &Layout, id: &str, delta: &DeltaPlan) -> Vec<String> 
             words.push("--include".into());
             words.push(include_pattern(p));
         }
-        lines.push(format!("{} >/dev/null; ", shell_words(&words)));
+        let run = shell_words(&words);
+        lines.push(format!(
+            "if ! {run} >/dev/null 2>{d}/unpack.err; then restic unlock >/dev/null 2>&1 || true; {run} >/dev/null; fi; ",
+            d = layout.dir
+        ));
     }
     for p in &delta.remove {
         lines.push(format!("rm -rf {}; ", shell_word(p)));
@@ -153,58 +161,28 @@ pub fn pack(prologue: &str, lines: &[String], limit: usize) -> Vec<String> {
 }
 
 /// Brings the target's data (held stopped, holding an earlier copy whose manifest is `have`) to
-/// snapshot `id`, taking from the repository only what differs, restoring the databases from the
-/// snapshot's dumps, and comparing the result with the snapshot's manifest: two connections (more
-/// only for a delta too long for one script). The secrets are delivered by the first; the work
-/// folders and secrets are removed when the last ends (the caller cleans up after a failure).
+/// snapshot `id`, whose recorded manifest is `want` and databases' checksums `recorded`: takes from
+/// the repository only what differs, restores the databases from the snapshot's dumps, and compares
+/// the result with `want`, in one connection (more only for a delta too long for one script). The
+/// secrets are delivered on the way; the work folders and secrets are removed when the last connection
+/// ends (the caller cleans up after a failure).
+#[allow(clippy::too_many_arguments)] // reason: the two sides of one comparison, each as it came
 pub async fn restore_changes(
     shell: &impl Shell,
     backuper: &Backuper,
     repo: &Repository,
     id: &str,
     data: &DataSpec,
+    want: &FileManifest,
+    recorded: &[DatabaseSums],
     have: &FileManifest,
     lineage: &str,
 ) -> Result<DeltaReport, BackupError> {
     let layout = backuper.layout();
-    let r = layout.restore();
     let prologue = script::prologue(layout, repo.access());
-    let staging = layout.staging();
-    let unpack = shell_words(&[
-        "restic",
-        "restore",
-        id,
-        "--target",
-        &r,
-        "--include",
-        &include_pattern(&staging),
-    ]);
-    // A stale lock only costs a second opening of the repository when there is one.
-    let mut line = format!(
-        "{prologue}rm -rf {r}; mkdir -p {r}; if ! {unpack} >/dev/null 2>{d}/unpack.err; then \
-restic unlock >/dev/null 2>&1 || true; {unpack} >/dev/null; fi; {}",
-        script::restored_manifest(layout),
-        d = layout.dir,
-    );
-    for db in &data.databases {
-        line.push_str(&format!(
-            "; printf '\\0--database--\\0'; {}",
-            script::restored_database_meta(layout, db)
-        ));
-    }
-    let out = backuper
-        .run_remote(
-            shell,
-            "unpack the snapshot's manifest and dumps",
-            &line,
-            Some(repo),
-            false,
-        )
-        .await?;
-    let (want, _, recorded) = manifest::parse_state(&out.stdout, data.databases.len())?;
-    let delta = plan(&want, have);
+    let delta = plan(want, have);
     let mut finish = String::new();
-    for (db, sums) in data.databases.iter().zip(&recorded) {
+    for (db, sums) in data.databases.iter().zip(recorded) {
         finish.push_str(&script::restore_database(layout, db, &sums.meta));
         finish.push_str("; ");
     }
@@ -225,7 +203,7 @@ restic unlock >/dev/null 2>&1 || true; {unpack} >/dev/null; fi; {}",
                 shell,
                 "restore the changes and the databases",
                 line,
-                None,
+                (i == 0).then_some(repo),
                 i == last,
             )
             .await?
@@ -233,10 +211,10 @@ restic unlock >/dev/null 2>&1 || true; {unpack} >/dev/null; fi; {}",
     }
     let (after, _, restored) = manifest::parse_state(&output, data.databases.len())?;
     let mut differences = Vec::new();
-    for ((db, a), b) in data.databases.iter().zip(&recorded).zip(&restored) {
+    for ((db, a), b) in data.databases.iter().zip(recorded).zip(&restored) {
         differences.extend(manifest::compare_database(db, a, b));
     }
-    differences.extend(manifest::compare_files(&want, &after));
+    differences.extend(manifest::compare_files(want, &after));
     Ok(DeltaReport {
         restored: delta.fetch.len(),
         removed: delta.remove.len(),
@@ -305,6 +283,39 @@ mod tests {
             vec!["/d", "/d/new"]
         );
         assert_eq!(plan(&want, &want), DeltaPlan::default());
+    }
+
+    #[test]
+    fn a_long_delta_is_packed_in_order_into_scripts_below_the_limit() {
+        let lines: Vec<String> = (0..10).map(|i| format!("step {i}; ")).collect();
+        let scripts = pack("P; ", &lines, 30);
+        assert!(scripts.iter().all(|s| s.starts_with("P; ") && s.len() <= 30));
+        let joined: String = scripts.iter().map(|s| &s[3..]).collect();
+        assert_eq!(joined, lines.concat());
+        assert_eq!(pack("P; ", &lines, 1 << 20).len(), 1);
+        // A line longer than the limit still goes, alone.
+        assert_eq!(pack("P; ", &["x".repeat(100)], 30).len(), 1);
+    }
+
+    #[test]
+    fn the_final_copy_unpacks_the_staging_folder_with_the_changed_files() {
+        let layout = Layout {
+            dir: "/var/lib/fediversity-backup".into(),
+        };
+        let delta = DeltaPlan {
+            fetch: vec!["/var/lib/app/a b".into()],
+            remove: vec!["/var/lib/app/gone".into()],
+            folders: vec![],
+        };
+        let lines = delta_lines(&layout, "abc", &delta);
+        assert!(lines[1].contains(
+            "restic restore abc --target /var/lib/fediversity-backup/restore --include /var/lib/fediversity-backup/staging --include '/var/lib/app/a b'"
+        ));
+        assert_eq!(lines[2], "rm -rf /var/lib/app/gone; ");
+        assert!(
+            lines[3]
+                .ends_with("mv '/var/lib/fediversity-backup/restore/var/lib/app/a b' '/var/lib/app/a b'; ")
+        );
     }
 
     #[test]

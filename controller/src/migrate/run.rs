@@ -316,11 +316,11 @@ impl Migrator {
             data: &app.data,
         };
         let lineage = lineage(r, app);
-        let backup = self
-            .backuper
-            .backup_in(source, &self.repository, &what, Some(&lineage));
         if !last {
-            let report = backup.await?;
+            let report = self
+                .backuper
+                .backup_in(source, &self.repository, &what, Some(&lineage))
+                .await?;
             self.backuper
                 .restore_in(
                     target,
@@ -335,15 +335,20 @@ impl Migrator {
         }
         // The final copy takes only what changed since the pre-copy (what the target holds is read
         // while the source is backed up); should that not verify, the whole snapshot is restored.
+        let backup = self
+            .backuper
+            .backup_recorded(source, &self.repository, &what, &lineage);
         let have = super::delta::target_manifest(target, &self.backuper, &held, &lineage);
-        let (report, have) = tokio::join!(backup, have);
-        let (report, have) = (report?, have?);
+        let (backup, have) = tokio::join!(backup, have);
+        let ((report, want, recorded), have) = (backup?, have?);
         let delta = super::delta::restore_changes(
             target,
             &self.backuper,
             &self.repository,
             &report.snapshot,
             &held,
+            &want,
+            &recorded,
             &have,
             &lineage,
         )
