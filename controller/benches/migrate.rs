@@ -208,6 +208,11 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
         "app",
         "INSERT INTO posts SELECT i, 'late' FROM generate_series(20001, 20200) i;",
     );
+    // Those writes happened while the source served: the downtime starts with the stop, now.
+    let mut r = record::load(&store, "op").unwrap().unwrap();
+    let now = fediversity::migrate::run::now_ms();
+    (r.downtime_started_ms, r.phase_started_ms) = (Some(now), now);
+    record::save(&store, &r).unwrap();
     let r = m
         .drive(&world, &store, "op", Duration::from_secs(60), |s| {
             eprintln!("  {} → {}", s.before, s.record.phase);

@@ -243,21 +243,19 @@ pub struct BackupPlan {
     pub lineage: Option<String>,
 }
 
-/// The backup line: clears stale locks, creates the repository when there is none, dumps every
-/// database, writes the manifest, takes one snapshot of the staging folder and the data paths, and
-/// prints restic's JSON summary.
+/// The backup line: dumps every database while the manifest is written, takes one snapshot of the
+/// staging folder and the data paths, and prints restic's JSON summary (then, in a lineage, the
+/// manifest and the databases' checksums). Should restic fail, stale locks are cleared, the repository
+/// is created when there is none, and it runs once more: each restic run opens the repository anew, so
+/// the common case pays for one.
 pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> String {
     let st = layout.staging();
     let d = &layout.dir;
     let mut s = prologue(layout, access);
-    // Stale locks are cleared and the repository created while the databases are dumped and the
-    // files listed: each restic run opens the repository anew.
-    s.push_str(&format!(
-        "rm -rf {st}; mkdir -p {st}/databases; ( restic unlock >/dev/null 2>&1 || true; {}) & repo_ready=$!; ",
-        init_if_missing(layout)
-    ));
+    s.push_str(&format!("rm -rf {st}; mkdir -p {st}/databases; "));
     if !plan.databases.is_empty() {
         s.push_str(&dump_function());
+        s.push_str("( ");
         for db in &plan.databases {
             s.push_str(&format!(
                 "dump_db {} {st}/databases/{}; ",
@@ -265,10 +263,13 @@ pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> Stri
                 shell_word(db)
             ));
         }
+        s.push_str(") & dumps=$!; ");
     }
     s.push_str(&existing_paths(&plan.paths));
     s.push_str(&manifest_for(layout, &st, &plan.paths, plan.lineage.as_deref()));
-    s.push_str("wait $repo_ready; ");
+    if !plan.databases.is_empty() {
+        s.push_str("wait $dumps; ");
+    }
     let mut words = vec![
         "restic".to_owned(),
         "backup".to_owned(),
@@ -282,9 +283,11 @@ pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> Stri
         words.push(t.clone());
     }
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let run = format!("{} {st} \"$@\" >{d}/backup.json", shell_words(&words));
     s.push_str(&format!(
-        "{} {st} \"$@\" >{d}/backup.json; grep '\"message_type\":\"summary\"' {d}/backup.json | tail -n 1",
-        shell_words(&words)
+        "if ! {run} 2>{d}/backup.err; then restic unlock >/dev/null 2>&1 || true; {}{run}; fi; \
+grep '\"message_type\":\"summary\"' {d}/backup.json | tail -n 1",
+        init_if_missing(layout)
     ));
     if plan.lineage.is_some() {
         // The manifest and the databases' checksums follow, so that no second connection reads them.
