@@ -497,12 +497,19 @@ impl Backuper {
             }
             None => (String::new(), None),
         };
+        // Secrets are written and removed only while the host's lock is held: a line a killed
+        // controller left running removes its work when it ends, never a successor's.
+        let lock = if secrets.is_some() || clean {
+            format!("set -e; {}FEDIVERSITY_LOCKED=1; ", script::lock(&self.layout))
+        } else {
+            String::new()
+        };
         let trap = if clean {
             format!("trap {} EXIT; ", shell_word(&script::cleanup(&self.layout)))
         } else {
             String::new()
         };
-        let full = format!("{trap}{put}{line}");
+        let full = format!("{lock}{trap}{put}{line}");
         let out = shell.run(step, &full, stdin, self.timeouts.long).await?;
         if out.success() {
             Ok(out)

@@ -119,9 +119,9 @@ pub fn prologue(layout: &Layout, access: &ResticAccess) -> String {
     let d = &layout.dir;
     let s = layout.secrets();
     let mut out = format!(
-        "set -eu; umask 077; mkdir -p {d}/cache; exec 9>{d}/lock; \
-if ! flock -w {LOCK_WAIT_SECS} 9; then echo 'another backup or restore still runs on this host' >&2; exit {EXIT_LOCKED}; fi; \
+        "set -eu; umask 077; mkdir -p {d}/cache; if [ -z \"${{FEDIVERSITY_LOCKED:-}}\" ]; then {}fi; \
 export RESTIC_REPOSITORY={} RESTIC_PASSWORD_FILE={s}/password RESTIC_CACHE_DIR={d}/cache; ",
+        lock(layout),
         shell_word(&access.repository)
     );
     if access.has_env {
@@ -132,6 +132,16 @@ export RESTIC_REPOSITORY={} RESTIC_PASSWORD_FILE={s}/password RESTIC_CACHE_DIR={
         restic_options(layout, access)
     ));
     out
+}
+
+/// Takes the host's backup lock (fd 9) for the rest of the line, or exits with [`EXIT_LOCKED`]; a
+/// line that already holds it sets `FEDIVERSITY_LOCKED`, and [`prologue`] then leaves it alone.
+pub fn lock(layout: &Layout) -> String {
+    let d = &layout.dir;
+    format!(
+        "mkdir -p {d}; exec 9>{d}/lock; \
+if ! flock -w {LOCK_WAIT_SECS} 9; then echo 'another backup or restore still runs on this host' >&2; exit {EXIT_LOCKED}; fi; "
+    )
 }
 
 /// Options restic always gets: the SFTP login when a key was delivered.
@@ -188,7 +198,7 @@ pub fn quick_manifest_lines(layout: &Layout, dir: &str, lineage: &str) -> String
     let q = layout.quick();
     let l = shell_word(lineage);
     format!(
-        "if [ $# -gt 0 ]; then ( export LC_ALL=C; w={dir}/quick.work; rm -rf $w; mkdir -p $w; \
+        "if [ $# -gt 0 ]; then ( export LC_ALL=C; w=$(mktemp -d {dir}/quick.XXXXXX); \
 T=$(($(date +%s) - {RACY_SECS})); \
 find \"$@\" -fprintf {dir}/files.stat '%y\\0%m\\0%u\\0%g\\0%s\\0%p\\0%l\\0' \\( -type f -fprintf $w/all '%D:%i:%s:%T@:%C@%p\\0' \
 \\( -newerct \"@$T\" -o -fprintf $w/old '%D:%i:%s:%T@:%C@\\0' \\) \\); \
@@ -201,7 +211,7 @@ sort -z -t/ -k1,1 -u $w/C $w/H >$w/CH; \
 join -z -t/ $w/L $w/CH | sed -z 's|^[^/]*\\(/.*\\)/\\([0-9a-f]*\\)$|\\2  \\1|' >{dir}/files.sha256; \
 if [ \"$(tr -cd '\\0' <$w/L | wc -c)\" -ne \"$(tr -cd '\\0' <{dir}/files.sha256 | wc -c)\" ]; then echo 'a file has no checksum' >&2; exit 1; fi; \
 sort -z -u $w/old | join -z -t/ - $w/CH >$w/keep; \
-rm -rf {q}.new; mkdir -p {q}.new; mv $w/keep {q}.new/sums; echo {l} >{q}.new/lineage; rm -rf {q}; mv {q}.new {q}; \
+n=$(mktemp -d {q}.XXXXXX); mv $w/keep $n/sums; echo {l} >$n/lineage; rm -rf {q}; mv -T $n {q} 2>/dev/null || rm -rf $n; \
 wc -l <$w/Nk >{dir}/rehashed; rm -rf $w ); \
 else : >{dir}/files.stat; : >{dir}/files.sha256; echo 0 >{dir}/rehashed; fi; "
     )
@@ -486,15 +496,17 @@ pub fn live_manifest(layout: &Layout, paths: &[String]) -> String {
 /// [`live_manifest`], quick within `lineage` (see [`quick_manifest_lines`]); it then also prints
 /// [`REHASHED_MARK`] and the number of files it hashed.
 pub fn live_manifest_in(layout: &Layout, paths: &[String], lineage: Option<&str>) -> String {
-    let v = format!("{}/verify", layout.dir);
+    // A folder of its own: a manifest a killed controller left running never mixes with this one.
+    let d = &layout.dir;
     let mut s = format!(
-        "set -eu; umask 077; rm -rf {v}; mkdir -p {v}; {}{}cat {v}/files.stat; printf '\\0--sha256--\\0'; cat {v}/files.sha256",
+        "set -eu; umask 077; mkdir -p {d}; v=$(mktemp -d {d}/verify.XXXXXX); {}{}cat $v/files.stat; printf '\\0--sha256--\\0'; cat $v/files.sha256",
         existing_paths(paths),
-        manifest_for(layout, &v, paths, lineage)
+        manifest_for(layout, "$v", paths, lineage)
     );
     if lineage.is_some() {
-        s.push_str(&format!("; printf '\\0--rehashed--\\0'; cat {v}/rehashed"));
+        s.push_str("; printf '\\0--rehashed--\\0'; cat $v/rehashed");
     }
+    s.push_str("; rm -rf $v");
     s
 }
 
@@ -531,11 +543,11 @@ pub fn restored_database_meta(layout: &Layout, db: &str) -> String {
 /// The line that removes the restore folder, the staging folder and the delivered secrets.
 pub fn cleanup(layout: &Layout) -> String {
     format!(
-        "rm -rf {} {} {} {}/verify",
+        "rm -rf {} {} {} {d}/verify {d}/verify.*",
         layout.restore(),
         layout.staging(),
         layout.secrets(),
-        layout.dir
+        d = layout.dir
     )
 }
 
