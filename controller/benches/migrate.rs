@@ -9,6 +9,8 @@
 #[path = "../tests/backup_support/mod.rs"]
 mod backup_support;
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backup_support::{DataHost, Lab, shell};
@@ -16,7 +18,8 @@ use fediversity::api::DataSpec;
 use fediversity::backup::{BackupTarget, Shell};
 use fediversity::migrate::phase::{self, FailedTarget, RetirePolicy};
 use fediversity::migrate::{AppMove, Migrator, Phase, World, WorldError, record};
-use fediversity::nixos::host::SshHost;
+use fediversity::nixos::command::Output;
+use fediversity::nixos::host::{HostError, SshHost};
 use fediversity::store::Store;
 
 const FILES: usize = 2_000;
@@ -41,15 +44,48 @@ fn fill(host: &DataHost, files: usize, total: u64, seed: u64, every: usize) {
     }
 }
 
+/// Time spent in each remote command, by phase and step, and how often it ran.
+type Timings = Arc<Mutex<BTreeMap<(String, &'static str), (Duration, u32)>>>;
+
+/// A host whose every remote command is timed under the phase the runner is in.
+struct TimedShell {
+    host: SshHost,
+    phase: Arc<Mutex<String>>,
+    timings: Timings,
+}
+
+impl Shell for TimedShell {
+    fn host_name(&self) -> &str {
+        self.host.host_name()
+    }
+
+    async fn run(
+        &self,
+        step: &'static str,
+        script: &str,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<Output, HostError> {
+        let started = Instant::now();
+        let out = self.host.run(step, script, stdin, timeout).await;
+        let phase = self.phase.lock().unwrap().clone();
+        let mut t = self.timings.lock().unwrap();
+        let e = t.entry((phase, step)).or_default();
+        e.0 += started.elapsed();
+        e.1 += 1;
+        out
+    }
+}
+
 /// One source and one target; services are a marker file; names and hosts need nothing here.
 struct BenchWorld {
     app: AppMove,
-    source: SshHost,
-    target: SshHost,
+    source: TimedShell,
+    target: TimedShell,
 }
 
 impl BenchWorld {
-    async fn sh(host: &SshHost, line: &str) -> Result<(), WorldError> {
+    async fn sh(host: &TimedShell, line: &str) -> Result<(), WorldError> {
         let out = host
             .run("bench step", line, None, Duration::from_secs(600))
             .await
@@ -63,17 +99,17 @@ impl BenchWorld {
 }
 
 impl World for BenchWorld {
-    type Shell = SshHost;
+    type Shell = TimedShell;
 
     fn applications(&self) -> Vec<AppMove> {
         vec![self.app.clone()]
     }
 
-    fn source(&self, _: &AppMove) -> Result<&SshHost, WorldError> {
+    fn source(&self, _: &AppMove) -> Result<&TimedShell, WorldError> {
         Ok(&self.source)
     }
 
-    fn target(&self, _: &AppMove) -> Result<&SshHost, WorldError> {
+    fn target(&self, _: &AppMove) -> Result<&TimedShell, WorldError> {
         Ok(&self.target)
     }
 
@@ -136,14 +172,24 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
         databases: vec!["app".into()],
         services: vec![],
     };
+    let phase_now = Arc::new(Mutex::new(String::from("Provisioning")));
+    let timings: Timings = Arc::default();
     let world = BenchWorld {
         app: AppMove {
             application: "app".into(),
             host: "op-app".into(),
             data: data.clone(),
         },
-        source: source.ssh(),
-        target: target.ssh(),
+        source: TimedShell {
+            host: source.ssh(),
+            phase: phase_now.clone(),
+            timings: timings.clone(),
+        },
+        target: TimedShell {
+            host: target.ssh(),
+            phase: phase_now.clone(),
+            timings: timings.clone(),
+        },
     };
     let state = tempfile::tempdir().unwrap();
     let store = Store::open(state.path()).unwrap();
@@ -154,6 +200,7 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
     while record::load(&store, "op").unwrap().unwrap().phase != Phase::StoppingSource {
         let step = m.step(&world, &store, "op").await.unwrap().unwrap();
         assert!(step.record.phase != Phase::RollingBack, "{:?}", step.record);
+        *phase_now.lock().unwrap() = step.record.phase.to_string();
     }
     // 1 % of the files rewritten while the source still serves.
     fill(&source, FILES, mib * 1024 * 1024, 0x2545_f491_4f6c_dd1d, 100);
@@ -161,9 +208,15 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
         "app",
         "INSERT INTO posts SELECT i, 'late' FROM generate_series(20001, 20200) i;",
     );
+    // Those writes happened while the source served: the downtime starts with the stop, now.
+    let mut r = record::load(&store, "op").unwrap().unwrap();
+    let now = fediversity::migrate::run::now_ms();
+    (r.downtime_started_ms, r.phase_started_ms) = (Some(now), now);
+    record::save(&store, &r).unwrap();
     let r = m
         .drive(&world, &store, "op", Duration::from_secs(60), |s| {
-            eprintln!("  {} → {}", s.before, s.record.phase)
+            eprintln!("  {} → {}", s.before, s.record.phase);
+            *phase_now.lock().unwrap() = s.record.phase.to_string();
         })
         .await
         .unwrap();
@@ -180,7 +233,17 @@ INSERT INTO posts SELECT i, 'post ' || md5(i::text) FROM generate_series(1, 2000
             "  {p}: {:.1} s",
             r.durations_ms.get(p).copied().unwrap_or(0) as f64 / 1000.0
         );
+        for ((phase, step), (took, runs)) in timings.lock().unwrap().iter() {
+            if phase == p {
+                eprintln!("    {step}: {:.2} s ({runs}×)", took.as_secs_f64());
+            }
+        }
     }
+
+    eprintln!(
+        "  the final backup: {}",
+        source.sh("grep '\"message_type\":\"summary\"' /var/lib/fediversity-backup/backup.json | tail -n 1")
+    );
 
     // The naive path on the same data: stop, full backup into an empty repository, restore, start.
     let started = Instant::now();

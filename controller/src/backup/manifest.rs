@@ -50,6 +50,27 @@ impl FileManifest {
     /// Reads what [`super::script::live_manifest`] prints: the `find` records, a separator, the
     /// `sha256sum -z` records.
     pub fn parse(output: &str) -> Result<Self, ManifestError> {
+        Ok(Self::parse_counted(output)?.0)
+    }
+
+    /// Reads what [`super::script::live_manifest_in`] prints: the manifest, and how many files were
+    /// hashed when it was a quick one.
+    pub fn parse_counted(output: &str) -> Result<(Self, Option<usize>), ManifestError> {
+        let (output, rehashed) = match output.split_once(super::script::REHASHED_MARK) {
+            Some((m, n)) => (
+                m,
+                Some(
+                    n.trim()
+                        .parse()
+                        .map_err(|_| ManifestError::Checksum(format!("rehashed count {n:?}")))?,
+                ),
+            ),
+            None => (output, None),
+        };
+        Ok((Self::parse_listing(output)?, rehashed))
+    }
+
+    fn parse_listing(output: &str) -> Result<Self, ManifestError> {
         let (stat, sums) = output.split_once("\0--sha256--\0").unwrap_or((output, ""));
         let fields: Vec<&str> = stat.split('\0').collect();
         // A trailing NUL leaves one empty field at the end.
@@ -99,6 +120,39 @@ impl FileManifest {
     pub fn bytes(&self) -> u64 {
         self.entries.values().filter_map(|e| e.size).sum()
     }
+}
+
+/// What [`super::script::live_state`] prints, read: the files, how many of them were hashed (quick
+/// manifests), and each database's checksums in the order asked.
+pub fn parse_state(
+    output: &str,
+    databases: usize,
+) -> Result<(FileManifest, Option<usize>, Vec<DatabaseSums>), ManifestError> {
+    let mut parts = output.split(super::script::DATABASE_MARK);
+    let (files, rehashed) = FileManifest::parse_counted(parts.next().unwrap_or(""))?;
+    let dbs = parts.map(DatabaseSums::parse).collect::<Result<Vec<_>, _>>()?;
+    if dbs.len() != databases {
+        return Err(ManifestError::Database(format!(
+            "{} databases' checksums instead of {databases}",
+            dbs.len()
+        )));
+    }
+    Ok((files, rehashed, dbs))
+}
+
+/// The word naming a lineage of quick manifests (see [`super::script::quick_manifest_lines`]): the
+/// record's format, `label` (a migration) and the data paths; hashes recorded under another word are
+/// never reused.
+pub fn lineage_word(label: &str, paths: &[String]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"fediversity quick manifest v1\n");
+    h.update(label.as_bytes());
+    for p in paths {
+        h.update(b"\0");
+        h.update(p.as_bytes());
+    }
+    h.finalize()[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// One table's row count and checksum.

@@ -447,30 +447,75 @@ impl Backuper {
         }
     }
 
-    /// Delivers the repository's secrets to the host as files (through stdin, never as arguments).
-    pub async fn deliver_secrets(&self, shell: &impl Shell, repo: &Repository) -> Result<(), BackupError> {
-        let mut files: Vec<(&str, Vec<u8>)> = vec![("password", repo.password.clone())];
+    /// The repository's secrets as one stdin, and the line that stores them on a host as files.
+    fn secrets_input(&self, repo: &Repository) -> (String, Vec<u8>) {
+        let mut files: Vec<(&str, &[u8])> = vec![("password", &repo.password)];
         if let Some(env) = &repo.env {
-            files.push(("env", env.clone()));
+            files.push(("env", env));
         }
         if let Some((key, known)) = &repo.sftp_files {
-            files.push(("sftp_key", key.clone()));
-            files.push(("known_hosts", known.clone()));
+            files.push(("sftp_key", key));
+            files.push(("known_hosts", known));
         }
-        for (name, bytes) in files {
-            let out = shell
-                .run(
-                    "deliver a backup secret",
-                    &script::put_secret(&self.layout, name),
-                    Some(bytes),
-                    self.timeouts.short,
-                )
-                .await?;
-            if !out.success() {
-                return Err(self.fail(shell, "deliver a backup secret", &out));
-            }
+        let sizes: Vec<(&str, usize)> = files.iter().map(|(n, b)| (*n, b.len())).collect();
+        let stdin = files.iter().flat_map(|(_, b)| b.iter().copied()).collect();
+        (script::put_secrets(&self.layout, &sizes), stdin)
+    }
+
+    /// Delivers the repository's secrets to the host as files (through stdin, never as arguments).
+    pub async fn deliver_secrets(&self, shell: &impl Shell, repo: &Repository) -> Result<(), BackupError> {
+        let (line, stdin) = self.secrets_input(repo);
+        let out = shell
+            .run(
+                "deliver the backup secrets",
+                &line,
+                Some(stdin),
+                self.timeouts.short,
+            )
+            .await?;
+        if !out.success() {
+            return Err(self.fail(shell, "deliver the backup secrets", &out));
         }
         Ok(())
+    }
+
+    /// Runs `line` on the host in one connection: the repository's secrets delivered first (through
+    /// stdin) when `secrets` is given, and the work folders and secrets removed when it exits,
+    /// whether it succeeded or not, when `clean`.
+    pub async fn run_remote(
+        &self,
+        shell: &impl Shell,
+        step: &'static str,
+        line: &str,
+        secrets: Option<&Repository>,
+        clean: bool,
+    ) -> Result<Output, BackupError> {
+        let (put, stdin) = match secrets {
+            Some(repo) => {
+                let (put, stdin) = self.secrets_input(repo);
+                (put, Some(stdin))
+            }
+            None => (String::new(), None),
+        };
+        // Secrets are written and removed only while the host's lock is held: a line a killed
+        // controller left running removes its work when it ends, never a successor's.
+        let lock = if secrets.is_some() || clean {
+            format!("set -e; {}FEDIVERSITY_LOCKED=1; ", script::lock(&self.layout))
+        } else {
+            String::new()
+        };
+        let trap = if clean {
+            format!("trap {} EXIT; ", shell_word(&script::cleanup(&self.layout)))
+        } else {
+            String::new()
+        };
+        let full = format!("{lock}{trap}{put}{line}");
+        let out = shell.run(step, &full, stdin, self.timeouts.long).await?;
+        if out.success() {
+            Ok(out)
+        } else {
+            Err(self.fail(shell, step, &out))
+        }
     }
 
     /// Removes the delivered secrets and the work folders.
@@ -488,8 +533,46 @@ impl Backuper {
         repo: &Repository,
         target: &BackupTarget<'_>,
     ) -> Result<BackupReport, BackupError> {
+        self.backup_in(shell, repo, target, None).await
+    }
+
+    /// [`Self::backup`], whose manifest hashes only the files changed since the last manifest taken
+    /// on the host in `lineage` (a word from [`manifest::lineage_word`]); one connection.
+    pub async fn backup_in(
+        &self,
+        shell: &impl Shell,
+        repo: &Repository,
+        target: &BackupTarget<'_>,
+        lineage: Option<&str>,
+    ) -> Result<BackupReport, BackupError> {
+        Ok(self.backup_inner(shell, repo, target, lineage).await?.0)
+    }
+
+    /// [`Self::backup_in`] that also returns the manifest and the databases' checksums the snapshot
+    /// recorded (read in the same connection).
+    pub async fn backup_recorded(
+        &self,
+        shell: &impl Shell,
+        repo: &Repository,
+        target: &BackupTarget<'_>,
+        lineage: &str,
+    ) -> Result<(BackupReport, FileManifest, Vec<DatabaseSums>), BackupError> {
+        let (report, recorded) = self.backup_inner(shell, repo, target, Some(lineage)).await?;
+        let (files, dbs) = recorded.ok_or_else(|| BackupError::BadOutput {
+            step: "back up",
+            detail: "no manifest after the summary".into(),
+        })?;
+        Ok((report, files, dbs))
+    }
+
+    async fn backup_inner(
+        &self,
+        shell: &impl Shell,
+        repo: &Repository,
+        target: &BackupTarget<'_>,
+        lineage: Option<&str>,
+    ) -> Result<(BackupReport, Option<(FileManifest, Vec<DatabaseSums>)>), BackupError> {
         let started = Instant::now();
-        self.deliver_secrets(shell, repo).await?;
         let plan = BackupPlan {
             host: target.host.to_owned(),
             paths: target.data.paths.clone(),
@@ -501,14 +584,18 @@ impl Backuper {
                 format!("host={}", target.host),
                 format!("revision={}", tag_safe(target.revision)),
             ],
+            lineage: lineage.map(str::to_owned),
         };
         let line = script::backup(&self.layout, &repo.access, &plan);
-        let result = self.run_ok(shell, "back up", &line, true).await;
-        let cleaned = self.clean_up(shell).await;
-        let out = result?;
-        cleaned?;
-        let summary: Summary = out
-            .stdout
+        let out = self.run_remote(shell, "back up", &line, Some(repo), true).await?;
+        let (text, recorded) = match out.stdout.split_once(script::MANIFEST_MARK) {
+            Some((text, rest)) => {
+                let (files, _, dbs) = manifest::parse_state(rest, target.data.databases.len())?;
+                (text, Some((files, dbs)))
+            }
+            None => (out.stdout.as_str(), None),
+        };
+        let summary: Summary = text
             .lines()
             .rev()
             .find_map(|l| serde_json::from_str(l).ok())
@@ -516,14 +603,15 @@ impl Backuper {
                 step: "restic backup",
                 detail: "no summary line".into(),
             })?;
-        Ok(BackupReport {
+        let report = BackupReport {
             snapshot: summary.snapshot_id,
             bytes_added: summary.data_added,
             total_bytes: summary.total_bytes_processed,
             files: summary.total_files_processed,
             files_changed: summary.files_new + summary.files_changed,
             duration: started.elapsed(),
-        })
+        };
+        Ok((report, recorded))
     }
 
     /// Creates the repository when there is none, from this one host: hosts that back up at once into a
@@ -642,6 +730,21 @@ impl Backuper {
         snapshot: &str,
         data: &DataSpec,
     ) -> Result<RestoreReport, BackupError> {
+        self.restore_in(shell, repo, source_host, snapshot, data, None)
+            .await
+    }
+
+    /// [`Self::restore`], whose verifying manifest is recorded on the host in `lineage` (see
+    /// [`Self::backup_in`]), so that later manifests there hash only what changed since.
+    pub async fn restore_in(
+        &self,
+        shell: &impl Shell,
+        repo: &Repository,
+        source_host: &str,
+        snapshot: &str,
+        data: &DataSpec,
+        lineage: Option<&str>,
+    ) -> Result<RestoreReport, BackupError> {
         let started = Instant::now();
         for p in &data.paths {
             let p = p.trim_end_matches('/');
@@ -661,7 +764,7 @@ impl Backuper {
         .ok_or_else(|| BackupError::NoSnapshot(format!("{snapshot} of host {source_host}")))?
         .clone();
         self.deliver_secrets(shell, repo).await?;
-        let result = self.restore_steps(shell, repo, &chosen.id, data).await;
+        let result = self.restore_steps(shell, repo, &chosen.id, data, lineage).await;
         let cleaned = self.clean_up(shell).await;
         let (files, rows, differences) = result?;
         cleaned?;
@@ -739,6 +842,7 @@ impl Backuper {
         repo: &Repository,
         id: &str,
         data: &DataSpec,
+        lineage: Option<&str>,
     ) -> Result<(usize, u64, Vec<String>), BackupError> {
         let l = &self.layout;
         self.run_ok(
@@ -806,7 +910,7 @@ impl Backuper {
                 .run_ok(
                     shell,
                     "take the restored files' manifest",
-                    &script::live_manifest(l, &data.paths),
+                    &script::live_manifest_in(l, &data.paths, lineage),
                     true,
                 )
                 .await?
@@ -823,32 +927,27 @@ impl Backuper {
         shell: &impl Shell,
         data: &DataSpec,
     ) -> Result<(FileManifest, Vec<DatabaseSums>), BackupError> {
-        let files = FileManifest::parse(
-            &self
-                .run_ok(
-                    shell,
-                    "take the files' manifest",
-                    &script::live_manifest(&self.layout, &data.paths),
-                    true,
-                )
-                .await?
-                .stdout,
-        )?;
-        let mut dbs = Vec::new();
-        for db in &data.databases {
-            dbs.push(DatabaseSums::parse(
-                &self
-                    .run_ok(
-                        shell,
-                        "checksum a database",
-                        &script::database_checksums(db),
-                        true,
-                    )
-                    .await?
-                    .stdout,
-            )?);
-        }
+        let (files, _, dbs) = self.live_state_in(shell, data, None).await?;
         Ok((files, dbs))
+    }
+
+    /// [`Self::live_state`] in one connection, the manifest quick within `lineage` (see
+    /// [`Self::backup_in`]); also how many files were hashed, for a quick manifest.
+    pub async fn live_state_in(
+        &self,
+        shell: &impl Shell,
+        data: &DataSpec,
+        lineage: Option<&str>,
+    ) -> Result<(FileManifest, Option<usize>, Vec<DatabaseSums>), BackupError> {
+        let out = self
+            .run_ok(
+                shell,
+                "take the files' manifest and the databases' checksums",
+                &script::live_state(&self.layout, &data.paths, &data.databases, lineage),
+                true,
+            )
+            .await?;
+        Ok(manifest::parse_state(&out.stdout, data.databases.len())?)
     }
 }
 

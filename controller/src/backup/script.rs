@@ -12,6 +12,13 @@ pub const STAGING: &str = "staging";
 pub const LOCK_WAIT_SECS: u32 = 1800;
 /// Exit code of a line that could not take the host's backup lock.
 pub const EXIT_LOCKED: i32 = 75;
+/// Seconds a file's change time must lie before a manifest is taken for its hash to be remembered: a
+/// file changed within the same timestamp tick as it was listed would otherwise keep its stat data.
+pub const RACY_SECS: u32 = 2;
+/// The separator between a manifest and the count of files it hashed (quick manifests only).
+pub const REHASHED_MARK: &str = "\0--rehashed--\0";
+/// The separator before each database's checksums in combined output.
+pub const DATABASE_MARK: &str = "\0--database--\0";
 
 /// Per-database metadata and per-table checksums, taken inside the transaction whose snapshot
 /// `pg_dump` dumps (so they describe exactly the dump), one JSON object per line.
@@ -60,6 +67,12 @@ impl Layout {
         format!("{}/restore", self.dir)
     }
 
+    /// `dir/quick`: the stat data and SHA-256 of the files last hashed in one lineage (see
+    /// [`quick_manifest_lines`]).
+    pub fn quick(&self) -> String {
+        format!("{}/quick", self.dir)
+    }
+
     /// The staging folder as it lands inside the restore folder.
     pub fn restored_staging(&self) -> String {
         format!("{}{}", self.restore(), self.staging())
@@ -82,6 +95,19 @@ pub fn put_secret(layout: &Layout, name: &str) -> String {
     )
 }
 
+/// The line that stores the secrets `(name, length)` from stdin, one after the other (mode 0600 in a 0700
+/// folder), each atomically: one connection for all of them.
+pub fn put_secrets(layout: &Layout, secrets: &[(&str, usize)]) -> String {
+    let s = layout.secrets();
+    let mut out = format!("set -e; umask 077; mkdir -p {s}; chmod 700 {s}; ");
+    for (name, len) in secrets {
+        out.push_str(&format!(
+            "head -c {len} >{s}/{name}.tmp; [ \"$(wc -c <{s}/{name}.tmp)\" -eq {len} ] || {{ echo 'a secret arrived cut off' >&2; exit 1; }}; mv {s}/{name}.tmp {s}/{name}; "
+        ));
+    }
+    out
+}
+
 /// The line that removes the delivered secrets.
 pub fn remove_secrets(layout: &Layout) -> String {
     format!("rm -rf {}", layout.secrets())
@@ -93,9 +119,9 @@ pub fn prologue(layout: &Layout, access: &ResticAccess) -> String {
     let d = &layout.dir;
     let s = layout.secrets();
     let mut out = format!(
-        "set -eu; umask 077; mkdir -p {d}/cache; exec 9>{d}/lock; \
-if ! flock -w {LOCK_WAIT_SECS} 9; then echo 'another backup or restore still runs on this host' >&2; exit {EXIT_LOCKED}; fi; \
+        "set -eu; umask 077; mkdir -p {d}/cache; if [ -z \"${{FEDIVERSITY_LOCKED:-}}\" ]; then {}fi; \
 export RESTIC_REPOSITORY={} RESTIC_PASSWORD_FILE={s}/password RESTIC_CACHE_DIR={d}/cache; ",
+        lock(layout),
         shell_word(&access.repository)
     );
     if access.has_env {
@@ -106,6 +132,16 @@ export RESTIC_REPOSITORY={} RESTIC_PASSWORD_FILE={s}/password RESTIC_CACHE_DIR={
         restic_options(layout, access)
     ));
     out
+}
+
+/// Takes the host's backup lock (fd 9) for the rest of the line, or exits with [`EXIT_LOCKED`]; a
+/// line that already holds it sets `FEDIVERSITY_LOCKED`, and [`prologue`] then leaves it alone.
+pub fn lock(layout: &Layout) -> String {
+    let d = &layout.dir;
+    format!(
+        "mkdir -p {d}; exec 9>{d}/lock; \
+if ! flock -w {LOCK_WAIT_SECS} 9; then echo 'another backup or restore still runs on this host' >&2; exit {EXIT_LOCKED}; fi; "
+    )
 }
 
 /// Options restic always gets: the SFTP login when a key was delivered.
@@ -152,6 +188,44 @@ else : >{dir}/files.stat; : >{dir}/files.sha256; fi; "
     )
 }
 
+/// The lines that write the same two files as [`manifest_lines`], hashing only the files whose device,
+/// inode, size, modification time and change time (ns) differ from those recorded in `layout.quick()`
+/// when they were last hashed, trusted only when recorded for the same `lineage` (a plain word);
+/// anything else is hashed. Afterwards the record holds the files whose change time lies more than
+/// [`RACY_SECS`] before the listing began (a later change cannot then keep the same stat data), and
+/// `dir/rehashed` the number of files hashed. Needs absolute data paths; GNU find, sort, join, sed.
+pub fn quick_manifest_lines(layout: &Layout, dir: &str, lineage: &str) -> String {
+    let q = layout.quick();
+    let l = shell_word(lineage);
+    format!(
+        "if [ $# -gt 0 ]; then ( export LC_ALL=C; w=$(mktemp -d {dir}/quick.XXXXXX); \
+T=$(($(date +%s) - {RACY_SECS})); \
+find \"$@\" -fprintf {dir}/files.stat '%y\\0%m\\0%u\\0%g\\0%s\\0%p\\0%l\\0' \\( -type f -fprintf $w/all '%D:%i:%s:%T@:%C@%p\\0' \
+\\( -newerct \"@$T\" -o -fprintf $w/old '%D:%i:%s:%T@:%C@\\0' \\) \\); \
+if [ \"$(cat {q}/lineage 2>/dev/null)\" = {l} ] && [ -f {q}/sums ]; then cp {q}/sums $w/C; else : >$w/C; fi; \
+sort -z -t/ -k1,1 $w/all >$w/L; join -z -t/ -v1 $w/L $w/C >$w/N; \
+cut -z -d/ -f1 $w/N | tr '\\0' '\\n' >$w/Nk; sed -z 's|^[^/]*||' $w/N | xargs -0r sha256sum -- >$w/Ns; \
+if [ \"$(wc -l <$w/Nk)\" -ne \"$(wc -l <$w/Ns)\" ]; then echo 'files vanished while they were hashed' >&2; exit 1; fi; \
+sed 's/^\\\\//' $w/Ns | cut -c1-64 | paste -d/ $w/Nk - | tr '\\n' '\\0' >$w/H; \
+sort -z -t/ -k1,1 -u $w/C $w/H >$w/CH; \
+join -z -t/ $w/L $w/CH | sed -z 's|^[^/]*\\(/.*\\)/\\([0-9a-f]*\\)$|\\2  \\1|' >{dir}/files.sha256; \
+if [ \"$(tr -cd '\\0' <$w/L | wc -c)\" -ne \"$(tr -cd '\\0' <{dir}/files.sha256 | wc -c)\" ]; then echo 'a file has no checksum' >&2; exit 1; fi; \
+sort -z -u $w/old | join -z -t/ - $w/CH >$w/keep; \
+n=$(mktemp -d {q}.XXXXXX); mv $w/keep $n/sums; echo {l} >$n/lineage; rm -rf {q}; mv -T $n {q} 2>/dev/null || rm -rf $n; \
+wc -l <$w/Nk >{dir}/rehashed; rm -rf $w ); \
+else : >{dir}/files.stat; : >{dir}/files.sha256; echo 0 >{dir}/rehashed; fi; "
+    )
+}
+
+/// The manifest lines: quick within `lineage` (see [`quick_manifest_lines`]) when every path is
+/// absolute, else every file hashed.
+fn manifest_for(layout: &Layout, dir: &str, paths: &[String], lineage: Option<&str>) -> String {
+    match lineage.filter(|_| paths.iter().all(|p| p.starts_with('/'))) {
+        Some(l) => quick_manifest_lines(layout, dir, l),
+        None => manifest_lines(dir),
+    }
+}
+
 /// `set -- P…` with those of `paths` that exist.
 fn existing_paths(paths: &[String]) -> String {
     format!(
@@ -175,21 +249,23 @@ pub struct BackupPlan {
     pub databases: Vec<String>,
     /// `key=value` tags.
     pub tags: Vec<String>,
+    /// The lineage (a plain word) whose recorded hashes the manifest may reuse; `None`: hash every file.
+    pub lineage: Option<String>,
 }
 
-/// The backup line: clears stale locks, creates the repository when there is none, dumps every
-/// database, writes the manifest, takes one snapshot of the staging folder and the data paths, and
-/// prints restic's JSON summary.
+/// The backup line: dumps every database while the manifest is written, takes one snapshot of the
+/// staging folder and the data paths, and prints restic's JSON summary (then, in a lineage, the
+/// manifest and the databases' checksums). Should restic fail, stale locks are cleared, the repository
+/// is created when there is none, and it runs once more: each restic run opens the repository anew, so
+/// the common case pays for one.
 pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> String {
     let st = layout.staging();
     let d = &layout.dir;
     let mut s = prologue(layout, access);
-    s.push_str(&format!(
-        "restic unlock >/dev/null 2>&1 || true; {}rm -rf {st}; mkdir -p {st}/databases; ",
-        init_if_missing(layout)
-    ));
+    s.push_str(&format!("rm -rf {st}; mkdir -p {st}/databases; "));
     if !plan.databases.is_empty() {
         s.push_str(&dump_function());
+        s.push_str("( ");
         for db in &plan.databases {
             s.push_str(&format!(
                 "dump_db {} {st}/databases/{}; ",
@@ -197,9 +273,13 @@ pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> Stri
                 shell_word(db)
             ));
         }
+        s.push_str(") & dumps=$!; ");
     }
     s.push_str(&existing_paths(&plan.paths));
-    s.push_str(&manifest_lines(&st));
+    s.push_str(&manifest_for(layout, &st, &plan.paths, plan.lineage.as_deref()));
+    if !plan.databases.is_empty() {
+        s.push_str("wait $dumps; ");
+    }
     let mut words = vec![
         "restic".to_owned(),
         "backup".to_owned(),
@@ -213,12 +293,30 @@ pub fn backup(layout: &Layout, access: &ResticAccess, plan: &BackupPlan) -> Stri
         words.push(t.clone());
     }
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    let run = format!("{} {st} \"$@\" >{d}/backup.json", shell_words(&words));
     s.push_str(&format!(
-        "{} {st} \"$@\" >{d}/backup.json; grep '\"message_type\":\"summary\"' {d}/backup.json | tail -n 1",
-        shell_words(&words)
+        "if ! {run} 2>{d}/backup.err; then restic unlock >/dev/null 2>&1 || true; {}{run}; fi; \
+grep '\"message_type\":\"summary\"' {d}/backup.json | tail -n 1",
+        init_if_missing(layout)
     ));
+    if plan.lineage.is_some() {
+        // The manifest and the databases' checksums follow, so that no second connection reads them.
+        s.push_str(&format!(
+            "; printf '\\0--manifest--\\0'; {}",
+            restored_manifest_in(&st)
+        ));
+        for db in &plan.databases {
+            s.push_str(&format!(
+                "; printf '\\0--database--\\0'; cat {}",
+                shell_word(&format!("{st}/databases/{db}.json"))
+            ));
+        }
+    }
     s
 }
+
+/// The separator between a backup's summary and the manifest it recorded (backups in a lineage).
+pub const MANIFEST_MARK: &str = "\0--manifest--\0";
 
 /// Creates the repository when `restic cat config` says there is none; any other failure stops the line.
 fn init_if_missing(layout: &Layout) -> String {
@@ -392,17 +490,45 @@ pub fn database_checksums(db: &str) -> String {
 
 /// The line that writes the manifest of the live data paths into `dir/verify` and prints both files.
 pub fn live_manifest(layout: &Layout, paths: &[String]) -> String {
-    let v = format!("{}/verify", layout.dir);
-    format!(
-        "set -eu; umask 077; rm -rf {v}; mkdir -p {v}; {}{}cat {v}/files.stat; printf '\\0--sha256--\\0'; cat {v}/files.sha256",
+    live_manifest_in(layout, paths, None)
+}
+
+/// [`live_manifest`], quick within `lineage` (see [`quick_manifest_lines`]); it then also prints
+/// [`REHASHED_MARK`] and the number of files it hashed.
+pub fn live_manifest_in(layout: &Layout, paths: &[String], lineage: Option<&str>) -> String {
+    // A folder of its own: a manifest a killed controller left running never mixes with this one.
+    let d = &layout.dir;
+    let mut s = format!(
+        "set -eu; umask 077; mkdir -p {d}; v=$(mktemp -d {d}/verify.XXXXXX); {}{}cat $v/files.stat; printf '\\0--sha256--\\0'; cat $v/files.sha256",
         existing_paths(paths),
-        manifest_lines(&v)
-    )
+        manifest_for(layout, "$v", paths, lineage)
+    );
+    if lineage.is_some() {
+        s.push_str("; printf '\\0--rehashed--\\0'; cat $v/rehashed");
+    }
+    s.push_str("; rm -rf $v");
+    s
+}
+
+/// The line that prints the live data paths' manifest (quick within `lineage`) and, after
+/// [`DATABASE_MARK`] each, the checksums of every database: one connection for a side's state.
+pub fn live_state(layout: &Layout, paths: &[String], databases: &[String], lineage: Option<&str>) -> String {
+    let mut s = live_manifest_in(layout, paths, lineage);
+    for db in databases {
+        s.push_str(&format!(
+            "; printf '\\0--database--\\0'; {}",
+            database_checksums(db)
+        ));
+    }
+    s
 }
 
 /// The line that prints a manifest stored in the restored staging folder, as [`live_manifest`] does.
 pub fn restored_manifest(layout: &Layout) -> String {
-    let st = layout.restored_staging();
+    restored_manifest_in(&layout.restored_staging())
+}
+
+fn restored_manifest_in(st: &str) -> String {
     format!("cat {st}/files.stat; printf '\\0--sha256--\\0'; cat {st}/files.sha256")
 }
 
@@ -417,11 +543,11 @@ pub fn restored_database_meta(layout: &Layout, db: &str) -> String {
 /// The line that removes the restore folder, the staging folder and the delivered secrets.
 pub fn cleanup(layout: &Layout) -> String {
     format!(
-        "rm -rf {} {} {} {}/verify",
+        "rm -rf {} {} {} {d}/verify {d}/verify.*",
         layout.restore(),
         layout.staging(),
         layout.secrets(),
-        layout.dir
+        d = layout.dir
     )
 }
 
@@ -443,6 +569,7 @@ pub struct DatabaseMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backup::manifest::FileManifest;
 
     fn layout() -> Layout {
         Layout {
@@ -471,6 +598,7 @@ else cat /var/lib/fediversity-backup/config.err >&2; exit 1; fi; fi; ";
             paths: vec![],
             databases: vec![],
             tags: vec![],
+            lineage: None,
         };
         assert!(backup(&layout(), &access(), &plan).contains(init));
     }
@@ -485,6 +613,7 @@ else cat /var/lib/fediversity-backup/config.err >&2; exit 1; fi; fi; ";
                 paths: vec!["/var/lib/mastodon".into()],
                 databases: vec!["mastodon".into()],
                 tags: vec!["deployment=op".into()],
+                lineage: None,
             },
         );
         assert!(s.contains("RESTIC_PASSWORD_FILE=/var/lib/fediversity-backup/secrets/password"));
@@ -504,6 +633,7 @@ else cat /var/lib/fediversity-backup/config.err >&2; exit 1; fi; fi; ";
                 paths: vec!["/srv/a b/$(reboot)".into()],
                 databases: vec!["matrix-synapse".into()],
                 tags: vec![],
+                lineage: None,
             },
         );
         assert!(s.contains("for p in '/srv/a b/$(reboot)'; do"));
@@ -527,6 +657,99 @@ else cat /var/lib/fediversity-backup/config.err >&2; exit 1; fi; fi; ";
         assert!(s.contains("-v owner=matrix-synapse -v encoding=UTF8 -v collate=C -v ctype=C"));
         assert!(s.contains("CREATE DATABASE %I OWNER %I TEMPLATE template0"));
         assert!(s.ends_with("pg_restore --exit-on-error -d matrix-synapse </var/lib/fediversity-backup/restore/var/lib/fediversity-backup/staging/databases/matrix-synapse.dump"));
+    }
+
+    /// Runs a quick manifest of `data` under `work` on this machine: the manifest and the files hashed.
+    fn quick(work: &std::path::Path, data: &std::path::Path, lineage: &str) -> (FileManifest, usize) {
+        let layout = Layout {
+            dir: work.to_string_lossy().into_owned(),
+        };
+        let paths = vec![data.to_string_lossy().into_owned()];
+        let out = std::process::Command::new("sh")
+            .args(["-c", &live_manifest_in(&layout, &paths, Some(lineage))])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let (m, n) = FileManifest::parse_counted(&String::from_utf8(out.stdout).unwrap()).unwrap();
+        (m, n.unwrap())
+    }
+
+    fn full(work: &std::path::Path, data: &std::path::Path) -> FileManifest {
+        let layout = Layout {
+            dir: work.to_string_lossy().into_owned(),
+        };
+        let out = std::process::Command::new("sh")
+            .args([
+                "-c",
+                &live_manifest(&layout, &[data.to_string_lossy().into_owned()]),
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        FileManifest::parse(&String::from_utf8(out.stdout).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_quick_manifest_hashes_only_files_whose_stat_data_changed_and_equals_a_full_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (work, data) = (tmp.path().join("work"), tmp.path().join("data"));
+        std::fs::create_dir_all(data.join("sub dir")).unwrap();
+        let names = [
+            "plain",
+            "with space",
+            "with\nnewline",
+            "with\ttab",
+            "back\\slash",
+            "-dash",
+            "ünï 日本",
+            "sub dir/deep",
+        ];
+        for (i, n) in names.iter().enumerate() {
+            std::fs::write(data.join(n), format!("content {i}")).unwrap();
+        }
+        std::fs::hard_link(data.join("plain"), data.join("hard link")).unwrap();
+        std::os::unix::fs::symlink("plain", data.join("link")).unwrap();
+        // Files changed within the last RACY_SECS are always hashed again: wait them out.
+        std::thread::sleep(std::time::Duration::from_millis(
+            u64::from(RACY_SECS) * 1000 + 1100,
+        ));
+        let (first, hashed) = quick(&work, &data, "lineage-a");
+        assert_eq!(hashed, 9, "no record yet: every file is hashed");
+        assert_eq!(first, full(&work, &data));
+        let (again, hashed) = quick(&work, &data, "lineage-a");
+        assert_eq!((hashed, &again), (0, &first), "nothing changed: nothing hashed");
+
+        // Same size, the modification time set back: the change time still gives it away.
+        let before = std::fs::metadata(data.join("with space"))
+            .unwrap()
+            .modified()
+            .unwrap();
+        std::fs::write(data.join("with space"), "CONTENT 1").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(data.join("with space"))
+            .unwrap()
+            .set_modified(before)
+            .unwrap();
+        std::fs::remove_file(data.join("-dash")).unwrap();
+        std::fs::write(data.join("sub dir/new"), "new").unwrap();
+        let (changed, hashed) = quick(&work, &data, "lineage-a");
+        assert_eq!(hashed, 2, "the rewritten and the new file");
+        assert_eq!(changed, full(&work, &data));
+        assert_ne!(
+            changed.entries[&format!("{}/with space", data.display())].sha256,
+            first.entries[&format!("{}/with space", data.display())].sha256
+        );
+        // Just changed: hashed again next time too, until they are older than the racy window.
+        let (_, hashed) = quick(&work, &data, "lineage-a");
+        assert_eq!(hashed, 2);
+
+        // Another lineage trusts nothing; a lost record neither.
+        let (other, hashed) = quick(&work, &data, "lineage-b");
+        assert_eq!((hashed, &other), (9, &changed));
+        std::fs::remove_dir_all(work.join("quick")).unwrap();
+        let (_, hashed) = quick(&work, &data, "lineage-b");
+        assert_eq!(hashed, 9);
     }
 
     #[test]

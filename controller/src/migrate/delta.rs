@@ -1,12 +1,10 @@
 //! The final copy's restore of only what changed: the snapshot's manifest is compared with what the
 //! target already holds from the pre-copy, and only differing files are taken from the snapshot.
 
-use std::time::Duration;
-
 use crate::api::DataSpec;
 use crate::backup::manifest::{self, DatabaseSums, Entry, FileManifest};
 use crate::backup::script::{self, Layout};
-use crate::backup::{BackupError, Repository, Shell};
+use crate::backup::{BackupError, Backuper, Repository, Shell};
 use crate::nixos::escape::{shell_word, shell_words};
 
 /// Paths handed to one `restic restore` (its arguments stay far below the kernel's limit).
@@ -76,95 +74,39 @@ pub fn include_pattern(path: &str) -> String {
     out
 }
 
-fn fail(shell: &impl Shell, step: &'static str, out: &crate::nixos::command::Output) -> BackupError {
-    if out.code == Some(script::EXIT_LOCKED) {
-        return BackupError::Busy(shell.host_name().to_owned());
-    }
-    BackupError::Step {
-        step,
-        host: shell.host_name().to_owned(),
-        code: out.code,
-        stderr: crate::nixos::command::tail(&out.stderr),
-    }
-}
+/// Scripts stay below this many bytes (the kernel takes at most 128 KiB in one argument); a larger
+/// delta is applied in several connections.
+const SCRIPT_LIMIT: usize = 96 * 1024;
 
-async fn run(
-    shell: &impl Shell,
-    step: &'static str,
-    line: &str,
-    timeout: Duration,
-) -> Result<String, BackupError> {
-    let out = shell.run(step, line, None, timeout).await?;
-    if out.success() {
-        Ok(out.stdout)
-    } else {
-        Err(fail(shell, step, &out))
-    }
-}
-
-/// The target's live manifest (taken while the source's final backup runs).
+/// The target's live manifest (taken while the source's final backup runs), quick within `lineage`.
 pub async fn target_manifest(
     shell: &impl Shell,
-    layout: &Layout,
+    backuper: &Backuper,
     data: &DataSpec,
-    timeout: Duration,
+    lineage: &str,
 ) -> Result<FileManifest, BackupError> {
-    Ok(FileManifest::parse(
-        &run(
+    let out = backuper
+        .run_remote(
             shell,
             "take the target's manifest",
-            &script::live_manifest(layout, &data.paths),
-            timeout,
+            &script::live_manifest_in(backuper.layout(), &data.paths, Some(lineage)),
+            None,
+            false,
         )
-        .await?,
-    )?)
+        .await?;
+    Ok(FileManifest::parse(&out.stdout)?)
 }
 
-/// Brings the target's data (held stopped, holding an earlier copy whose manifest is `have`) to
-/// snapshot `id`, taking from the repository only what differs, restoring the databases from the
-/// snapshot's dumps, and comparing the result with the snapshot's manifest. The secrets must have been
-/// delivered; the caller cleans up.
-pub async fn restore_changes(
-    shell: &impl Shell,
-    layout: &Layout,
-    repo: &Repository,
-    id: &str,
-    data: &DataSpec,
-    have: &FileManifest,
-    timeout: Duration,
-) -> Result<DeltaReport, BackupError> {
+/// The shell lines that apply `delta` from snapshot `id`: unpack the snapshot's staging folder and
+/// the changed files (up to [`CHUNK`] paths a run; a stale lock is cleared when a run fails), then each
+/// removal, folder and move, in order.
+pub fn delta_lines(layout: &Layout, id: &str, delta: &DeltaPlan) -> Vec<String> {
     let r = layout.restore();
-    let prologue = script::prologue(layout, repo.access());
     let staging = layout.staging();
-    run(
-        shell,
-        "unpack the snapshot's manifest and dumps",
-        &format!(
-            "{prologue}restic unlock >/dev/null 2>&1 || true; rm -rf {r}; mkdir -p {r}; {} >/dev/null",
-            shell_words(&[
-                "restic",
-                "restore",
-                id,
-                "--target",
-                &r,
-                "--include",
-                &include_pattern(&staging)
-            ])
-        ),
-        timeout,
-    )
-    .await?;
-    let want = FileManifest::parse(
-        &run(
-            shell,
-            "read the snapshot's manifest",
-            &script::restored_manifest(layout),
-            timeout,
-        )
-        .await?,
-    )?;
-    let delta = plan(&want, have);
-    for chunk in delta.fetch.chunks(CHUNK) {
+    let mut lines = vec![format!("rm -rf {r}; mkdir -p {r}; ")];
+    let mut includes: Vec<&str> = vec![&staging];
+    includes.extend(delta.fetch.iter().map(String::as_str));
+    for chunk in includes.chunks(CHUNK) {
         let mut words = vec![
             "restic".to_owned(),
             "restore".into(),
@@ -176,21 +118,18 @@ pub async fn restore_changes(
             words.push("--include".into());
             words.push(include_pattern(p));
         }
-        run(
-            shell,
-            "unpack the changed files",
-            &format!("{prologue}{} >/dev/null", shell_words(&words)),
-            timeout,
-        )
-        .await?;
+        let run = shell_words(&words);
+        lines.push(format!(
+            "if ! {run} >/dev/null 2>{d}/unpack.err; then restic unlock >/dev/null 2>&1 || true; {run} >/dev/null; fi; ",
+            d = layout.dir
+        ));
     }
-    let mut line = String::from("set -eu; ");
     for p in &delta.remove {
-        line.push_str(&format!("rm -rf {}; ", shell_word(p)));
+        lines.push(format!("rm -rf {}; ", shell_word(p)));
     }
     for (p, e) in &delta.folders {
         let p = shell_word(p);
-        line.push_str(&format!(
+        lines.push(format!(
             "mkdir -p {p}; chmod {} {p}; chown -h {} {p}; ",
             shell_word(&e.mode),
             shell_word(&e.owner)
@@ -199,51 +138,83 @@ pub async fn restore_changes(
     for p in &delta.fetch {
         let to = shell_word(p);
         let from = shell_word(&format!("{r}{p}"));
-        line.push_str(&format!(
+        lines.push(format!(
             "mkdir -p \"$(dirname {to})\"; rm -rf {to}; mv {from} {to}; "
         ));
     }
-    line.push_str("true");
-    run(shell, "move the changed files into place", &line, timeout).await?;
-    let mut differences = Vec::new();
-    for db in &data.databases {
-        let recorded = DatabaseSums::parse(
-            &run(
-                shell,
-                "read a database's checksums",
-                &script::restored_database_meta(layout, db),
-                timeout,
-            )
-            .await?,
-        )?;
-        run(
-            shell,
-            "restore a database",
-            &script::restore_database(layout, db, &recorded.meta),
-            timeout,
-        )
-        .await?;
-        let restored = DatabaseSums::parse(
-            &run(
-                shell,
-                "checksum a restored database",
-                &script::database_checksums(db),
-                timeout,
-            )
-            .await?,
-        )?;
-        differences.extend(manifest::compare_database(db, &recorded, &restored));
+    lines
+}
+
+/// `lines` packed in order into as few scripts as possible, each starting with `prologue` and below
+/// `limit` bytes (a line longer than that alone in its script).
+pub fn pack(prologue: &str, lines: &[String], limit: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = prologue.to_owned();
+    for line in lines {
+        if current.len() > prologue.len() && current.len() + line.len() > limit {
+            out.push(std::mem::replace(&mut current, prologue.to_owned()));
+        }
+        current.push_str(line);
     }
-    let after = FileManifest::parse(
-        &run(
-            shell,
-            "take the restored files' manifest",
-            &script::live_manifest(layout, &data.paths),
-            timeout,
-        )
-        .await?,
-    )?;
-    differences.extend(manifest::compare_files(&want, &after));
+    out.push(current);
+    out
+}
+
+/// Brings the target's data (held stopped, holding an earlier copy whose manifest is `have`) to
+/// snapshot `id`, whose recorded manifest is `want` and databases' checksums `recorded`: takes from
+/// the repository only what differs, restores the databases from the snapshot's dumps, and compares
+/// the result with `want`, in one connection (more only for a delta too long for one script). The
+/// secrets are delivered on the way; the work folders and secrets are removed when the last connection
+/// ends (the caller cleans up after a failure).
+#[allow(clippy::too_many_arguments)] // reason: the two sides of one comparison, each as it came
+pub async fn restore_changes(
+    shell: &impl Shell,
+    backuper: &Backuper,
+    repo: &Repository,
+    id: &str,
+    data: &DataSpec,
+    want: &FileManifest,
+    recorded: &[DatabaseSums],
+    have: &FileManifest,
+    lineage: &str,
+) -> Result<DeltaReport, BackupError> {
+    let layout = backuper.layout();
+    let prologue = script::prologue(layout, repo.access());
+    let delta = plan(want, have);
+    let mut finish = String::new();
+    for (db, sums) in data.databases.iter().zip(recorded) {
+        finish.push_str(&script::restore_database(layout, db, &sums.meta));
+        finish.push_str("; ");
+    }
+    finish.push_str(&script::live_state(
+        layout,
+        &data.paths,
+        &data.databases,
+        Some(lineage),
+    ));
+    let mut lines = delta_lines(layout, id, &delta);
+    lines.push(finish);
+    let scripts = pack(&prologue, &lines, SCRIPT_LIMIT);
+    let last = scripts.len() - 1;
+    let mut output = String::new();
+    for (i, line) in scripts.iter().enumerate() {
+        output = backuper
+            .run_remote(
+                shell,
+                "restore the changes and the databases",
+                line,
+                (i == 0).then_some(repo),
+                i == last,
+            )
+            .await?
+            .stdout;
+    }
+    let (after, _, restored) = manifest::parse_state(&output, data.databases.len())?;
+    let mut differences = Vec::new();
+    for ((db, a), b) in data.databases.iter().zip(recorded).zip(&restored) {
+        differences.extend(manifest::compare_database(db, a, b));
+    }
+    differences.extend(manifest::compare_files(want, &after));
     Ok(DeltaReport {
         restored: delta.fetch.len(),
         removed: delta.remove.len(),
@@ -312,6 +283,39 @@ mod tests {
             vec!["/d", "/d/new"]
         );
         assert_eq!(plan(&want, &want), DeltaPlan::default());
+    }
+
+    #[test]
+    fn a_long_delta_is_packed_in_order_into_scripts_below_the_limit() {
+        let lines: Vec<String> = (0..10).map(|i| format!("step {i}; ")).collect();
+        let scripts = pack("P; ", &lines, 30);
+        assert!(scripts.iter().all(|s| s.starts_with("P; ") && s.len() <= 30));
+        let joined: String = scripts.iter().map(|s| &s[3..]).collect();
+        assert_eq!(joined, lines.concat());
+        assert_eq!(pack("P; ", &lines, 1 << 20).len(), 1);
+        // A line longer than the limit still goes, alone.
+        assert_eq!(pack("P; ", &["x".repeat(100)], 30).len(), 1);
+    }
+
+    #[test]
+    fn the_final_copy_unpacks_the_staging_folder_with_the_changed_files() {
+        let layout = Layout {
+            dir: "/var/lib/fediversity-backup".into(),
+        };
+        let delta = DeltaPlan {
+            fetch: vec!["/var/lib/app/a b".into()],
+            remove: vec!["/var/lib/app/gone".into()],
+            folders: vec![],
+        };
+        let lines = delta_lines(&layout, "abc", &delta);
+        assert!(lines[1].contains(
+            "restic restore abc --target /var/lib/fediversity-backup/restore --include /var/lib/fediversity-backup/staging --include '/var/lib/app/a b'"
+        ));
+        assert_eq!(lines[2], "rm -rf /var/lib/app/gone; ");
+        assert!(
+            lines[3]
+                .ends_with("mv '/var/lib/fediversity-backup/restore/var/lib/app/a b' '/var/lib/app/a b'; ")
+        );
     }
 
     #[test]

@@ -115,6 +115,15 @@ pub struct Step {
     pub record: MigrationRecord,
 }
 
+/// The lineage of the quick manifests of one migration's host: files hashed on a host during this
+/// migration (its pre-copy, final copy, verification) are not hashed again while their stat data stays.
+fn lineage(r: &MigrationRecord, app: &AppMove) -> String {
+    manifest::lineage_word(
+        &format!("migration {} {} {}", r.deployment, r.started_ms, app.host),
+        &app.data.paths,
+    )
+}
+
 /// The current time in Unix milliseconds.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -262,7 +271,7 @@ impl Migrator {
             Action::RestoreBackup => return Ok((0, self.restore_backup(world, r, app).await?)),
             Action::StopSource => world.source_services(app, false).await?,
             Action::FinalCopy => return self.copy(world, r, app, true).await,
-            Action::Verify => return Ok((0, self.verify(world, app).await?)),
+            Action::Verify => return Ok((0, self.verify(world, r, app).await?)),
             Action::StartTarget => world.start_target(app).await?,
             Action::SwitchNames => world.switch_names(app).await?,
             Action::RetireSource { destroy: true } => world.destroy_source(app).await?,
@@ -312,34 +321,52 @@ impl Migrator {
             revision,
             data: &app.data,
         };
-        let backup = self.backuper.backup(source, &self.repository, &what);
+        let lineage = lineage(r, app);
         if !last {
-            let report = backup.await?;
+            let report = self
+                .backuper
+                .backup_in(source, &self.repository, &what, Some(&lineage))
+                .await?;
             self.backuper
-                .restore(target, &self.repository, &app.host, &report.snapshot, &held)
+                .restore_in(
+                    target,
+                    &self.repository,
+                    &app.host,
+                    &report.snapshot,
+                    &held,
+                    Some(&lineage),
+                )
                 .await?;
             return Ok((report.total_bytes, Vec::new()));
         }
         // The final copy takes only what changed since the pre-copy (what the target holds is read
         // while the source is backed up); should that not verify, the whole snapshot is restored.
-        let timeout = Duration::from_secs(6 * 3600);
-        let have = super::delta::target_manifest(target, self.backuper.layout(), &held, timeout);
-        let (report, have) = tokio::join!(backup, have);
-        let (report, have) = (report?, have?);
-        self.backuper.deliver_secrets(target, &self.repository).await?;
+        let backup = self
+            .backuper
+            .backup_recorded(source, &self.repository, &what, &lineage);
+        let have = super::delta::target_manifest(target, &self.backuper, &held, &lineage);
+        let (backup, have) = tokio::join!(backup, have);
+        let ((report, want, recorded), have) = (backup?, have?);
         let delta = super::delta::restore_changes(
             target,
-            self.backuper.layout(),
+            &self.backuper,
             &self.repository,
             &report.snapshot,
             &held,
+            &want,
+            &recorded,
             &have,
-            timeout,
+            &lineage,
         )
         .await;
-        let cleaned = self.backuper.clean_up(target).await;
-        let delta = delta?;
-        cleaned?;
+        let delta = match delta {
+            Ok(d) => d,
+            Err(e) => {
+                // The last connection removes the work folders itself; an earlier failure leaves them.
+                let _ = self.backuper.clean_up(target).await;
+                return Err(e.into());
+            }
+        };
         if delta.differences.is_empty() {
             return Ok((report.bytes_added, Vec::new()));
         }
@@ -350,7 +377,14 @@ impl Migrator {
         );
         let restored = self
             .backuper
-            .restore(target, &self.repository, &app.host, &report.snapshot, &held)
+            .restore_in(
+                target,
+                &self.repository,
+                &app.host,
+                &report.snapshot,
+                &held,
+                Some(&lineage),
+            )
             .await?;
         Ok((report.bytes_added, restored.differences))
     }
@@ -385,13 +419,19 @@ impl Migrator {
 
     /// Compares the live data of both sides: every file (size, SHA-256, mode, owner) and every
     /// database (row counts and checksums per table).
-    async fn verify<W: World>(&self, world: &W, app: &AppMove) -> Result<Vec<String>, WorldError> {
+    async fn verify<W: World>(
+        &self,
+        world: &W,
+        r: &MigrationRecord,
+        app: &AppMove,
+    ) -> Result<Vec<String>, WorldError> {
         let (source, target) = (world.source(app)?, world.target(app)?);
+        let lineage = lineage(r, app);
         let (src, dst) = tokio::join!(
-            self.backuper.live_state(source, &app.data),
-            self.backuper.live_state(target, &app.data)
+            self.backuper.live_state_in(source, &app.data, Some(&lineage)),
+            self.backuper.live_state_in(target, &app.data, Some(&lineage))
         );
-        let ((src_files, src_dbs), (dst_files, dst_dbs)) = (src?, dst?);
+        let ((src_files, _, src_dbs), (dst_files, _, dst_dbs)) = (src?, dst?);
         let mut out: Vec<String> = manifest::compare_files(&src_files, &dst_files)
             .into_iter()
             .map(|d| format!("{}: {d}", app.host))
