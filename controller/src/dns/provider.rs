@@ -18,7 +18,8 @@ use crate::api::{
     EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, condition_types,
 };
 use crate::provider::{
-    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport, Recorder,
+    EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport,
+    Recorder,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
 use crate::store::Store;
@@ -562,9 +563,7 @@ impl Core {
             records,
             operator_records: operator.0,
         };
-        report
-            .fields
-            .insert("dns".into(), serde_json::to_value(status).unwrap_or(Value::Null));
+        report.dns = Some(status);
         let sooner = |a: Option<Duration>, b: Duration| Some(a.map_or(b, |a| a.min(b)));
         if !published {
             report.converged = false;
@@ -670,12 +669,11 @@ impl Provider for DnsProvider {
             if let Some(spec) = &env.spec.dns
                 && let Some(problem) = core.probe(env.metadata.name.as_str(), spec).await
             {
-                let mut warnings = match report.fields.remove("warnings") {
-                    Some(Value::Array(list)) => list,
-                    _ => Vec::new(),
-                };
-                warnings.push(Value::String(format!("DNS: {problem}")));
-                report.fields.insert("warnings".into(), Value::Array(warnings));
+                report
+                    .facts
+                    .get_or_insert_with(EnvironmentFacts::default)
+                    .warnings
+                    .push(format!("DNS: {problem}"));
             }
             Ok(report)
         })

@@ -326,7 +326,7 @@ impl NixosProvider {
             hosts: Some(statuses),
             conditions,
             retry_after: (!converged).then_some(NOT_CONVERGED_RETRY),
-            fields: serde_json::Map::new(),
+            dns: None,
             // A failed or rolled-back deploy is an error: retried with backoff, not polled as progress.
             failure: (!rolled_back.is_empty()).then(|| ReconcileError::Transient {
                 reason: DEPLOY_FAILED,

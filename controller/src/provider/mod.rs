@@ -7,10 +7,9 @@ pub mod settings;
 
 use std::time::Duration;
 
-use serde_json::{Map, Value};
-
 use crate::api::{
-    ConditionStatus, Deployment, EventType, HostStatus, Name, Object, ObjectKey, RuntimeEnvironment, Size,
+    ConditionStatus, Deployment, DnsStatus, EventType, HostStatus, Name, Object, ObjectKey,
+    RuntimeEnvironment, Size,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
 
@@ -73,8 +72,8 @@ pub struct ProviderReport {
     pub conditions: Vec<ProviderCondition>,
     /// When to look again while not converged.
     pub retry_after: Option<Duration>,
-    /// Further status fields to set (e.g. `dns`).
-    pub fields: Map<String, Value>,
+    /// The names kept for the hosts (for `status.dns`); `None` keeps what status already says.
+    pub dns: Option<DnsStatus>,
     /// Set when the attempt failed although the report's hosts and fields are worth recording (a
     /// deploy that was rolled back): the reconcile records them, then fails with this error, so it
     /// is retried with backoff and its Ready condition gives this reason.
@@ -86,8 +85,27 @@ pub struct ProviderReport {
 pub struct EnvironmentReport {
     /// One sentence for the Ready condition.
     pub message: String,
-    /// Status fields to set (`version`, `nodes`, `vmsOwned`, …).
-    pub fields: Map<String, Value>,
+    /// What was observed of the environment (for its status); `None` keeps what status already says.
+    pub facts: Option<EnvironmentFacts>,
+}
+
+/// What a provider observed of an environment, as its status shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EnvironmentFacts {
+    /// The Proxmox VE version.
+    pub version: Option<String>,
+    /// The cluster's nodes that are online.
+    pub nodes: Vec<String>,
+    /// How many VMs carry this controller's owner tag.
+    pub vms_owned: u32,
+    /// How many VMs are kept after their host left its Deployment.
+    pub vms_orphaned: u32,
+    /// Whether the template VM exists and is a template.
+    pub template_present: Option<bool>,
+    /// Whether the API is reached without certificate verification or over plain HTTP.
+    pub insecure: bool,
+    /// Things an operator should know.
+    pub warnings: Vec<String>,
 }
 
 /// Makes planned hosts exist and run their configuration (Proxmox VMs, NixOS hosts), and removes them.
@@ -126,10 +144,7 @@ pub fn plan_only_environment(env: &RuntimeEnvironment) -> EnvironmentReport {
         ),
         None => format!("valid: {} static host(s)", env.spec.static_hosts.len()),
     };
-    EnvironmentReport {
-        message,
-        fields: Map::new(),
-    }
+    EnvironmentReport { message, facts: None }
 }
 
 /// What [`PlanOnly`] says of a Deployment's hosts.
@@ -143,7 +158,7 @@ pub fn plan_only_report(hosts: &[PlannedHost]) -> ProviderReport {
         hosts: None,
         conditions: Vec::new(),
         retry_after: None,
-        fields: Map::new(),
+        dns: None,
         failure: None,
     }
 }

@@ -37,7 +37,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
 use crate::api::{
@@ -45,7 +44,7 @@ use crate::api::{
     condition_types,
 };
 use crate::provider::{
-    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport,
+    EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport,
     plan_only_environment, plan_only_report,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
@@ -427,17 +426,7 @@ impl ProviderCore {
         }
         let orphaned = self.count_orphans(&name);
         let template_ok = template.is_some_and(|t| t.template);
-        let mut fields = Map::new();
-        fields.insert("version".into(), json!(version));
-        fields.insert("nodes".into(), json!(nodes));
-        fields.insert("vmsOwned".into(), json!(owned));
-        fields.insert("vmsOrphaned".into(), json!(orphaned));
-        fields.insert("templatePresent".into(), json!(template_ok));
-        fields.insert(
-            "insecure".into(),
-            json!(insecure || spec.endpoint.starts_with("http://")),
-        );
-        fields.insert("warnings".into(), json!(warnings));
+        let insecure = insecure || spec.endpoint.starts_with("http://");
         if !template_ok {
             return Err(ReconcileError::Waiting {
                 reason: reasons::TEMPLATE_MISSING,
@@ -457,7 +446,19 @@ impl ProviderCore {
             message.push_str("; warnings: ");
             message.push_str(&warnings.join("; "));
         }
-        Ok(EnvironmentReport { message, fields })
+        let facts = EnvironmentFacts {
+            version: Some(version),
+            nodes,
+            vms_owned: u32::try_from(owned).unwrap_or(u32::MAX),
+            vms_orphaned: u32::try_from(orphaned).unwrap_or(u32::MAX),
+            template_present: Some(template_ok),
+            insecure,
+            warnings,
+        };
+        Ok(EnvironmentReport {
+            message,
+            facts: Some(facts),
+        })
     }
 
     async fn converge_hosts(
@@ -634,7 +635,7 @@ impl ProviderCore {
             hosts: Some(statuses),
             conditions,
             retry_after,
-            fields: Map::new(),
+            dns: None,
             failure: None,
         })
     }
@@ -1144,14 +1145,11 @@ mod tests {
             .expect("the check passes");
 
         api.assert_done();
-        assert_eq!(report.fields["version"], json!("9.1.3"));
-        assert_eq!(report.fields["nodes"], json!(["pve"]));
-        assert_eq!(
-            report.fields["vmsOwned"],
-            json!(1),
-            "only the VM with our owner tag"
-        );
-        assert_eq!(report.fields["templatePresent"], json!(true));
+        let facts = report.facts.expect("a Proxmox check reports what it saw");
+        assert_eq!(facts.version.as_deref(), Some("9.1.3"));
+        assert_eq!(facts.nodes, ["pve"]);
+        assert_eq!(facts.vms_owned, 1, "only the VM with our owner tag");
+        assert_eq!(facts.template_present, Some(true));
         let environment = provider.environment(&lab()).unwrap();
         assert_eq!(*built.lock().unwrap(), 1, "one client per environment");
         assert_eq!(environment.drift.interval(), Duration::from_secs(90));

@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
-
+use super::status::DeploymentFacts;
 use super::{Context, Converged};
 use crate::api::{
-    Application, Condition, DeletionPolicy, Deployment, EventType, Kind, Name, Object, ObjectKey,
-    RuntimeEnvironment, reasons,
+    Application, Condition, DeletionPolicy, Deployment, DeploymentStatus, EventType, Kind, Name, Object,
+    ObjectKey, RuntimeEnvironment, reasons,
 };
 use crate::migrate::decide::{self, Decision};
 use crate::migrate::hosts::Inputs;
@@ -21,19 +20,15 @@ use crate::migrate::{AppMove, record};
 use crate::provider::PlannedHost;
 use crate::runtime::ReconcileError;
 
-/// The status field naming the environment the Deployment's hosts were last converged in.
-pub const PLACED_FIELD: &str = "runtimeEnvironment";
-/// The status field holding the generation whose change began the last migration.
-const GENERATION_FIELD: &str = "migrationGeneration";
 /// How often a migrating Deployment's status is refreshed without a step (its downtime grows).
 const REFRESH: Duration = Duration::from_secs(15);
 
 /// What the reconcile does after looking at migrations.
 pub(super) enum Next {
-    /// Reconcile the hosts as usual, adding these status fields and conditions.
-    Stay(Map<String, Value>, Vec<Condition>),
+    /// Reconcile the hosts as usual, adding these status facts and conditions.
+    Stay(Box<DeploymentFacts>, Vec<Condition>),
     /// A migration runs: leave both sides alone and report this.
-    Migrating(Converged),
+    Migrating(Box<Converged>),
 }
 
 fn store_failed(e: impl std::fmt::Display) -> ReconcileError {
@@ -65,14 +60,13 @@ pub fn retire_policy(dep: &Deployment) -> RetirePolicy {
 }
 
 /// The record as status shows it: `status.migration` and the `Migrating` condition.
-fn shown(r: &MigrationRecord, generation: u64) -> (Map<String, Value>, Vec<Condition>) {
+fn shown(r: &MigrationRecord, generation: u64) -> (DeploymentFacts, Vec<Condition>) {
     let now = now_ms();
-    let mut fields = Map::new();
-    fields.insert(
-        "migration".into(),
-        serde_json::to_value(record::status(r, now)).unwrap_or(Value::Null),
-    );
-    (fields, vec![record::condition(r, now, generation)])
+    let facts = DeploymentFacts {
+        migration: Some(record::status(r, now)),
+        ..DeploymentFacts::default()
+    };
+    (facts, vec![record::condition(r, now, generation)])
 }
 
 /// Decides about `dep`'s environment; begins, cancels or refuses, and keeps a driver stepping a
@@ -86,22 +80,22 @@ pub(super) fn reconcile(
     dep: &Deployment,
     hosts: &[PlannedHost],
     applications: &BTreeMap<Name, Application>,
-    old: Option<&Value>,
+    old: &DeploymentStatus,
 ) -> Result<Next, ReconcileError> {
     let name = dep.metadata.name.as_str();
     let wanted = dep.spec.runtime_environment.as_str();
     let record = migrations.load(name).map_err(store_failed)?;
-    let seen = old.and_then(|s| s.get(PLACED_FIELD)).and_then(Value::as_str);
+    let seen = old.runtime_environment.as_deref();
     let policy = (retire_policy(dep), FailedTarget::Remove);
     let now = now_ms();
     let mut begun = false;
     match decide::decide(name, wanted, seen, record.as_ref(), policy, now) {
         Decision::Stay => {
-            let (fields, conditions) = record.as_ref().map(|r| shown(r, generation)).unwrap_or_default();
-            return Ok(Next::Stay(fields, conditions));
+            let (facts, conditions) = record.as_ref().map(|r| shown(r, generation)).unwrap_or_default();
+            return Ok(Next::Stay(Box::new(facts), conditions));
         }
         Decision::Begin(r) => {
-            let last_generation = old.and_then(|s| s.get(GENERATION_FIELD)).and_then(Value::as_u64);
+            let last_generation = old.migration_generation;
             if let Some(prev) = &record
                 && prev.phase == Phase::Failed
                 && prev.to == r.to
@@ -162,10 +156,7 @@ pub(super) fn reconcile(
         }
         Decision::Refuse(e) => {
             let message = e.to_string();
-            let said = old
-                .and_then(|s| s.get("migration"))
-                .and_then(|m| m.get("refused"))
-                .and_then(Value::as_str);
+            let said = old.migration.as_ref().and_then(|m| m.refused.as_deref());
             if said != Some(message.as_str()) {
                 ctx.book
                     .record(key, EventType::Warning, "MigrationRefused", message);
@@ -176,14 +167,14 @@ pub(super) fn reconcile(
         .load(name)
         .map_err(store_failed)?
         .ok_or_else(|| store_failed("the record vanished"))?;
-    let (mut fields, conditions) = shown(&r, generation);
-    if let Some(Value::Object(m)) = fields.get_mut("migration")
+    let (mut facts, conditions) = shown(&r, generation);
+    if let Some(m) = facts.migration.as_mut()
         && let Err(e) = crate::migrate::phase::desired_environment(&r, wanted, now)
     {
-        m.insert("refused".into(), e.to_string().into());
+        m.refused = Some(e.to_string());
     }
     if begun {
-        fields.insert(GENERATION_FIELD.into(), generation.into());
+        facts.migration_generation = Some(generation);
     }
     if !r.phase.is_terminal() {
         start_driver(ctx, migrations, key, dep, hosts, applications, &r)?;
@@ -191,17 +182,18 @@ pub(super) fn reconcile(
     if r.phase == Phase::RetiringSource && wanted == r.to {
         // The target serves under the names: its hosts are reconciled as usual while the source
         // waits for its grace period.
-        return Ok(Next::Stay(fields, conditions));
+        return Ok(Next::Stay(Box::new(facts), conditions));
     }
-    Ok(Next::Migrating(Converged {
+    Ok(Next::Migrating(Box::new(Converged {
         action: crate::runtime::Action::Requeue(REFRESH),
         reason: reasons::PROGRESSING,
         message: format!("migrating from {} to {}: {}", r.from, r.to, r.phase),
-        fields,
+        environment: None,
+        deployment: facts,
         conditions: Vec::new(),
         extra_conditions: conditions,
         failure: None,
-    }))
+    })))
 }
 
 fn start_driver(
