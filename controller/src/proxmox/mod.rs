@@ -30,6 +30,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod pace;
 pub mod plan;
+mod report;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -39,12 +40,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use crate::api::{
-    ConditionStatus, DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
-    condition_types,
-};
+use crate::api::{DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment};
 use crate::provider::{
-    EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport,
+    EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderReport,
     plan_only_environment, plan_only_report,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
@@ -533,57 +531,14 @@ impl ProviderCore {
         let result = self.run_hosts(&environment, &name, &desired, records, &ctx).await;
         self.count_orphans(&env_name);
         let (statuses, results) = result?;
-        let outcomes: Vec<&HostOutcome> = results.iter().map(|r| &r.outcome).collect();
-        let wake_after = results.iter().filter_map(|r| r.wake_after).min();
-        let drift: Vec<&(&'static str, String)> = results.iter().flat_map(|r| &r.drift).collect();
-        for (kind, _) in &drift {
+        for (kind, _) in results.iter().flat_map(|r| &r.drift) {
             self.metrics
                 .drift
                 .with_label_values(&[env_name.as_str(), kind])
                 .inc();
         }
-        let waits: Vec<(&'static str, String)> = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                HostOutcome::Waiting { reason, message } => Some((*reason, message.clone())),
-                _ => None,
-            })
-            .collect();
-        let ready_hosts = statuses.iter().filter(|h| h.phase == "Ready").count();
-        let converged = waits.is_empty() && ready_hosts == desired.len();
-        let provisioned = if converged {
-            ProviderCondition {
-                type_: condition_types::PROVISIONED,
-                status: ConditionStatus::True,
-                reason: reasons::PROVISIONED,
-                message: format!("{ready_hosts} VM(s) running with an address"),
-            }
-        } else {
-            let (reason, message) = waits
-                .first()
-                .cloned()
-                .unwrap_or((reasons::REOBSERVE, "observing again".into()));
-            ProviderCondition {
-                type_: condition_types::PROVISIONED,
-                status: ConditionStatus::False,
-                reason,
-                message,
-            }
-        };
-        let stuck = waits.iter().any(|(r, _)| {
-            *r == reasons::DISK_SHRINK_REFUSED || *r == reasons::PENDING_RESTART || *r == reasons::VM_LOCKED
-        });
-        let message = if converged {
-            format!("{ready_hosts} host(s) provisioned")
-        } else {
-            format!(
-                "{ready_hosts}/{} host(s) ready: {}",
-                desired.len(),
-                provisioned.message
-            )
-        };
-        let retry_after = if converged {
-            // The next drift scan of one of its VMs.
+        // The next drift scan of one of its VMs.
+        let next_drift_scan = || {
             (!environment.drift.interval().is_zero())
                 .then(|| {
                     self.records(&name)
@@ -594,50 +549,13 @@ impl ProviderCore {
                         .min()
                 })
                 .flatten()
-        } else if waits.iter().all(|(r, _)| *r == reasons::REOBSERVE) {
-            Some(Duration::from_millis(200))
-        } else if stuck {
-            Some(Duration::from_secs(30))
-        } else if let Some(wake) = wake_after {
-            // A task or a boot whose end is expected then.
-            Some(wake.max(Duration::from_millis(50)))
-        } else {
-            Some(Duration::from_secs(2))
         };
-        let mut conditions = vec![provisioned];
-        if !drift.is_empty() {
-            let pending = waits.iter().any(|(r, _)| *r == reasons::PENDING_RESTART);
-            conditions.push(ProviderCondition {
-                type_: condition_types::DRIFTED,
-                status: ConditionStatus::True,
-                reason: if pending {
-                    reasons::DRIFT_PENDING
-                } else {
-                    reasons::DRIFT_CORRECTED
-                },
-                message: drift
-                    .iter()
-                    .map(|(_, m)| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
-        } else if converged {
-            conditions.push(ProviderCondition {
-                type_: condition_types::DRIFTED,
-                status: ConditionStatus::False,
-                reason: reasons::NO_DRIFT,
-                message: "no out-of-band change found".into(),
-            });
-        }
-        Ok(ProviderReport {
-            converged,
-            message,
-            hosts: Some(statuses),
-            conditions,
-            retry_after,
-            dns: None,
-            failure: None,
-        })
+        Ok(report::deployment_report(
+            statuses,
+            &results,
+            desired.len(),
+            next_drift_scan,
+        ))
     }
 
     /// Plans and runs every host of one Deployment; returns the host statuses and each plan's outcome.
@@ -839,23 +757,7 @@ impl ProviderCore {
                 Err(e) => error = Some(lifecycle_error(env_name, &e)),
             }
         }
-        let status = host.map(|h| {
-            let phase = match (&outcome, &record) {
-                (_, None) => "Pending".to_owned(),
-                (HostOutcome::Done, Some(r)) if r.address.is_some() => "Ready".to_owned(),
-                (HostOutcome::Waiting { reason, .. }, _) => (*reason).to_owned(),
-                (_, Some(r)) if r.phase == RecordPhase::Creating => "Creating".to_owned(),
-                _ => "Provisioning".to_owned(),
-            };
-            HostStatus {
-                name: h.name.clone(),
-                phase,
-                vmid: record.as_ref().map(|r| r.vmid),
-                node: record.as_ref().map(|r| r.node.clone()),
-                address: record.as_ref().and_then(|r| r.address.clone()),
-                ..HostStatus::default()
-            }
-        });
+        let status = host.map(|h| report::host_status(&h.name, &outcome, record.as_ref()));
         HostResult {
             status,
             outcome,
