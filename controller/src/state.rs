@@ -615,8 +615,4 @@ impl crate::provider::Recorder for StatusBook {
     fn event(&self, key: &ObjectKey, type_: EventType, reason: &str, message: String) {
         self.record(key, type_, reason, message);
     }
-
-    fn status_field(&self, key: &ObjectKey, field: &str) -> Option<serde_json::Value> {
-        self.with_status(key, |s| s.and_then(|s| s.get(field)).cloned())
-    }
 }

@@ -12,7 +12,7 @@ use crate::backup::script;
 use crate::nixos::HttpTarget;
 use crate::nixos::escape::shell_word;
 use crate::nixos::host::{Health, HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, known_hosts_line};
-use crate::provider::{PlannedHost, Provider};
+use crate::provider::{ConvergeRequest, PlannedHost, PreviousFacts, Provider};
 
 /// How long the target's health checks may take to pass after its services started.
 pub const HEALTH_AFTER_START: Duration = Duration::from_secs(300);
@@ -147,9 +147,16 @@ impl ProviderWorld {
         deployment: &Deployment,
     ) -> Result<(), WorldError> {
         let deadline = tokio::time::Instant::now() + PROVISION_DEADLINE;
+        // The target hosts are new: what the providers reported of them last is the previous pass's.
+        let mut previous = PreviousFacts::default();
         loop {
             let report = provider
-                .converge(deployment, &self.inputs.to, &self.inputs.hosts)
+                .converge(ConvergeRequest {
+                    deployment,
+                    env: &self.inputs.to,
+                    hosts: &self.inputs.hosts,
+                    previous: &previous,
+                })
                 .await
                 .map_err(|e| WorldError {
                     transient: !matches!(e, crate::runtime::ReconcileError::Terminal { .. }),
@@ -163,6 +170,17 @@ impl ProviderWorld {
             }
             if report.converged {
                 return Ok(());
+            }
+            previous.hosts = report.hosts.clone().unwrap_or(previous.hosts);
+            if report.dns.is_some() {
+                previous.dns = report.dns.clone();
+            }
+            if let Some(c) = report
+                .conditions
+                .iter()
+                .find(|c| c.type_ == crate::api::condition_types::DNS_READY)
+            {
+                previous.dns_ready = Some(c.status);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(WorldError::transient(format!(

@@ -10,7 +10,8 @@ use crate::api::{
     condition_types,
 };
 use crate::provider::{
-    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport, Recorder,
+    ConvergeRequest, EnvironmentReport, Objects, PlannedHost, PreviousFacts, Provider, ProviderCondition,
+    ProviderReport, Recorder,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
 use crate::store::Store;
@@ -43,6 +44,14 @@ pub fn static_host_for<'a>(
         .static_hosts
         .iter()
         .find(|s| s.name.as_str() == host.name)
+}
+
+/// A converge request, owned by the task that runs it.
+struct Owned {
+    deployment: Deployment,
+    env: RuntimeEnvironment,
+    hosts: Vec<PlannedHost>,
+    previous: PreviousFacts,
 }
 
 /// A provider that adds NixOS convergence to an infrastructure provider.
@@ -110,19 +119,6 @@ impl NixosProvider {
         .await
     }
 
-    /// The hosts in the Deployment's last recorded status.
-    fn previous_hosts(&self, deployment: &Deployment) -> Vec<HostStatus> {
-        let key = ObjectKey {
-            kind: Kind::Deployment,
-            name: deployment.metadata.name.clone(),
-        };
-        self.book
-            .as_ref()
-            .and_then(|book| book.status_field(&key, "hosts"))
-            .and_then(|hosts| serde_json::from_value(hosts).ok())
-            .unwrap_or_default()
-    }
-
     async fn deploy_hosts(
         &self,
         deployment: &Deployment,
@@ -130,6 +126,7 @@ impl NixosProvider {
         hosts: &[PlannedHost],
         addresses: &BTreeMap<String, Result<HostAddress, Arc<PrepareError>>>,
         base: &[HostStatus],
+        previous: &[HostStatus],
     ) -> ProviderReport {
         let email = deployment.spec.initial_user.as_ref().map(|u| u.email.clone());
         // A Deployment that starts from a snapshot holds its applications stopped until restored.
@@ -181,7 +178,6 @@ impl NixosProvider {
             kind: Kind::Deployment,
             name: deployment.metadata.name.clone(),
         };
-        let previous = self.previous_hosts(deployment);
         let mut merged = Vec::new();
         for host in hosts {
             let base = base.iter().find(|h| h.name == host.name);
@@ -205,12 +201,13 @@ impl NixosProvider {
         super::status::report(merged)
     }
 
-    async fn converge_owned(
-        self,
-        deployment: Deployment,
-        env: RuntimeEnvironment,
-        hosts: Vec<PlannedHost>,
-    ) -> Result<ProviderReport, ReconcileError> {
+    async fn converge_owned(self, request: Owned) -> Result<ProviderReport, ReconcileError> {
+        let Owned {
+            deployment,
+            env,
+            hosts,
+            previous,
+        } = request;
         if env.spec.proxmox.is_none() {
             let env_name = env.metadata.name.to_string();
             let addresses = hosts
@@ -232,16 +229,24 @@ impl NixosProvider {
                 })
                 .collect();
             return Ok(self
-                .deploy_hosts(&deployment, &env, &hosts, &addresses, &[])
+                .deploy_hosts(&deployment, &env, &hosts, &addresses, &[], &previous.hosts)
                 .await);
         }
-        let mut report = self.inner.converge(&deployment, &env, &hosts).await?;
+        let mut report = self
+            .inner
+            .converge(ConvergeRequest {
+                deployment: &deployment,
+                env: &env,
+                hosts: &hosts,
+                previous: &previous,
+            })
+            .await?;
         let Some(vm_hosts) = report.hosts.clone() else {
             return Ok(report);
         };
         if !report.converged {
             if let Some(hosts) = report.hosts.as_mut() {
-                carry_nixos_fields(&self.previous_hosts(&deployment), hosts);
+                carry_nixos_fields(&previous.hosts, hosts);
             }
             return Ok(report);
         }
@@ -263,7 +268,7 @@ impl NixosProvider {
             }
         }
         let mut nixos = self
-            .deploy_hosts(&deployment, &env, &hosts, &addresses, &vm_hosts)
+            .deploy_hosts(&deployment, &env, &hosts, &addresses, &vm_hosts, &previous.hosts)
             .await;
         // One Drifted condition: the VMs' and the systems' findings together.
         let drift_of = |c: &[ProviderCondition]| c.iter().position(|c| c.type_ == condition_types::DRIFTED);
@@ -413,15 +418,15 @@ impl Provider for NixosProvider {
         self.inner.check_environment(env)
     }
 
-    fn converge(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
         let this = self.handle();
-        let (deployment, env, hosts) = (deployment.clone(), env.clone(), hosts.to_vec());
-        Box::pin(this.converge_owned(deployment, env, hosts))
+        let owned = Owned {
+            deployment: request.deployment.clone(),
+            env: request.env.clone(),
+            hosts: request.hosts.to_vec(),
+            previous: request.previous.clone(),
+        };
+        Box::pin(this.converge_owned(owned))
     }
 
     fn cleanup(&self, deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {

@@ -8,8 +8,8 @@ pub mod settings;
 use std::time::Duration;
 
 use crate::api::{
-    ConditionStatus, Deployment, DnsStatus, EventType, HostStatus, Name, Object, ObjectKey,
-    RuntimeEnvironment, Size,
+    ConditionStatus, Deployment, DeploymentStatus, DnsStatus, EventType, HostStatus, Name, Object, ObjectKey,
+    RuntimeEnvironment, Size, condition_types,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
 
@@ -37,13 +37,51 @@ pub trait Objects: Send + Sync + 'static {
     fn is_known(&self, key: &ObjectKey) -> bool;
 }
 
-/// Where a provider records what happened (events on an object) and reads back what it reported last
-/// time (a field of an object's status), like kube-runtime's event recorder.
+/// Where a provider records what happened (events on an object), like kube-runtime's event recorder.
+/// What it reported last time comes in its request ([`PreviousFacts`]), not from here.
 pub trait Recorder: Send + Sync + 'static {
     /// Records an event on `key`.
     fn event(&self, key: &ObjectKey, type_: EventType, reason: &str, message: String);
-    /// The `field` of `key`'s last recorded status.
-    fn status_field(&self, key: &ObjectKey, field: &str) -> Option<serde_json::Value>;
+}
+
+/// What the Deployment's status said of its hosts before this reconcile: what the providers reported
+/// last time, handed back to them so that they can tell what changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PreviousFacts {
+    /// `status.hosts`.
+    pub hosts: Vec<HostStatus>,
+    /// `status.dns`.
+    pub dns: Option<DnsStatus>,
+    /// The status of the `DNSReady` condition (an event is recorded only when it changes).
+    pub dns_ready: Option<ConditionStatus>,
+}
+
+impl PreviousFacts {
+    /// The facts a Deployment's status holds.
+    pub fn of(status: &DeploymentStatus) -> Self {
+        Self {
+            hosts: status.hosts.clone(),
+            dns: status.dns.clone(),
+            dns_ready: status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == condition_types::DNS_READY)
+                .map(|c| c.status),
+        }
+    }
+}
+
+/// What a provider is given to converge one Deployment's hosts.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvergeRequest<'a> {
+    /// The Deployment.
+    pub deployment: &'a Deployment,
+    /// The environment its hosts run in.
+    pub env: &'a RuntimeEnvironment,
+    /// The hosts it needs.
+    pub hosts: &'a [PlannedHost],
+    /// What its status said of them before.
+    pub previous: &'a PreviousFacts,
 }
 
 /// A domain condition a provider reports (e.g. `Provisioned`).
@@ -117,12 +155,7 @@ pub trait Provider: Send + Sync + 'static {
     ) -> BoxFuture<Result<EnvironmentReport, ReconcileError>>;
 
     /// Converges the hosts of one Deployment on its environment.
-    fn converge(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>>;
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>>;
 
     /// Cleans up after a Deployment that was removed (what it does depends on its deletion policy,
     /// which the provider keeps in its own inventory).
@@ -172,17 +205,54 @@ impl Provider for PlanOnly {
         Box::pin(async move { Ok(report) })
     }
 
-    fn converge(
-        &self,
-        _deployment: &Deployment,
-        _env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
-        let report = plan_only_report(hosts);
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        let report = plan_only_report(request.hosts);
         Box::pin(async move { Ok(report) })
     }
 
     fn cleanup(&self, _deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Condition, Timestamp};
+
+    #[test]
+    fn previous_facts_are_the_hosts_names_and_dns_readiness_a_deployment_status_holds() {
+        let condition = |type_: &str, status| Condition {
+            type_: type_.into(),
+            status,
+            reason: "Any".into(),
+            message: String::new(),
+            last_transition_time: Timestamp::from_unix(0),
+            observed_generation: 1,
+        };
+        let status = DeploymentStatus {
+            hosts: vec![HostStatus {
+                name: "op-mastodon".into(),
+                phase: "Ready".into(),
+                ..HostStatus::default()
+            }],
+            dns: Some(DnsStatus {
+                zone: "hosts.example".into(),
+                ..DnsStatus::default()
+            }),
+            conditions: vec![
+                condition(condition_types::READY, ConditionStatus::True),
+                condition(condition_types::DNS_READY, ConditionStatus::False),
+            ],
+            ..DeploymentStatus::default()
+        };
+        let facts = PreviousFacts::of(&status);
+        assert_eq!(facts.hosts, status.hosts);
+        assert_eq!(facts.dns, status.dns);
+        assert_eq!(facts.dns_ready, Some(ConditionStatus::False));
+        assert_eq!(
+            PreviousFacts::of(&DeploymentStatus::default()),
+            PreviousFacts::default()
+        );
     }
 }

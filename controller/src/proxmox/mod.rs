@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 
 use crate::api::{DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment};
 use crate::provider::{
-    EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderReport,
+    ConvergeRequest, EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderReport,
     plan_only_environment, plan_only_report,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
@@ -887,13 +887,13 @@ impl Provider for ProxmoxProvider {
         Box::pin(async move { this.check(env).await })
     }
 
-    fn converge(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
-        let (deployment, env, hosts) = (deployment.clone(), env.clone(), hosts.to_vec());
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        // The VMs' own inventory says what they are; the previous status is not needed here.
+        let (deployment, env, hosts) = (
+            request.deployment.clone(),
+            request.env.clone(),
+            request.hosts.to_vec(),
+        );
         let this = self.handle();
         Box::pin(async move { this.converge_hosts(deployment, env, hosts).await })
     }

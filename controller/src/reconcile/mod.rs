@@ -391,7 +391,16 @@ async fn reconcile_deployment(
         }
         None => (DeploymentFacts::default(), Vec::new()),
     };
-    let report = ctx.provider.converge(dep, &env, &hosts).await?;
+    let previous = crate::provider::PreviousFacts::of(old);
+    let report = ctx
+        .provider
+        .converge(crate::provider::ConvergeRequest {
+            deployment: dep,
+            env: &env,
+            hosts: &hosts,
+            previous: &previous,
+        })
+        .await?;
     facts.hosts = Some(match report.hosts {
         Some(h) => h,
         None => deployment::host_statuses(&hosts, &old.hosts),
