@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use fediversity::api::{Application, Deployment, Name, Object, RuntimeEnvironment};
+use fediversity::provider::{ConvergeRequest, PlannedHost, PreviousFacts};
 use fediversity::proxmox::{ProxmoxMetrics, ProxmoxProvider, RateLimit};
 use fediversity::reconcile::Provider;
 use fediversity::reconcile::deployment::plan;
@@ -117,7 +118,12 @@ spec:
             for d in &pending {
                 let (p, d, env) = (provider.clone(), (*d).clone(), env.clone());
                 let hosts = plan(&d, &apps).expect("the Deployment plans");
-                set.spawn(async move { (d.metadata.name.to_string(), p.converge(&d, &env, &hosts).await) });
+                set.spawn(async move {
+                    (
+                        d.metadata.name.to_string(),
+                        p.converge(request(&d, &env, &hosts)).await,
+                    )
+                });
             }
             let mut done = Vec::new();
             while let Some(joined) = set.join_next().await {
@@ -146,7 +152,7 @@ spec:
     for d in &deployments {
         let (p, d, env) = (provider.clone(), d.clone(), env.clone());
         let hosts = plan(&d, &apps).expect("the Deployment plans");
-        set.spawn(async move { p.converge(&d, &env, &hosts).await.map(|r| r.converged) });
+        set.spawn(async move { p.converge(request(&d, &env, &hosts)).await.map(|r| r.converged) });
     }
     let mut converged = 0;
     while let Some(joined) = set.join_next().await {
@@ -161,4 +167,19 @@ spec:
         started.elapsed(),
         resync.by_route
     );
+}
+
+/// A converge request for a Deployment with no status yet.
+fn request<'a>(
+    d: &'a Deployment,
+    env: &'a RuntimeEnvironment,
+    hosts: &'a [PlannedHost],
+) -> ConvergeRequest<'a> {
+    static NONE: std::sync::LazyLock<PreviousFacts> = std::sync::LazyLock::new(PreviousFacts::default);
+    ConvergeRequest {
+        deployment: d,
+        env,
+        hosts,
+        previous: &NONE,
+    }
 }

@@ -409,9 +409,30 @@ impl StatusBook {
         f(self.status(key).as_ref())
     }
 
+    /// An object's status as `T` (its kind's status type), parsed from its text without building a
+    /// `serde_json::Value`. A status that does not have `T`'s shape (written by an older version that
+    /// stored something else) reads as `None`, so that the next write replaces it.
+    pub fn typed_status<T: serde::de::DeserializeOwned>(&self, key: &ObjectKey) -> Option<T> {
+        let text = self.status_json(key)?;
+        let parsed = text.parse_as();
+        if parsed.is_none() {
+            tracing::warn!(object = %key, "the stored status does not have its kind's shape; it is rebuilt");
+        }
+        parsed
+    }
+
+    /// Sets an object's status from its typed value, serialized once; writes it only when it changed.
+    /// Returns whether it changed.
+    pub fn put_typed_status<T: serde::Serialize>(&self, key: &ObjectKey, status: &T) -> bool {
+        self.put_status_json(key, StatusJson::from_typed(status))
+    }
+
     /// Sets an object's status; writes it only when it changed. Returns whether it changed.
     pub fn put_status(&self, key: &ObjectKey, status: serde_json::Value) -> bool {
-        let status = StatusJson::from_value(&status);
+        self.put_status_json(key, StatusJson::from_value(&status))
+    }
+
+    fn put_status_json(&self, key: &ObjectKey, status: StatusJson) -> bool {
         let mut statuses = self
             .statuses
             .write()
@@ -593,9 +614,5 @@ impl crate::provider::Objects for DesiredState {
 impl crate::provider::Recorder for StatusBook {
     fn event(&self, key: &ObjectKey, type_: EventType, reason: &str, message: String) {
         self.record(key, type_, reason, message);
-    }
-
-    fn status_field(&self, key: &ObjectKey, field: &str) -> Option<serde_json::Value> {
-        self.with_status(key, |s| s.and_then(|s| s.get(field)).cloned())
     }
 }

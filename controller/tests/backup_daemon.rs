@@ -5,21 +5,18 @@
 mod backup_support;
 mod common;
 mod nixos_support;
+mod postgres_support;
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, http_get, wait_for};
+use common::{Daemon, get, http_get, wait_for};
 use nixos_support::{Lab, NIX_CONFIG};
+use postgres_support::{on_host, postgres_host, sql};
 use serde_json::Value;
 
 fn start(source: &std::path::Path, state: &std::path::Path, catalog: &std::path::Path) -> Daemon {
     common::start_with_catalog(source, state, catalog, NIX_CONFIG)
-}
-
-fn get(daemon: &Daemon, path: &str) -> Option<Value> {
-    let (code, body) = http_get(&daemon.server, path)?;
-    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
 }
 
 #[test]
@@ -543,86 +540,14 @@ domain: lab.example\n  runtimeEnvironment: lab\n{restore}  applications:\n    al
     );
 }
 
-/// Stops a host's PostgreSQL when dropped (it runs inside the host's namespace, outlives its sshd).
-struct Postgres(std::path::PathBuf);
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{}/pg_ctl", backup_support::PGBIN),
-                "-D",
-            ])
-            .arg(&self.0)
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Runs `line` on `host` as root and returns its stdout; panics when it fails.
-fn on_host(lab: &Lab, host: &nixos_support::TestHost, line: &str) -> String {
-    let out = Command::new("ssh")
-        .args(lab.ssh_args(host))
-        .arg(line)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{line}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sql(lab: &Lab, host: &nixos_support::TestHost, sql: &str) -> String {
-    on_host(
-        lab,
-        host,
-        &format!(
-            "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1 -d app -c {}",
-            backup_support::shell(sql)
-        ),
-    )
-    .trim()
-    .to_owned()
-}
-
 #[test]
 fn an_in_place_restore_on_the_command_line_says_what_it_would_lose_and_once_confirmed_puts_the_snapshot_back_even_across_a_daemon_kill()
  {
     backup_support::require_tools();
-    std::fs::create_dir_all("/run/postgresql").unwrap();
     let lab = Lab::new();
     // The host runs a real PostgreSQL of its own (data in its private /nix, socket on a private tmpfs).
+    let (host, _postgres) = postgres_host(&lab, "demo-app");
     let root = lab.path().join("host-demo-app");
-    std::fs::create_dir_all(root.join("nix/var/postgresql")).unwrap();
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(backup_support::template_cluster())
-        .arg(root.join("nix/var/postgresql/data"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(root.join("nix/var/postgresql"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let host = lab.host_with(
-        "demo-app",
-        &format!(
-            "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
-runuser -u postgres -- {}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgresql/log -w -t 60 -o '-p 5432' start >&2",
-            backup_support::PGBIN
-        ),
-    );
-    let _postgres = Postgres(root.join("nix/var/postgresql/data"));
     on_host(
         &lab,
         &host,

@@ -6,17 +6,19 @@
 mod backup_support;
 mod common;
 mod nixos_support;
+mod postgres_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, http_get, wait_for};
+use common::{Daemon, get, http_get, wait_for};
 use fediversity::api::DataSpec;
 use fediversity::backup::bundle::{self, Index};
 use fediversity::backup::manifest;
 use fediversity::nixos::host::{SshHost, SshTarget, SshTimeouts};
 use nixos_support::{Lab, NIX_CONFIG, TestHost};
+use postgres_support::{on_host, postgres_host, sql};
 use serde_json::Value;
 
 const APP: &str = "apiVersion: fediversity.eu/v1alpha1\nkind: Application\nmetadata: { name: app }\nspec:\n  \
@@ -31,87 +33,6 @@ data: { paths: [/nix/var/files-data] }\n";
 /// The first provider's repository password: it must never reach the bundle or any output.
 const PROVIDER_PASSWORD: &str = "correct horse battery staple";
 
-/// Stops a host's PostgreSQL when dropped (it runs inside the host's namespace, outlives its sshd).
-struct Postgres(PathBuf);
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{}/pg_ctl", backup_support::PGBIN),
-                "-D",
-            ])
-            .arg(&self.0)
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// A test host named `name` running a PostgreSQL of its own (data in its private /nix).
-fn pg_host(lab: &Lab, name: &str) -> (TestHost, Postgres) {
-    std::fs::create_dir_all("/run/postgresql").unwrap();
-    let root = lab.path().join(format!("host-{name}"));
-    std::fs::create_dir_all(root.join("nix/var/postgresql")).unwrap();
-    assert!(
-        Command::new("cp")
-            .arg("-a")
-            .arg(backup_support::template_cluster())
-            .arg(root.join("nix/var/postgresql/data"))
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(root.join("nix/var/postgresql"))
-            .status()
-            .unwrap()
-            .success()
-    );
-    let host = lab.host_with(
-        name,
-        &format!(
-            "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
-runuser -u postgres -- {}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgresql/log -w -t 60 -o '-p 5432' start >&2",
-            backup_support::PGBIN
-        ),
-    );
-    (host, Postgres(root.join("nix/var/postgresql/data")))
-}
-
-fn on_host(lab: &Lab, host: &TestHost, line: &str) -> String {
-    let out = Command::new("ssh")
-        .args(lab.ssh_args(host))
-        .arg(line)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{line}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sql(lab: &Lab, host: &TestHost, sql: &str) -> String {
-    on_host(
-        lab,
-        host,
-        &format!(
-            "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1 -d app -c {}",
-            backup_support::shell(sql)
-        ),
-    )
-    .trim()
-    .to_owned()
-}
-
 /// The environment `name` of `lab` with `host`, backed up to `repo`'s sftp repository.
 fn environment(lab: &Lab, name: &str, hosts: &[&TestHost], repo: &backup_support::Lab) -> String {
     let b = repo.backup_spec();
@@ -123,11 +44,6 @@ fn environment(lab: &Lab, name: &str, hosts: &[&TestHost], repo: &backup_support
         b.sftp_identity_file.unwrap(),
         b.sftp_known_hosts_file.unwrap()
     )
-}
-
-fn get(daemon: &Daemon, path: &str) -> Option<Value> {
-    let (code, body) = http_get(&daemon.server, path)?;
-    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
 }
 
 fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
@@ -198,7 +114,7 @@ fn a_deployment_exported_final_from_one_provider_is_imported_at_another_ready_wi
     // Provider A: its host with data, its repository, its controller.
     let lab_a = Lab::new();
     let repo_a = backup_support::Lab::new();
-    let (host_a, _pg_a) = pg_host(&lab_a, "op-app");
+    let (host_a, _pg_a) = postgres_host(&lab_a, "op-app");
     let files_a = lab_a.host("op-files");
     let plain_a = files_a.root.join("nix/var/files-data");
     std::fs::create_dir_all(&plain_a).unwrap();
@@ -435,7 +351,7 @@ UPDATE orders SET amount = amount + 1 WHERE id <= 50",
     // Provider B: a fresh host, its own repository, its own controller with an API token.
     let lab_b = Lab::new();
     let repo_b = backup_support::Lab::new();
-    let (host_b, _pg_b) = pg_host(&lab_b, "op-app");
+    let (host_b, _pg_b) = postgres_host(&lab_b, "op-app");
     let files_b_host = lab_b.host("op-files");
     assert!(!host_b.root.join("nix/var/app-data").exists());
     let source_b = lab_b.path().join("source");

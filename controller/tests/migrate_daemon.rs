@@ -6,13 +6,15 @@
 mod backup_support;
 mod common;
 mod nixos_support;
+mod postgres_support;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, http_get, wait_for};
+use common::{Daemon, get, http_get, wait_for};
 use nixos_support::{Lab, NIX_CONFIG, TestHost};
+use postgres_support::{Postgres, on_host, postgres_host, sql};
 use serde_json::Value;
 
 /// The daemon on `source` with NixOS hosts converged from `catalog`, API writes needing `token`.
@@ -33,89 +35,6 @@ fn start(source: &Path, state: &Path, catalog: &Path, token: &Path) -> Daemon {
     .map(|a| a.to_os_string())
     .collect();
     common::spawn_with_env(&args, &[("NIX_CONFIG", NIX_CONFIG)])
-}
-
-fn get(daemon: &Daemon, path: &str) -> Option<Value> {
-    let (code, body) = http_get(&daemon.server, path)?;
-    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
-}
-
-/// A running PostgreSQL cluster of a test host, stopped when dropped.
-struct Postgres(std::path::PathBuf);
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{}/pg_ctl", backup_support::PGBIN),
-                "-D",
-            ])
-            .arg(&self.0)
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// A host named `demo-app` in `lab` running a real PostgreSQL of its own (data in its private /nix,
-/// socket on a private tmpfs).
-fn postgres_host(lab: &Lab) -> (TestHost, Postgres) {
-    let root = lab.path().join("host-demo-app");
-    std::fs::create_dir_all(root.join("nix/var/postgresql")).unwrap();
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(backup_support::template_cluster())
-        .arg(root.join("nix/var/postgresql/data"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let status = Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(root.join("nix/var/postgresql"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let host = lab.host_with(
-        "demo-app",
-        &format!(
-            "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
-runuser -u postgres -- {}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgresql/log -w -t 60 -o '-p 5432' start >&2",
-            backup_support::PGBIN
-        ),
-    );
-    (host, Postgres(root.join("nix/var/postgresql/data")))
-}
-
-/// Runs `line` on `host` as root and returns its stdout; panics when it fails.
-fn on_host(lab: &Lab, host: &TestHost, line: &str) -> String {
-    let out = Command::new("ssh")
-        .args(lab.ssh_args(host))
-        .arg(line)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{line}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sql(lab: &Lab, host: &TestHost, sql: &str) -> String {
-    on_host(
-        lab,
-        host,
-        &format!(
-            "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1 -d app -c {}",
-            backup_support::shell(sql)
-        ),
-    )
-    .trim()
-    .to_owned()
 }
 
 /// Every file under `dir` with its SHA-256, by path relative to `dir`.
@@ -181,8 +100,8 @@ impl Rig {
         std::fs::create_dir_all("/run/postgresql").unwrap();
         // Two environments, each one existing machine named like the Deployment's host.
         let (lab_old, lab_new) = (Lab::new(), Lab::new());
-        let (old_host, old_pg) = postgres_host(&lab_old);
-        let (new_host, new_pg) = postgres_host(&lab_new);
+        let (old_host, old_pg) = postgres_host(&lab_old, "demo-app");
+        let (new_host, new_pg) = postgres_host(&lab_new, "demo-app");
         on_host(
             &lab_old,
             &old_host,

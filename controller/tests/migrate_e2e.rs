@@ -4,15 +4,17 @@
 //! health failures and cancels leave the source serving; a runner killed twenty times completes.
 
 mod backup_support;
+mod bind_support;
 
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use backup_support::{DataHost, Lab, data_spec, free_port};
+use backup_support::{DataHost, Lab, data_spec};
+use bind_support::{Bind, ZONE};
 use fediversity::api::{BackupSpec, DataSpec};
 use fediversity::backup::{BackupTimeouts, Backuper, Repository, Shell};
 use fediversity::dns::{Addresses, Decision, HickoryZone, ZoneClient, decide, host_name, owner_txt};
@@ -22,109 +24,7 @@ use fediversity::nixos::host::{SshHost, SshTarget, SshTimeouts};
 use fediversity::store::Store;
 use serde::{Deserialize, Serialize};
 
-const ZONE: &str = "hosting.test";
 const INSTALLATION: &str = "migration-test-installation";
-
-// ---------------------------------------------------------------- BIND
-
-fn tool(name: &str) -> PathBuf {
-    ["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
-        .iter()
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} is missing: scripts/test.sh installs it (Debian bind9, bind9-dnsutils)")
-        })
-}
-
-/// A BIND 9 `named` serving the provider's zone on a loopback port, updatable with one TSIG key.
-struct Bind {
-    dir: tempfile::TempDir,
-    port: u16,
-    child: Child,
-}
-
-impl Bind {
-    fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let out = Command::new(tool("tsig-keygen"))
-            .args(["-a", "hmac-sha256", "fediversity-key"])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-        std::fs::write(dir.path().join("key.conf"), &out.stdout).unwrap();
-        let d = dir.path().display();
-        std::fs::write(
-            dir.path().join("named.conf"),
-            format!(
-                "include \"{d}/key.conf\";
-options {{ directory \"{d}\"; pid-file none; session-keyfile none; listen-on port {port} {{ 127.0.0.1; }};
-    listen-on-v6 {{ none; }}; recursion no; dnssec-validation no; }};
-controls {{ }};
-zone \"{ZONE}\" {{ type primary; file \"provider.zone\"; update-policy {{ grant fediversity-key zonesub ANY; }}; }};
-"
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("provider.zone"),
-            "$TTL 60\n@ IN SOA ns1.hosting.test. hostmaster.hosting.test. 1 3600 600 86400 60\n@ IN NS ns1.hosting.test.\nns1 IN A 127.0.0.1\n",
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("named.log")).unwrap();
-        let child = Command::new(tool("named"))
-            .args(["-g", "-c"])
-            .arg(dir.path().join("named.conf"))
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let bind = Self { dir, port, child };
-        let started = Instant::now();
-        while bind.dig(&format!("{ZONE}."), "SOA").is_empty() {
-            assert!(
-                started.elapsed() < Duration::from_secs(15),
-                "named did not answer"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bind
-    }
-
-    fn key_file(&self) -> String {
-        self.dir.path().join("key.conf").display().to_string()
-    }
-
-    fn dig(&self, name: &str, kind: &str) -> Vec<String> {
-        let out = Command::new(tool("dig"))
-            .args([
-                "@127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "+short",
-                "+norec",
-                "+time=1",
-                "+tries=1",
-                name,
-                kind,
-            ])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        if !out.status.success() || text.starts_with(";;") {
-            return Vec::new();
-        }
-        text.lines().map(str::to_owned).collect()
-    }
-}
-
-impl Drop for Bind {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn zone_spec(port: u16, key_file: &str) -> fediversity::api::DnsSpec {
     fediversity::api::DnsSpec {

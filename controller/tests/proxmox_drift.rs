@@ -9,6 +9,7 @@ use std::time::Duration;
 use fediversity::api::{
     Application, ConditionStatus, Deployment, Name, Object, RuntimeEnvironment, condition_types,
 };
+use fediversity::provider::{ConvergeRequest, PreviousFacts};
 use fediversity::proxmox::client::{Api, HttpProxmox};
 use fediversity::proxmox::{ProxmoxMetrics, ProxmoxProvider, RateLimit};
 use fediversity::reconcile::deployment::plan;
@@ -135,7 +136,13 @@ spec:
         let hosts = plan(&self.deployment, &self.apps).expect("the Deployment plans");
         let mut reports = Vec::new();
         for _ in 0..100 {
-            match self.provider.converge(&self.deployment, &self.env, &hosts).await {
+            let request = ConvergeRequest {
+                deployment: &self.deployment,
+                env: &self.env,
+                hosts: &hosts,
+                previous: &PreviousFacts::default(),
+            };
+            match self.provider.converge(request).await {
                 Ok(report) => {
                     let done = report.converged;
                     reports.push(report);

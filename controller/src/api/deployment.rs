@@ -74,7 +74,7 @@ pub enum DeletionPolicy {
 }
 
 /// What the controller observed of a Deployment.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeploymentStatus {
     /// The generation last acted upon.
@@ -107,6 +107,118 @@ pub struct DeploymentStatus {
     /// What the restore asked by `spec.restore` did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<super::RestoreStatus>,
+    /// The token of the last on-demand backup handled (`fediversity backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_backup_at: Option<String>,
+    /// The token of the last in-place restore handled (`fediversity restore --confirm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_restore_at: Option<String>,
+    /// The token of the last final backup handled (`fediversity export --final`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_handled_final_backup_at: Option<String>,
+    /// The RuntimeEnvironment the hosts were last converged in: a later change of
+    /// `spec.runtimeEnvironment` moves them from there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_environment: Option<String>,
+    /// The generation whose change began the last migration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_generation: Option<u64>,
+    /// The last migration between RuntimeEnvironments, running or ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
+    /// The final backup taken for an export (`fediversity export --final`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<ExportStatus>,
+}
+
+/// `status.migration` of a Deployment: where its move between RuntimeEnvironments stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    /// Where it stands.
+    pub phase: String,
+    /// The environment it leaves.
+    pub from: String,
+    /// The environment it moves to.
+    pub to: String,
+    /// When it started.
+    pub started: Timestamp,
+    /// When the current phase started.
+    pub phase_started: Timestamp,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished: Option<Timestamp>,
+    /// Bytes copied by the pre-copy.
+    pub bytes_pre_copied: u64,
+    /// Bytes copied by the final copy.
+    pub bytes_finally_copied: u64,
+    /// Seconds without service (so far, while it lasts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_seconds: Option<f64>,
+    /// Whether the target's data matched the source's.
+    pub verified: bool,
+    /// What became of the source.
+    pub source: String,
+    /// When the source is destroyed (under `Delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_destroyed_after: Option<Timestamp>,
+    /// Where it failed or was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_in: Option<String>,
+    /// Why it failed, was cancelled, or why the current attempt is retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Why the environment now asked for cannot be reached from where the migration stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Set when the target started from the last backups because the source could not be reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_backup: Option<FromBackupStatus>,
+}
+
+/// `status.migration.fromBackup`: the snapshots the target started from, and the data-loss window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FromBackupStatus {
+    /// The snapshot of each host, by host name.
+    pub snapshots: BTreeMap<String, String>,
+    /// When the oldest was taken: writes after it were lost.
+    pub writes_lost_after: String,
+}
+
+/// `status.export` of a Deployment: the final backup of each host taken for an export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportStatus {
+    /// Whether the services were stopped before the snapshots (always true for a final backup).
+    #[serde(rename = "final")]
+    pub final_: bool,
+    /// When it was taken.
+    pub time: Timestamp,
+    /// One entry per host.
+    #[serde(default)]
+    pub hosts: Vec<ExportHostStatus>,
+}
+
+/// The final backup of one host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExportHostStatus {
+    /// The host, `<deployment>-<application>`.
+    pub host: String,
+    /// The application it runs.
+    pub application: String,
+    /// `Succeeded` or `Failed`.
+    pub result: String,
+    /// The final snapshot's ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The systemd units stopped (and left stopped) for the snapshot.
+    #[serde(default)]
+    pub services_stopped: Vec<String>,
 }
 
 /// The names the controller keeps for a Deployment's hosts, and what the operator must set.

@@ -10,7 +10,8 @@ use super::metrics::BackupMetrics;
 use super::run::{Backuper, Repository};
 use super::schedule::{self, HostClock, RoundHost};
 use crate::api::{
-    DataSpec, EventType, HostBackupStatus, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, Timestamp,
+    DataSpec, DeploymentStatus, EventType, ExportHostStatus, ExportStatus, HostBackupStatus, HostStatus,
+    Kind, Object, ObjectKey, RuntimeEnvironment, Timestamp,
 };
 use crate::nixos::host::{SshHost, SshTarget, SshTimeouts};
 use crate::runtime::shutdown::ShutdownState;
@@ -18,6 +19,17 @@ use crate::state::{DesiredState, StatusBook};
 
 /// How often the loop looks for due hosts.
 pub const TICK: Duration = Duration::from_secs(30);
+
+/// Which on-demand request a Deployment's status says was handled.
+#[derive(Debug, Clone, Copy)]
+enum Handled {
+    /// `status.lastHandledBackupAt`.
+    Backup,
+    /// `status.lastHandledRestoreAt`.
+    Restore,
+    /// `status.lastHandledFinalBackupAt`.
+    FinalBackup,
+}
 
 /// How long the health checks may take to pass after a restore started the services.
 pub const HEALTH_AFTER_RESTORE: Duration = Duration::from_secs(300);
@@ -354,11 +366,11 @@ impl BackupService {
             }
             for (deployment, (token, snapshot)) in self.requests.take_restores() {
                 self.restore_in_place(&deployment, &snapshot).await;
-                self.mark(&deployment, "lastHandledRestoreAt", &token);
+                self.mark(&deployment, Handled::Restore, &token);
             }
             for (deployment, token) in self.requests.take_finals() {
                 self.final_backup(&deployment).await;
-                self.mark(&deployment, "lastHandledFinalBackupAt", &token);
+                self.mark(&deployment, Handled::FinalBackup, &token);
             }
             let asked = self.requests.take();
             self.tick(&mut memory, &asked).await;
@@ -590,10 +602,14 @@ impl BackupService {
                             short(&report.snapshot)
                         ),
                     );
-                    serde_json::json!({
-                        "host": c.host, "application": c.application, "result": "Succeeded",
-                        "snapshot": report.snapshot, "servicesStopped": c.data.services,
-                    })
+                    ExportHostStatus {
+                        host: c.host.clone(),
+                        application: c.application.clone(),
+                        result: "Succeeded".into(),
+                        snapshot: Some(report.snapshot),
+                        message: None,
+                        services_stopped: c.data.services.clone(),
+                    }
                 }
                 Err(message) => {
                     self.book.record(
@@ -602,23 +618,25 @@ impl BackupService {
                         "FinalBackupFailed",
                         format!("{}: {message}", c.host),
                     );
-                    serde_json::json!({
-                        "host": c.host, "application": c.application, "result": "Failed",
-                        "message": message, "servicesStopped": c.data.services,
-                    })
+                    ExportHostStatus {
+                        host: c.host.clone(),
+                        application: c.application.clone(),
+                        result: "Failed".into(),
+                        snapshot: None,
+                        message: Some(message),
+                        services_stopped: c.data.services.clone(),
+                    }
                 }
             };
             entries.push(entry);
         }
-        let mut status = match self.book.status(&key) {
-            Some(serde_json::Value::Object(map)) => map,
-            _ => serde_json::Map::new(),
-        };
-        status.insert(
-            "export".into(),
-            serde_json::json!({ "final": true, "time": Timestamp::now().to_string(), "hosts": entries }),
-        );
-        self.book.put_status(&key, serde_json::Value::Object(status));
+        self.update_status(&key, |status| {
+            status.export = Some(ExportStatus {
+                final_: true,
+                time: Timestamp::now(),
+                hosts: entries,
+            });
+        });
     }
 
     async fn final_backup_host(&self, c: &Candidate) -> Result<super::run::BackupReport, String> {
@@ -928,9 +946,8 @@ impl BackupService {
             name: crate::api::Name::new(deployment),
         };
         self.book
-            .status(&key)
-            .and_then(|s| s.get("restore").cloned())
-            .and_then(|r| serde_json::from_value(r).ok())
+            .typed_status::<DeploymentStatus>(&key)
+            .and_then(|s| s.restore)
             .unwrap_or_default()
     }
 
@@ -1071,34 +1088,38 @@ impl BackupService {
         let mut restore = self.restore_status(&c.deployment);
         restore.hosts.retain(|h| h.host != c.host);
         restore.hosts.push(entry);
-        let mut status = match self.book.status(&key) {
-            Some(serde_json::Value::Object(map)) => map,
-            _ => serde_json::Map::new(),
-        };
-        status.insert(
-            "restore".into(),
-            serde_json::to_value(&restore).unwrap_or(serde_json::Value::Null),
-        );
-        self.book.put_status(&key, serde_json::Value::Object(status));
+        self.update_status(&key, |status| status.restore = Some(restore));
     }
 
     /// Records in the Deployment's status that the backup asked with `token` was handled.
     fn mark_handled(&self, deployment: &str, token: &str) {
-        self.mark(deployment, "lastHandledBackupAt", token);
+        self.mark(deployment, Handled::Backup, token);
     }
 
-    /// Sets `status.FIELD` of the Deployment to `token`.
-    fn mark(&self, deployment: &str, field: &str, token: &str) {
+    /// Records in the Deployment's status that the request `token` of kind `handled` was handled.
+    fn mark(&self, deployment: &str, handled: Handled, token: &str) {
         let key = ObjectKey {
             kind: Kind::Deployment,
             name: crate::api::Name::new(deployment),
         };
-        let mut status = match self.book.status(&key) {
-            Some(serde_json::Value::Object(map)) => map,
-            _ => serde_json::Map::new(),
-        };
-        status.insert(field.into(), token.into());
-        self.book.put_status(&key, serde_json::Value::Object(status));
+        self.update_status(&key, |status| {
+            let field = match handled {
+                Handled::Backup => &mut status.last_handled_backup_at,
+                Handled::Restore => &mut status.last_handled_restore_at,
+                Handled::FinalBackup => &mut status.last_handled_final_backup_at,
+            };
+            *field = Some(token.to_owned());
+        });
+    }
+
+    /// Changes the Deployment's typed status with `change` and writes it (serialized once).
+    fn update_status(&self, key: &ObjectKey, change: impl FnOnce(&mut DeploymentStatus)) {
+        let mut status = self
+            .book
+            .typed_status::<DeploymentStatus>(key)
+            .unwrap_or_default();
+        change(&mut status);
+        self.book.put_typed_status(key, &status);
     }
 
     fn previous_status(&self, deployment: &str, host: &str) -> Option<HostBackupStatus> {
@@ -1106,13 +1127,8 @@ impl BackupService {
             kind: Kind::Deployment,
             name: crate::api::Name::new(deployment),
         };
-        let list: Vec<HostBackupStatus> = self
-            .book
-            .status(&key)?
-            .get("backups")
-            .cloned()
-            .and_then(|b| serde_json::from_value(b).ok())?;
-        list.into_iter().find(|b| b.host == host)
+        let status = self.book.typed_status::<DeploymentStatus>(&key)?;
+        status.backups.into_iter().find(|b| b.host == host)
     }
 
     /// Writes `status.backups` of each Deployment from memory (again whenever a reconcile wrote an
@@ -1134,14 +1150,10 @@ impl BackupService {
                 kind: Kind::Deployment,
                 name: crate::api::Name::new(deployment),
             };
-            let Some(serde_json::Value::Object(mut status)) = self.book.status(&key) else {
+            if self.book.status_json(&key).is_none() {
                 continue;
-            };
-            status.insert(
-                "backups".into(),
-                serde_json::to_value(&list).unwrap_or(serde_json::Value::Null),
-            );
-            self.book.put_status(&key, serde_json::Value::Object(status));
+            }
+            self.update_status(&key, |status| status.backups = list);
         }
     }
 }

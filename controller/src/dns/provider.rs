@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::backoff::Gates;
 use super::plan::{Addresses, Decision, Rdata, decide, owner_txt};
 use super::{Applied, DnsError, DnsMetrics, HickoryResolver, HickoryZone, Resolver, ZoneClient, host_name};
 use crate::api::{
-    AddressSource, ConditionStatus, DeletionPolicy, Deployment, DnsRecordStatus, DnsSpec, DnsStatus,
-    EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, condition_types,
+    AddressSource, ConditionStatus, DeletionPolicy, DnsRecordStatus, DnsSpec, DnsStatus, EventType,
+    HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, condition_types,
 };
 use crate::provider::{
-    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport, Recorder,
+    ConvergeRequest, EnvironmentFacts, EnvironmentReport, Objects, Provider, ProviderCondition,
+    ProviderReport, Recorder,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
 use crate::store::Store;
@@ -167,12 +167,6 @@ impl Core {
         }
     }
 
-    fn previous_dns(&self, deployment: &str) -> Option<DnsStatus> {
-        let book = self.book.as_ref()?;
-        let dns = book.status_field(&ObjectKey::new(Kind::Deployment, deployment), "dns")?;
-        serde_json::from_value(dns).ok()
-    }
-
     fn gate(&self, environment: &str) -> Result<(), (DnsError, Duration)> {
         self.gates.check(environment)
     }
@@ -315,19 +309,18 @@ impl Core {
 
     /// Publishes and removes a Deployment's names; adds `dns` status, `dnsName` per host and the
     /// `DNSPublished` and `DNSReady` conditions to `report`.
-    async fn publish(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        spec: &DnsSpec,
-        planned: &[PlannedHost],
-        report: &mut ProviderReport,
-    ) {
+    async fn publish(&self, request: ConvergeRequest<'_>, spec: &DnsSpec, report: &mut ProviderReport) {
+        let ConvergeRequest {
+            deployment,
+            env,
+            hosts: planned,
+            previous: before,
+        } = request;
         let dep = deployment.metadata.name.as_str();
         let env_name = env.metadata.name.as_str();
         let policy = deployment.spec.deletion_policy;
         let hosts: Vec<HostStatus> = report.hosts.clone().unwrap_or_default();
-        let previous = self.previous_dns(dep);
+        let previous = before.dns.as_ref();
         let mut entries: BTreeMap<String, DnsRecordStatus> = BTreeMap::new();
         let mut targets = Vec::new();
         for host in planned {
@@ -535,15 +528,7 @@ impl Core {
             reason: dns_reason,
             message: dns_message.clone(),
         });
-        let before_ready = self.book.as_ref().and_then(|book| {
-            book.status_field(&ObjectKey::new(Kind::Deployment, dep), "conditions")
-                .as_ref()
-                .and_then(Value::as_array)
-                .and_then(|cs| cs.iter().find(|c| c["type"] == condition_types::DNS_READY))
-                .and_then(|c| c["status"].as_str().map(str::to_owned))
-        });
-        let now_ready = serde_json::to_value(dns_ready).ok();
-        if before_ready.as_deref() != now_ready.as_ref().and_then(Value::as_str) {
+        if before.dns_ready != Some(dns_ready) {
             let type_ = if dns_ready == ConditionStatus::False {
                 EventType::Warning
             } else {
@@ -562,9 +547,7 @@ impl Core {
             records,
             operator_records: operator.0,
         };
-        report
-            .fields
-            .insert("dns".into(), serde_json::to_value(status).unwrap_or(Value::Null));
+        report.dns = Some(status);
         let sooner = |a: Option<Duration>, b: Duration| Some(a.map_or(b, |a| a.min(b)));
         if !published {
             report.converged = false;
@@ -670,30 +653,35 @@ impl Provider for DnsProvider {
             if let Some(spec) = &env.spec.dns
                 && let Some(problem) = core.probe(env.metadata.name.as_str(), spec).await
             {
-                let mut warnings = match report.fields.remove("warnings") {
-                    Some(Value::Array(list)) => list,
-                    _ => Vec::new(),
-                };
-                warnings.push(Value::String(format!("DNS: {problem}")));
-                report.fields.insert("warnings".into(), Value::Array(warnings));
+                report
+                    .facts
+                    .get_or_insert_with(EnvironmentFacts::default)
+                    .warnings
+                    .push(format!("DNS: {problem}"));
             }
             Ok(report)
         })
     }
 
-    fn converge(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
-        let inner = self.inner.converge(deployment, env, hosts);
-        let (core, deployment, env, hosts) =
-            (self.core.clone(), deployment.clone(), env.clone(), hosts.to_vec());
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        let inner = self.inner.converge(request);
+        let (core, deployment, env, hosts, previous) = (
+            self.core.clone(),
+            request.deployment.clone(),
+            request.env.clone(),
+            request.hosts.to_vec(),
+            request.previous.clone(),
+        );
         Box::pin(async move {
             let mut report = inner.await?;
             if let Some(spec) = env.spec.dns.clone() {
-                core.publish(&deployment, &env, &spec, &hosts, &mut report).await;
+                let request = ConvergeRequest {
+                    deployment: &deployment,
+                    env: &env,
+                    hosts: &hosts,
+                    previous: &previous,
+                };
+                core.publish(request, &spec, &mut report).await;
             }
             Ok(report)
         })

@@ -239,11 +239,16 @@ impl LastBackup {
         let listed: Vec<crate::api::HostBackupStatus> = backups
             .and_then(|b| serde_json::from_value(b.clone()).ok())
             .unwrap_or_default();
-        listed
-            .into_iter()
+        Self::from_backups(&listed)
+    }
+
+    /// Every host's last good backup from a Deployment's typed `status.backups`.
+    pub fn from_backups(backups: &[crate::api::HostBackupStatus]) -> Vec<LastBackup> {
+        backups
+            .iter()
             .map(|b| LastBackup {
-                host: b.host,
-                snapshot: b.snapshot,
+                host: b.host.clone(),
+                snapshot: b.snapshot.clone(),
                 time: b.time.map(|t| t.to_string()),
                 total_bytes: b.total_bytes,
             })

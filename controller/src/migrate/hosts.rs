@@ -12,7 +12,7 @@ use crate::backup::script;
 use crate::nixos::HttpTarget;
 use crate::nixos::escape::shell_word;
 use crate::nixos::host::{Health, HttpCheck, NixHost, SshHost, SshTarget, SshTimeouts, known_hosts_line};
-use crate::provider::{PlannedHost, Provider};
+use crate::provider::{ConvergeRequest, PlannedHost, PreviousFacts, Provider};
 use crate::proxmox::ProxmoxProvider;
 use crate::store::Store;
 
@@ -251,9 +251,16 @@ impl ProviderWorld {
         deployment: &Deployment,
     ) -> Result<(), WorldError> {
         let deadline = tokio::time::Instant::now() + PROVISION_DEADLINE;
+        // The target hosts are new: what the providers reported of them last is the previous pass's.
+        let mut previous = PreviousFacts::default();
         loop {
             let report = provider
-                .converge(deployment, &self.inputs.to, &self.inputs.hosts)
+                .converge(ConvergeRequest {
+                    deployment,
+                    env: &self.inputs.to,
+                    hosts: &self.inputs.hosts,
+                    previous: &previous,
+                })
                 .await
                 .map_err(|e| WorldError {
                     transient: !matches!(e, crate::runtime::ReconcileError::Terminal { .. }),
@@ -267,6 +274,17 @@ impl ProviderWorld {
             }
             if report.converged {
                 return Ok(());
+            }
+            previous.hosts = report.hosts.clone().unwrap_or(previous.hosts);
+            if report.dns.is_some() {
+                previous.dns = report.dns.clone();
+            }
+            if let Some(c) = report
+                .conditions
+                .iter()
+                .find(|c| c.type_ == crate::api::condition_types::DNS_READY)
+            {
+                previous.dns_ready = Some(c.status);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(WorldError::transient(format!(

@@ -1,7 +1,5 @@
 //! The persisted migration record in the store's inventory, and how it shows in `status.migration`.
 
-use serde::{Deserialize, Serialize};
-
 use super::phase::{self, MigrationRecord, Phase};
 use crate::api::{Condition, ConditionStatus, Timestamp};
 use crate::store::{Store, StoreError};
@@ -33,57 +31,7 @@ pub fn all(store: &Store) -> Result<Vec<MigrationRecord>, StoreError> {
         .collect())
 }
 
-/// `status.migration` of a Deployment.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MigrationStatus {
-    /// Where it stands.
-    pub phase: String,
-    /// The environment it leaves.
-    pub from: String,
-    /// The environment it moves to.
-    pub to: String,
-    /// When it started.
-    pub started: Timestamp,
-    /// When the current phase started.
-    pub phase_started: Timestamp,
-    /// When it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished: Option<Timestamp>,
-    /// Bytes copied by the pre-copy.
-    pub bytes_pre_copied: u64,
-    /// Bytes copied by the final copy.
-    pub bytes_finally_copied: u64,
-    /// Seconds without service (so far, while it lasts).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub downtime_seconds: Option<f64>,
-    /// Whether the target's data matched the source's.
-    pub verified: bool,
-    /// What became of the source.
-    pub source: String,
-    /// When the source is destroyed (under `Delete`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_destroyed_after: Option<Timestamp>,
-    /// Where it failed or was cancelled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failed_in: Option<String>,
-    /// Why it failed, was cancelled, or why the current attempt is retried.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-    /// Set when the target started from the last backups because the source could not be reached.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub from_backup: Option<FromBackupStatus>,
-}
-
-/// `status.migration.fromBackup`: the snapshots the target started from, and the data-loss window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FromBackupStatus {
-    /// The snapshot of each host (`host: id`).
-    pub snapshots: std::collections::BTreeMap<String, String>,
-    /// When the oldest was taken: writes after it were lost.
-    pub writes_lost_after: String,
-}
+pub use crate::api::MigrationStatus;
 
 fn stamp(ms: u64) -> Timestamp {
     Timestamp::from_unix(ms / 1000)
@@ -109,10 +57,11 @@ pub fn status(r: &MigrationRecord, now: u64) -> MigrationStatus {
             .map(stamp),
         failed_in: r.failed_in.map(|p| p.as_str().to_owned()),
         message: r.reason.clone(),
-        from_backup: r.from_backup.as_ref().map(|b| FromBackupStatus {
+        from_backup: r.from_backup.as_ref().map(|b| crate::api::FromBackupStatus {
             snapshots: b.snapshots.clone(),
             writes_lost_after: b.taken.clone(),
         }),
+        refused: None,
     }
 }
 

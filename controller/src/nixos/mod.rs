@@ -13,6 +13,7 @@ pub mod provider;
 pub mod readiness;
 pub mod secrets;
 pub mod simulated;
+pub mod status;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

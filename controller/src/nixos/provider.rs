@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::api::{
-    ConditionStatus, Deployment, EventType, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
-    Timestamp, condition_types,
+    ConditionStatus, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment, Timestamp,
+    condition_types,
 };
 use crate::provider::{
-    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport, Recorder,
+    ConvergeRequest, EnvironmentReport, Objects, PlannedHost, PreviousFacts, Provider, ProviderCondition,
+    ProviderReport, Recorder,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
 use crate::store::Store;
@@ -43,6 +44,14 @@ pub fn static_host_for<'a>(
         .static_hosts
         .iter()
         .find(|s| s.name.as_str() == host.name)
+}
+
+/// A converge request, owned by the task that runs it.
+struct Owned {
+    deployment: Deployment,
+    env: RuntimeEnvironment,
+    hosts: Vec<PlannedHost>,
+    previous: PreviousFacts,
 }
 
 /// A provider that adds NixOS convergence to an infrastructure provider.
@@ -110,19 +119,6 @@ impl NixosProvider {
         .await
     }
 
-    /// The hosts in the Deployment's last recorded status.
-    fn previous_hosts(&self, deployment: &Deployment) -> Vec<HostStatus> {
-        let key = ObjectKey {
-            kind: Kind::Deployment,
-            name: deployment.metadata.name.clone(),
-        };
-        self.book
-            .as_ref()
-            .and_then(|book| book.status_field(&key, "hosts"))
-            .and_then(|hosts| serde_json::from_value(hosts).ok())
-            .unwrap_or_default()
-    }
-
     async fn deploy_hosts(
         &self,
         deployment: &Deployment,
@@ -130,6 +126,7 @@ impl NixosProvider {
         hosts: &[PlannedHost],
         addresses: &BTreeMap<String, Result<HostAddress, Arc<PrepareError>>>,
         base: &[HostStatus],
+        previous: &[HostStatus],
     ) -> ProviderReport {
         let email = deployment.spec.initial_user.as_ref().map(|u| u.email.clone());
         // A Deployment that starts from a snapshot holds its applications stopped until restored.
@@ -181,166 +178,36 @@ impl NixosProvider {
             kind: Kind::Deployment,
             name: deployment.metadata.name.clone(),
         };
-        let previous = self.previous_hosts(deployment);
-        let mut drifted = Vec::new();
-        let mut statuses = Vec::new();
-        let mut problems = Vec::new();
-        let mut rolled_back = Vec::new();
+        let mut merged = Vec::new();
         for host in hosts {
-            let mut status = base
-                .iter()
-                .find(|h| h.name == host.name)
-                .cloned()
-                .unwrap_or_else(|| HostStatus {
-                    name: host.name.clone(),
-                    ..HostStatus::default()
-                });
-            match (addresses.get(&host.name), results.get(&host.name)) {
-                (Some(Ok(_)), Some((address, r))) => {
-                    // The system we deployed, still wanted, yet this pass had to switch to it again:
-                    // the host was switched out of band.
-                    let before = previous.iter().find(|p| p.name == host.name);
-                    if r.changed
-                        && r.desired_system.is_some()
-                        && before.is_some_and(|b| {
-                            b.last_result.as_deref() == Some(DeployResult::Applied.label())
-                                && b.system == r.desired_system
-                                && b.desired_system == r.desired_system
-                        })
-                    {
-                        self.deployer.record_drift();
-                        drifted.push(format!(
-                            "{}: its system profile no longer pointed at the deployed system (switched out of band); {}",
-                            host.name,
-                            if r.last_result == DeployResult::Applied {
-                                "switched back"
-                            } else {
-                                "switching back failed"
-                            }
-                        ));
-                    }
-                    status.address = Some(address.address.clone());
-                    status.phase = if r.last_result == DeployResult::Applied {
-                        "Ready".into()
-                    } else {
-                        r.last_result.label().into()
-                    };
-                    status.system = r.current_system.clone();
-                    status.desired_system = r.desired_system.clone();
-                    status.generation = r.generation;
-                    status.last_result = Some(r.last_result.label().into());
-                    status.message = Some(r.message.clone());
-                    status.step_millis =
-                        r.step_seconds
-                            .iter()
-                            .fold(BTreeMap::new(), |mut m, (step, secs)| {
-                                *m.entry(step.clone()).or_insert(0) += (secs * 1000.0).round() as u64;
-                                m
-                            });
-                    if r.changed && r.last_result == DeployResult::Applied {
-                        status.activated_at = Some(Timestamp::now());
-                    }
-                    if let Some(book) = &self.book
-                        && (r.changed || r.last_result != DeployResult::Applied)
-                    {
-                        let type_ = if r.last_result == DeployResult::Applied {
-                            EventType::Normal
-                        } else {
-                            EventType::Warning
-                        };
-                        book.event(
-                            &key,
-                            type_,
-                            r.last_result.label(),
-                            format!("{}: {}", host.name, r.message),
-                        );
-                    }
-                    if r.last_result != DeployResult::Applied {
-                        problems.push(format!("{}: {}", host.name, r.message));
-                    }
-                    if matches!(
-                        r.last_result,
-                        DeployResult::FailedRolledBack
-                            | DeployResult::UnconfirmedRolledBack
-                            | DeployResult::Failed
-                    ) {
-                        rolled_back.push(format!("{}: {}", host.name, r.message));
-                    }
-                }
-                (Some(Err(why)), _) => {
-                    status.phase = if env.spec.proxmox.is_some() {
-                        DeployResult::Unreachable.label().into()
-                    } else {
-                        "Unassigned".into()
-                    };
-                    status.message = Some(why.to_string());
-                    problems.push(format!("{}: {why}", host.name));
-                }
-                (Some(Ok(_)), None) => {
-                    status.phase = "Failed".into();
-                    problems.push(format!("{}: the deploy did not finish", host.name));
-                }
-                (None, _) => {}
+            let base = base.iter().find(|h| h.name == host.name);
+            let before = previous.iter().find(|p| p.name == host.name);
+            let merge = super::status::merge_host(
+                &host.name,
+                base,
+                before,
+                super::status::Attempt::of(addresses.get(&host.name), results.get(&host.name)),
+                env.spec.proxmox.is_some(),
+                Timestamp::now(),
+            );
+            if merge.drifted.is_some() {
+                self.deployer.record_drift();
             }
-            statuses.push(status);
+            if let (Some(book), Some((type_, reason, message))) = (&self.book, &merge.event) {
+                book.event(&key, *type_, reason, message.clone());
+            }
+            merged.push(merge);
         }
-        let converged = problems.is_empty();
-        let configured = ProviderCondition {
-            type_: condition_types::CONFIGURED,
-            status: if converged {
-                ConditionStatus::True
-            } else {
-                ConditionStatus::False
-            },
-            reason: if converged { "Applied" } else { "NotApplied" },
-            message: if converged {
-                format!("{} host(s) run their NixOS configuration", statuses.len())
-            } else {
-                problems.join("; ")
-            },
-        };
-        let message = configured.message.clone();
-        let mut conditions = vec![configured];
-        if !drifted.is_empty() {
-            conditions.push(ProviderCondition {
-                type_: condition_types::DRIFTED,
-                status: ConditionStatus::True,
-                reason: if converged {
-                    crate::proxmox::reasons::DRIFT_CORRECTED
-                } else {
-                    SYSTEM_DRIFTED
-                },
-                message: drifted.join("; "),
-            });
-        } else if converged {
-            conditions.push(ProviderCondition {
-                type_: condition_types::DRIFTED,
-                status: ConditionStatus::False,
-                reason: crate::proxmox::reasons::NO_DRIFT,
-                message: "no out-of-band change found".into(),
-            });
-        }
-        ProviderReport {
-            converged,
-            message,
-            hosts: Some(statuses),
-            conditions,
-            retry_after: (!converged).then_some(NOT_CONVERGED_RETRY),
-            fields: serde_json::Map::new(),
-            // A failed or rolled-back deploy is an error: retried with backoff, not polled as progress.
-            failure: (!rolled_back.is_empty()).then(|| ReconcileError::Transient {
-                reason: DEPLOY_FAILED,
-                message: rolled_back.join("; "),
-            }),
-        }
+        super::status::report(merged)
     }
 
-    async fn converge_owned(
-        self,
-        deployment: Deployment,
-        env: RuntimeEnvironment,
-        hosts: Vec<PlannedHost>,
-    ) -> Result<ProviderReport, ReconcileError> {
+    async fn converge_owned(self, request: Owned) -> Result<ProviderReport, ReconcileError> {
+        let Owned {
+            deployment,
+            env,
+            hosts,
+            previous,
+        } = request;
         if env.spec.proxmox.is_none() {
             let env_name = env.metadata.name.to_string();
             let addresses = hosts
@@ -362,16 +229,24 @@ impl NixosProvider {
                 })
                 .collect();
             return Ok(self
-                .deploy_hosts(&deployment, &env, &hosts, &addresses, &[])
+                .deploy_hosts(&deployment, &env, &hosts, &addresses, &[], &previous.hosts)
                 .await);
         }
-        let mut report = self.inner.converge(&deployment, &env, &hosts).await?;
+        let mut report = self
+            .inner
+            .converge(ConvergeRequest {
+                deployment: &deployment,
+                env: &env,
+                hosts: &hosts,
+                previous: &previous,
+            })
+            .await?;
         let Some(vm_hosts) = report.hosts.clone() else {
             return Ok(report);
         };
         if !report.converged {
             if let Some(hosts) = report.hosts.as_mut() {
-                carry_nixos_fields(&self.previous_hosts(&deployment), hosts);
+                carry_nixos_fields(&previous.hosts, hosts);
             }
             return Ok(report);
         }
@@ -393,7 +268,7 @@ impl NixosProvider {
             }
         }
         let mut nixos = self
-            .deploy_hosts(&deployment, &env, &hosts, &addresses, &vm_hosts)
+            .deploy_hosts(&deployment, &env, &hosts, &addresses, &vm_hosts, &previous.hosts)
             .await;
         // One Drifted condition: the VMs' and the systems' findings together.
         let drift_of = |c: &[ProviderCondition]| c.iter().position(|c| c.type_ == condition_types::DRIFTED);
@@ -543,15 +418,15 @@ impl Provider for NixosProvider {
         self.inner.check_environment(env)
     }
 
-    fn converge(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
         let this = self.handle();
-        let (deployment, env, hosts) = (deployment.clone(), env.clone(), hosts.to_vec());
-        Box::pin(this.converge_owned(deployment, env, hosts))
+        let owned = Owned {
+            deployment: request.deployment.clone(),
+            env: request.env.clone(),
+            hosts: request.hosts.to_vec(),
+            previous: request.previous.clone(),
+        };
+        Box::pin(this.converge_owned(owned))
     }
 
     fn cleanup(&self, deployment: &ObjectKey) -> BoxFuture<Result<(), ReconcileError>> {

@@ -31,6 +31,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod pace;
 pub mod plan;
+mod report;
 pub mod tls;
 
 use std::collections::HashMap;
@@ -38,15 +39,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Map, json};
 use sha2::{Digest, Sha256};
 
-use crate::api::{
-    ConditionStatus, DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment,
-    condition_types,
-};
+use crate::api::{DeletionPolicy, Deployment, HostStatus, Kind, Object, ObjectKey, RuntimeEnvironment};
 use crate::provider::{
-    EnvironmentReport, Objects, PlannedHost, Provider, ProviderCondition, ProviderReport,
+    ConvergeRequest, EnvironmentFacts, EnvironmentReport, Objects, PlannedHost, Provider, ProviderReport,
     plan_only_environment, plan_only_report,
 };
 use crate::runtime::{BoxFuture, ReconcileError};
@@ -469,17 +466,7 @@ impl ProviderCore {
         }
         let orphaned = self.count_orphans(&name);
         let template_ok = template.is_some_and(|t| t.template);
-        let mut fields = Map::new();
-        fields.insert("version".into(), json!(version));
-        fields.insert("nodes".into(), json!(nodes));
-        fields.insert("vmsOwned".into(), json!(owned));
-        fields.insert("vmsOrphaned".into(), json!(orphaned));
-        fields.insert("templatePresent".into(), json!(template_ok));
-        fields.insert(
-            "insecure".into(),
-            json!(insecure || spec.endpoint.starts_with("http://")),
-        );
-        fields.insert("warnings".into(), json!(warnings));
+        let insecure = insecure || spec.endpoint.starts_with("http://");
         if !template_ok {
             return Err(ReconcileError::Waiting {
                 reason: reasons::TEMPLATE_MISSING,
@@ -499,7 +486,19 @@ impl ProviderCore {
             message.push_str("; warnings: ");
             message.push_str(&warnings.join("; "));
         }
-        Ok(EnvironmentReport { message, fields })
+        let facts = EnvironmentFacts {
+            version: Some(version),
+            nodes,
+            vms_owned: u32::try_from(owned).unwrap_or(u32::MAX),
+            vms_orphaned: u32::try_from(orphaned).unwrap_or(u32::MAX),
+            template_present: Some(template_ok),
+            insecure,
+            warnings,
+        };
+        Ok(EnvironmentReport {
+            message,
+            facts: Some(facts),
+        })
     }
 
     async fn converge_hosts(
@@ -577,57 +576,14 @@ impl ProviderCore {
         let result = self.run_hosts(&environment, &name, &desired, records, &ctx).await;
         self.count_orphans(&env_name);
         let (statuses, results) = result?;
-        let outcomes: Vec<&HostOutcome> = results.iter().map(|r| &r.outcome).collect();
-        let wake_after = results.iter().filter_map(|r| r.wake_after).min();
-        let drift: Vec<&(&'static str, String)> = results.iter().flat_map(|r| &r.drift).collect();
-        for (kind, _) in &drift {
+        for (kind, _) in results.iter().flat_map(|r| &r.drift) {
             self.metrics
                 .drift
                 .with_label_values(&[env_name.as_str(), kind])
                 .inc();
         }
-        let waits: Vec<(&'static str, String)> = outcomes
-            .iter()
-            .filter_map(|o| match o {
-                HostOutcome::Waiting { reason, message } => Some((*reason, message.clone())),
-                _ => None,
-            })
-            .collect();
-        let ready_hosts = statuses.iter().filter(|h| h.phase == "Ready").count();
-        let converged = waits.is_empty() && ready_hosts == desired.len();
-        let provisioned = if converged {
-            ProviderCondition {
-                type_: condition_types::PROVISIONED,
-                status: ConditionStatus::True,
-                reason: reasons::PROVISIONED,
-                message: format!("{ready_hosts} VM(s) running with an address"),
-            }
-        } else {
-            let (reason, message) = waits
-                .first()
-                .cloned()
-                .unwrap_or((reasons::REOBSERVE, "observing again".into()));
-            ProviderCondition {
-                type_: condition_types::PROVISIONED,
-                status: ConditionStatus::False,
-                reason,
-                message,
-            }
-        };
-        let stuck = waits.iter().any(|(r, _)| {
-            *r == reasons::DISK_SHRINK_REFUSED || *r == reasons::PENDING_RESTART || *r == reasons::VM_LOCKED
-        });
-        let message = if converged {
-            format!("{ready_hosts} host(s) provisioned")
-        } else {
-            format!(
-                "{ready_hosts}/{} host(s) ready: {}",
-                desired.len(),
-                provisioned.message
-            )
-        };
-        let retry_after = if converged {
-            // The next drift scan of one of its VMs.
+        // The next drift scan of one of its VMs.
+        let next_drift_scan = || {
             (!environment.drift.interval().is_zero())
                 .then(|| {
                     self.records(&name)
@@ -638,50 +594,13 @@ impl ProviderCore {
                         .min()
                 })
                 .flatten()
-        } else if waits.iter().all(|(r, _)| *r == reasons::REOBSERVE) {
-            Some(Duration::from_millis(200))
-        } else if stuck {
-            Some(Duration::from_secs(30))
-        } else if let Some(wake) = wake_after {
-            // A task or a boot whose end is expected then.
-            Some(wake.max(Duration::from_millis(50)))
-        } else {
-            Some(Duration::from_secs(2))
         };
-        let mut conditions = vec![provisioned];
-        if !drift.is_empty() {
-            let pending = waits.iter().any(|(r, _)| *r == reasons::PENDING_RESTART);
-            conditions.push(ProviderCondition {
-                type_: condition_types::DRIFTED,
-                status: ConditionStatus::True,
-                reason: if pending {
-                    reasons::DRIFT_PENDING
-                } else {
-                    reasons::DRIFT_CORRECTED
-                },
-                message: drift
-                    .iter()
-                    .map(|(_, m)| m.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            });
-        } else if converged {
-            conditions.push(ProviderCondition {
-                type_: condition_types::DRIFTED,
-                status: ConditionStatus::False,
-                reason: reasons::NO_DRIFT,
-                message: "no out-of-band change found".into(),
-            });
-        }
-        Ok(ProviderReport {
-            converged,
-            message,
-            hosts: Some(statuses),
-            conditions,
-            retry_after,
-            fields: Map::new(),
-            failure: None,
-        })
+        Ok(report::deployment_report(
+            statuses,
+            &results,
+            desired.len(),
+            next_drift_scan,
+        ))
     }
 
     /// Plans and runs every host of one Deployment; returns the host statuses and each plan's outcome.
@@ -883,23 +802,7 @@ impl ProviderCore {
                 Err(e) => error = Some(lifecycle_error(env_name, &e)),
             }
         }
-        let status = host.map(|h| {
-            let phase = match (&outcome, &record) {
-                (_, None) => "Pending".to_owned(),
-                (HostOutcome::Done, Some(r)) if r.address.is_some() => "Ready".to_owned(),
-                (HostOutcome::Waiting { reason, .. }, _) => (*reason).to_owned(),
-                (_, Some(r)) if r.phase == RecordPhase::Creating => "Creating".to_owned(),
-                _ => "Provisioning".to_owned(),
-            };
-            HostStatus {
-                name: h.name.clone(),
-                phase,
-                vmid: record.as_ref().map(|r| r.vmid),
-                node: record.as_ref().map(|r| r.node.clone()),
-                address: record.as_ref().and_then(|r| r.address.clone()),
-                ..HostStatus::default()
-            }
-        });
+        let status = host.map(|h| report::host_status(&h.name, &outcome, record.as_ref()));
         HostResult {
             status,
             outcome,
@@ -1140,13 +1043,13 @@ impl Provider for ProxmoxProvider {
         Box::pin(async move { this.check(env).await })
     }
 
-    fn converge(
-        &self,
-        deployment: &Deployment,
-        env: &RuntimeEnvironment,
-        hosts: &[PlannedHost],
-    ) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
-        let (deployment, env, hosts) = (deployment.clone(), env.clone(), hosts.to_vec());
+    fn converge(&self, request: ConvergeRequest<'_>) -> BoxFuture<Result<ProviderReport, ReconcileError>> {
+        // The VMs' own inventory says what they are; the previous status is not needed here.
+        let (deployment, env, hosts) = (
+            request.deployment.clone(),
+            request.env.clone(),
+            request.hosts.to_vec(),
+        );
         let this = self.handle();
         Box::pin(async move { this.converge_hosts(deployment, env, hosts).await })
     }
@@ -1300,14 +1203,11 @@ mod tests {
             .expect("the check passes");
 
         api.assert_done();
-        assert_eq!(report.fields["version"], json!("9.1.3"));
-        assert_eq!(report.fields["nodes"], json!(["pve"]));
-        assert_eq!(
-            report.fields["vmsOwned"],
-            json!(1),
-            "only the VM with our owner tag"
-        );
-        assert_eq!(report.fields["templatePresent"], json!(true));
+        let facts = report.facts.expect("a Proxmox check reports what it saw");
+        assert_eq!(facts.version.as_deref(), Some("9.1.3"));
+        assert_eq!(facts.nodes, ["pve"]);
+        assert_eq!(facts.vms_owned, 1, "only the VM with our owner tag");
+        assert_eq!(facts.template_present, Some(true));
         let environment = provider.environment(&lab()).unwrap();
         assert_eq!(*built.lock().unwrap(), 1, "one client per environment");
         assert_eq!(environment.drift.interval(), Duration::from_secs(90));

@@ -5,12 +5,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Map, Value};
-
+use super::status::DeploymentFacts;
 use super::{Context, Converged};
 use crate::api::{
-    Application, Condition, DeletionPolicy, Deployment, EventType, Kind, Name, Object, ObjectKey,
-    RuntimeEnvironment, reasons,
+    Application, Condition, DeletionPolicy, Deployment, DeploymentStatus, EventType, Kind, Name, Object,
+    ObjectKey, RuntimeEnvironment, reasons,
 };
 use crate::migrate::decide::{self, Decision};
 use crate::migrate::hosts::Inputs;
@@ -21,10 +20,6 @@ use crate::migrate::{AppMove, record};
 use crate::provider::PlannedHost;
 use crate::runtime::ReconcileError;
 
-/// The status field naming the environment the Deployment's hosts were last converged in.
-pub const PLACED_FIELD: &str = "runtimeEnvironment";
-/// The status field holding the generation whose change began the last migration.
-const GENERATION_FIELD: &str = "migrationGeneration";
 /// How often a migrating Deployment's status is refreshed without a step (its downtime grows).
 const REFRESH: Duration = Duration::from_secs(15);
 /// The annotation that sets, in seconds, how long a moved Deployment's old hosts wait stopped under
@@ -34,10 +29,10 @@ pub const GRACE_ANNOTATION: &str = "fediversity.eu/migration-grace-seconds";
 
 /// What the reconcile does after looking at migrations.
 pub(super) enum Next {
-    /// Reconcile the hosts as usual, adding these status fields and conditions.
-    Stay(Map<String, Value>, Vec<Condition>),
+    /// Reconcile the hosts as usual, adding these status facts and conditions.
+    Stay(Box<DeploymentFacts>, Vec<Condition>),
     /// A migration runs: leave both sides alone and report this.
-    Migrating(Converged),
+    Migrating(Box<Converged>),
 }
 
 fn store_failed(e: impl std::fmt::Display) -> ReconcileError {
@@ -76,11 +71,11 @@ pub fn retire_policy(dep: &Deployment) -> RetirePolicy {
 /// For a migration that failed in the live pre-copy (the old environment's hosts or repository
 /// could not be reached, past the retries): what starting the target from the last backups instead
 /// would lose, as [`decide::restore_from_backup`] states it before the operator's confirmation.
-fn restore_from_backup_hint(r: &MigrationRecord, hosts: &[String], old: Option<&Value>) -> Option<String> {
+fn restore_from_backup_hint(r: &MigrationRecord, hosts: &[String], old: &DeploymentStatus) -> Option<String> {
     if r.phase != Phase::Failed || r.failed_in != Some(Phase::PreCopying) {
         return None;
     }
-    let last = decide::LastBackup::from_status(old.and_then(|s| s.get("backups")));
+    let last = decide::LastBackup::from_backups(&old.backups);
     decide::restore_from_backup(Some(r), &r.deployment, &r.to, hosts, &last, false, now_ms())
         .err()
         .map(|e| {
@@ -92,14 +87,13 @@ fn restore_from_backup_hint(r: &MigrationRecord, hosts: &[String], old: Option<&
 }
 
 /// The record as status shows it: `status.migration` and the `Migrating` condition.
-fn shown(r: &MigrationRecord, generation: u64) -> (Map<String, Value>, Vec<Condition>) {
+fn shown(r: &MigrationRecord, generation: u64) -> (DeploymentFacts, Vec<Condition>) {
     let now = now_ms();
-    let mut fields = Map::new();
-    fields.insert(
-        "migration".into(),
-        serde_json::to_value(record::status(r, now)).unwrap_or(Value::Null),
-    );
-    (fields, vec![record::condition(r, now, generation)])
+    let facts = DeploymentFacts {
+        migration: Some(record::status(r, now)),
+        ..DeploymentFacts::default()
+    };
+    (facts, vec![record::condition(r, now, generation)])
 }
 
 /// Decides about `dep`'s environment; begins, cancels or refuses, and keeps a driver stepping a
@@ -113,22 +107,22 @@ pub(super) fn reconcile(
     dep: &Deployment,
     hosts: &[PlannedHost],
     applications: &BTreeMap<Name, Application>,
-    old: Option<&Value>,
+    old: &DeploymentStatus,
 ) -> Result<Next, ReconcileError> {
     let name = dep.metadata.name.as_str();
     let wanted = dep.spec.runtime_environment.as_str();
     let record = migrations.load(name).map_err(store_failed)?;
-    let seen = old.and_then(|s| s.get(PLACED_FIELD)).and_then(Value::as_str);
+    let seen = old.runtime_environment.as_deref();
     let policy = (retire_policy(dep), FailedTarget::Remove);
     let now = now_ms();
     let mut begun = false;
     match decide::decide(name, wanted, seen, record.as_ref(), policy, now) {
         Decision::Stay => {
-            let (fields, conditions) = record.as_ref().map(|r| shown(r, generation)).unwrap_or_default();
-            return Ok(Next::Stay(fields, conditions));
+            let (facts, conditions) = record.as_ref().map(|r| shown(r, generation)).unwrap_or_default();
+            return Ok(Next::Stay(Box::new(facts), conditions));
         }
         Decision::Begin(r) => {
-            let last_generation = old.and_then(|s| s.get(GENERATION_FIELD)).and_then(Value::as_u64);
+            let last_generation = old.migration_generation;
             if let Some(prev) = &record
                 && prev.phase == Phase::Failed
                 && prev.to == r.to
@@ -198,10 +192,7 @@ pub(super) fn reconcile(
         }
         Decision::Refuse(e) => {
             let message = e.to_string();
-            let said = old
-                .and_then(|s| s.get("migration"))
-                .and_then(|m| m.get("refused"))
-                .and_then(Value::as_str);
+            let said = old.migration.as_ref().and_then(|m| m.refused.as_deref());
             if said != Some(message.as_str()) {
                 ctx.book
                     .record(key, EventType::Warning, "MigrationRefused", message);
@@ -212,14 +203,14 @@ pub(super) fn reconcile(
         .load(name)
         .map_err(store_failed)?
         .ok_or_else(|| store_failed("the record vanished"))?;
-    let (mut fields, conditions) = shown(&r, generation);
-    if let Some(Value::Object(m)) = fields.get_mut("migration")
+    let (mut facts, conditions) = shown(&r, generation);
+    if let Some(m) = facts.migration.as_mut()
         && let Err(e) = crate::migrate::phase::desired_environment(&r, wanted, now)
     {
-        m.insert("refused".into(), e.to_string().into());
+        m.refused = Some(e.to_string());
     }
     if begun {
-        fields.insert(GENERATION_FIELD.into(), generation.into());
+        facts.migration_generation = Some(generation);
     }
     if !r.phase.is_terminal() {
         start_driver(ctx, migrations, key, dep, hosts, applications, &r)?;
@@ -227,17 +218,18 @@ pub(super) fn reconcile(
     if r.phase == Phase::RetiringSource && wanted == r.to {
         // The target serves under the names: its hosts are reconciled as usual while the source
         // waits for its grace period.
-        return Ok(Next::Stay(fields, conditions));
+        return Ok(Next::Stay(Box::new(facts), conditions));
     }
-    Ok(Next::Migrating(Converged {
+    Ok(Next::Migrating(Box::new(Converged {
         action: crate::runtime::Action::Requeue(REFRESH),
         reason: reasons::PROGRESSING,
         message: format!("migrating from {} to {}: {}", r.from, r.to, r.phase),
-        fields,
+        environment: None,
+        deployment: facts,
         conditions: Vec::new(),
         extra_conditions: conditions,
         failure: None,
-    }))
+    })))
 }
 
 fn start_driver(
@@ -338,11 +330,12 @@ spec:\n  domain: lab.example\n  runtimeEnvironment: a\n  deletionPolicy: {policy
         r.phase = Phase::Failed;
         r.failed_in = Some(Phase::PreCopying);
         let hosts = vec!["demo-alpha".to_owned(), "demo-beta".to_owned()];
-        let status = serde_json::json!({ "backups": [
+        let status: DeploymentStatus = serde_json::from_value(serde_json::json!({ "backups": [
             { "host": "demo-beta", "result": "Succeeded", "snapshot": "b2b2b2b2", "time": "2026-12-03T06:00:00Z" },
             { "host": "demo-alpha", "result": "Failed", "snapshot": "a1a1a1a1", "time": "2026-12-02T23:00:00Z" }
-        ]});
-        let hint = restore_from_backup_hint(&r, &hosts, Some(&status)).expect("a hint");
+        ]}))
+        .unwrap();
+        let hint = restore_from_backup_hint(&r, &hosts, &status).expect("a hint");
         assert!(hint.starts_with("should a stay unreachable: "), "{hint}");
         assert!(
             hint.contains("demo-alpha: a1a1a1a1, demo-beta: b2b2b2b2")
@@ -353,16 +346,17 @@ spec:\n  domain: lab.example\n  runtimeEnvironment: a\n  deletionPolicy: {policy
             hint.contains("`fediversity migrate restore-from-backup deployment demo`"),
             "{hint}"
         );
-        let never =
-            serde_json::json!({ "backups": [{ "host": "demo-beta", "result": "Failed", "failures": 3 }] });
+        let never: DeploymentStatus = serde_json::from_value(
+            serde_json::json!({ "backups": [{ "host": "demo-beta", "result": "Failed", "failures": 3 }] }),
+        )
+        .unwrap();
         assert!(
-            restore_from_backup_hint(&r, &hosts, Some(&never))
-                .is_some_and(|h| h.contains("no successful backup")),
+            restore_from_backup_hint(&r, &hosts, &never).is_some_and(|h| h.contains("no successful backup")),
             "a host never backed up: nothing to restore"
         );
         r.failed_in = Some(Phase::StartingTarget);
         assert_eq!(
-            restore_from_backup_hint(&r, &hosts, Some(&status)),
+            restore_from_backup_hint(&r, &hosts, &status),
             None,
             "the source was reached"
         );

@@ -3,12 +3,11 @@
 pub mod deployment;
 pub mod metrics;
 pub mod migration;
+pub mod status;
 pub mod waiters;
 
 use std::sync::Arc;
 use std::time::Duration;
-
-use serde_json::{Map, Value};
 
 use crate::api::{
     Condition, ConditionStatus, EventType, Kind, Object, ObjectKey, Timestamp, condition_types, reasons,
@@ -17,8 +16,11 @@ use crate::api::{
 use crate::runtime::{Action, BoxFuture, ReconcileError, Reconciler};
 use crate::state::{Desired, DesiredState, StatusBook};
 
+use status::{AnyStatus, DeploymentFacts};
+
 pub use crate::provider::{
-    EnvironmentReport, PlanOnly, Provider, ProviderCondition, ProviderReport, progress, settings,
+    EnvironmentFacts, EnvironmentReport, PlanOnly, Provider, ProviderCondition, ProviderReport, progress,
+    settings,
 };
 pub use metrics::{ObjectFacts, ObjectMetrics};
 
@@ -51,8 +53,10 @@ struct Converged {
     action: Action,
     reason: &'static str,
     message: String,
-    /// Kind-specific status fields to set.
-    fields: Map<String, Value>,
+    /// What was observed of an environment (none: keep what status says).
+    environment: Option<EnvironmentFacts>,
+    /// What was found of a Deployment's hosts, names and migration.
+    deployment: DeploymentFacts,
     /// Domain conditions to set (e.g. `Provisioned`).
     conditions: Vec<ProviderCondition>,
     /// Further conditions, complete (e.g. `Migrating`).
@@ -104,17 +108,13 @@ pub fn is_ready(book: &StatusBook, key: &ObjectKey) -> bool {
     })
 }
 
-fn conditions_of(status: Option<&Value>) -> Vec<Condition> {
-    status
-        .and_then(|s| s.get("conditions"))
-        .and_then(|c| serde_json::from_value(c.clone()).ok())
-        .unwrap_or_default()
+fn conditions_of(status: Option<&AnyStatus>) -> Vec<Condition> {
+    status.map(|s| s.conditions().clone()).unwrap_or_default()
 }
 
-fn ready_status(status: Option<&Value>) -> ConditionStatus {
-    conditions_of(status)
-        .iter()
-        .find(|c| c.type_ == condition_types::READY)
+fn ready_status(status: Option<&AnyStatus>) -> ConditionStatus {
+    status
+        .and_then(|s| s.conditions().iter().find(|c| c.type_ == condition_types::READY))
         .map_or(ConditionStatus::Unknown, |c| c.status)
 }
 
@@ -141,7 +141,7 @@ async fn reconcile_present(
     desired: &Desired,
 ) -> Result<Action, ReconcileError> {
     let request = ctx.book.pending_request(key);
-    let old = ctx.book.status(key);
+    let old = AnyStatus::load(&ctx.book, key);
     if let Object::Deployment(dep) = desired.object()
         && dep.spec.suspend
     {
@@ -156,13 +156,14 @@ async fn reconcile_present(
         ctx.metrics.observe(key, &facts);
         return Ok(Action::AwaitChange);
     }
-    let result = match desired.object() {
+    let mut result = match desired.object() {
         Object::RuntimeEnvironment(env) => {
             ctx.provider.check_environment(env).await.map(|report| Converged {
                 action: Action::Requeue(RESYNC),
                 reason: reasons::SUCCEEDED,
                 message: report.message,
-                fields: report.fields,
+                environment: report.facts,
+                deployment: DeploymentFacts::default(),
                 conditions: Vec::new(),
                 extra_conditions: Vec::new(),
                 failure: None,
@@ -172,27 +173,37 @@ async fn reconcile_present(
             action: Action::Requeue(RESYNC),
             reason: reasons::SUCCEEDED,
             message: format!("valid: {} size(s) offered", app.spec.sizes.len()),
-            fields: Map::new(),
+            environment: None,
+            deployment: DeploymentFacts::default(),
             conditions: Vec::new(),
             extra_conditions: Vec::new(),
             failure: None,
         }),
         Object::Deployment(dep) => {
             progress_sink(ctx, key, desired.generation)
-                .scope(reconcile_deployment(ctx, key, desired, dep, old.as_ref()))
+                .scope(reconcile_deployment(
+                    ctx,
+                    key,
+                    desired,
+                    dep,
+                    deployment_status(old.as_ref()),
+                ))
                 .await
         }
     };
     let suspended = matches!(desired.object(), Object::Deployment(d) if d.spec.suspend);
-    let mut status = match old.clone() {
-        Some(Value::Object(map)) => map,
-        _ => Map::new(),
-    };
+    let mut status = old.clone().unwrap_or_else(|| AnyStatus::empty(key.kind));
     let mut conditions = conditions_of(old.as_ref());
     let generation = desired.generation;
-    if let Ok(done) = &result {
-        for (k, v) in &done.fields {
-            status.insert(k.clone(), v.clone());
+    if let Ok(done) = &mut result {
+        match &mut status {
+            AnyStatus::RuntimeEnvironment(s) => {
+                if let Some(facts) = done.environment.take() {
+                    status::apply_environment_facts(s, facts);
+                }
+            }
+            AnyStatus::Deployment(s) => std::mem::take(&mut done.deployment).apply(s),
+            AnyStatus::Application(_) => {}
         }
         for c in &done.conditions {
             // Drift found (or found anew) is an event an operator should see.
@@ -228,22 +239,14 @@ async fn reconcile_present(
             condition(type_, status, reason, &message, generation),
         );
     }
-    status.insert("observedGeneration".into(), generation.into());
-    status.insert(
-        "conditions".into(),
-        serde_json::to_value(&conditions).unwrap_or(Value::Null),
-    );
-    if let Some(token) = request {
-        status.insert("lastHandledReconcileAt".into(), token.into());
+    status.observed(generation, request);
+    if let AnyStatus::Deployment(s) = &mut status {
+        status::record_revision(s, &desired.revision, ready_now == ConditionStatus::True);
     }
-    if key.kind == Kind::Deployment {
-        status.insert("lastAttemptedRevision".into(), desired.revision.clone().into());
-        if ready_now == ConditionStatus::True {
-            status.insert("lastAppliedRevision".into(), desired.revision.clone().into());
-        }
-    }
+    *status.conditions_mut() = conditions;
     let before = ready_status(old.as_ref());
-    ctx.book.put_status(key, Value::Object(status));
+    status.save(&ctx.book, key);
+    let conditions = status.conditions();
     if before != ready_now {
         let ready_condition = conditions.iter().find(|c| c.type_ == condition_types::READY);
         let (reason, message) = ready_condition.map_or(("", ""), |c| (c.reason.as_str(), c.message.as_str()));
@@ -267,7 +270,7 @@ async fn reconcile_present(
             ready: ready_now,
             suspended,
             revision: &desired.revision,
-            conditions: &conditions,
+            conditions,
         },
     );
     match result {
@@ -321,12 +324,9 @@ fn progress_sink(ctx: &Context, key: &ObjectKey, generation: u64) -> progress::S
     let (book, key) = (ctx.book.clone(), key.clone());
     progress::Sink::new(move |message| {
         use ConditionStatus::{False, True};
-        let old = book.status(&key);
+        let old = AnyStatus::load(&book, &key);
         let mut conditions = conditions_of(old.as_ref());
-        let mut status = match old.as_ref() {
-            Some(Value::Object(map)) => map.clone(),
-            _ => Map::new(),
-        };
+        let mut status = old.clone().unwrap_or_else(|| AnyStatus::empty(key.kind));
         let progressing = reasons::PROGRESSING;
         set_condition(
             &mut conditions,
@@ -348,11 +348,8 @@ fn progress_sink(ctx: &Context, key: &ObjectKey, generation: u64) -> progress::S
                 condition(condition_types::STALLED, False, progressing, "", generation),
             );
         }
-        status.insert(
-            "conditions".into(),
-            serde_json::to_value(&conditions).unwrap_or(Value::Null),
-        );
-        book.put_status(&key, Value::Object(status));
+        *status.conditions_mut() = conditions;
+        status.save(&book, &key);
         book.record(&key, EventType::Normal, progressing, message);
     })
 }
@@ -362,7 +359,7 @@ async fn reconcile_deployment(
     key: &ObjectKey,
     desired: &Desired,
     dep: &crate::api::Deployment,
-    old: Option<&Value>,
+    old: &crate::api::DeploymentStatus,
 ) -> Result<Converged, ReconcileError> {
     let resolved = deployment::resolve(dep, &ctx.desired, |k| is_ready(&ctx.book, k))
         .and_then(|applications| Ok((deployment::plan(dep, &applications)?, applications)));
@@ -385,47 +382,43 @@ async fn reconcile_deployment(
             retry_after: deployment::DEPENDENCY_RETRY,
         });
     };
-    let (mut migration_fields, migration_conditions) = match &ctx.migrations {
+    let (mut facts, migration_conditions) = match &ctx.migrations {
         Some(m) => {
             match migration::reconcile(ctx, m, key, desired.generation, dep, &hosts, &applications, old)? {
-                migration::Next::Migrating(done) => return Ok(done),
-                migration::Next::Stay(fields, conditions) => (fields, conditions),
+                migration::Next::Migrating(done) => return Ok(*done),
+                migration::Next::Stay(facts, conditions) => (*facts, conditions),
             }
         }
-        None => (Map::new(), Vec::new()),
+        None => (DeploymentFacts::default(), Vec::new()),
     };
-    let previous: Vec<crate::api::HostStatus> = old
-        .and_then(|s| s.get("hosts"))
-        .and_then(|h| serde_json::from_value(h.clone()).ok())
-        .unwrap_or_default();
-    let report = ctx.provider.converge(dep, &env, &hosts).await?;
-    let mut fields = Map::new();
-    let host_statuses = match report.hosts {
-        Some(h) => h,
-        None => deployment::host_statuses(&hosts, &previous),
-    };
-    fields.insert(
-        "hosts".into(),
-        serde_json::to_value(host_statuses).unwrap_or(Value::Null),
-    );
-    let endpoints: Map<String, Value> = hosts
-        .iter()
-        .map(|h| {
-            (
-                h.application.to_string(),
-                Value::String(format!("https://{}", h.fqdn)),
-            )
+    let previous = crate::provider::PreviousFacts::of(old);
+    let report = ctx
+        .provider
+        .converge(crate::provider::ConvergeRequest {
+            deployment: dep,
+            env: &env,
+            hosts: &hosts,
+            previous: &previous,
         })
-        .collect();
-    fields.insert("endpoints".into(), Value::Object(endpoints));
-    fields.extend(report.fields);
+        .await?;
+    facts.hosts = Some(match report.hosts {
+        Some(h) => h,
+        None => deployment::host_statuses(&hosts, &old.hosts),
+    });
+    facts.endpoints = Some(
+        hosts
+            .iter()
+            .map(|h| (h.application.to_string(), format!("https://{}", h.fqdn)))
+            .collect(),
+    );
+    facts.dns = report.dns;
     if !report.converged {
-        fields.extend(migration_fields);
         return Ok(Converged {
             action: Action::Requeue(report.retry_after.unwrap_or(Duration::from_secs(10))),
             reason: reasons::PROGRESSING,
             message: report.message,
-            fields,
+            environment: None,
+            deployment: facts,
             conditions: report.conditions,
             extra_conditions: migration_conditions,
             failure: report.failure,
@@ -433,12 +426,8 @@ async fn reconcile_deployment(
     }
     if ctx.migrations.is_some() && report.failure.is_none() {
         // Where the hosts run: a later change of spec.runtimeEnvironment moves them from here.
-        migration_fields.insert(
-            migration::PLACED_FIELD.into(),
-            Value::String(dep.spec.runtime_environment.to_string()),
-        );
+        facts.runtime_environment = Some(dep.spec.runtime_environment.to_string());
     }
-    fields.extend(migration_fields);
     // A provider may want to look again before the resync (say, for its next drift scan).
     let next = report
         .retry_after
@@ -447,11 +436,21 @@ async fn reconcile_deployment(
         action: Action::Requeue(next),
         reason: reasons::SUCCEEDED,
         message: report.message,
-        fields,
+        environment: None,
+        deployment: facts,
         conditions: report.conditions,
         extra_conditions: migration_conditions,
         failure: report.failure,
     })
+}
+
+/// A Deployment's status within `status`, or the empty one.
+fn deployment_status(status: Option<&AnyStatus>) -> &crate::api::DeploymentStatus {
+    static EMPTY: std::sync::OnceLock<crate::api::DeploymentStatus> = std::sync::OnceLock::new();
+    match status {
+        Some(AnyStatus::Deployment(s)) => s,
+        _ => EMPTY.get_or_init(Default::default),
+    }
 }
 
 /// Records `key` as waiting on the first dependency it lacks (a missing Application, or a RuntimeEnvironment

@@ -115,6 +115,21 @@ impl StatusJson {
         Self(value.to_string().into())
     }
 
+    /// The compact text of a typed status, serialized once.
+    pub fn from_typed<T: serde::Serialize>(status: &T) -> Self {
+        // A status type holds strings, numbers, lists and string-keyed maps only: it always serializes.
+        Self(
+            serde_json::to_string(status)
+                .unwrap_or_else(|_| "{}".into())
+                .into(),
+        )
+    }
+
+    /// The status as `T`, parsed straight from the text; `None` if it does not have `T`'s shape.
+    pub fn parse_as<T: serde::de::DeserializeOwned>(&self) -> Option<T> {
+        serde_json::from_str(&self.0).ok()
+    }
+
     /// Text read back from a store, checked to be JSON without building it.
     pub(crate) fn from_stored(key: &str, bytes: &[u8]) -> Result<Self, StoreError> {
         decode::<serde::de::IgnoredAny>(key, bytes)?;

@@ -131,6 +131,12 @@ pub fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// The JSON body of a GET of `path` on the daemon's API, when it answers 200.
+pub fn get(daemon: &Daemon, path: &str) -> Option<Value> {
+    let (code, body) = http_get(&daemon.server, path)?;
+    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
+}
+
 /// A minimal HTTP/1.0 GET over a raw socket: the test needs no HTTP client of its own.
 pub fn http_get(server: &str, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
