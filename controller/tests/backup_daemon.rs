@@ -10,7 +10,7 @@ mod postgres_support;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, get, http_get, wait_for};
+use common::{Daemon, get, http_get, kill_daemon, wait_for};
 use nixos_support::{Lab, NIX_CONFIG};
 use postgres_support::{on_host, postgres_host, sql};
 use serde_json::Value;
@@ -356,25 +356,6 @@ domain: lab.example\n  runtimeEnvironment: lab\n  applications:\n    alpha: { se
         "no lock or damage is left: {}",
         String::from_utf8_lossy(&check.stderr)
     );
-}
-
-/// SIGKILL of the daemon and of its SSH clients, as a service manager kills the whole unit.
-fn kill_daemon(mut daemon: Daemon) {
-    let pid = daemon.child.id().to_string();
-    let children: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
-            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect();
-    let _ = daemon.child.kill();
-    for child in &children {
-        let _ = Command::new("kill").args(["-KILL", child]).status();
-    }
-    let _ = daemon.child.wait();
 }
 
 /// The restic processes of `repository` running `subcommand` (by PID, started by this test's daemon).

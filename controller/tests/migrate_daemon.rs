@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Daemon, get, http_get, wait_for};
+use common::{Daemon, get, hashes, http_get, kill_daemon, wait_for};
 use nixos_support::{Lab, NIX_CONFIG, TestHost};
 use postgres_support::{Postgres, on_host, postgres_host, sql};
 use serde_json::Value;
@@ -35,40 +35,6 @@ fn start(source: &Path, state: &Path, catalog: &Path, token: &Path) -> Daemon {
     .map(|a| a.to_os_string())
     .collect();
     common::spawn_with_env(&args, &[("NIX_CONFIG", NIX_CONFIG)])
-}
-
-/// Every file under `dir` with its SHA-256, by path relative to `dir`.
-fn hashes(dir: &Path) -> Vec<(String, String)> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once("  ").map(|(h, p)| (p.to_owned(), h.to_owned())))
-        .collect()
-}
-
-/// SIGKILL of the daemon and of its SSH clients, as a service manager kills the whole unit.
-fn kill_daemon(mut daemon: Daemon) {
-    let pid = daemon.child.id().to_string();
-    let children: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
-            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect();
-    let _ = daemon.child.kill();
-    for child in &children {
-        let _ = Command::new("kill").args(["-KILL", child]).status();
-    }
-    let _ = daemon.child.wait();
 }
 
 const QUERIES: [&str; 3] = [

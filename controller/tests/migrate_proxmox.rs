@@ -6,17 +6,19 @@
 mod backup_support;
 mod common;
 mod nixos_support;
+mod postgres_support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, http_get, wait_for};
+use common::{Daemon, get, hashes, kill_daemon, wait_for};
 use fediversity::migrate::{Phase, record};
 use fediversity::store::Store;
 use fediversity_testbed::{SimConfig, SimHandle, Simulator};
 use nixos_support::{Lab, NIX_CONFIG, TestHost};
+use postgres_support::{Postgres, on_host, postgres_host_at, sql};
 use serde_json::Value;
 
 /// The clusters' address pools of each test: the simulator hands out .2, .3, … in the order VMs first
@@ -34,131 +36,11 @@ const PVE_TOKEN_ID: &str = "ci@pve!ctl";
 const PVE_SECRET: &str = "00000000-0000-4000-8000-000000000001";
 const TEMPLATE: u32 = 9000;
 
-/// A running PostgreSQL cluster of a test host, stopped when dropped.
-struct Postgres(PathBuf);
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args([
-                "-u",
-                "postgres",
-                "--",
-                &format!("{}/pg_ctl", backup_support::PGBIN),
-                "-D",
-            ])
-            .arg(&self.0)
-            .args(["-m", "immediate", "-w", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// The test host behind `address:port` in `lab`, running a PostgreSQL of its own (data in its
-/// private /nix, socket on a private tmpfs).
-fn postgres_host(lab: &Lab, name: &str, address: &str, port: u16) -> (TestHost, Postgres) {
-    let root = lab.path().join(format!("host-{name}"));
-    std::fs::create_dir_all(root.join("nix/var/postgresql")).unwrap();
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(backup_support::template_cluster())
-        .arg(root.join("nix/var/postgresql/data"))
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    let owned = Command::new("chown")
-        .args(["-R", "postgres:postgres"])
-        .arg(root.join("nix/var/postgresql"))
-        .status()
-        .unwrap();
-    assert!(owned.success());
-    let host = lab.host_at_with(
-        name,
-        address,
-        port,
-        &format!(
-            "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
-runuser -u postgres -- {}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgresql/log -w -t 60 -o '-p 5432' start >&2",
-            backup_support::PGBIN
-        ),
-    );
-    (host, Postgres(root.join("nix/var/postgresql/data")))
-}
-
-/// Runs `line` on `host` as root and returns its stdout; panics when it fails.
-fn on_host(lab: &Lab, host: &TestHost, line: &str) -> String {
-    let out = Command::new("ssh")
-        .args(lab.ssh_args(host))
-        .arg(line)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{line}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sql(lab: &Lab, host: &TestHost, sql: &str) -> String {
-    on_host(
-        lab,
-        host,
-        &format!(
-            "runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1 -d app -c {}",
-            backup_support::shell(sql)
-        ),
-    )
-    .trim()
-    .to_owned()
-}
-
 const QUERIES: [&str; 3] = [
     "SELECT count(*) FROM customers",
     "SELECT count(*), sum(amount) FROM orders",
     "SELECT count(*), string_agg(md5(body), '' ORDER BY id) FROM events",
 ];
-
-/// Every file under `dir` with its SHA-256, by path relative to `dir`.
-fn hashes(dir: &Path) -> Vec<(String, String)> {
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg("find . -type f -print0 | sort -z | xargs -0 sha256sum")
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.split_once("  ").map(|(h, p)| (p.to_owned(), h.to_owned())))
-        .collect()
-}
-
-/// SIGKILL of the daemon and of its direct children (SSH clients, restic), as a service manager
-/// kills the whole unit.
-fn kill_daemon(mut daemon: Daemon) {
-    let pid = daemon.child.id().to_string();
-    let children: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| {
-            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit(')').next()?.split_whitespace().nth(1)?;
-            (ppid == pid).then(|| e.file_name().to_string_lossy().into_owned())
-        })
-        .collect();
-    let _ = daemon.child.kill();
-    for child in &children {
-        let _ = Command::new("kill").args(["-KILL", child]).status();
-    }
-    let _ = daemon.child.wait();
-}
-
-fn get(daemon: &Daemon, path: &str) -> Option<Value> {
-    let (code, body) = http_get(&daemon.server, path)?;
-    (code == 200).then(|| serde_json::from_str(&body).ok()).flatten()
-}
 
 /// The VMs of `sim` named `demo-<app>` (templates aside), by name.
 fn demo_vms(sim: &SimHandle) -> BTreeMap<String, Vec<u32>> {
@@ -197,7 +79,7 @@ impl Cluster {
         let port = common::free_port();
         let prefix = pool.trim_end_matches("0/24");
         let hosts = (first..first + 2)
-            .map(|n| postgres_host(&lab, &format!("vm{n}"), &format!("{prefix}{n}"), port))
+            .map(|n| postgres_host_at(&lab, &format!("vm{n}"), &format!("{prefix}{n}"), port))
             .collect();
         Self {
             sim,

@@ -875,11 +875,16 @@ impl HostRun<'_> {
         Ok(found)
     }
 
-    /// Stops the recorded VM, re-verified as ours right before; a VM that is gone or not ours is
-    /// left alone (and its record dropped).
-    async fn stop(&mut self) -> Result<HostOutcome, LifecycleError> {
+    /// The recorded VM, re-verified as ours on its own config right before acting, and stopped when
+    /// it runs. `Err` carries the outcome when there is nothing to act on: no record (`no_record`), a
+    /// VM that is gone or not ours (left alone, its record dropped: `Removed`), a lock, or a stop that
+    /// has not finished.
+    async fn verified_and_stopped(
+        &mut self,
+        no_record: HostOutcome,
+    ) -> Result<Result<VmRecord, HostOutcome>, LifecycleError> {
         let Some(record) = self.record.clone() else {
-            return Ok(HostOutcome::Done);
+            return Ok(Err(no_record));
         };
         let env = self.env;
         let (vmid, node) = (record.vmid, record.node.clone());
@@ -887,7 +892,7 @@ impl HostRun<'_> {
             Ok(c) => c,
             Err(ProxmoxError::NotFound(_)) => {
                 self.forget()?;
-                return Ok(HostOutcome::Removed);
+                return Ok(Err(HostOutcome::Removed));
             }
             Err(e) => return Err(e.into()),
         };
@@ -901,22 +906,31 @@ impl HostRun<'_> {
             );
             self.forget()?;
             env.invalidate();
-            return Ok(HostOutcome::Removed);
+            return Ok(Err(HostOutcome::Removed));
         }
         if let Some(lock) = current.get("lock") {
-            return Ok(waiting(
+            return Ok(Err(waiting(
                 super::reasons::VM_LOCKED,
                 format!("the VM is locked ({lock})"),
-            ));
+            )));
         }
         if self.running {
             self.may_act()?;
             let upid = env.api.power(&node, vmid, false).await?;
             let outcome = self.track(upid).await?;
             if outcome != HostOutcome::Done {
-                return Ok(outcome);
+                return Ok(Err(outcome));
             }
             env.invalidate();
+        }
+        Ok(Ok(record))
+    }
+
+    /// Stops the recorded VM, re-verified as ours right before; a VM that is gone or not ours is
+    /// left alone (and its record dropped).
+    async fn stop(&mut self) -> Result<HostOutcome, LifecycleError> {
+        if let Err(outcome) = self.verified_and_stopped(HostOutcome::Done).await? {
+            return Ok(outcome);
         }
         // Started again, it reports its address anew.
         if let Some(r) = &mut self.record {
@@ -927,46 +941,12 @@ impl HostRun<'_> {
     }
 
     async fn destroy(&mut self) -> Result<HostOutcome, LifecycleError> {
-        let Some(record) = self.record.clone() else {
-            return Ok(HostOutcome::Removed);
+        let record = match self.verified_and_stopped(HostOutcome::Removed).await? {
+            Ok(record) => record,
+            Err(outcome) => return Ok(outcome),
         };
         let env = self.env;
         let (vmid, node) = (record.vmid, record.node.clone());
-        // Re-verify ownership on the VM itself, right before acting.
-        let current = match env.api.config(&node, vmid).await {
-            Ok(c) => c,
-            Err(ProxmoxError::NotFound(_)) => {
-                self.forget()?;
-                return Ok(HostOutcome::Removed);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let ConfigOwnership { tagged, named } =
-            ConfigOwnership::of(&current, &record.owner_tag, &record.name);
-        if !(tagged && named) {
-            tracing::warn!(
-                deployment = self.deployment,
-                vmid,
-                "VM is not ours (name or owner tag differ): left alone, record dropped"
-            );
-            self.forget()?;
-            env.invalidate();
-            return Ok(HostOutcome::Removed);
-        }
-        if let Some(lock) = current.get("lock") {
-            return Ok(waiting(
-                super::reasons::VM_LOCKED,
-                format!("the VM is locked ({lock})"),
-            ));
-        }
-        if self.running {
-            self.may_act()?;
-            let upid = env.api.power(&node, vmid, false).await?;
-            let outcome = self.track(upid).await?;
-            if outcome != HostOutcome::Done {
-                return Ok(outcome);
-            }
-        }
         self.may_act()?;
         let upid = match env.api.destroy(&node, vmid).await {
             Ok(upid) => upid,

@@ -26,6 +26,17 @@ impl Drop for Postgres {
 /// A test host named `name` in `lab` running a PostgreSQL of its own, copied from the template cluster
 /// (data in its private `/nix`, socket on a private tmpfs over `/run/postgresql`).
 pub fn postgres_host(lab: &Lab, name: &str) -> (TestHost, Postgres) {
+    with_cluster(lab, name, |setup| lab.host_with(name, setup))
+}
+
+/// The same host listening at `address:port` (where a simulated VM's address points).
+pub fn postgres_host_at(lab: &Lab, name: &str, address: &str, port: u16) -> (TestHost, Postgres) {
+    with_cluster(lab, name, |setup| lab.host_at_with(name, address, port, setup))
+}
+
+/// Copies the template cluster into the host's private `/nix` and starts the host with `start`, given
+/// the setup line that starts its PostgreSQL.
+fn with_cluster(lab: &Lab, name: &str, start: impl FnOnce(&str) -> TestHost) -> (TestHost, Postgres) {
     // The mount point of each host's private socket directory.
     std::fs::create_dir_all("/run/postgresql").unwrap();
     let root = lab.path().join(format!("host-{name}"));
@@ -46,13 +57,10 @@ pub fn postgres_host(lab: &Lab, name: &str) -> (TestHost, Postgres) {
         status.success(),
         "handing the cluster to the postgres user failed"
     );
-    let host = lab.host_with(
-        name,
-        &format!(
-            "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
+    let host = start(&format!(
+        "mount -t tmpfs -o mode=2775,uid=postgres,gid=postgres,size=1m tmpfs /run/postgresql && \
 runuser -u postgres -- {PGBIN}/pg_ctl -D /nix/var/postgresql/data -l /nix/var/postgresql/log -w -t 60 -o '-p 5432' start >&2"
-        ),
-    );
+    ));
     (host, Postgres(root.join("nix/var/postgresql/data")))
 }
 
