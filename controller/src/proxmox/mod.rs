@@ -812,6 +812,28 @@ impl ProviderCore {
         }
     }
 
+    /// The records of `deployment`'s VMs in `env` that `keep` accepts, read under the Deployment's
+    /// lock (returned with them), and the environment's name; `None` when there are none (or `env`
+    /// is not a Proxmox cluster).
+    async fn moved_records(
+        &self,
+        deployment: &str,
+        env: &RuntimeEnvironment,
+        keep: impl Fn(&VmRecord) -> bool,
+    ) -> Result<Option<(tokio::sync::OwnedMutexGuard<()>, String, Vec<VmRecord>)>, ReconcileError> {
+        if env.spec.proxmox.is_none() {
+            return Ok(None);
+        }
+        let env_name = env.metadata.name.to_string();
+        let guard = self.deployment_lock(deployment).lock_owned().await;
+        let records: Vec<VmRecord> = self
+            .records(deployment)?
+            .into_iter()
+            .filter(|r| r.environment == env_name && keep(r))
+            .collect();
+        Ok((!records.is_empty()).then_some((guard, env_name, records)))
+    }
+
     /// Destroys the VMs of `deployment` recorded in `env` after the Deployment moved away from it
     /// (each re-verified as ours — name and owner tag — right before it is stopped and destroyed with
     /// purge; anything else is left alone). Returns whether no VM of it is recorded there any more.
@@ -820,20 +842,9 @@ impl ProviderCore {
         deployment: &str,
         env: &RuntimeEnvironment,
     ) -> Result<bool, ReconcileError> {
-        if env.spec.proxmox.is_none() {
+        let Some((_guard, env_name, records)) = self.moved_records(deployment, env, |_| true).await? else {
             return Ok(true);
-        }
-        let env_name = env.metadata.name.to_string();
-        let lock = self.deployment_lock(deployment);
-        let _guard = lock.lock().await;
-        let records: Vec<VmRecord> = self
-            .records(deployment)?
-            .into_iter()
-            .filter(|r| r.environment == env_name)
-            .collect();
-        if records.is_empty() {
-            return Ok(true);
-        }
+        };
         let environment = self.environment(env).map_err(|e| api_error(&env_name, &e))?;
         let ctx = PlanContext {
             owner_tag: owner_tag(&self.instance_id, deployment),
@@ -858,20 +869,12 @@ impl ProviderCore {
         deployment: &str,
         env: &RuntimeEnvironment,
     ) -> Result<bool, ReconcileError> {
-        if env.spec.proxmox.is_none() {
+        let Some((_guard, env_name, records)) = self
+            .moved_records(deployment, env, |r| r.phase == RecordPhase::Present)
+            .await?
+        else {
             return Ok(true);
-        }
-        let env_name = env.metadata.name.to_string();
-        let lock = self.deployment_lock(deployment);
-        let _guard = lock.lock().await;
-        let records: Vec<VmRecord> = self
-            .records(deployment)?
-            .into_iter()
-            .filter(|r| r.environment == env_name && r.phase == RecordPhase::Present)
-            .collect();
-        if records.is_empty() {
-            return Ok(true);
-        }
+        };
         let environment = self.environment(env).map_err(|e| api_error(&env_name, &e))?;
         let ctx = PlanContext {
             owner_tag: owner_tag(&self.instance_id, deployment),
