@@ -59,7 +59,11 @@ fn relative_paths_work_for_folder_git_and_api_sources_alike() {
     let daemon = common::spawn_in(cwd.path(), &args);
     wait_ready(&daemon, Duration::from_secs(30));
 
-    let git = source(&daemon, "remote");
+    // Readiness does not wait for every source's first fetch: wait for the git source's.
+    let git = common::wait_for("the git source's first fetch", Duration::from_secs(30), || {
+        let git = source(&daemon, "remote");
+        (!git["lastFetchTime"].is_null()).then_some(git)
+    });
     assert!(git["lastError"].is_null(), "{git}");
     assert_eq!(git["revision"], commit.as_str(), "{git}");
     let folder = source(&daemon, "objects");
