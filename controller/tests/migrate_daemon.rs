@@ -269,14 +269,7 @@ fn changing_the_runtime_environment_moves_the_deployment_with_its_data_even_when
     kill_daemon(rig.daemon.take().unwrap());
 
     rig.start();
-    let done = wait_for("the migration to succeed", Duration::from_secs(600), || {
-        let m = rig.migration()?;
-        assert!(
-            m["phase"] != "Failed" && m["phase"] != "RollingBack",
-            "the migration failed: {m}"
-        );
-        (m["phase"] == "Succeeded").then_some(m)
-    });
+    let done = common::wait_migrated(Duration::from_secs(600), || rig.migration());
     eprintln!("{done:#}");
     assert_eq!(
         (done["from"].as_str(), done["to"].as_str()),

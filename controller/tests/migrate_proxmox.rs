@@ -356,7 +356,7 @@ fn a_deployment_moves_between_two_proxmox_clusters_with_its_data_through_twenty_
             }
             std::thread::sleep(Duration::from_millis(rng.u64(0..300)));
         } else {
-            std::thread::sleep(Duration::from_millis(rng.u64(300..2_500)));
+            std::thread::sleep(Duration::from_millis(rng.u64(200..1_500)));
         }
         if kills >= 20 || rig.migration().is_some_and(|m| m["phase"] == "Succeeded") {
             break;
@@ -425,14 +425,7 @@ fn a_deployment_moves_between_two_proxmox_clusters_with_its_data_through_twenty_
         "{seen:?}"
     );
 
-    let done = wait_for("the migration to succeed", Duration::from_secs(180), || {
-        let m = rig.migration()?;
-        assert!(
-            m["phase"] != "Failed" && m["phase"] != "RollingBack",
-            "the migration failed: {m}"
-        );
-        (m["phase"] == "Succeeded").then_some(m)
-    });
+    let done = common::wait_migrated(Duration::from_secs(180), || rig.migration());
     eprintln!("{done:#}");
     assert_eq!(
         (done["from"].as_str(), done["to"].as_str()),
@@ -520,14 +513,7 @@ fn under_retain_the_old_vms_are_stopped_and_kept_while_the_deployment_runs_in_th
     let foreign_before = rig.a.sim.vm(FOREIGN).expect("the foreign VM");
 
     rig.place("b");
-    let done = wait_for("the migration to succeed", Duration::from_secs(240), || {
-        let m = rig.migration()?;
-        assert!(
-            m["phase"] != "Failed" && m["phase"] != "RollingBack",
-            "the migration failed: {m}"
-        );
-        (m["phase"] == "Succeeded").then_some(m)
-    });
+    let done = common::wait_migrated(Duration::from_secs(240), || rig.migration());
     assert_eq!(done["source"], "Retained", "{done}");
     assert_eq!(done["verified"], true, "{done}");
 

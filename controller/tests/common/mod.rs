@@ -314,3 +314,16 @@ pub fn kill_daemon(mut daemon: Daemon) {
     }
     let _ = daemon.child.wait();
 }
+
+/// Waits up to `limit` until `migration` (a Deployment's `status.migration`) shows `Succeeded`, and
+/// fails at once when it fails or rolls back.
+pub fn wait_migrated(limit: Duration, migration: impl Fn() -> Option<Value>) -> Value {
+    wait_for("the migration to succeed", limit, || {
+        let m = migration()?;
+        assert!(
+            m["phase"] != "Failed" && m["phase"] != "RollingBack",
+            "the migration failed: {m}"
+        );
+        (m["phase"] == "Succeeded").then_some(m)
+    })
+}
