@@ -45,6 +45,10 @@ if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
   log "installing etcd-server and etcd-client (the shared store is tested against a real three-member etcd cluster)"
   apt_install etcd-server etcd-client
 fi
+if ! command -v openssl >/dev/null; then
+  log "installing openssl (the etcd TLS tests make their certificates with it)"
+  apt_install openssl
+fi
 if ! command -v protoc >/dev/null || [ ! -e /usr/include/google/protobuf/descriptor.proto ]; then
   log "installing protobuf-compiler and libprotobuf-dev (the etcd client's gRPC code is generated at build time)"
   apt_install protobuf-compiler libprotobuf-dev

@@ -841,9 +841,89 @@ fn wait<T>(rx: std::sync::mpsc::Receiver<T>) -> Result<T, std::sync::mpsc::RecvE
 }
 
 fn etcd_error(config: &EtcdConfig, e: etcd_client::Error) -> StoreError {
+    // etcd's own words, then the innermost cause of a transport failure.
+    let mut detail = match &e {
+        etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
+        other => other.to_string(),
+    };
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+    let mut innermost = None;
+    while let Some(c) = cause {
+        innermost = Some(c.to_string());
+        cause = c.source();
+    }
+    if let Some(inner) = innermost.filter(|i| !detail.contains(i.as_str())) {
+        detail = format!("{detail}: {inner}");
+    }
+    let (reason, hint) = explain(&detail, config);
     StoreError::Etcd {
         at: config.display(),
-        source: Box::new(e),
+        reason,
+        hint,
+    }
+}
+
+/// What an etcd failure means for the operator and what to check, from its detail and the settings.
+fn explain(detail: &str, config: &EtcdConfig) -> (String, String) {
+    let lower = detail.to_ascii_lowercase();
+    let user = config.user.as_ref().map_or("(none)", |(u, _)| u.as_str());
+    let tls = config.tls.as_ref();
+    let has_client_cert = tls.is_some_and(|t| t.cert.is_some());
+    let closed = ["connection closed", "broken pipe", "canceled", "connection reset"]
+        .iter()
+        .any(|w| lower.contains(w));
+    if lower.contains("authentication failed") {
+        (
+            format!("etcd refused the user {user:?}: wrong user name or password"),
+            "check --etcd-user and the password in --etcd-password-file".into(),
+        )
+    } else if lower.contains("user name is empty") {
+        (
+            "etcd requires a user name and password".into(),
+            "give --etcd-user and --etcd-password-file".into(),
+        )
+    } else if lower.contains("permission denied") {
+        (
+            format!(
+                "the etcd user {user:?} may not read or write under {}",
+                config.prefix
+            ),
+            format!(
+                "grant one of its roles readwrite on that prefix (etcdctl role grant-permission ROLE \
+                 --prefix=true readwrite {})",
+                config.prefix
+            ),
+        )
+    } else if lower.contains("certificate") && tls.is_some() {
+        (
+            format!("etcd's certificate is not accepted ({detail})"),
+            "--etcd-ca must be the CA that signed the members' certificates, and each certificate must \
+             name the endpoint's host or address"
+                .into(),
+        )
+    } else if closed && tls.is_some() {
+        (
+            format!("etcd closed the connection during the TLS handshake ({detail})"),
+            if has_client_cert {
+                "etcd probably refused this client certificate: --etcd-cert and --etcd-key must be \
+                 signed by a CA in the members' --trusted-ca-file"
+                    .into()
+            } else {
+                "the members probably require a client certificate: give --etcd-cert and --etcd-key".into()
+            },
+        )
+    } else if tls.is_none() && (closed || lower.contains("transport error")) {
+        (
+            format!("the connection failed ({detail})"),
+            "if the members serve https, give --etcd-ca (and --etcd-cert and --etcd-key when they \
+             require client certificates); otherwise check that the cluster is reachable and has a quorum"
+                .into(),
+        )
+    } else {
+        (
+            detail.to_owned(),
+            "check that the cluster is reachable and has a quorum".into(),
+        )
     }
 }
 
@@ -863,6 +943,78 @@ mod tests {
         assert_eq!(EtcdConfig::parse("etcd://h:1").unwrap().prefix, "/fediversity/");
         let err = EtcdConfig::parse("etcd://h:99999").unwrap_err().to_string();
         assert!(err.contains("HOST:PORT") && err.contains("h:99999"), "{err}");
+    }
+
+    #[test]
+    fn each_kind_of_refusal_is_explained_with_the_flag_to_check() {
+        let plain = EtcdConfig::parse("etcd://h:1/p").unwrap();
+        let mut with_user = plain.clone();
+        with_user.user = Some(("ops".into(), PathBuf::from("/run/pw")));
+        let mut with_cert = plain.clone();
+        with_cert.tls = Some(EtcdTls {
+            ca: Some("ca.pem".into()),
+            cert: Some("c.pem".into()),
+            key: Some("c.key".into()),
+        });
+        let mut ca_only = plain.clone();
+        ca_only.tls = Some(EtcdTls {
+            ca: Some("ca.pem".into()),
+            ..EtcdTls::default()
+        });
+        let cases: [(&str, &EtcdConfig, &str, &str); 7] = [
+            (
+                "etcdserver: authentication failed, invalid user ID or password",
+                &with_user,
+                "refused the user \"ops\"",
+                "--etcd-password-file",
+            ),
+            (
+                "etcdserver: user name is empty",
+                &plain,
+                "requires a user",
+                "--etcd-user",
+            ),
+            (
+                "etcdserver: permission denied",
+                &with_user,
+                "under /p/",
+                "grant-permission",
+            ),
+            (
+                "invalid peer certificate: UnknownIssuer",
+                &with_cert,
+                "certificate is not accepted",
+                "--etcd-ca",
+            ),
+            (
+                "operation was canceled: connection closed",
+                &with_cert,
+                "TLS handshake",
+                "--etcd-cert and --etcd-key must be",
+            ),
+            (
+                "operation was canceled: connection closed",
+                &ca_only,
+                "TLS handshake",
+                "give --etcd-cert",
+            ),
+            (
+                "transport error: stream closed because of a broken pipe",
+                &plain,
+                "connection failed",
+                "https",
+            ),
+        ];
+        for (detail, config, reason, hint) in cases {
+            let (r, h) = explain(detail, config);
+            assert!(r.contains(reason), "{detail}: reason {r:?} lacks {reason:?}");
+            assert!(h.contains(hint), "{detail}: hint {h:?} lacks {hint:?}");
+        }
+        let (_, h) = explain("deadline has elapsed", &with_cert);
+        assert!(
+            h.contains("quorum"),
+            "an unclassified failure points at reachability: {h}"
+        );
     }
 
     #[test]

@@ -55,13 +55,14 @@ pub enum StoreError {
     #[error("{0}")]
     Config(String),
     /// etcd refused or failed a call.
-    #[error("etcd at {at} failed: {source}; check that the cluster is reachable and has a quorum")]
+    #[error("etcd at {at} failed: {reason}; {hint}")]
     Etcd {
         /// The store URL.
         at: String,
-        /// Why.
-        #[source]
-        source: Box<etcd_client::Error>,
+        /// What failed, in etcd's or the connection's words.
+        reason: String,
+        /// What to check.
+        hint: String,
     },
     /// etcd did not answer in time (a lost quorum looks like this).
     #[error("etcd at {at} did not answer within {seconds} s; check that a majority of its members is up")]
