@@ -7,12 +7,17 @@
 //! VMs, latency 1.0, cap 4, the daemon's default of 16 concurrent reconciles; `--concurrent R` sets
 //! that). `FEDIVERSITY_BENCH_DAEMON=PATH` measures another build of the daemon. Under
 //! `cargo test --all-targets` it runs a small, fast case as a smoke test.
+//!
+//! `--rest SECONDS` then keeps the converged daemon running that long and reports what it asks of
+//! Proxmox at rest (the drift scan's config reads, resync listings), per hour and per VM;
+//! `--drift-interval DURATION` is passed to the daemon. For the drift scan's cost at 1,000 VMs:
+//! `-- --vms 1000 --latency 0.05 --cap 8 --rest 600`.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fediversity_testbed::{SimConfig, Simulator};
+use fediversity_testbed::{SimConfig, SimHandle, Simulator};
 use serde_json::Value;
 
 #[path = "../tests/common/mod.rs"]
@@ -26,6 +31,8 @@ struct Options {
     latency: f64,
     cap: u32,
     concurrent: Option<usize>,
+    rest: Option<Duration>,
+    drift_interval: Option<String>,
 }
 
 fn options() -> Options {
@@ -48,6 +55,12 @@ fn options() -> Options {
         latency: parse("--latency", if full { 1.0 } else { 0.02 }),
         cap: parse("--cap", 4.0) as u32,
         concurrent: value("--concurrent").map(|v| v.parse().expect("--concurrent takes a number")),
+        // The smoke test under `cargo test` also rests 3 s with a 1 s drift interval, so that the
+        // drift scan's bounds are checked on every run.
+        rest: value("--rest")
+            .map(|_| Duration::from_secs_f64(parse("--rest", 0.0)))
+            .or((!full).then_some(Duration::from_secs(3))),
+        drift_interval: value("--drift-interval").or((!full).then(|| "1s".to_owned())),
     }
 }
 
@@ -174,6 +187,9 @@ spec:
     if let Some(r) = o.concurrent {
         command.args(["--max-concurrent", &r.to_string()]);
     }
+    if let Some(d) = &o.drift_interval {
+        command.args(["--drift-interval", d]);
+    }
     sim.reset_stats();
     let started = Instant::now();
     let mut child = command.spawn().expect("the daemon starts");
@@ -198,6 +214,10 @@ spec:
     let wall = started.elapsed();
     let cpu = cpu_seconds(&child);
     let stats = sim.stats();
+    let at_rest = match o.rest {
+        Some(rest) => Some(measure_rest(&sim, &child, rest).await),
+        None => None,
+    };
     let _ = child.kill();
     let _ = child.wait();
 
@@ -236,6 +256,14 @@ spec:
     for (route, count) in routes {
         println!("  {:>7.2}/VM  {route}", *count as f64 / n);
     }
+    if let Some(rest) = at_rest {
+        let interval = o.drift_interval.as_deref().unwrap_or("10m");
+        rest.print(o.vms, interval);
+        rest.check(
+            o.vms,
+            fediversity::api::parse_duration(interval).expect("--drift-interval takes a duration"),
+        );
+    }
     assert_eq!(
         sim.vms()
             .iter()
@@ -244,4 +272,95 @@ spec:
         o.vms,
         "exactly one VM per Deployment"
     );
+}
+
+/// What the converged daemon asked of Proxmox while it rested.
+struct Rest {
+    window: Duration,
+    cpu: f64,
+    stats: fediversity_testbed::Stats,
+}
+
+/// Counts the requests of `window` at rest, from a fresh count.
+async fn measure_rest(sim: &SimHandle, child: &Child, window: Duration) -> Rest {
+    sim.reset_stats();
+    let cpu_before = cpu_seconds(child);
+    tokio::time::sleep(window).await;
+    Rest {
+        window,
+        cpu: cpu_seconds(child) - cpu_before,
+        stats: sim.stats(),
+    }
+}
+
+impl Rest {
+    fn config_reads(&self) -> u64 {
+        self.stats
+            .by_route
+            .iter()
+            .filter(|(r, _)| r.starts_with("GET ") && r.ends_with("/qemu/{vmid}/config"))
+            .map(|(_, c)| c)
+            .sum()
+    }
+
+    /// The drift scan's promise: each VM's config read at most once per interval (plus the one a
+    /// window's edge may cut in two), and, over a window of at least two intervals, at least once.
+    fn check(&self, vms: usize, interval: Duration) {
+        let reads = self.config_reads();
+        if interval.is_zero() {
+            return;
+        }
+        let per_vm = self.window.as_secs_f64() / interval.as_secs_f64();
+        let most = (vms as f64 * (per_vm.floor() + 1.0)) as u64;
+        assert!(
+            reads <= most,
+            "{reads} config reads at rest for {vms} VMs over {:?}: more than once per {interval:?} \
+             ({most} at most)",
+            self.window
+        );
+        if per_vm >= 2.0 {
+            assert!(
+                reads >= vms as u64,
+                "{reads} config reads at rest for {vms} VMs over {:?}: some VM was never scanned",
+                self.window
+            );
+        }
+        assert_eq!(
+            self.stats.count("POST", "/nodes/{node}/qemu/{vmid}/clone"),
+            0,
+            "no clone at rest"
+        );
+    }
+
+    fn print(&self, vms: usize, interval: &str) {
+        let hours = self.window.as_secs_f64() / 3600.0;
+        let count = |f: &dyn Fn(&str) -> bool| -> u64 {
+            self.stats
+                .by_route
+                .iter()
+                .filter(|(r, _)| f(r))
+                .map(|(_, c)| c)
+                .sum()
+        };
+        let configs = self.config_reads();
+        let listings = count(&|r| r.contains("/cluster/resources"));
+        println!(
+            "at rest for {:.0} s, drift interval {interval}: {:.0} requests/hour in all ({:.2}/VM/hour), \
+             of them {:.0} config reads/hour ({:.2}/VM/hour) and {:.0} listings/hour; daemon CPU {:.2} s \
+             ({:.1} ms/VM/hour)",
+            self.window.as_secs_f64(),
+            self.stats.total as f64 / hours,
+            self.stats.total as f64 / hours / vms as f64,
+            configs as f64 / hours,
+            configs as f64 / hours / vms as f64,
+            listings as f64 / hours,
+            self.cpu,
+            self.cpu * 1000.0 / hours / vms as f64,
+        );
+        let mut routes: Vec<(&String, &u64)> = self.stats.by_route.iter().collect();
+        routes.sort_by(|a, b| b.1.cmp(a.1));
+        for (route, count) in routes {
+            println!("  {:>9.1}/hour  {route}", *count as f64 / hours);
+        }
+    }
 }

@@ -8,6 +8,9 @@
 //! `cargo bench -p fediversity --bench rest` (sizes from `BENCH_SIZES`, default `1000,10000,30000`; a
 //! quick run under `cargo test` uses 300). `FEDIVERSITY_BIN` measures another build of the binary,
 //! `BENCH_RATE` sets the start rate limit (0: none), `BENCH_RESTARTS` the restarts measured (2).
+//! `BENCH_STORE=etcd` (or `redb,etcd`) keeps the records in a real three-member etcd cluster started for
+//! the run instead of the embedded store (a restart then shows what a no-op pass over every object costs
+//! on etcd); the quick run measures both.
 
 use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -15,6 +18,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fediversity::fixtures;
+
+#[path = "../tests/etcd_support/mod.rs"]
+mod etcd_support;
 
 /// CPU time (user + system) of a process, from `/proc/PID/stat`.
 fn cpu(pid: u32) -> Duration {
@@ -75,11 +81,16 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(bin: &Path, source: &Path, state: &Path, log: PathBuf) -> Self {
+    fn start(bin: &Path, source: &Path, state: &Path, store: Option<&str>, log: PathBuf) -> Self {
         let server = format!("127.0.0.1:{}", free_port());
         let out = std::fs::File::create(&log).expect("log file");
-        let child = Command::new(bin)
-            .args(["run", "--provider", "plan-only", "--source"])
+        let mut command = Command::new(bin);
+        command.args(["run", "--provider", "plan-only"]);
+        if let Some(url) = store {
+            command.args(["--store", url]);
+        }
+        let child = command
+            .arg("--source")
             .arg(source)
             .arg("--state-dir")
             .arg(state)
@@ -94,12 +105,14 @@ impl Daemon {
             .stderr(out)
             .spawn()
             .expect("the daemon starts");
-        let daemon = Self { child, server, log };
+        let mut daemon = Self { child, server, log };
         let started = Instant::now();
         while get(&daemon.server, "/healthz").is_none() {
+            let exited = daemon.child.try_wait().ok().flatten();
             assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "the daemon never answered"
+                exited.is_none() && started.elapsed() < Duration::from_secs(120),
+                "the daemon never answered; its log:\n{}",
+                std::fs::read_to_string(&daemon.log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -179,14 +192,25 @@ fn observed_generation(server: &str, name: &str) -> Option<u64> {
     value["status"]["observedGeneration"].as_u64()
 }
 
-fn measure(bin: &Path, count: usize, quick: bool) {
+fn measure(bin: &Path, count: usize, quick: bool, etcd: Option<&etcd_support::EtcdCluster>) {
     let root = tempfile::tempdir().expect("temp dir");
     let source = root.path().join("objects");
     let state = root.path().join("state");
     fixtures::write_catalog_tree(&source, count, 100).expect("objects");
-    println!("--- {count} objects, start rate {}/s ---", rate());
+    let store = etcd.map(|c| c.url(&format!("rest-{count}")));
+    println!(
+        "--- {count} objects, start rate {}/s, store {} ---",
+        rate(),
+        store.as_deref().unwrap_or("embedded (redb)")
+    );
 
-    let daemon = Daemon::start(bin, &source, &state, root.path().join("run-1.log"));
+    let daemon = Daemon::start(
+        bin,
+        &source,
+        &state,
+        store.as_deref(),
+        root.path().join("run-1.log"),
+    );
     let (reconciles, cpu_start, took) = daemon.wait_settled(count, Duration::from_secs(3));
     println!(
         "cold start: {reconciles} reconciles ({:.2} per object), queue first empty after {:.1} s, CPU until then {:.2} s",
@@ -287,6 +311,7 @@ fn measure(bin: &Path, count: usize, quick: bool) {
             bin,
             &source,
             &state,
+            store.as_deref(),
             root.path().join(format!("run-{restart}.log")),
         );
         let (reconciles, cpu_start, _) = daemon.wait_settled(count, Duration::from_secs(3));
@@ -297,6 +322,9 @@ fn measure(bin: &Path, count: usize, quick: bool) {
         );
         daemon.stop();
         sizes.push(dir_size(&state));
+    }
+    if store.is_some() {
+        return;
     }
     println!(
         "state directory after the first run and after each restart: {}",
@@ -318,7 +346,20 @@ fn main() {
         Err(_) => vec![300],
     };
     println!("binary: {}", bin.display());
-    for count in sizes {
-        measure(&bin, count, !full);
+    // The quick run under `cargo test` covers both stores; a full run measures the one asked for.
+    let stores: Vec<String> = match std::env::var("BENCH_STORE") {
+        Ok(list) => list.split(',').map(str::to_owned).collect(),
+        Err(_) if full => vec!["redb".into()],
+        Err(_) => vec!["redb".into(), "etcd".into()],
+    };
+    for store in stores {
+        let etcd = match store.as_str() {
+            "etcd" => Some(etcd_support::EtcdCluster::start()),
+            "redb" => None,
+            other => panic!("BENCH_STORE lists etcd or redb, not {other:?}"),
+        };
+        for &count in &sizes {
+            measure(&bin, count, !full, etcd.as_ref());
+        }
     }
 }
