@@ -35,29 +35,40 @@ struct Certificates {
     dir: tempfile::TempDir,
 }
 
+/// `openssl req` making a new P-256 key `NAME.key` with the subject `CN=NAME`, and `extra` arguments.
+fn new_key(dir: &Path, name: &str, extra: &[&str]) {
+    let (key, subject) = (format!("{name}.key"), format!("/CN={name}"));
+    let mut args = vec![
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &key,
+        "-subj",
+        &subject,
+    ];
+    args.extend_from_slice(extra);
+    openssl(dir, &args);
+}
+
 impl Certificates {
     fn make() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         for ca in ["ca", "other-ca"] {
-            openssl(
+            let out = format!("{ca}.pem");
+            new_key(
                 d,
+                ca,
                 &[
-                    "req",
                     "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{ca}.key"),
                     "-out",
-                    &format!("{ca}.pem"),
+                    &out,
                     "-days",
                     "2",
-                    "-subj",
-                    &format!("/CN=test {ca}"),
                     "-addext",
                     "basicConstraints=critical,CA:TRUE",
                     "-addext",
@@ -81,37 +92,23 @@ impl Certificates {
             ("client", "ca", "client.ext"),
             ("stranger", "other-ca", "client.ext"),
         ] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1",
-                    "-nodes",
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                    "-subj",
-                    &format!("/CN={name}"),
-                ],
-            );
+            let (csr, pem) = (format!("{name}.csr"), format!("{name}.pem"));
+            new_key(d, name, &["-out", &csr]);
+            let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
             openssl(
                 d,
                 &[
                     "x509",
                     "-req",
                     "-in",
-                    &format!("{name}.csr"),
+                    &csr,
                     "-CA",
-                    &format!("{ca}.pem"),
+                    &ca_pem,
                     "-CAkey",
-                    &format!("{ca}.key"),
+                    &ca_key,
                     "-CAcreateserial",
                     "-out",
-                    &format!("{name}.pem"),
+                    &pem,
                     "-days",
                     "2",
                     "-extfile",
@@ -124,6 +121,14 @@ impl Certificates {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// Command-line flags, each followed by the path of its file here.
+    fn flags(&self, pairs: &[(&str, &str)]) -> Vec<std::ffi::OsString> {
+        pairs
+            .iter()
+            .flat_map(|(flag, file)| [(*flag).into(), self.path(file).into()])
+            .collect()
     }
 }
 
@@ -172,12 +177,11 @@ impl Etcd {
             .stderr(Stdio::null());
         if let Some(c) = tls {
             command
-                .arg("--cert-file")
-                .arg(c.path("server.pem"))
-                .arg("--key-file")
-                .arg(c.path("server.key"))
-                .arg("--trusted-ca-file")
-                .arg(c.path("ca.pem"))
+                .args(c.flags(&[
+                    ("--cert-file", "server.pem"),
+                    ("--key-file", "server.key"),
+                    ("--trusted-ca-file", "ca.pem"),
+                ]))
                 .arg("--client-cert-auth");
         }
         let child = command
@@ -207,13 +211,11 @@ impl Etcd {
             "3s",
         ]);
         if let Some(c) = tls {
-            command
-                .arg("--cacert")
-                .arg(c.path("ca.pem"))
-                .arg("--cert")
-                .arg(c.path("client.pem"))
-                .arg("--key")
-                .arg(c.path("client.key"));
+            command.args(c.flags(&[
+                ("--cacert", "ca.pem"),
+                ("--cert", "client.pem"),
+                ("--key", "client.key"),
+            ]));
         }
         if let Some(u) = user {
             command.args(["--user", u]);
@@ -269,14 +271,11 @@ fn text(out: &Output) -> String {
 
 /// `--etcd-ca/cert/key` flags for the client certificate `cert`.
 fn tls_flags(certs: &Certificates, cert: &str) -> Vec<std::ffi::OsString> {
-    vec![
-        "--etcd-ca".into(),
-        certs.path("ca.pem").into(),
-        "--etcd-cert".into(),
-        certs.path(&format!("{cert}.pem")).into(),
-        "--etcd-key".into(),
-        certs.path(&format!("{cert}.key")).into(),
-    ]
+    certs.flags(&[
+        ("--etcd-ca", "ca.pem"),
+        ("--etcd-cert", &format!("{cert}.pem")),
+        ("--etcd-key", &format!("{cert}.key")),
+    ])
 }
 
 fn os(v: &[std::ffi::OsString]) -> Vec<&std::ffi::OsStr> {
