@@ -6,6 +6,9 @@ mod nixos_support;
 use std::time::{Duration, Instant};
 
 use fediversity::api::{Application, RuntimeEnvironment};
+use fediversity::nixos::host::{
+    Generation, NixHost, SshHost, SshTarget, SshTimeouts, StorePath, known_hosts_line,
+};
 use fediversity::nixos::{DeployResult, HostAddress, HostDeployStatus, HostRequest, NixosDeployer};
 use nixos_support::{Lab, TestHost, application};
 use serde_json::{Map, Value, json};
@@ -272,4 +275,125 @@ async fn a_failing_health_check_rolls_back_the_activation() {
         bad.message
     );
     assert_eq!(alpha.profile().map(|p| p.1), good.desired_system);
+}
+
+/// The host as the deployer reaches it (the lab's key, its pinned host key, the lab's deploy folder),
+/// for driving single deploy steps as a run that stopped half-way would have left them.
+fn ssh_host(lab: &Lab, host: &TestHost) -> SshHost {
+    let known_hosts = lab.path().join(format!("known-{}", host.name));
+    std::fs::write(
+        &known_hosts,
+        known_hosts_line(&host.name, &host.host_key).unwrap(),
+    )
+    .unwrap();
+    SshHost::new(
+        SshTarget {
+            name: host.name.clone(),
+            user: "root".into(),
+            address: host.address.clone(),
+            port: host.port,
+            identity_file: lab.path().join("id_ed25519"),
+            known_hosts,
+        },
+        SshTimeouts::default(),
+    )
+    .unwrap()
+    .with_nix_config(Some(nixos_support::NIX_CONFIG.into()))
+    .with_remote_dir("/nix/var/fediversity-deploy")
+}
+
+/// The `armed-*` markers in the host's deploy folder: rollbacks still waiting to fire.
+fn armed(host: &TestHost) -> Vec<String> {
+    std::fs::read_dir(host.root.join("nix/var/fediversity-deploy"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("armed-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn generation(host: &TestHost) -> Generation {
+    let (link, path) = host.profile().expect("a profile");
+    Generation {
+        number: link
+            .trim_start_matches("system-")
+            .trim_end_matches("-link")
+            .parse()
+            .unwrap(),
+        path: StorePath::new(&path).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_a_stopped_run_left_unconfirmed_is_finished_or_undone_and_its_timer_never_undoes_a_later_deploy()
+ {
+    let lab = Lab::new();
+    let alpha = lab.host("alpha");
+    let env = lab.environment(&[&alpha]);
+    let deployer = lab.deployer(Duration::from_secs(60));
+    let app = application("alpha");
+    let (one, two) = (json!({"message": "one"}), json!({"message": "two"}));
+    // System A, then B, then A again: both closures are on the host, A runs.
+    let a = deploy(&deployer, &env, &alpha, &app, one.clone()).await;
+    let b = deploy(&deployer, &env, &alpha, &app, two.clone()).await;
+    let a_again = deploy(&deployer, &env, &alpha, &app, one.clone()).await;
+    for s in [&a, &b, &a_again] {
+        assert_eq!(s.last_result, DeployResult::Applied, "{}", s.message);
+    }
+    let (system_a, system_b) = (a.desired_system.unwrap(), b.desired_system.unwrap());
+    let host = ssh_host(&lab, &alpha);
+
+    // A run that armed a deploy of B, pointed the profile at it and stopped before activating.
+    let before = generation(&alpha);
+    host.arm_rollback("cut-1", Some(&before), Duration::from_secs(25))
+        .await
+        .unwrap();
+    host.set_profile(&StorePath::new(&system_b).unwrap())
+        .await
+        .unwrap();
+    let armed_at = Instant::now();
+    assert_eq!(alpha.activated().as_deref(), Some(system_a.as_str()));
+    let resumed = deploy(&deployer, &env, &alpha, &app, two.clone()).await;
+    assert_eq!(resumed.last_result, DeployResult::Applied, "{}", resumed.message);
+    assert!(resumed.changed, "{resumed:?}");
+    assert_eq!(
+        steps(&resumed),
+        ["build", "inspect", "activate", "activate", "confirm", "confirm"],
+        "the left deploy is finished: activated, confirmed, disarmed; nothing copied, armed or set again"
+    );
+    assert_eq!(alpha.activated().as_deref(), Some(system_b.as_str()));
+    assert!(
+        armed(&alpha).is_empty(),
+        "no rollback left armed: {:?}",
+        armed(&alpha)
+    );
+    // Past the left deploy's timer: B is still what the profile points at and what runs.
+    tokio::time::sleep(Duration::from_secs(27).saturating_sub(armed_at.elapsed())).await;
+    assert_eq!(alpha.profile().unwrap().1, system_b);
+    assert_eq!(alpha.activated().as_deref(), Some(system_b.as_str()));
+
+    // A run that armed a deploy (of A, over B) and stopped before changing the profile; the next run
+    // deploys A. The left rollback is undone first, so its timer cannot switch the host back to B.
+    let before = generation(&alpha);
+    host.arm_rollback("cut-2", Some(&before), Duration::from_secs(12))
+        .await
+        .unwrap();
+    let armed_at = Instant::now();
+    let to_a = deploy(&deployer, &env, &alpha, &app, one).await;
+    assert_eq!(to_a.last_result, DeployResult::Applied, "{}", to_a.message);
+    assert_eq!(steps(&to_a)[..3], ["build", "inspect", "rollback"]);
+    assert!(
+        armed(&alpha).is_empty(),
+        "no rollback left armed: {:?}",
+        armed(&alpha)
+    );
+    tokio::time::sleep(Duration::from_secs(14).saturating_sub(armed_at.elapsed())).await;
+    assert_eq!(
+        alpha.profile().unwrap().1,
+        system_a,
+        "the left deploy's timer did not switch the host back"
+    );
+    assert_eq!(alpha.activated().as_deref(), Some(system_a.as_str()));
 }

@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::host::{Generation, Health, HostError, HttpCheck, NixHost, StorePath};
+use super::host::{Generation, Health, HostError, HttpCheck, NixHost, PendingDeploy, StorePath};
 
 /// The outcome of a deploy, as status and metrics report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -191,10 +191,34 @@ pub async fn execute<H: NixHost>(
             message,
             steps: clock.steps,
         };
-    let current = match clock.time(Step::Inspect, host.current()).await {
-        Ok(c) => c,
+    let inspection = match clock.time(Step::Inspect, host.inspect()).await {
+        Ok(i) => i,
         Err(e) => return report(failure_result(&e), None, false, e.to_string(), clock),
     };
+    let mut current = inspection.current;
+    // A deploy an earlier run left unconfirmed (the controller stopped in the middle) still has its
+    // rollback armed, which would undo whatever comes next: finish it when it is this very system and
+    // its activation did not fail, else undo it (newest first, back to the generation before it).
+    if let Some(newest) = inspection.pending.first() {
+        let at_desired = current.as_ref().filter(|g| &g.path == desired);
+        if let Some(new) = at_desired
+            && inspection.pending.len() == 1
+            && newest.exit_code.is_none_or(|c| c == 0)
+        {
+            let new = new.clone();
+            return resume(host, desired, http, timings, newest, new, clock).await;
+        }
+        for p in &inspection.pending {
+            if let Err(e) = clock.time(Step::Rollback, host.roll_back(&p.id)).await {
+                let why = format!("undoing the unconfirmed deploy {} failed: {e}", p.id);
+                return report(failure_result(&e), current.as_ref(), false, why, clock);
+            }
+        }
+        current = match clock.time(Step::Inspect, host.current()).await {
+            Ok(c) => c,
+            Err(e) => return report(failure_result(&e), None, true, e.to_string(), clock),
+        };
+    }
     let previous = match plan(current.as_ref(), desired) {
         Plan::NothingToDo => {
             return report(
@@ -233,70 +257,163 @@ pub async fn execute<H: NixHost>(
             return report(failure_result(&e), current.as_ref(), false, e.to_string(), clock);
         }
     };
-    if let Err(e) = clock.time(Step::Activate, host.activate(&id, desired)).await {
-        return roll_back(
-            host,
-            &id,
-            previous.as_ref(),
-            armed_at,
-            timings,
-            &mut clock,
-            e.to_string(),
-        )
+    let switch = Switch {
+        id,
+        previous,
+        new,
+        armed_at,
+    };
+    switch
+        .activate_and_confirm(host, desired, http, timings, clock, Activation::Start)
         .await
-        .finish(desired, clock);
-    }
-    let exit = clock
-        .time(Step::Activate, wait_for_activation(host, &id, timings))
-        .await;
-    match exit {
-        Some(0) => {}
-        Some(code) => {
-            let why = format!("the activation of {desired} exited with code {code}");
-            return roll_back(host, &id, previous.as_ref(), armed_at, timings, &mut clock, why)
-                .await
-                .finish(desired, clock);
+}
+
+/// Finishes a deploy an earlier run left unconfirmed with the profile already at `desired`: starts its
+/// activation if it never started, waits for it, confirms and disarms (or rolls back), as if the run
+/// had not stopped.
+async fn resume<H: NixHost>(
+    host: &H,
+    desired: &StorePath,
+    http: Option<&HttpCheck>,
+    timings: &DeployTimings,
+    pending: &PendingDeploy,
+    new: Generation,
+    clock: Clock,
+) -> DeployReport {
+    crate::provider::progress::report(format!(
+        "{}: finishing the deploy {} that an earlier run left unconfirmed",
+        host.name(),
+        pending.id
+    ));
+    let now = Instant::now();
+    let switch = Switch {
+        id: pending.id.clone(),
+        previous: pending.previous.clone(),
+        new,
+        armed_at: now.checked_sub(pending.armed_ago).unwrap_or(now),
+    };
+    let activation = match (pending.activation_started, pending.exit_code) {
+        (_, Some(code)) => Activation::Finished(code),
+        (true, None) => Activation::Running,
+        (false, None) => Activation::Start,
+    };
+    switch
+        .activate_and_confirm(host, desired, http, timings, clock, activation)
+        .await
+}
+
+/// Where the activation of a switch stands.
+enum Activation {
+    /// Not started yet.
+    Start,
+    /// Started; its exit code is awaited.
+    Running,
+    /// Finished with this exit code.
+    Finished(i32),
+}
+
+/// A switch under way: the rollback armed, the profile at the new generation.
+struct Switch {
+    id: String,
+    previous: Option<Generation>,
+    new: Generation,
+    armed_at: Instant,
+}
+
+impl Switch {
+    /// Activates (unless already started), waits for the exit code, confirms over a new connection and
+    /// disarms; rolls back on any failure.
+    async fn activate_and_confirm<H: NixHost>(
+        self,
+        host: &H,
+        desired: &StorePath,
+        http: Option<&HttpCheck>,
+        timings: &DeployTimings,
+        mut clock: Clock,
+        activation: Activation,
+    ) -> DeployReport {
+        let Switch {
+            id,
+            previous,
+            new,
+            armed_at,
+        } = self;
+        if matches!(activation, Activation::Start)
+            && let Err(e) = clock.time(Step::Activate, host.activate(&id, desired)).await
+        {
+            return roll_back(
+                host,
+                &id,
+                previous.as_ref(),
+                armed_at,
+                timings,
+                &mut clock,
+                e.to_string(),
+            )
+            .await
+            .finish(desired, clock);
         }
-        None => {
-            return wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
-                .await
-                .finish(desired, clock);
-        }
-    }
-    let confirmed = clock
-        .time(Step::Confirm, confirm(host, http, armed_at, timings))
-        .await;
-    match confirmed {
-        Confirmation::Healthy => {
-            if let Err(e) = clock.time(Step::Confirm, host.disarm_rollback(&id)).await {
-                // Not disarmed: the host will roll itself back. Say what will happen.
-                return wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
+        let exit = match activation {
+            Activation::Finished(code) => Some(code),
+            Activation::Start | Activation::Running => {
+                clock
+                    .time(Step::Activate, wait_for_activation(host, &id, timings))
                     .await
-                    .with_note(&format!("disarming failed: {e}"))
+            }
+        };
+        match exit {
+            Some(0) => {}
+            Some(code) => {
+                let why = format!("the activation of {desired} exited with code {code}");
+                return roll_back(host, &id, previous.as_ref(), armed_at, timings, &mut clock, why)
+                    .await
                     .finish(desired, clock);
             }
-            report(
-                DeployResult::Applied,
-                Some(&new),
-                true,
-                format!("{} runs {desired} (generation {})", host.name(), new.number),
-                clock,
-            )
+            None => {
+                return wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
+                    .await
+                    .finish(desired, clock);
+            }
         }
-        Confirmation::Unhealthy(why) => roll_back(
-            host,
-            &id,
-            previous.as_ref(),
-            armed_at,
-            timings,
-            &mut clock,
-            format!("health checks failed: {why}"),
-        )
-        .await
-        .finish(desired, clock),
-        Confirmation::Lost => wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
+        let confirmed = clock
+            .time(Step::Confirm, confirm(host, http, armed_at, timings))
+            .await;
+        match confirmed {
+            Confirmation::Healthy => {
+                if let Err(e) = clock.time(Step::Confirm, host.disarm_rollback(&id)).await {
+                    // Not disarmed: the host will roll itself back. Say what will happen.
+                    return wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
+                        .await
+                        .with_note(&format!("disarming failed: {e}"))
+                        .finish(desired, clock);
+                }
+                DeployReport {
+                    result: DeployResult::Applied,
+                    desired: desired.clone(),
+                    current: Some(new.path.clone()),
+                    generation: Some(new.number),
+                    changed: true,
+                    message: format!("{} runs {desired} (generation {})", host.name(), new.number),
+                    steps: clock.steps,
+                }
+            }
+            Confirmation::Unhealthy(why) => roll_back(
+                host,
+                &id,
+                previous.as_ref(),
+                armed_at,
+                timings,
+                &mut clock,
+                format!("health checks failed: {why}"),
+            )
             .await
             .finish(desired, clock),
+            Confirmation::Lost => {
+                wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
+                    .await
+                    .finish(desired, clock)
+            }
+        }
     }
 }
 
@@ -486,6 +603,7 @@ fn describe(g: Option<&Generation>) -> String {
 mod tests {
     use std::sync::Mutex;
 
+    use super::super::host::Inspection;
     use super::*;
 
     /// A host in memory: a profile with generations, scripted activation and health answers.
@@ -505,6 +623,8 @@ mod tests {
         lost: bool,
         healthy: bool,
         activated: Option<StorePath>,
+        /// Deploys an earlier run left armed, newest first (what `inspect` reports).
+        pending: Vec<PendingDeploy>,
     }
 
     impl FakeHost {
@@ -557,6 +677,13 @@ mod tests {
             }
             Ok(s.current.map(|i| s.generations[i].clone()))
         }
+        async fn inspect(&self) -> Result<Inspection, HostError> {
+            let current = self.current().await?;
+            Ok(Inspection {
+                current,
+                pending: self.state.lock().unwrap().pending.clone(),
+            })
+        }
         async fn copy_closure(&self, path: &StorePath) -> Result<(), HostError> {
             let mut s = self.state.lock().unwrap();
             s.calls.push(format!("copy {}", path.short_hash()));
@@ -598,10 +725,11 @@ mod tests {
             lost(&s)?;
             Ok(Some(s.exit_code))
         }
-        async fn roll_back(&self, _id: &str) -> Result<(), HostError> {
+        async fn roll_back(&self, id: &str) -> Result<(), HostError> {
             let mut s = self.state.lock().unwrap();
             s.calls.push("rollback".into());
             lost(&s)?;
+            s.pending.retain(|p| p.id != id);
             Self::fire(&mut s);
             Ok(())
         }
@@ -615,10 +743,14 @@ mod tests {
                 Health::NotYet("HTTP check answered 502 (expected 200)".into())
             })
         }
-        async fn disarm_rollback(&self, _id: &str) -> Result<(), HostError> {
+        async fn disarm_rollback(&self, id: &str) -> Result<(), HostError> {
             let mut s = self.state.lock().unwrap();
-            s.calls.push("disarm".into());
+            s.calls.push(format!(
+                "disarm {}",
+                if id.starts_with("left-") { id } else { "new" }
+            ));
             lost(&s)?;
+            s.pending.retain(|p| p.id != id);
             s.armed = None;
             Ok(())
         }
@@ -684,7 +816,7 @@ mod tests {
                 "set 2",
                 "activate",
                 "health",
-                "disarm"
+                "disarm new"
             ]
         );
         let steps: Vec<Step> = report.steps.iter().map(|(s, _)| *s).collect();
@@ -692,6 +824,102 @@ mod tests {
             steps.contains(&Step::Copy) && steps.contains(&Step::Confirm),
             "{steps:?}"
         );
+    }
+
+    /// A host where an earlier run armed deploy `left-1` of `sp("2")` over generation 1 and stopped:
+    /// `profile_set` says whether it got as far as pointing the profile at it.
+    fn left_unconfirmed(profile_set: bool, started: bool, exit_code: Option<i32>) -> FakeHost {
+        FakeHost::with(|s| {
+            at_generation_1()(s);
+            let previous = s.generations[0].clone();
+            if profile_set {
+                s.generations.push(Generation {
+                    number: 2,
+                    path: sp("2"),
+                });
+                s.current = Some(1);
+            }
+            s.armed = Some(Some(previous.clone()));
+            s.pending = vec![PendingDeploy {
+                id: "left-1".into(),
+                armed_ago: Duration::from_secs(40),
+                previous: Some(previous),
+                activation_started: started,
+                exit_code,
+            }];
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deploy_left_before_its_activation_is_activated_confirmed_and_disarmed() {
+        let host = left_unconfirmed(true, false, None);
+        let report = execute(&host, &sp("2"), None, &fast()).await;
+        assert_eq!(report.result, DeployResult::Applied, "{}", report.message);
+        assert!(report.changed);
+        assert_eq!(report.generation, Some(2));
+        assert_eq!(
+            host.calls(),
+            ["current", "activate", "health", "disarm left-1"],
+            "the left deploy is finished under its own id: no second copy, arm or profile change"
+        );
+        assert_eq!(host.state.lock().unwrap().activated, Some(sp("2")));
+        assert!(host.state.lock().unwrap().pending.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deploy_left_after_a_successful_activation_is_only_confirmed_and_disarmed() {
+        let host = left_unconfirmed(true, true, Some(0));
+        let report = execute(&host, &sp("2"), None, &fast()).await;
+        assert_eq!(report.result, DeployResult::Applied, "{}", report.message);
+        assert_eq!(host.calls(), ["current", "health", "disarm left-1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deploy_left_with_a_failed_activation_is_rolled_back_then_deployed_afresh() {
+        let host = left_unconfirmed(true, true, Some(4));
+        let report = execute(&host, &sp("2"), None, &fast()).await;
+        assert_eq!(report.result, DeployResult::Applied, "{}", report.message);
+        assert_eq!(
+            host.calls(),
+            [
+                "current",
+                "rollback",
+                "current",
+                "copy 2aaaaaaaaaaa",
+                "arm Some(1)",
+                "set 3",
+                "activate",
+                "health",
+                "disarm new"
+            ],
+            "the failed deploy is undone back to generation 1 before the new one is armed over it"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deploy_left_for_another_system_is_undone_before_anything_else_so_its_timer_cannot_undo_the_next()
+     {
+        // The earlier run armed a deploy of sp("3") and stopped before changing the profile.
+        let host = left_unconfirmed(false, false, None);
+        let report = execute(&host, &sp("2"), None, &fast()).await;
+        assert_eq!(report.result, DeployResult::Applied, "{}", report.message);
+        assert_eq!(
+            host.calls(),
+            [
+                "current",
+                "rollback",
+                "current",
+                "copy 2aaaaaaaaaaa",
+                "arm Some(1)",
+                "set 2",
+                "activate",
+                "health",
+                "disarm new"
+            ]
+        );
+        let s = host.state.lock().unwrap();
+        assert!(s.pending.is_empty(), "no armed rollback is left behind");
+        assert_eq!(s.armed, None, "nothing armed once confirmed");
     }
 
     #[tokio::test(start_paused = true)]
@@ -762,7 +990,7 @@ mod tests {
             report.message
         );
         assert_eq!(report.current, Some(sp("1")));
-        assert!(!host.calls().contains(&"disarm".to_owned()));
+        assert!(!host.calls().contains(&"disarm new".to_owned()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -66,6 +66,32 @@ pub struct Generation {
     pub path: StorePath,
 }
 
+/// A deploy whose rollback was armed but that was neither confirmed nor rolled back: the controller
+/// stopped in the middle of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingDeploy {
+    /// The deploy's id (its files on the host are named by it).
+    pub id: String,
+    /// How long ago its rollback was armed.
+    pub armed_ago: Duration,
+    /// The generation its rollback returns to (`None`: no profile before, or armed by an older release).
+    pub previous: Option<Generation>,
+    /// Whether its activation was started.
+    pub activation_started: bool,
+    /// The activation's exit code, once it finished.
+    pub exit_code: Option<i32>,
+}
+
+/// What inspecting a host found: the generation its profile points at, and deploys left unconfirmed
+/// by an earlier run, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Inspection {
+    /// The generation the system profile points at.
+    pub current: Option<Generation>,
+    /// Unconfirmed deploys, newest first.
+    pub pending: Vec<PendingDeploy>,
+}
+
 /// What a health check found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Health {
@@ -151,6 +177,16 @@ pub trait NixHost: Send + Sync {
     fn name(&self) -> &str;
     /// The generation the system profile points at (`None` when there is no profile yet).
     fn current(&self) -> impl Future<Output = Result<Option<Generation>, HostError>> + Send;
+    /// The profile and the deploys an earlier run left unconfirmed (a host that keeps no such record
+    /// has none).
+    fn inspect(&self) -> impl Future<Output = Result<Inspection, HostError>> + Send {
+        async {
+            Ok(Inspection {
+                current: self.current().await?,
+                pending: Vec::new(),
+            })
+        }
+    }
     /// Copies the closure of `path` into the host's store.
     fn copy_closure(&self, path: &StorePath) -> impl Future<Output = Result<(), HostError>> + Send;
     /// Arms the host's own rollback: unless disarmed within `after`, the host switches the profile back
@@ -517,18 +553,24 @@ impl NixHost for SshHost {
         let out = self
             .remote("read the system profile", &Self::current_script(), None)
             .await?;
-        let mut lines = out.stdout.lines();
-        let (Some(link), Some(path)) = (lines.next(), lines.next()) else {
-            return Ok(None);
-        };
-        let number = parse_link(link.trim()).ok_or_else(|| HostError::BadOutput {
-            step: "readlink of the system profile",
-            output: link.to_owned(),
-        })?;
-        Ok(Some(Generation {
-            number,
-            path: StorePath::new(path.trim())?,
-        }))
+        parse_current(&out.stdout)
+    }
+
+    async fn inspect(&self) -> Result<Inspection, HostError> {
+        let script = format!("{}; {}", Self::current_script(), self.pending_script());
+        let out = self.remote("inspect the host", &script, None).await?;
+        let (profile, pending) = out
+            .stdout
+            .split_once("--- pending\n")
+            .unwrap_or((out.stdout.as_str(), ""));
+        Ok(Inspection {
+            current: parse_current(profile)?,
+            pending: pending
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(parse_pending)
+                .collect::<Result<_, _>>()?,
+        })
     }
 
     async fn copy_closure(&self, path: &StorePath) -> Result<(), HostError> {
@@ -551,7 +593,7 @@ impl NixHost for SshHost {
         let script = self.rollback_script(id, previous);
         self.remote(
             "arm the rollback",
-            &self.arm_script(id, after),
+            &self.arm_script(id, after, previous, script.len()),
             Some(script.into_bytes()),
         )
         .await
@@ -578,7 +620,7 @@ impl NixHost for SshHost {
         let script = self.activation_script(id, path);
         self.remote(
             "start the activation",
-            &self.activate_script(id),
+            &self.activate_script(id, script.len()),
             Some(script.into_bytes()),
         )
         .await
@@ -624,6 +666,54 @@ impl NixHost for SshHost {
             .await
             .map(drop)
     }
+}
+
+/// The generation in the output of `current_script` (two lines, or none without a profile).
+fn parse_current(stdout: &str) -> Result<Option<Generation>, HostError> {
+    let mut lines = stdout.lines();
+    let (Some(link), Some(path)) = (lines.next(), lines.next()) else {
+        return Ok(None);
+    };
+    let number = parse_link(link.trim()).ok_or_else(|| HostError::BadOutput {
+        step: "readlink of the system profile",
+        output: link.to_owned(),
+    })?;
+    Ok(Some(Generation {
+        number,
+        path: StorePath::new(path.trim())?,
+    }))
+}
+
+/// One line of `pending_script`'s output.
+fn parse_pending(line: &str) -> Result<PendingDeploy, HostError> {
+    let bad = || HostError::BadOutput {
+        step: "unconfirmed deploys",
+        output: line.to_owned(),
+    };
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let [id, ago, started, rc, rest @ ..] = fields.as_slice() else {
+        return Err(bad());
+    };
+    check_id(id)?;
+    let previous = match rest {
+        [] => None,
+        [number, path] => Some(Generation {
+            number: number.parse().map_err(|_| bad())?,
+            path: StorePath::new(path)?,
+        }),
+        _ => return Err(bad()),
+    };
+    Ok(PendingDeploy {
+        id: (*id).to_owned(),
+        armed_ago: Duration::from_secs(ago.parse::<i64>().map_err(|_| bad())?.max(0).unsigned_abs()),
+        previous,
+        activation_started: *started == "1",
+        exit_code: if *rc == "-" {
+            None
+        } else {
+            Some(rc.parse().map_err(|_| bad())?)
+        },
+    })
 }
 
 /// The known_hosts line pinning `key` (`TYPE BASE64`) under the alias `name`.
@@ -717,15 +807,76 @@ mod tests {
     #[test]
     fn the_rollback_is_armed_with_systemd_run_or_a_setsid_fallback() {
         assert_eq!(
-            host().arm_script("abc-1", Duration::from_secs(90)),
-            "set -e; mkdir -p /var/lib/fediversity-deploy; cat >/var/lib/fediversity-deploy/rollback-abc-1.sh; \
-: >/var/lib/fediversity-deploy/armed-abc-1; \
+            host().arm_script(
+                "abc-1",
+                Duration::from_secs(90),
+                Some(&Generation {
+                    number: 3,
+                    path: path()
+                }),
+                120
+            ),
+            format!(
+                "set -e; mkdir -p /var/lib/fediversity-deploy; \
+cat >/var/lib/fediversity-deploy/rollback-abc-1.sh.part; \
+if [ \"$(wc -c </var/lib/fediversity-deploy/rollback-abc-1.sh.part)\" -ne 120 ]; then \
+rm -f /var/lib/fediversity-deploy/rollback-abc-1.sh.part; echo 'the script arrived cut short' >&2; exit 5; fi; \
+mv /var/lib/fediversity-deploy/rollback-abc-1.sh.part /var/lib/fediversity-deploy/rollback-abc-1.sh; \
+echo '3 {}' >/var/lib/fediversity-deploy/armed-abc-1; \
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
 systemd-run --unit=fediversity-rollback-abc-1 --on-active=90s --timer-property=AccuracySec=1s --quiet \
 /bin/sh /var/lib/fediversity-deploy/rollback-abc-1.sh; \
 else setsid nohup /bin/sh -c 'sleep 90; exec /bin/sh /var/lib/fediversity-deploy/rollback-abc-1.sh' \
->/dev/null 2>&1 </dev/null & echo $! >/var/lib/fediversity-deploy/watchdog-abc-1.pid; fi"
+>/dev/null 2>&1 </dev/null & echo $! >/var/lib/fediversity-deploy/watchdog-abc-1.pid; fi",
+                path()
+            )
         );
+    }
+
+    #[test]
+    fn deploys_left_unconfirmed_are_read_with_their_previous_generation_and_activation_state() {
+        let inspect = format!(
+            "system-4-link\n{p}\n--- pending\nabc-2 40 1 0 3 {p}\nabc-1 95 0 - \n",
+            p = path()
+        );
+        let (profile, pending) = inspect.split_once("--- pending\n").unwrap();
+        assert_eq!(parse_current(profile).unwrap().unwrap().number, 4);
+        let pending: Vec<PendingDeploy> = pending
+            .lines()
+            .map(parse_pending)
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(
+            pending,
+            [
+                PendingDeploy {
+                    id: "abc-2".into(),
+                    armed_ago: Duration::from_secs(40),
+                    previous: Some(Generation {
+                        number: 3,
+                        path: path()
+                    }),
+                    activation_started: true,
+                    exit_code: Some(0),
+                },
+                PendingDeploy {
+                    id: "abc-1".into(),
+                    armed_ago: Duration::from_secs(95),
+                    previous: None,
+                    activation_started: false,
+                    exit_code: None,
+                }
+            ]
+        );
+        for bad in [
+            "abc 1",
+            "a;b 1 0 -",
+            "abc-1 x 0 -",
+            "abc-1 1 0 - 3",
+            "abc-1 1 0 - 3 /etc/passwd",
+        ] {
+            assert!(parse_pending(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 
     #[test]
@@ -782,9 +933,12 @@ rm -f /var/lib/fediversity-deploy/watchdog-abc-1.pid /var/lib/fediversity-deploy
     #[test]
     fn the_activation_runs_detached_and_records_its_exit_code() {
         assert_eq!(
-            host().activate_script("abc-1"),
+            host().activate_script("abc-1", 99),
             "set -e; mkdir -p /var/lib/fediversity-deploy; rm -f /var/lib/fediversity-deploy/rc-abc-1; \
-cat >/var/lib/fediversity-deploy/activate-abc-1.sh; \
+cat >/var/lib/fediversity-deploy/activate-abc-1.sh.part; \
+if [ \"$(wc -c </var/lib/fediversity-deploy/activate-abc-1.sh.part)\" -ne 99 ]; then \
+rm -f /var/lib/fediversity-deploy/activate-abc-1.sh.part; echo 'the script arrived cut short' >&2; exit 5; fi; \
+mv /var/lib/fediversity-deploy/activate-abc-1.sh.part /var/lib/fediversity-deploy/activate-abc-1.sh; \
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
 systemd-run --unit=fediversity-switch-abc-1 --collect --no-ask-password --quiet \
 --service-type=exec -E LOCALE_ARCHIVE -E NIXOS_INSTALL_BOOTLOADER=0 /bin/sh /var/lib/fediversity-deploy/activate-abc-1.sh; \

@@ -14,7 +14,29 @@ else setsid nohup /bin/sh {script} >/dev/null 2>&1 </dev/null & fi"
     )
 }
 
+/// The line that stores stdin at `path`, whole: a transfer cut short (the controller stopped mid-way)
+/// leaves nothing there, so no partial script is ever run.
+fn store_stdin(path: &str, len: usize) -> String {
+    format!(
+        "cat >{path}.part; if [ \"$(wc -c <{path}.part)\" -ne {len} ]; then rm -f {path}.part; \
+echo 'the script arrived cut short' >&2; exit 5; fi; mv {path}.part {path}"
+    )
+}
+
 impl SshHost {
+    /// The remote line that lists deploys armed but neither confirmed nor rolled back, newest first:
+    /// `ID SECONDS-SINCE-ARMED STARTED(0|1) EXIT-CODE|- [PREVIOUS-NUMBER PREVIOUS-PATH]`, after a
+    /// `--- pending` line.
+    pub fn pending_script(&self) -> String {
+        let d = &self.remote_dir;
+        format!(
+            "echo '--- pending'; if [ -d {d} ]; then now=$(date +%s); \
+for f in $(cd {d} && ls -t armed-* 2>/dev/null); do id=${{f#armed-}}; \
+s=0; if [ -e {d}/activate-$id.sh ]; then s=1; fi; rc=$(cat {d}/rc-$id 2>/dev/null || true); \
+echo \"$id $((now - $(stat -c %Y {d}/$f))) $s ${{rc:--}} $(head -n 1 {d}/$f)\"; done; fi"
+        )
+    }
+
     /// The remote line that prints the profile's link and target.
     pub fn current_script() -> String {
         format!("p={SYSTEM_PROFILE}; if [ -e \"$p\" ]; then readlink \"$p\"; readlink -e \"$p\"; fi")
@@ -63,14 +85,19 @@ echo 0 >{d}/rolled-back-{id}\n"
     }
 
     /// The remote line that stores the rollback script (read from stdin) and arms it.
-    pub fn arm_script(&self, id: &str, after: Duration) -> String {
+    /// The `armed` marker holds the generation the rollback returns to (`NUMBER PATH`, or nothing), so
+    /// that a later run can finish or undo a deploy it did not start.
+    pub fn arm_script(&self, id: &str, after: Duration, previous: Option<&Generation>, len: usize) -> String {
         let d = &self.remote_dir;
         let secs = after.as_secs().max(1);
+        let previous = previous.map_or_else(String::new, |g| format!("{} {}", g.number, g.path));
         format!(
-            "set -e; mkdir -p {d}; cat >{d}/rollback-{id}.sh; : >{d}/armed-{id}; \
+            "set -e; mkdir -p {d}; {}; echo {} >{d}/armed-{id}; \
 if [ -d /run/systemd/system ] && command -v systemd-run >/dev/null 2>&1; then \
 systemd-run --unit=fediversity-rollback-{id} --on-active={secs}s --timer-property=AccuracySec=1s --quiet /bin/sh {d}/rollback-{id}.sh; \
-else setsid nohup /bin/sh -c 'sleep {secs}; exec /bin/sh {d}/rollback-{id}.sh' >/dev/null 2>&1 </dev/null & echo $! >{d}/watchdog-{id}.pid; fi"
+else setsid nohup /bin/sh -c 'sleep {secs}; exec /bin/sh {d}/rollback-{id}.sh' >/dev/null 2>&1 </dev/null & echo $! >{d}/watchdog-{id}.pid; fi",
+            store_stdin(&format!("{d}/rollback-{id}.sh"), len),
+            shell_words(&[previous.as_str()]),
         )
     }
 
@@ -84,10 +111,11 @@ echo $? >{d}/rc-{id}.tmp && mv {d}/rc-{id}.tmp {d}/rc-{id}\n"
     }
 
     /// The remote line that stores the activation script (stdin) and starts it detached.
-    pub fn activate_script(&self, id: &str) -> String {
+    pub fn activate_script(&self, id: &str, len: usize) -> String {
         let d = &self.remote_dir;
         format!(
-            "set -e; mkdir -p {d}; rm -f {d}/rc-{id}; cat >{d}/activate-{id}.sh; {}",
+            "set -e; mkdir -p {d}; rm -f {d}/rc-{id}; {}; {}",
+            store_stdin(&format!("{d}/activate-{id}.sh"), len),
             detached(
                 &format!("fediversity-switch-{id}"),
                 &format!("{d}/activate-{id}.sh"),
