@@ -16,7 +16,6 @@ use common::{Daemon, get, http_get, wait_for};
 use fediversity::api::DataSpec;
 use fediversity::backup::bundle::{self, Index};
 use fediversity::backup::manifest;
-use fediversity::nixos::host::{SshHost, SshTarget, SshTimeouts};
 use nixos_support::{Lab, NIX_CONFIG, TestHost};
 use postgres_support::{on_host, postgres_host, sql};
 use serde_json::Value;
@@ -54,20 +53,7 @@ fn cli(daemon: &Daemon, args: &[&str]) -> (i32, String) {
 
 /// The live files and database checksums of `host` (over SSH, as the controller reads them).
 fn live(lab: &Lab, host: &TestHost) -> (manifest::FileManifest, Vec<manifest::DatabaseSums>) {
-    let known = lab.path().join(format!("known-{}", host.name));
-    std::fs::write(&known, format!("{} {}\n", host.name, host.host_key)).unwrap();
-    let ssh = SshHost::new(
-        SshTarget {
-            name: host.name.clone(),
-            user: "root".into(),
-            address: host.address.clone(),
-            port: host.port,
-            identity_file: lab.path().join("id_ed25519"),
-            known_hosts: known,
-        },
-        SshTimeouts::default(),
-    )
-    .unwrap();
+    let ssh = lab.ssh_host(host);
     let data = DataSpec {
         paths: vec!["/nix/var/app-data".into()],
         databases: vec!["app".into()],

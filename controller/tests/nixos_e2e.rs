@@ -6,9 +6,7 @@ mod nixos_support;
 use std::time::{Duration, Instant};
 
 use fediversity::api::{Application, RuntimeEnvironment};
-use fediversity::nixos::host::{
-    Generation, NixHost, SshHost, SshTarget, SshTimeouts, StorePath, known_hosts_line,
-};
+use fediversity::nixos::host::{Generation, NixHost, StorePath};
 use fediversity::nixos::{DeployResult, HostAddress, HostDeployStatus, HostRequest, NixosDeployer};
 use nixos_support::{Lab, TestHost, application};
 use serde_json::{Map, Value, json};
@@ -277,31 +275,6 @@ async fn a_failing_health_check_rolls_back_the_activation() {
     assert_eq!(alpha.profile().map(|p| p.1), good.desired_system);
 }
 
-/// The host as the deployer reaches it (the lab's key, its pinned host key, the lab's deploy folder),
-/// for driving single deploy steps as a run that stopped half-way would have left them.
-fn ssh_host(lab: &Lab, host: &TestHost) -> SshHost {
-    let known_hosts = lab.path().join(format!("known-{}", host.name));
-    std::fs::write(
-        &known_hosts,
-        known_hosts_line(&host.name, &host.host_key).unwrap(),
-    )
-    .unwrap();
-    SshHost::new(
-        SshTarget {
-            name: host.name.clone(),
-            user: "root".into(),
-            address: host.address.clone(),
-            port: host.port,
-            identity_file: lab.path().join("id_ed25519"),
-            known_hosts,
-        },
-        SshTimeouts::default(),
-    )
-    .unwrap()
-    .with_nix_config(Some(nixos_support::NIX_CONFIG.into()))
-    .with_remote_dir("/nix/var/fediversity-deploy")
-}
-
 /// The `armed-*` markers in the host's deploy folder: rollbacks still waiting to fire.
 fn armed(host: &TestHost) -> Vec<String> {
     std::fs::read_dir(host.root.join("nix/var/fediversity-deploy"))
@@ -343,7 +316,7 @@ async fn a_deploy_a_stopped_run_left_unconfirmed_is_finished_or_undone_and_its_t
         assert_eq!(s.last_result, DeployResult::Applied, "{}", s.message);
     }
     let (system_a, system_b) = (a.desired_system.unwrap(), b.desired_system.unwrap());
-    let host = ssh_host(&lab, &alpha);
+    let host = lab.ssh_host(&alpha);
 
     // A run that armed a deploy of B, pointed the profile at it and stopped before activating.
     let before = generation(&alpha);

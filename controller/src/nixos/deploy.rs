@@ -324,7 +324,7 @@ impl Switch {
     /// Activates (unless already started), waits for the exit code, confirms over a new connection and
     /// disarms; rolls back on any failure.
     async fn activate_and_confirm<H: NixHost>(
-        self,
+        &self,
         host: &H,
         desired: &StorePath,
         http: Option<&HttpCheck>,
@@ -332,32 +332,17 @@ impl Switch {
         mut clock: Clock,
         activation: Activation,
     ) -> DeployReport {
-        let Switch {
-            id,
-            previous,
-            new,
-            armed_at,
-        } = self;
         if matches!(activation, Activation::Start)
-            && let Err(e) = clock.time(Step::Activate, host.activate(&id, desired)).await
+            && let Err(e) = clock.time(Step::Activate, host.activate(&self.id, desired)).await
         {
-            return roll_back(
-                host,
-                &id,
-                previous.as_ref(),
-                armed_at,
-                timings,
-                &mut clock,
-                e.to_string(),
-            )
-            .await
-            .finish(desired, clock);
+            let ending = self.undo(host, timings, &mut clock, e.to_string()).await;
+            return ending.finish(desired, clock);
         }
         let exit = match activation {
             Activation::Finished(code) => Some(code),
             Activation::Start | Activation::Running => {
                 clock
-                    .time(Step::Activate, wait_for_activation(host, &id, timings))
+                    .time(Step::Activate, wait_for_activation(host, &self.id, timings))
                     .await
             }
         };
@@ -365,28 +350,27 @@ impl Switch {
             Some(0) => {}
             Some(code) => {
                 let why = format!("the activation of {desired} exited with code {code}");
-                return roll_back(host, &id, previous.as_ref(), armed_at, timings, &mut clock, why)
-                    .await
-                    .finish(desired, clock);
+                let ending = self.undo(host, timings, &mut clock, why).await;
+                return ending.finish(desired, clock);
             }
             None => {
-                return wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
-                    .await
-                    .finish(desired, clock);
+                let ending = self.wait_for_timer(host, timings, &mut clock).await;
+                return ending.finish(desired, clock);
             }
         }
         let confirmed = clock
-            .time(Step::Confirm, confirm(host, http, armed_at, timings))
+            .time(Step::Confirm, confirm(host, http, self.armed_at, timings))
             .await;
         match confirmed {
             Confirmation::Healthy => {
-                if let Err(e) = clock.time(Step::Confirm, host.disarm_rollback(&id)).await {
+                if let Err(e) = clock.time(Step::Confirm, host.disarm_rollback(&self.id)).await {
                     // Not disarmed: the host will roll itself back. Say what will happen.
-                    return wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
-                        .await
+                    let ending = self.wait_for_timer(host, timings, &mut clock).await;
+                    return ending
                         .with_note(&format!("disarming failed: {e}"))
                         .finish(desired, clock);
                 }
+                let new = &self.new;
                 DeployReport {
                     result: DeployResult::Applied,
                     desired: desired.clone(),
@@ -397,23 +381,47 @@ impl Switch {
                     steps: clock.steps,
                 }
             }
-            Confirmation::Unhealthy(why) => roll_back(
-                host,
-                &id,
-                previous.as_ref(),
-                armed_at,
-                timings,
-                &mut clock,
-                format!("health checks failed: {why}"),
-            )
-            .await
-            .finish(desired, clock),
+            Confirmation::Unhealthy(why) => {
+                let ending = self
+                    .undo(host, timings, &mut clock, format!("health checks failed: {why}"))
+                    .await;
+                ending.finish(desired, clock)
+            }
             Confirmation::Lost => {
-                wait_for_host_rollback(host, previous.as_ref(), armed_at, timings, &mut clock)
-                    .await
-                    .finish(desired, clock)
+                let ending = self.wait_for_timer(host, timings, &mut clock).await;
+                ending.finish(desired, clock)
             }
         }
+    }
+
+    /// Waits until the host's own timer rolled this switch back, and reports what it runs then.
+    async fn wait_for_timer<H: NixHost>(
+        &self,
+        host: &H,
+        timings: &DeployTimings,
+        clock: &mut Clock,
+    ) -> Ending {
+        wait_for_host_rollback(host, self.previous.as_ref(), self.armed_at, timings, clock).await
+    }
+
+    /// Rolls this switch back now (or waits for the host's own timer when it cannot be reached).
+    async fn undo<H: NixHost>(
+        &self,
+        host: &H,
+        timings: &DeployTimings,
+        clock: &mut Clock,
+        why: String,
+    ) -> Ending {
+        roll_back(
+            host,
+            &self.id,
+            self.previous.as_ref(),
+            self.armed_at,
+            timings,
+            clock,
+            why,
+        )
+        .await
     }
 }
 
@@ -850,6 +858,25 @@ mod tests {
         })
     }
 
+    /// The calls of a deploy of `sp("2")` that first undoes the left one (back to generation 1), then
+    /// switches to a new generation `number`.
+    fn undone_then_deployed_as(number: u32) -> Vec<String> {
+        let set = format!("set {number}");
+        [
+            "current",
+            "rollback",
+            "current",
+            "copy 2aaaaaaaaaaa",
+            "arm Some(1)",
+            set.as_str(),
+            "activate",
+            "health",
+            "disarm new",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_deploy_left_before_its_activation_is_activated_confirmed_and_disarmed() {
         let host = left_unconfirmed(true, false, None);
@@ -881,17 +908,7 @@ mod tests {
         assert_eq!(report.result, DeployResult::Applied, "{}", report.message);
         assert_eq!(
             host.calls(),
-            [
-                "current",
-                "rollback",
-                "current",
-                "copy 2aaaaaaaaaaa",
-                "arm Some(1)",
-                "set 3",
-                "activate",
-                "health",
-                "disarm new"
-            ],
+            undone_then_deployed_as(3),
             "the failed deploy is undone back to generation 1 before the new one is armed over it"
         );
     }
@@ -903,20 +920,7 @@ mod tests {
         let host = left_unconfirmed(false, false, None);
         let report = execute(&host, &sp("2"), None, &fast()).await;
         assert_eq!(report.result, DeployResult::Applied, "{}", report.message);
-        assert_eq!(
-            host.calls(),
-            [
-                "current",
-                "rollback",
-                "current",
-                "copy 2aaaaaaaaaaa",
-                "arm Some(1)",
-                "set 2",
-                "activate",
-                "health",
-                "disarm new"
-            ]
-        );
+        assert_eq!(host.calls(), undone_then_deployed_as(2));
         let s = host.state.lock().unwrap();
         assert!(s.pending.is_empty(), "no armed rollback is left behind");
         assert_eq!(s.armed, None, "nothing armed once confirmed");

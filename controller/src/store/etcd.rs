@@ -846,7 +846,12 @@ fn etcd_error(config: &EtcdConfig, e: etcd_client::Error) -> StoreError {
         etcd_client::Error::GRpcStatus(status) => status.message().to_owned(),
         other => other.to_string(),
     };
-    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+    // The transport failure under a gRPC status (a closed handshake, a refused connection).
+    let mut cause: Option<&dyn std::error::Error> = match &e {
+        etcd_client::Error::GRpcStatus(status) => std::error::Error::source(status),
+        etcd_client::Error::TransportError(t) => std::error::Error::source(t),
+        _ => None,
+    };
     let mut innermost = None;
     while let Some(c) = cause {
         innermost = Some(c.to_string());
@@ -872,6 +877,10 @@ fn explain(detail: &str, config: &EtcdConfig) -> (String, String) {
     let closed = ["connection closed", "broken pipe", "canceled", "connection reset"]
         .iter()
         .any(|w| lower.contains(w));
+    // Nobody answered at all: not a matter of certificates or users.
+    let unanswered = ["connection refused", "timed out", "deadline", "no route"]
+        .iter()
+        .any(|w| lower.contains(w));
     if lower.contains("authentication failed") {
         (
             format!("etcd refused the user {user:?}: wrong user name or password"),
@@ -894,14 +903,18 @@ fn explain(detail: &str, config: &EtcdConfig) -> (String, String) {
                 config.prefix
             ),
         )
-    } else if lower.contains("certificate") && tls.is_some() {
+    } else if tls.is_some() && lower.contains("invalid peer certificate") {
         (
             format!("etcd's certificate is not accepted ({detail})"),
             "--etcd-ca must be the CA that signed the members' certificates, and each certificate must \
              name the endpoint's host or address"
                 .into(),
         )
-    } else if closed && tls.is_some() {
+    } else if tls.is_some()
+        && !unanswered
+        && (closed || lower.contains("alert") || lower.contains("transport error"))
+    {
+        // etcd answered the handshake with an alert or by closing it: it refused this client.
         (
             format!("etcd closed the connection during the TLS handshake ({detail})"),
             if has_client_cert {
@@ -912,7 +925,7 @@ fn explain(detail: &str, config: &EtcdConfig) -> (String, String) {
                 "the members probably require a client certificate: give --etcd-cert and --etcd-key".into()
             },
         )
-    } else if tls.is_none() && (closed || lower.contains("transport error")) {
+    } else if tls.is_none() && !unanswered && (closed || lower.contains("transport error")) {
         (
             format!("the connection failed ({detail})"),
             "if the members serve https, give --etcd-ca (and --etcd-cert and --etcd-key when they \
@@ -1009,6 +1022,24 @@ mod tests {
             let (r, h) = explain(detail, config);
             assert!(r.contains(reason), "{detail}: reason {r:?} lacks {reason:?}");
             assert!(h.contains(hint), "{detail}: hint {h:?} lacks {hint:?}");
+        }
+        for refused_cert in [
+            "transport error",
+            "transport error: received fatal alert: BadCertificate",
+        ] {
+            let (r, h) = explain(refused_cert, &with_cert);
+            assert!(
+                r.contains("TLS handshake") && h.contains("--etcd-cert"),
+                "etcd refusing this client: {r}; {h}"
+            );
+        }
+        let refused = "transport error: tcp connect error: Connection refused (os error 111)";
+        for config in [&plain, &with_cert] {
+            let (r, h) = explain(refused, config);
+            assert!(
+                !r.contains("TLS") && h.starts_with("check that the cluster is reachable"),
+                "nobody answering is not a matter of TLS: {r}; {h}"
+            );
         }
         let (_, h) = explain("deadline has elapsed", &with_cert);
         assert!(

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use fediversity::api::{Application, Object, RuntimeEnvironment};
+use fediversity::nixos::host::{SshHost, SshTarget, SshTimeouts, known_hosts_line};
 use fediversity::nixos::{DeployTimings, DeployerConfig, HttpTarget, NixosDeployer};
 
 /// Nix without a daemon, a network or the `nixbld` group.
@@ -289,6 +290,31 @@ ssh: {{ user: root, privateKeyFile: {} }}\n  nix: {{ nixpkgs: {} }}\n  acme: {{ 
             host.port.to_string(),
             format!("root@{}", host.address),
         ]
+    }
+
+    /// `host` as the controller reaches it: the lab's key, its pinned host key, the lab's deploy folder
+    /// and Nix settings (for driving single steps, or reading what the controller reads).
+    pub fn ssh_host(&self, host: &TestHost) -> SshHost {
+        let known_hosts = self.path().join(format!("known-{}", host.name));
+        std::fs::write(
+            &known_hosts,
+            known_hosts_line(&host.name, &host.host_key).unwrap(),
+        )
+        .unwrap();
+        SshHost::new(
+            SshTarget {
+                name: host.name.clone(),
+                user: "root".into(),
+                address: host.address.clone(),
+                port: host.port,
+                identity_file: self.path().join("id_ed25519"),
+                known_hosts,
+            },
+            SshTimeouts::default(),
+        )
+        .unwrap()
+        .with_nix_config(Some(NIX_CONFIG.into()))
+        .with_remote_dir("/nix/var/fediversity-deploy")
     }
 
     /// The catalog root (its `nix/` holds the lab's modules).
