@@ -7,7 +7,7 @@ use super::provider::{DEPLOY_FAILED, NOT_CONVERGED_RETRY, SYSTEM_DRIFTED};
 use super::{DeployResult, HostAddress, HostDeployStatus, PrepareError};
 use crate::api::{ConditionStatus, EventType, HostStatus, Timestamp, condition_types};
 use crate::provider::{ProviderCondition, ProviderReport};
-use crate::proxmox::reasons::{DRIFT_CORRECTED, NO_DRIFT};
+use crate::proxmox::reasons::DRIFT_CORRECTED;
 use crate::runtime::ReconcileError;
 
 /// What became of one host's deploy this pass.
@@ -192,12 +192,7 @@ pub fn report(hosts: Vec<HostMerge>) -> ProviderReport {
             message: drifted.join("; "),
         });
     } else if converged {
-        conditions.push(ProviderCondition {
-            type_: condition_types::DRIFTED,
-            status: ConditionStatus::False,
-            reason: NO_DRIFT,
-            message: "no out-of-band change found".into(),
-        });
+        conditions.push(crate::proxmox::no_drift());
     }
     ProviderReport {
         converged,

@@ -53,6 +53,7 @@ pub use client::{Api, HttpProxmox, ProxmoxApi, ProxmoxError, RateLimit};
 pub use lifecycle::{COMMON_TAG, Environment, HostOutcome, LifecycleError};
 pub use metrics::ProxmoxMetrics;
 pub use plan::{DesiredVm, PlanContext, RecordPhase, Step, VmRecord};
+pub use report::no_drift;
 
 pub use crate::api::ALLOW_RESTART_ANNOTATION;
 pub use crate::installation::{INSTANCE_ID_FILE, instance_id};

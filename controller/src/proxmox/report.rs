@@ -113,12 +113,7 @@ pub(super) fn deployment_report(
                 .join("; "),
         });
     } else if converged {
-        conditions.push(ProviderCondition {
-            type_: condition_types::DRIFTED,
-            status: ConditionStatus::False,
-            reason: reasons::NO_DRIFT,
-            message: "no out-of-band change found".into(),
-        });
+        conditions.push(no_drift());
     }
     ProviderReport {
         converged,
@@ -128,6 +123,16 @@ pub(super) fn deployment_report(
         retry_after,
         dns: None,
         failure: None,
+    }
+}
+
+/// `Drifted=False`: a converged pass found no out-of-band change (Proxmox VMs and NixOS hosts alike).
+pub fn no_drift() -> ProviderCondition {
+    ProviderCondition {
+        type_: condition_types::DRIFTED,
+        status: ConditionStatus::False,
+        reason: reasons::NO_DRIFT,
+        message: "no out-of-band change found".into(),
     }
 }
 

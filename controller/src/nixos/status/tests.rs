@@ -227,5 +227,5 @@ fn every_host_applied_is_configured_and_corrected_drift_is_reported() {
     );
     let calm = merge_host("op-a", None, None, Attempt::NotStarted, true, now());
     let report = super::report(vec![calm]);
-    assert_eq!(report.conditions[1].reason, NO_DRIFT);
+    assert_eq!(report.conditions[1].reason, crate::proxmox::reasons::NO_DRIFT);
 }
